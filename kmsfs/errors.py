@@ -147,6 +147,13 @@ class SerializationException(KMSError):
     aws_type = "SerializationException"
 
 
+class DryRunOperationException(KMSError):
+    """The request would have succeeded had DryRun not been set."""
+
+    aws_type = "DryRunOperationException"
+    status = 412
+
+
 class KMSInternalException(KMSError):
     """An unexpected failure inside the key service."""
 
@@ -181,6 +188,7 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         AccessDeniedException,
         UnknownOperationException,
         SerializationException,
+        DryRunOperationException,
         KMSInternalException,
         DependencyTimeoutException,
     )

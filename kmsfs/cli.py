@@ -1,0 +1,613 @@
+"""The ``kmsfs`` command: parse, call, print.
+
+Every failure ends as one line on stderr (``kmsfs: error: ...``) and a non-zero
+exit status taken from the error's type (see ``kmsfs.errors``): 2 usage,
+3 refused by the key service, 4 keyd unreachable, 5 keystore, 6 audit, 7 format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kmsfs.errors import KeystoreError, KmsfsError, UsageError
+
+PASSPHRASE_FILE_ENV = "KMSFS_PASSPHRASE_FILE"
+
+
+# --------------------------------------------------------------------- output
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Columns padded to their widest cell; a header line first."""
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [
+        max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)
+    ]
+    for line in [list(columns)] + cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def print_record(record: dict[str, Any]) -> None:
+    width = max((len(name) for name in record), default=0)
+    for name, value in record.items():
+        if isinstance(value, list):
+            value = ", ".join(str(item) for item in value) or "-"
+        print(f"{name.ljust(width)}  {value}")
+
+
+def parse_pairs(pairs: Iterable[str] | None, what: str) -> dict[str, str]:
+    """``["k=v", ...]`` → dict; the value may contain '='."""
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{what} must look like key=value, got {pair!r}")
+        result[name] = value
+    return result
+
+
+# ---------------------------------------------------------------- passphrase
+def _read_secret_file(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise KeystoreError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    return data.rstrip(b"\r\n")
+
+
+def root_key_source(args: argparse.Namespace, *, confirm: bool = False):
+    """Root key file, passphrase fd/file/env, or a prompt — in that order."""
+    from kmsfs.kms.keystore import RootKeySource
+
+    if getattr(args, "root_key_file", None):
+        return RootKeySource.from_key_file(args.root_key_file)
+    if getattr(args, "passphrase_fd", None) is not None:
+        with os.fdopen(args.passphrase_fd, "rb") as pipe:
+            return RootKeySource.from_passphrase(pipe.read())
+    path = getattr(args, "passphrase_file", None) or os.environ.get(PASSPHRASE_FILE_ENV)
+    if path:
+        return RootKeySource.from_passphrase(_read_secret_file(path))
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no passphrase: give --passphrase-file, set KMSFS_PASSPHRASE_FILE, "
+            "or use --root-key-file"
+        )
+    passphrase = getpass.getpass("keystore passphrase: ")
+    if confirm and getpass.getpass("again: ") != passphrase:
+        raise UsageError("the two passphrases differ")
+    return RootKeySource.from_passphrase(passphrase)
+
+
+# ---------------------------------------------------------------------- keyd
+def cmd_keyd_init(args: argparse.Namespace) -> None:
+    from kmsfs.kms.keystore import Keystore
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore)
+    if Keystore.exists(path):
+        raise KeystoreError(f"a keystore already exists at {path}")
+    source = root_key_source(args, confirm=True)
+    keystore = Keystore.create(path, source, region=args.region, account=args.account)
+    keystore.close()
+    how = f"root key file {source.key_file}" if source.key_file else "a passphrase"
+    print(f"created keystore {path}, protected by {how}")
+
+
+def cmd_keyd_serve(args: argparse.Namespace) -> None:
+    from kmsfs.kms.daemon import run_keyd, start_detached
+    from kmsfs.kms.paths import resolve_keystore_dir, resolve_socket_path
+
+    keystore_dir = resolve_keystore_dir(args.keystore)
+    socket_path = resolve_socket_path(args.socket)
+    socket_mode = int(args.socket_mode, 8)
+    if args.daemon:
+        source = root_key_source(args)
+        argv = [
+            "keyd",
+            "serve",
+            "--keystore",
+            str(keystore_dir),
+            "--socket",
+            str(socket_path),
+            "--socket-mode",
+            args.socket_mode,
+        ]
+        if source.key_file is not None:
+            argv += ["--root-key-file", str(source.key_file)]
+        log_path = keystore_dir / "keyd.log"
+        pid = start_detached(argv, log_path, source.passphrase)
+        print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
+        return
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s keyd[%(process)d] %(levelname)s %(message)s",
+    )
+    run_keyd(
+        keystore_dir,
+        root_key_source(args),
+        socket_path,
+        socket_mode=socket_mode,
+        ready_fd=args.ready_fd,
+    )
+
+
+def cmd_keyd_stop(args: argparse.Namespace) -> None:
+    """Ask the keyd on a socket to stop (SIGTERM to the socket's peer) and wait."""
+    from kmsfs.errors import KeydUnavailable
+    from kmsfs.kms.paths import resolve_socket_path
+
+    socket_path = resolve_socket_path(args.socket)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(socket_path))
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as exc:
+        raise KeydUnavailable(f"no keyd on {socket_path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    pid = struct.unpack("3i", creds)[0]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"keyd (pid {pid}) stopped")
+            return
+        time.sleep(0.05)
+    raise KmsfsError(f"keyd (pid {pid}) did not stop within 10 s")
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> None:
+    from kmsfs.kms import audit
+    from kmsfs.kms.keystore import AUDIT_NAME
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
+    if not path.exists():
+        raise KeystoreError(f"no audit log at {path}")
+    events = audit.tail(path, args.lines, follow=args.follow, key=args.key, event_name=args.event)
+    try:
+        for event in events:
+            if args.json:
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(audit.format_event_line(event), flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    from kmsfs.errors import AuditTampered
+    from kmsfs.kms import audit
+    from kmsfs.kms.keystore import AUDIT_NAME
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
+    if not path.exists():
+        raise KeystoreError(f"no audit log at {path}")
+    report = audit.verify(path)
+    if not report.ok:
+        raise AuditTampered(
+            f"audit log {path}: line {report.first_bad_line}: {report.problem}",
+            report.first_bad_line or 0,
+        )
+    print(f"audit log {path}: {report.lines} lines, chain intact")
+
+
+# ---------------------------------------------------------------------- keys
+def _client(args: argparse.Namespace):
+    from kmsfs.kms.client import KMSClient
+
+    return KMSClient(args.keyd_socket)
+
+
+def _all_pages(client, operation: str, params: dict[str, Any], field: str) -> list[Any]:
+    items: list[Any] = []
+    marker = None
+    while True:
+        page = client.call(operation, {**params, **({"Marker": marker} if marker else {})})
+        items += page.get(field, [])
+        marker = page.get("NextMarker")
+        if not page.get("Truncated") or not marker:
+            return items
+
+
+def _key_row(metadata: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
+    return {
+        "KeyId": metadata["KeyId"],
+        "State": metadata["KeyState"],
+        "Aliases": ",".join(aliases) or "-",
+        "Created": _when(metadata.get("CreationDate")),
+        "Description": metadata.get("Description") or "",
+    }
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    tags = [{"TagKey": k, "TagValue": v} for k, v in parse_pairs(args.tag, "--tag").items()]
+    params: dict[str, Any] = {"Description": args.description or ""}
+    if tags:
+        params["Tags"] = tags
+    with _client(args) as client:
+        metadata = client.call("CreateKey", params)["KeyMetadata"]
+        if args.alias:
+            client.call("CreateAlias", {"AliasName": args.alias, "TargetKeyId": metadata["KeyId"]})
+    if args.json:
+        print_json({"KeyMetadata": metadata, "Alias": args.alias})
+    else:
+        print_record(
+            {
+                "KeyId": metadata["KeyId"],
+                "Arn": metadata["Arn"],
+                "Alias": args.alias or "-",
+                "State": metadata["KeyState"],
+            }
+        )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        keys = _all_pages(client, "ListKeys", {}, "Keys")
+        aliases = _all_pages(client, "ListAliases", {}, "Aliases")
+        described = [client.call("DescribeKey", {"KeyId": k["KeyId"]})["KeyMetadata"] for k in keys]
+    by_key: dict[str, list[str]] = {}
+    for alias in aliases:
+        by_key.setdefault(alias.get("TargetKeyId", ""), []).append(alias["AliasName"])
+    if args.json:
+        print_json([{**m, "Aliases": by_key.get(m["KeyId"], [])} for m in described])
+        return
+    rows = [_key_row(m, by_key.get(m["KeyId"], [])) for m in described]
+    print_table(rows, ["KeyId", "State", "Aliases", "Created", "Description"])
+
+
+def cmd_keys_describe(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        metadata = client.call("DescribeKey", {"KeyId": args.key})["KeyMetadata"]
+        rotation = None
+        if metadata["KeyState"] != "PendingDeletion":
+            rotation = client.call("GetKeyRotationStatus", {"KeyId": metadata["KeyId"]})
+        aliases = _all_pages(client, "ListAliases", {"KeyId": metadata["KeyId"]}, "Aliases")
+        tags = _all_pages(client, "ListResourceTags", {"KeyId": metadata["KeyId"]}, "Tags")
+    if args.json:
+        print_json(
+            {
+                "KeyMetadata": metadata,
+                "Rotation": rotation,
+                "Aliases": [a["AliasName"] for a in aliases],
+                "Tags": tags,
+            }
+        )
+        return
+    record: dict[str, Any] = {
+        "KeyId": metadata["KeyId"],
+        "Arn": metadata["Arn"],
+        "State": metadata["KeyState"],
+        "Description": metadata.get("Description") or "-",
+        "KeySpec": metadata["KeySpec"],
+        "KeyUsage": metadata["KeyUsage"],
+        "Created": _when(metadata.get("CreationDate")),
+        "Aliases": [a["AliasName"] for a in aliases],
+        "Tags": [f"{t['TagKey']}={t['TagValue']}" for t in tags],
+    }
+    if metadata.get("DeletionDate"):
+        record["DeletionDate"] = _when(metadata["DeletionDate"])
+    if rotation is not None:
+        record["Rotation"] = (
+            f"every {rotation['RotationPeriodInDays']} days, next "
+            f"{_when(rotation.get('NextRotationDate'))}"
+            if rotation["KeyRotationEnabled"]
+            else "off"
+        )
+    print_record(record)
+
+
+def _simple(operation: str, done: str) -> Callable[[argparse.Namespace], None]:
+    """A keys subcommand that sends one KeyId-only request and prints what it did."""
+
+    def command(args: argparse.Namespace) -> None:
+        with _client(args) as client:
+            response = client.call(operation, {"KeyId": args.key})
+        if args.json:
+            print_json(response)
+        else:
+            print(f"{args.key}: {done}")
+
+    return command
+
+
+def cmd_keys_schedule_deletion(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        response = client.call(
+            "ScheduleKeyDeletion", {"KeyId": args.key, "PendingWindowInDays": args.days}
+        )
+    if args.json:
+        print_json(response)
+    else:
+        print(
+            f"{response['KeyId']}: pending deletion, destroyed at {_when(response['DeletionDate'])}"
+        )
+
+
+def cmd_keys_rotation(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "enable":
+            params: dict[str, Any] = {"KeyId": args.key}
+            if args.days:
+                params["RotationPeriodInDays"] = args.days
+            client.call("EnableKeyRotation", params)
+        elif args.action == "disable":
+            client.call("DisableKeyRotation", {"KeyId": args.key})
+        status = client.call("GetKeyRotationStatus", {"KeyId": args.key})
+        rotations = _all_pages(client, "ListKeyRotations", {"KeyId": args.key}, "Rotations")
+    if args.json:
+        print_json({**status, "Rotations": rotations})
+        return
+    print_record(
+        {
+            "KeyId": status["KeyId"],
+            "AutomaticRotation": "on" if status["KeyRotationEnabled"] else "off",
+            "PeriodDays": status.get("RotationPeriodInDays", "-"),
+            "NextRotation": _when(status.get("NextRotationDate")),
+            "Rotations": len(rotations),
+        }
+    )
+    if rotations:
+        print()
+        print_table(
+            [{"Date": _when(r["RotationDate"]), "Type": r["RotationType"]} for r in rotations],
+            ["Date", "Type"],
+        )
+
+
+def _read_stdin_limited(limit: int, what: str) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{what} is larger than {limit} bytes")
+    if not data:
+        raise UsageError(f"{what} is empty")
+    return data
+
+
+def cmd_keys_encrypt(args: argparse.Namespace) -> None:
+    from kmsfs.kms.service import MAX_PLAINTEXT
+
+    plaintext = _read_stdin_limited(MAX_PLAINTEXT, "the plaintext on standard input")
+    context = parse_pairs(args.context, "--context")
+    with _client(args) as client:
+        response = client.encrypt(args.key, plaintext, encryption_context=context)
+    sys.stdout.buffer.write(response["CiphertextBlob"])
+    sys.stdout.buffer.flush()
+
+
+def cmd_keys_decrypt(args: argparse.Namespace) -> None:
+    from kmsfs.kms.service import MAX_CIPHERTEXT
+
+    blob = _read_stdin_limited(MAX_CIPHERTEXT, "the ciphertext on standard input")
+    context = parse_pairs(args.context, "--context")
+    with _client(args) as client:
+        response = client.decrypt(blob, encryption_context=context, key_id=args.key)
+    sys.stdout.buffer.write(response["Plaintext"])
+    sys.stdout.buffer.flush()
+
+
+def cmd_alias(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "list":
+            aliases = _all_pages(client, "ListAliases", {}, "Aliases")
+            if args.json:
+                print_json(aliases)
+            else:
+                print_table(aliases, ["AliasName", "TargetKeyId"])
+            return
+        if args.action in ("create", "update"):
+            if not args.key:
+                raise UsageError(f"alias {args.action} needs --key")
+            operation = "CreateAlias" if args.action == "create" else "UpdateAlias"
+            client.call(operation, {"AliasName": args.name, "TargetKeyId": args.key})
+        else:
+            client.call("DeleteAlias", {"AliasName": args.name})
+    print(f"{args.name}: {args.action}d")
+
+
+def cmd_tags(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "add":
+            pairs = parse_pairs(args.pairs, "a tag")
+            tags = [{"TagKey": k, "TagValue": v} for k, v in pairs.items()]
+            client.call("TagResource", {"KeyId": args.key, "Tags": tags})
+        elif args.action == "remove":
+            client.call("UntagResource", {"KeyId": args.key, "TagKeys": args.pairs})
+        tags = _all_pages(client, "ListResourceTags", {"KeyId": args.key}, "Tags")
+    if args.json:
+        print_json(tags)
+    else:
+        print_table(tags, ["TagKey", "TagValue"])
+
+
+# -------------------------------------------------------------------- parser
+def _keystore_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keystore",
+        help="keystore directory (default: $KMSFS_KEYSTORE or $XDG_DATA_HOME/kmsfs/keystore)",
+    )
+
+
+def _root_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--root-key-file", help="protect/unseal with this 0600 key file")
+    group.add_argument(
+        "--passphrase-file",
+        help=f"read the passphrase from this file (or set {PASSPHRASE_FILE_ENV})",
+    )
+    group.add_argument("--passphrase-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keyd-socket", help="keyd's socket (default: $KMSFS_KEYD_SOCKET or the per-user default)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # keyd
+    keyd = commands.add_parser("keyd", help="the local key daemon").add_subparsers(
+        dest="keyd_command", required=True, metavar="SUBCOMMAND"
+    )
+    init = keyd.add_parser("init", help="create a new keystore")
+    _keystore_options(init)
+    _root_options(init)
+    init.add_argument("--region", default="local", help="region used in key ARNs")
+    init.add_argument("--account", default="000000000000", help="account used in key ARNs")
+    init.set_defaults(func=cmd_keyd_init)
+
+    serve_parser = keyd.add_parser("serve", help="unseal the keystore and serve on a socket")
+    _keystore_options(serve_parser)
+    _root_options(serve_parser)
+    serve_parser.add_argument("--socket", help="socket path (default: per-user or /run/kmsfs)")
+    serve_parser.add_argument("--socket-mode", default="0600", help="socket file mode (octal)")
+    serve_parser.add_argument("-d", "--daemon", action="store_true", help="detach")
+    serve_parser.add_argument("--debug", action="store_true", help="log debug messages")
+    serve_parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    serve_parser.set_defaults(func=cmd_keyd_serve)
+
+    stop = keyd.add_parser("stop", help="stop the keyd serving on a socket")
+    stop.add_argument("--socket", help="socket path")
+    stop.set_defaults(func=cmd_keyd_stop)
+
+    audit_parser = keyd.add_parser("audit", help="read and verify the audit log")
+    audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
+    tail = audit_commands.add_parser("tail", help="show the last events")
+    _keystore_options(tail)
+    tail.add_argument("-n", "--lines", type=int, default=20, help="how many events")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--key", help="only events about this key (id, ARN or alias)")
+    tail.add_argument("--event", help="only events of this name (e.g. Decrypt)")
+    tail.add_argument("--json", action="store_true", help="print JSON lines")
+    tail.set_defaults(func=cmd_audit_tail)
+    verify = audit_commands.add_parser("verify", help="check the log's hash chain")
+    _keystore_options(verify)
+    verify.set_defaults(func=cmd_audit_verify)
+
+    # keys
+    keys = commands.add_parser("keys", help="manage and use keys in keyd").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+
+    def key_command(
+        name: str,
+        help_text: str,
+        func: Callable[[argparse.Namespace], None],
+        *,
+        positional_key: bool = True,
+    ) -> argparse.ArgumentParser:
+        sub = keys.add_parser(name, help=help_text)
+        _client_options(sub)
+        if positional_key:
+            sub.add_argument("key", help="key id, key ARN or alias/NAME")
+        sub.set_defaults(func=func)
+        return sub
+
+    create = key_command("create", "create a key", cmd_keys_create, positional_key=False)
+    create.add_argument("--alias", help="also create this alias (alias/NAME)")
+    create.add_argument("--description", default="", help="free text")
+    create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="add a tag")
+    key_command("list", "list keys", cmd_keys_list, positional_key=False)
+    key_command("describe", "show one key", cmd_keys_describe)
+    key_command("enable", "enable a key", _simple("EnableKey", "enabled"))
+    key_command("disable", "disable a key", _simple("DisableKey", "disabled"))
+    key_command("rotate", "rotate now (new key version)", _simple("RotateKeyOnDemand", "rotated"))
+    rotation = key_command(
+        "rotation", "automatic rotation: status/enable/disable", cmd_keys_rotation
+    )
+    rotation.add_argument(
+        "action", nargs="?", default="status", choices=["status", "enable", "disable"]
+    )
+    rotation.add_argument("--days", type=int, help="rotation period (90-2560)")
+    schedule = key_command(
+        "schedule-deletion", "destroy after a waiting period", cmd_keys_schedule_deletion
+    )
+    schedule.add_argument("--days", type=int, default=30, help="waiting period, 7-30 (30)")
+    key_command(
+        "cancel-deletion",
+        "cancel a scheduled deletion (key stays disabled)",
+        _simple("CancelKeyDeletion", "deletion cancelled, key is Disabled"),
+    )
+    encrypt = key_command(
+        "encrypt", "encrypt stdin (<= 4096 bytes) to stdout", cmd_keys_encrypt, positional_key=False
+    )
+    encrypt.add_argument("--key", required=True, help="key id, ARN or alias")
+    encrypt.add_argument(
+        "--context",
+        action="append",
+        metavar="KEY=VALUE",
+        help="encryption context pair (repeatable)",
+    )
+    decrypt = key_command(
+        "decrypt", "decrypt stdin to stdout", cmd_keys_decrypt, positional_key=False
+    )
+    decrypt.add_argument("--key", help="require this key")
+    decrypt.add_argument(
+        "--context",
+        action="append",
+        metavar="KEY=VALUE",
+        help="encryption context pair (repeatable)",
+    )
+    alias = keys.add_parser("alias", help="create/update/delete/list aliases")
+    _client_options(alias)
+    alias.add_argument("action", choices=["create", "update", "delete", "list"])
+    alias.add_argument("name", nargs="?", help="alias/NAME")
+    alias.add_argument("--key", help="target key id or ARN")
+    alias.set_defaults(func=cmd_alias)
+    tags = key_command("tags", "list/add/remove tags", cmd_tags)
+    tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
+    tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is cmd_alias and args.action != "list" and not args.name:
+        parser.error("alias create/update/delete need an alias name")
+    try:
+        args.func(args)
+    except KmsfsError as exc:
+        print(f"kmsfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

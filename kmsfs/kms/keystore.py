@@ -1,0 +1,534 @@
+"""keyd's keystore: a directory holding a SQLite database and the audit log.
+
+Layout of the keystore directory (mode 0700)::
+
+    keystore.db     SQLite (WAL, synchronous=FULL, secure_delete): keys, versions, aliases, tags
+    audit.log       hash-chained JSON lines (kmsfs.kms.audit)
+
+Key material of every CMK version is stored only sealed with AES-256-GCM under the
+keystore's *root key*, with the key id and version as associated data, so a sealed
+record copied onto another key or version fails to open.
+
+The root key is random (32 bytes). It is itself stored wrapped (AES-256-GCM) under a
+key-encryption key (KEK) that comes either from a passphrase through Argon2id (its
+parameters and salt stored beside the wrapped key; iterations calibrated at ``init``
+so one derivation takes at least 0.25 s on this machine) or from a root key file
+(32 random bytes, mode 0600) for unattended start. A wrong passphrase or key file
+fails to unwrap the root key: :class:`~kmsfs.errors.WrongRootKey`.
+
+Nothing here logs or raises with key material in the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from kmsfs.errors import (
+    KeystoreError,
+    KeystoreExists,
+    KeystoreInsecure,
+    KeystoreNotFound,
+    WrongRootKey,
+)
+
+DB_NAME = "keystore.db"
+AUDIT_NAME = "audit.log"
+SCHEMA_VERSION = 1
+ROOT_KEY_BYTES = 32
+MIN_KDF_SECONDS = 0.25
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE keys (
+    key_id TEXT PRIMARY KEY,
+    description TEXT NOT NULL DEFAULT '',
+    key_state TEXT NOT NULL,
+    key_spec TEXT NOT NULL,
+    key_usage TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    creation_date REAL NOT NULL,
+    deletion_date REAL,
+    pending_window_days INTEGER,
+    rotation_enabled INTEGER NOT NULL DEFAULT 0,
+    rotation_period_days INTEGER,
+    next_rotation_date REAL,
+    current_version INTEGER NOT NULL,
+    creator_uid INTEGER
+);
+CREATE TABLE key_versions (
+    key_id TEXT NOT NULL REFERENCES keys(key_id),
+    version INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    created REAL NOT NULL,
+    rotation_type TEXT,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE aliases (
+    alias_name TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id),
+    creation_date REAL NOT NULL,
+    last_updated REAL NOT NULL
+);
+CREATE INDEX aliases_by_key ON aliases(key_id);
+CREATE TABLE tags (
+    key_id TEXT NOT NULL REFERENCES keys(key_id),
+    tag_key TEXT NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
+);
+CREATE TABLE deleted_keys (key_id TEXT PRIMARY KEY, deletion_date REAL NOT NULL);
+"""
+
+
+# ------------------------------------------------------------------- root key
+@dataclass(frozen=True)
+class RootKeySource:
+    """Where the key that unwraps the root key comes from: a passphrase or a key file."""
+
+    passphrase: bytes | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.passphrase is None) == (self.key_file is None):
+            raise ValueError("exactly one of passphrase and key_file is required")
+
+    @classmethod
+    def from_passphrase(cls, passphrase: str | bytes) -> RootKeySource:
+        if isinstance(passphrase, str):
+            passphrase = passphrase.encode()
+        if not passphrase:
+            raise KeystoreError("the passphrase is empty")
+        return cls(passphrase=passphrase)
+
+    @classmethod
+    def from_key_file(cls, path: str | os.PathLike[str]) -> RootKeySource:
+        return cls(key_file=Path(path))
+
+    @property
+    def kind(self) -> str:
+        return "passphrase" if self.passphrase is not None else "key-file"
+
+
+def create_root_key_file(path: Path) -> None:
+    """Write 32 random bytes (base64, one line) to a new file with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, base64.b64encode(os.urandom(ROOT_KEY_BYTES)) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_root_key_file(path: Path) -> bytes:
+    """Read a root key file, refusing one that other users can read or write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeystoreError(f"root key file {path} does not exist") from None
+    except OSError as exc:
+        raise KeystoreError(f"cannot open root key file {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeystoreError(f"root key file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise KeystoreInsecure(
+                f"root key file {path} has mode {stat.S_IMODE(info.st_mode):04o}; "
+                "it must be readable by its owner only (chmod 600)"
+            )
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        key = base64.b64decode(data.strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != ROOT_KEY_BYTES:
+        raise KeystoreError(f"root key file {path} does not hold a kmsfs root key")
+    return key
+
+
+def _calibrate_argon2(min_seconds: float) -> dict[str, int]:
+    """Pick Argon2id parameters (128 MiB, 1 lane) whose derivation takes >= min_seconds."""
+    params = {"memory_cost": 128 * 1024, "lanes": 1, "iterations": 2}
+    while params["iterations"] < 64:
+        started = time.perf_counter()
+        _derive_kek(b"calibration", os.urandom(16), params)
+        if time.perf_counter() - started >= min_seconds:
+            break
+        params["iterations"] += 1
+    return params
+
+
+def _derive_kek(passphrase: bytes, salt: bytes, params: dict[str, int]) -> bytes:
+    return Argon2id(
+        salt=salt,
+        length=32,
+        iterations=params["iterations"],
+        lanes=params["lanes"],
+        memory_cost=params["memory_cost"],
+    ).derive(passphrase)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _root_wrap_aad(keystore_id: str) -> bytes:
+    return b"kmsfs-root-key-v1|" + keystore_id.encode()
+
+
+def _material_aad(key_id: str, version: int) -> bytes:
+    return f"kmsfs-cmk-material-v1|{key_id}|{version}".encode()
+
+
+# --------------------------------------------------------------------- records
+@dataclass
+class KeyRecord:
+    key_id: str
+    description: str
+    key_state: str
+    key_spec: str
+    key_usage: str
+    origin: str
+    creation_date: float
+    deletion_date: float | None
+    pending_window_days: int | None
+    rotation_enabled: bool
+    rotation_period_days: int | None
+    next_rotation_date: float | None
+    current_version: int
+    creator_uid: int | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> KeyRecord:
+        values = dict(row)
+        values["rotation_enabled"] = bool(values["rotation_enabled"])
+        return cls(**values)
+
+
+@dataclass
+class KeyVersion:
+    key_id: str
+    version: int
+    created: float
+    rotation_type: str | None
+
+
+@dataclass
+class AliasRecord:
+    alias_name: str
+    key_id: str
+    creation_date: float
+    last_updated: float
+
+
+# -------------------------------------------------------------------- keystore
+class Keystore:
+    """The keystore directory, unsealed: its database and its root key in memory."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, root_key: bytes) -> None:
+        self.path = path
+        self._db = db
+        self._root = AESGCM(root_key)
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def audit_path(self) -> Path:
+        return self.path / AUDIT_NAME
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (path / DB_NAME).exists()
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        source: RootKeySource,
+        *,
+        region: str = "local",
+        account: str = "000000000000",
+        kdf_seconds: float = MIN_KDF_SECONDS,
+    ) -> Keystore:
+        """Create a new keystore at ``path`` (which must not hold one yet)."""
+        path = Path(path)
+        if cls.exists(path):
+            raise KeystoreExists(f"a keystore already exists at {path}")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        if source.key_file is not None and not source.key_file.exists():
+            create_root_key_file(source.key_file)
+
+        keystore_id = str(uuid.uuid4())
+        root_key = os.urandom(ROOT_KEY_BYTES)
+        protection: dict[str, Any] = {"kind": source.kind}
+        if source.passphrase is not None:
+            salt = os.urandom(16)
+            params = _calibrate_argon2(kdf_seconds)
+            kek = _derive_kek(source.passphrase, salt, params)
+            protection.update(kdf="argon2id", salt=_b64(salt), **params)
+        else:
+            assert source.key_file is not None
+            kek = read_root_key_file(source.key_file)
+        nonce = os.urandom(12)
+        wrapped = AESGCM(kek).encrypt(nonce, root_key, _root_wrap_aad(keystore_id))
+        protection.update(nonce=_b64(nonce), wrapped_root_key=_b64(wrapped))
+
+        db = _connect(path / DB_NAME)
+        try:
+            db.execute("BEGIN")
+            for statement in _SCHEMA.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            meta = {
+                "schema_version": str(SCHEMA_VERSION),
+                "keystore_id": keystore_id,
+                "region": region,
+                "account": account,
+                "root_protection": json.dumps(protection),
+                "created": str(time.time()),
+            }
+            db.executemany("INSERT INTO meta(name, value) VALUES (?, ?)", meta.items())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            db.close()
+            raise
+        return cls(path, db, root_key)
+
+    @classmethod
+    def open(cls, path: Path, source: RootKeySource) -> Keystore:
+        """Open and unseal an existing keystore."""
+        path = Path(path)
+        if not cls.exists(path):
+            raise KeystoreNotFound(f"no keystore at {path} (create one with 'kmsfs keyd init')")
+        db = _connect(path / DB_NAME)
+        try:
+            meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+            if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
+                raise KeystoreError(
+                    f"keystore {path} has schema version {meta.get('schema_version')}, "
+                    f"this kmsfs reads version {SCHEMA_VERSION}"
+                )
+            protection = json.loads(meta["root_protection"])
+            if protection["kind"] != source.kind:
+                raise WrongRootKey(
+                    f"keystore {path} is protected by a {protection['kind']}, not a {source.kind}"
+                )
+            if source.passphrase is not None:
+                params = {k: int(protection[k]) for k in ("memory_cost", "lanes", "iterations")}
+                kek = _derive_kek(source.passphrase, _unb64(protection["salt"]), params)
+            else:
+                assert source.key_file is not None
+                kek = read_root_key_file(source.key_file)
+            try:
+                root_key = AESGCM(kek).decrypt(
+                    _unb64(protection["nonce"]),
+                    _unb64(protection["wrapped_root_key"]),
+                    _root_wrap_aad(meta["keystore_id"]),
+                )
+            except InvalidTag:
+                what = "passphrase" if source.passphrase is not None else "root key file"
+                raise WrongRootKey(f"wrong {what} for keystore {path}") from None
+        except BaseException:
+            db.close()
+            raise
+        return cls(path, db, root_key)
+
+    def close(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._db.close()
+
+    def meta(self, name: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise KeystoreError(f"keystore is missing its {name!r} setting")
+        return row[0]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change: committed when the block ends, rolled back if it raises."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ key material
+    def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._root.encrypt(nonce, material, _material_aad(key_id, version))
+
+    def unseal_material(self, key_id: str, version: int) -> bytes | None:
+        """The plaintext material of one key version, or None if that version is gone."""
+        row = self._db.execute(
+            "SELECT sealed FROM key_versions WHERE key_id = ? AND version = ?",
+            (key_id, version),
+        ).fetchone()
+        if row is None:
+            return None
+        sealed = bytes(row[0])
+        try:
+            return self._root.decrypt(sealed[:12], sealed[12:], _material_aad(key_id, version))
+        except InvalidTag:
+            raise KeystoreError(
+                f"sealed material of key {key_id} version {version} failed authentication"
+            ) from None
+
+    # ------------------------------------------------------------------- keys
+    def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes) -> None:
+        values = dict(record.__dict__)
+        values["rotation_enabled"] = int(record.rotation_enabled)
+        columns = ", ".join(values)
+        marks = ", ".join(f":{name}" for name in values)
+        db.execute(f"INSERT INTO keys ({columns}) VALUES ({marks})", values)
+        self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
+
+    def insert_version(
+        self,
+        db: sqlite3.Connection,
+        key_id: str,
+        version: int,
+        material: bytes,
+        created: float,
+        rotation_type: str | None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO key_versions (key_id, version, sealed, created, rotation_type) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                key_id,
+                version,
+                self.seal_material(key_id, version, material),
+                created,
+                rotation_type,
+            ),
+        )
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        row = self._db.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return KeyRecord.from_row(row) if row is not None else None
+
+    def was_deleted(self, key_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM deleted_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return row is not None
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._db.execute("SELECT * FROM keys ORDER BY creation_date, key_id").fetchall()
+        return [KeyRecord.from_row(row) for row in rows]
+
+    def update_key(self, db: sqlite3.Connection, key_id: str, **changes: Any) -> None:
+        if "rotation_enabled" in changes:
+            changes["rotation_enabled"] = int(changes["rotation_enabled"])
+        assignments = ", ".join(f"{name} = :{name}" for name in changes)
+        db.execute(
+            f"UPDATE keys SET {assignments} WHERE key_id = :key_id", {**changes, "key_id": key_id}
+        )
+
+    def list_versions(self, key_id: str) -> list[KeyVersion]:
+        rows = self._db.execute(
+            "SELECT key_id, version, created, rotation_type FROM key_versions "
+            "WHERE key_id = ? ORDER BY version",
+            (key_id,),
+        ).fetchall()
+        return [KeyVersion(**dict(row)) for row in rows]
+
+    def destroy_key(self, db: sqlite3.Connection, key_id: str, when: float) -> None:
+        """Remove a key, its material, aliases and tags; remember that it existed."""
+        db.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM tags WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+        db.execute(
+            "INSERT OR REPLACE INTO deleted_keys (key_id, deletion_date) VALUES (?, ?)",
+            (key_id, when),
+        )
+
+    def scrub(self) -> None:
+        """Push deleted pages out of the WAL so removed material leaves the disk."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # ---------------------------------------------------------------- aliases
+    def get_alias(self, alias_name: str) -> AliasRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM aliases WHERE alias_name = ?", (alias_name,)
+        ).fetchone()
+        return AliasRecord(**dict(row)) if row is not None else None
+
+    def list_aliases(self, key_id: str | None = None) -> list[AliasRecord]:
+        if key_id is None:
+            rows = self._db.execute("SELECT * FROM aliases ORDER BY alias_name").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM aliases WHERE key_id = ? ORDER BY alias_name", (key_id,)
+            ).fetchall()
+        return [AliasRecord(**dict(row)) for row in rows]
+
+    # ------------------------------------------------------------------- tags
+    def list_tags(self, key_id: str) -> list[tuple[str, str]]:
+        rows = self._db.execute(
+            "SELECT tag_key, tag_value FROM tags WHERE key_id = ? ORDER BY tag_key", (key_id,)
+        ).fetchall()
+        return [(row[0], row[1]) for row in rows]
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves (Keystore.transaction).
+    existed = db_path.exists()
+    if not existed:
+        fd = os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: a transaction that returned is on disk, even across power loss.
+    db.execute("PRAGMA synchronous=FULL")
+    # Deleted content (destroyed key material) is overwritten with zeros.
+    db.execute("PRAGMA secure_delete=ON")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def check_keystore_permissions(path: Path) -> None:
+    """Refuse a keystore directory or database that other users may change."""
+    for item in (path, path / DB_NAME):
+        try:
+            info = item.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022:
+            raise KeystoreInsecure(
+                f"refusing keystore {path}: {item} has mode {mode:04o} and is writable by "
+                "group or others; run 'chmod go-w' on it"
+            )
+        if info.st_uid != os.geteuid():
+            raise KeystoreInsecure(
+                f"refusing keystore {path}: {item} belongs to uid {info.st_uid}, "
+                f"not to this user (uid {os.geteuid()})"
+            )
