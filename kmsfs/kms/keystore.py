@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -45,6 +46,8 @@ from kmsfs.errors import (
     KeystoreNotFound,
     WrongRootKey,
 )
+
+log = logging.getLogger("kmsfs.keystore")
 
 DB_NAME = "keystore.db"
 AUDIT_NAME = "audit.log"
@@ -166,14 +169,21 @@ def read_root_key_file(path: Path) -> bytes:
 
 def _calibrate_argon2(min_seconds: float) -> dict[str, int]:
     """Pick Argon2id parameters (128 MiB, 1 lane) whose derivation takes >= min_seconds."""
-    params = {"memory_cost": 128 * 1024, "lanes": 1, "iterations": 2}
+    params = {"memory_cost": 128 * 1024, "lanes": 1, "iterations": 3}
     while params["iterations"] < 64:
-        started = time.perf_counter()
-        _derive_kek(b"calibration", os.urandom(16), params)
-        if time.perf_counter() - started >= min_seconds:
+        # The fastest of two runs, held to a 20 % margin: a busy machine makes one
+        # run look slower than a later unlock will be.
+        fastest = min(_time_derivation(params) for _ in range(2))
+        if fastest >= min_seconds * 1.2:
             break
         params["iterations"] += 1
     return params
+
+
+def _time_derivation(params: dict[str, int]) -> float:
+    started = time.perf_counter()
+    _derive_kek(b"calibration", os.urandom(16), params)
+    return time.perf_counter() - started
 
 
 def _derive_kek(passphrase: bytes, salt: bytes, params: dict[str, int]) -> bytes:
@@ -251,6 +261,7 @@ class Keystore:
         self.path = path
         self._db = db
         self._root = AESGCM(root_key)
+        self.scrub_pending = False
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -312,8 +323,11 @@ class Keystore:
             db.executemany("INSERT INTO meta(name, value) VALUES (?, ?)", meta.items())
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             db.close()
+            for leftover in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+                (path / leftover).unlink(missing_ok=True)
             raise
         return cls(path, db, root_key)
 
@@ -323,9 +337,19 @@ class Keystore:
         path = Path(path)
         if not cls.exists(path):
             raise KeystoreNotFound(f"no keystore at {path} (create one with 'kmsfs keyd init')")
-        db = _connect(path / DB_NAME)
         try:
-            meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+            db = _connect(path / DB_NAME)
+        except sqlite3.DatabaseError as exc:
+            raise KeystoreError(f"keystore {path} is not readable: {exc}") from None
+        try:
+            try:
+                meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+                meta["root_protection"]
+            except (sqlite3.DatabaseError, KeyError):
+                raise KeystoreError(
+                    f"keystore {path} is damaged or incomplete (no settings table); "
+                    "if 'kmsfs keyd init' was interrupted, remove it and run init again"
+                ) from None
             if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
                 raise KeystoreError(
                     f"keystore {path} has schema version {meta.get('schema_version')}, "
@@ -358,7 +382,7 @@ class Keystore:
 
     def close(self) -> None:
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.scrub()
         finally:
             self._db.close()
 
@@ -374,10 +398,13 @@ class Keystore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # Also when COMMIT itself failed (disk full, I/O error): SQLite may leave
+            # the transaction open, and every later BEGIN would fail.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # ------------------------------------------------------------ key material
     def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:
@@ -469,9 +496,18 @@ class Keystore:
             (key_id, when),
         )
 
-    def scrub(self) -> None:
-        """Push deleted pages out of the WAL so removed material leaves the disk."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def scrub(self) -> bool:
+        """Push deleted pages out of the WAL so removed material leaves the disk.
+
+        A reader holding an old snapshot can block the checkpoint; then the scrub
+        stays pending and is retried at the next maintenance pass and at close.
+        Returns whether the WAL is now empty.
+        """
+        busy, _log_frames, _done = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        self.scrub_pending = bool(busy)
+        if busy:
+            log.warning("keystore WAL checkpoint was blocked by a reader; will retry")
+        return not busy
 
     # ---------------------------------------------------------------- aliases
     def get_alias(self, alias_name: str) -> AliasRecord | None:
@@ -516,9 +552,13 @@ def _connect(db_path: Path) -> sqlite3.Connection:
 
 def check_keystore_permissions(path: Path) -> None:
     """Refuse a keystore directory or database that other users may change."""
-    for item in (path, path / DB_NAME):
+    try:
+        items = [path, *sorted(path.iterdir())]
+    except FileNotFoundError:
+        raise KeystoreNotFound(f"no keystore at {path}") from None
+    for item in items:
         try:
-            info = item.stat()
+            info = item.lstat()
         except FileNotFoundError:
             continue
         mode = stat.S_IMODE(info.st_mode)

@@ -69,9 +69,10 @@ MAX_CIPHERTEXT = 6144
 MAX_DATA_KEY_BYTES = 1024
 MAX_TAGS = 50
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_ALIAS_RE = re.compile(r"^alias/[a-zA-Z0-9/_-]+$")
-_ARN_RE = re.compile(r"^arn:aws:kms:([^:]+):([^:]+):(key|alias)/(.+)$")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ALIAS_RE = re.compile(r"alias/[a-zA-Z0-9/_-]+")
+_ARN_RE = re.compile(r"arn:aws:kms:([^:]+):([^:]+):(key|alias)/(.+)")
+MAX_CONTEXT_BYTES = 8192
 
 # AWS key specs: only symmetric keys exist here yet; the others are known names.
 _SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
@@ -185,6 +186,7 @@ def _string(
     value = _field(params, name, str, required)
     if value is None:
         return None
+    _require_utf8(value, name)
     if not min_len <= len(value) <= max_len:
         raise ValidationException(
             f"1 validation error detected: Value at '{_camel(name)}' failed to satisfy "
@@ -230,13 +232,25 @@ def _binary(
     return data
 
 
+def _require_utf8(value: str, name: str) -> int:
+    """The UTF-8 length of a string; a lone surrogate (from JSON "\\ud800") is refused."""
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise ValidationException(f"{name} is not valid Unicode text") from None
+
+
 def _context(params: dict[str, Any], name: str) -> dict[str, str]:
     value = _field(params, name, dict, False)
     if value is None:
         return {}
+    total = 0
     for key, item in value.items():
         if not isinstance(item, str) or not key:
             raise ValidationException(f"{name} must map non-empty strings to strings")
+        total += _require_utf8(key, name) + _require_utf8(item, name)
+    if total > MAX_CONTEXT_BYTES:
+        raise ValidationException(f"{name} is larger than {MAX_CONTEXT_BYTES} bytes")
     return value
 
 
@@ -330,7 +344,7 @@ class KeyService:
             ):
                 self._add_version(key, "AUTOMATIC", now)
                 rotated.append(key.key_id)
-        if deleted:
+        if deleted or self.keystore.scrub_pending:
             self.keystore.scrub()
         for key_id in deleted + rotated:
             event = self._service_event("DeleteKey" if key_id in deleted else "RotateKey", key_id)
@@ -355,11 +369,13 @@ class KeyService:
 
     def _resolve_value(self, value: str, name: str, *, allow_alias: bool) -> KeyRecord:
         key_id = value
-        match = _ARN_RE.match(value)
+        match = _ARN_RE.fullmatch(value)
         if match:
             region, account, kind, rest = match.groups()
             if (region, account) != (self.region, self.account):
                 raise NotFoundException(f"Invalid arn {value}: not in this region and account")
+            if kind == "key" and not _UUID_RE.fullmatch(rest):
+                raise NotFoundException(f"Invalid keyId '{value}'")
             key_id = rest if kind == "key" else "alias/" + rest
         if key_id.startswith("alias/"):
             if not allow_alias:
@@ -368,7 +384,7 @@ class KeyService:
             if alias is None:
                 raise NotFoundException(f"Alias {self.alias_arn(key_id)} is not found.")
             key_id = alias.key_id
-        elif not _UUID_RE.match(key_id):
+        elif not _UUID_RE.fullmatch(key_id):
             raise NotFoundException(f"Invalid keyId '{value}'")
         key = self.keystore.get_key(key_id)
         if key is None:
@@ -444,7 +460,8 @@ class KeyService:
     def _add_version(self, key: KeyRecord, rotation_type: str, now: float) -> int:
         version = key.current_version + 1
         changes: dict[str, Any] = {"current_version": version}
-        if key.rotation_enabled and key.rotation_period_days:
+        # On-demand rotations leave the automatic schedule alone (as AWS does).
+        if rotation_type == "AUTOMATIC" and key.rotation_enabled and key.rotation_period_days:
             changes["next_rotation_date"] = now + key.rotation_period_days * DAY
         with self.keystore.transaction() as db:
             self.keystore.insert_version(
@@ -477,10 +494,10 @@ class KeyService:
 
     @staticmethod
     def _page(
-        params: dict[str, Any], items: list[Any], default_limit: int
+        params: dict[str, Any], items: list[Any], default_limit: int, max_limit: int
     ) -> tuple[list[Any], dict[str, Any]]:
-        """AWS-style pagination: Limit (1–1000) and an opaque Marker."""
-        limit = _integer(params, "Limit", 1, 1000) or default_limit
+        """AWS-style pagination: Limit (1 to the operation's maximum) and an opaque Marker."""
+        limit = _integer(params, "Limit", 1, max_limit) or default_limit
         marker = _string(params, "Marker", max_len=320)
         start = 0
         if marker is not None:
@@ -546,7 +563,7 @@ class KeyService:
         return {"KeyMetadata": self.key_metadata(self._resolve(params))}
 
     def _op_ListKeys(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        page, extra = self._page(params, self.keystore.list_keys(), 100)
+        page, extra = self._page(params, self.keystore.list_keys(), 100, 1000)
         keys = [{"KeyId": key.key_id, "KeyArn": self.arn(key.key_id)} for key in page]
         return {"Keys": keys, **extra}
 
@@ -625,12 +642,11 @@ class KeyService:
 
     def _op_GetKeyRotationStatus(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
-        self._require_not_pending(key)
-        response: dict[str, Any] = {
-            "KeyId": self.arn(key.key_id),
-            "KeyRotationEnabled": key.rotation_enabled,
-        }
-        if key.rotation_enabled:
+        # As AWS does: a key pending deletion reports rotation off; its schedule
+        # comes back if the deletion is cancelled.
+        enabled = key.rotation_enabled and key.key_state != "PendingDeletion"
+        response: dict[str, Any] = {"KeyId": self.arn(key.key_id), "KeyRotationEnabled": enabled}
+        if enabled:
             response["RotationPeriodInDays"] = key.rotation_period_days
             response["NextRotationDate"] = key.next_rotation_date
         return response
@@ -653,7 +669,7 @@ class KeyService:
             for version in self.keystore.list_versions(key.key_id)
             if version.version > 1
         ]
-        page, extra = self._page(params, rotations, 100)
+        page, extra = self._page(params, rotations, 100, 1000)
         return {"Rotations": page, **extra}
 
     # ------------------------------------------------------------ cryptography
@@ -752,7 +768,7 @@ class KeyService:
     def _alias_name(self, params: dict[str, Any]) -> str:
         name = _string(params, "AliasName", required=True, max_len=256)
         assert name is not None
-        if not _ALIAS_RE.match(name):
+        if not _ALIAS_RE.fullmatch(name):
             raise InvalidAliasNameException(
                 f"Alias name {name!r} must begin with 'alias/' followed by letters, digits, "
                 "'/', '_' or '-'"
@@ -815,7 +831,7 @@ class KeyService:
             }
             for alias in self.keystore.list_aliases(key_id)
         ]
-        page, extra = self._page(params, aliases, 50)
+        page, extra = self._page(params, aliases, 50, 100)
         return {"Aliases": page, **extra}
 
     # ------------------------------------------------------------------- tags
@@ -870,7 +886,7 @@ class KeyService:
     def _op_ListResourceTags(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params, allow_alias=False)
         tags = [{"TagKey": k, "TagValue": v} for k, v in self.keystore.list_tags(key.key_id)]
-        page, extra = self._page(params, tags, 50)
+        page, extra = self._page(params, tags, 50, 50)
         return {"Tags": page, **extra}
 
     # ------------------------------------------------------------------ audit
