@@ -1,0 +1,422 @@
+"""Clients of keyd: :class:`AsyncKMSClient` (trio + h11) and :class:`KMSClient` (blocking).
+
+Both speak AWS KMS's JSON 1.1 protocol over keyd's Unix socket and share everything
+but the transport: request bodies, response and error decoding, base64 handling
+(:mod:`kmsfs.kms.protocol`) and the convenience methods (:class:`KMSOperations`).
+
+Connections. Each client keeps ONE keep-alive connection and sends one request at a
+time over it (the async client serialises concurrent callers with a ``trio.Lock``; a
+keyd round trip is a few hundred microseconds, so a queue of callers drains fast).
+Open several clients for parallel requests. The connection is opened on first use and
+reopened transparently, once, when keyd turns out to have closed it (idle timeout,
+keyd restarted): either it is found closed before the request is sent, or it closes
+without sending a single byte of the response. A request on a fresh connection is
+never retried.
+
+Failures. An error body raises the matching :class:`kmsfs.errors.KMSError` subclass.
+A missing socket, a refused or lost connection, or no answer within ``timeout``
+seconds raises :class:`kmsfs.errors.KeydUnavailable` with a one-line message naming
+the socket path and the cause.
+
+Binary fields. ``call`` base64-encodes any ``bytes`` value in ``params`` and returns
+the response as decoded JSON (binary fields still base64 strings). The convenience
+methods (``decrypt``, ``generate_data_key``...) also decode ``Plaintext`` and
+``CiphertextBlob`` in the result to ``bytes``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+from collections.abc import Awaitable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import h11
+import trio
+
+from kmsfs.kms.paths import resolve_socket_path
+from kmsfs.kms.protocol import (
+    CONTENT_TYPE,
+    KMSRequest,
+    connection_looks_dead,
+    decode_response,
+    describe_connection_error,
+    encode_request_body,
+    keyd_unavailable,
+    target_header,
+)
+
+__all__ = ["AsyncKMSClient", "KMSClient", "KMSOperations"]
+
+ResultT = TypeVar("ResultT")
+
+_RECEIVE_SIZE = 64 * 1024
+_CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
+
+
+class KMSOperations(Generic[ResultT]):
+    """The convenience methods, written once for both clients.
+
+    Each builds a :class:`KMSRequest` and hands it to ``_execute``: the blocking client
+    returns the decoded result, the async one an awaitable of it.
+    """
+
+    def _execute(self, request: KMSRequest) -> ResultT:
+        raise NotImplementedError
+
+    def generate_data_key(
+        self,
+        key_id: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_spec: str | None = None,
+        number_of_bytes: int | None = None,
+    ) -> ResultT:
+        """GenerateDataKey: ``Plaintext`` and ``CiphertextBlob`` as bytes, ``KeyId``.
+
+        ``key_spec`` defaults to ``"AES_256"`` unless ``number_of_bytes`` is given.
+        """
+        return self._execute(
+            KMSRequest.generate_data_key(
+                key_id,
+                encryption_context=encryption_context,
+                key_spec=key_spec,
+                number_of_bytes=number_of_bytes,
+            )
+        )
+
+    def generate_data_key_without_plaintext(
+        self,
+        key_id: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_spec: str | None = None,
+        number_of_bytes: int | None = None,
+    ) -> ResultT:
+        """GenerateDataKeyWithoutPlaintext: ``CiphertextBlob`` as bytes, ``KeyId``."""
+        return self._execute(
+            KMSRequest.generate_data_key(
+                key_id,
+                encryption_context=encryption_context,
+                key_spec=key_spec,
+                number_of_bytes=number_of_bytes,
+                without_plaintext=True,
+            )
+        )
+
+    def decrypt(
+        self,
+        ciphertext_blob: bytes,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+    ) -> ResultT:
+        """Decrypt: ``Plaintext`` as bytes, ``KeyId``."""
+        return self._execute(
+            KMSRequest.decrypt(
+                ciphertext_blob, encryption_context=encryption_context, key_id=key_id
+            )
+        )
+
+    def encrypt(
+        self,
+        key_id: str,
+        plaintext: bytes,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> ResultT:
+        """Encrypt: ``CiphertextBlob`` as bytes, ``KeyId``."""
+        return self._execute(
+            KMSRequest.encrypt(key_id, plaintext, encryption_context=encryption_context)
+        )
+
+    def re_encrypt(
+        self,
+        ciphertext_blob: bytes,
+        destination_key_id: str,
+        *,
+        source_encryption_context: Mapping[str, str] | None = None,
+        destination_encryption_context: Mapping[str, str] | None = None,
+        source_key_id: str | None = None,
+    ) -> ResultT:
+        """ReEncrypt: ``CiphertextBlob`` as bytes, ``KeyId``, ``SourceKeyId``."""
+        return self._execute(
+            KMSRequest.re_encrypt(
+                ciphertext_blob,
+                destination_key_id,
+                source_encryption_context=source_encryption_context,
+                destination_encryption_context=destination_encryption_context,
+                source_key_id=source_key_id,
+            )
+        )
+
+    def describe_key(self, key_id: str) -> ResultT:
+        """DescribeKey: ``KeyMetadata``."""
+        return self._execute(KMSRequest.describe_key(key_id))
+
+    def generate_random(self, number_of_bytes: int) -> ResultT:
+        """GenerateRandom: ``Plaintext`` as bytes."""
+        return self._execute(KMSRequest.generate_random(number_of_bytes))
+
+
+class _LostBeforeResponse(Exception):
+    """The connection failed after the request was (partly) sent, before any response byte."""
+
+
+# ------------------------------------------------------------------------ async
+class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
+    """keyd client for trio code: one keep-alive connection, callers take turns."""
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0
+    ) -> None:
+        self.socket_path: Path = resolve_socket_path(socket_path)
+        self.timeout = timeout
+        self._lock = trio.Lock()
+        self._stream: trio.SocketStream | None = None
+        self._h11: h11.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection (a later call opens a new one)."""
+        self._drop()
+        await trio.lowlevel.checkpoint()
+
+    async def _execute(self, request: KMSRequest) -> dict[str, Any]:
+        return request.decode_result(await self.call(request.operation, request.params))
+
+    async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Call ``operation`` with ``params``; the decoded JSON result."""
+        body = encode_request_body(params)
+        with trio.move_on_after(self.timeout) as deadline:
+            async with self._lock:
+                try:
+                    status, payload = await self._round_trip(operation, body)
+                except BaseException:
+                    self._drop()  # cancelled or failed mid-exchange: state unknown
+                    raise
+        if deadline.cancelled_caught:
+            raise keyd_unavailable(self.socket_path, f"no answer within {self.timeout:g} s")
+        return decode_response(status, payload)
+
+    async def _round_trip(self, operation: str, body: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            reused = self._stream is not None
+            if self._stream is not None and connection_looks_dead(self._stream.socket.fileno()):
+                self._drop()
+                reused = False
+            if self._stream is None:
+                await self._connect()
+            try:
+                return await self._exchange(operation, body)
+            except _LostBeforeResponse as lost:
+                self._drop()
+                if reused and attempt == 1:
+                    continue
+                cause = lost.__cause__ or EOFError()
+                raise keyd_unavailable(
+                    self.socket_path, describe_connection_error(cause)
+                ) from lost.__cause__
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._drop()
+                reason = describe_connection_error(exc)
+                raise keyd_unavailable(self.socket_path, reason) from exc
+            except h11.ProtocolError as exc:
+                self._drop()
+                raise keyd_unavailable(self.socket_path, f"bad HTTP response: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> None:
+        try:
+            self._stream = await trio.open_unix_socket(os.fspath(self.socket_path))
+        except OSError as exc:
+            raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
+        self._h11 = h11.Connection(h11.CLIENT)
+
+    async def _exchange(self, operation: str, body: bytes) -> tuple[int, bytes]:
+        stream, conn = self._stream, self._h11
+        assert stream is not None and conn is not None
+        request = conn.send(
+            h11.Request(
+                method=b"POST",
+                target=b"/",
+                headers=[
+                    (b"Host", b"localhost"),
+                    (b"Content-Type", _CONTENT_TYPE),
+                    (b"X-Amz-Target", target_header(operation).encode("ascii")),
+                    (b"Content-Length", b"%d" % len(body)),
+                ],
+            )
+        )
+        conn.send(h11.Data(data=body))
+        conn.send(h11.EndOfMessage())
+        send_error: BaseException | None = None
+        try:
+            await stream.send_all(b"".join((request or b"", body)))
+        except (trio.BrokenResourceError, OSError) as exc:
+            send_error = exc  # keyd may have answered early (413) and hung up: read on
+        received_any = False
+        status = 0
+        parts: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    if not received_any:
+                        raise _LostBeforeResponse from send_error or exc
+                    raise
+                if not data and not received_any:
+                    raise _LostBeforeResponse from send_error
+                received_any = True
+                conn.receive_data(data)
+            elif type(event) is h11.Response:
+                status = event.status_code
+            elif type(event) is h11.Data:
+                parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                break
+            elif type(event) is h11.ConnectionClosed:
+                raise EOFError("keyd closed the connection mid-response")
+            # InformationalResponse (100 Continue): keep reading
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            self._drop()  # keyd said Connection: close
+        return status, b"".join(parts)
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            self._stream.socket.close()
+        self._stream = None
+        self._h11 = None
+
+
+# ------------------------------------------------------------------------- sync
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over an AF_UNIX stream socket, sending each request in one write."""
+
+    def __init__(self, socket_path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+        self._pending_body: bytes | None = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(os.fspath(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def post(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Send ``POST /`` with ``headers`` and ``body`` (one ``send``, not two)."""
+        self.putrequest("POST", "/", skip_accept_encoding=True)
+        for name, value in headers.items():
+            self.putheader(name, value)
+        self.putheader("Content-Length", str(len(body)))
+        self._pending_body = body
+        try:
+            self.endheaders()  # sends the head through send() below
+        finally:
+            self._pending_body = None
+
+    def send(self, data: Any) -> None:
+        if self._pending_body is not None:
+            data, self._pending_body = b"".join((data, self._pending_body)), None
+        super().send(data)
+
+
+class KMSClient(KMSOperations[dict[str, Any]]):
+    """Blocking keyd client (for the CLI and scripts): one keep-alive connection.
+
+    Not thread-safe: use one client per thread.
+    """
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0
+    ) -> None:
+        self.socket_path: Path = resolve_socket_path(socket_path)
+        self.timeout = timeout
+        self._connection = _UnixHTTPConnection(self.socket_path, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (a later call opens a new one)."""
+        self._connection.close()
+
+    def _execute(self, request: KMSRequest) -> dict[str, Any]:
+        return request.decode_result(self.call(request.operation, request.params))
+
+    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Call ``operation`` with ``params``; the decoded JSON result."""
+        body = encode_request_body(params)
+        headers = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": target_header(operation)}
+        connection = self._connection
+        for attempt in (1, 2):
+            sock = connection.sock
+            reused = sock is not None
+            if sock is not None and connection_looks_dead(sock.fileno()):
+                connection.close()
+                reused = False
+            if connection.sock is None:
+                try:
+                    connection.connect()
+                except OSError as exc:
+                    raise keyd_unavailable(
+                        self.socket_path, describe_connection_error(exc)
+                    ) from exc
+            try:
+                send_error: OSError | None = None
+                try:
+                    connection.post(headers, body)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    send_error = exc  # keyd may have answered early (413) and hung up
+                try:
+                    response = connection.getresponse()
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # Not one byte of a response (RemoteDisconnected is a
+                    # ConnectionResetError): keyd closed before it read our request.
+                    connection.close()
+                    if reused and attempt == 1:
+                        continue
+                    raise keyd_unavailable(
+                        self.socket_path, describe_connection_error(send_error or exc)
+                    ) from exc
+                payload = response.read()
+            except TimeoutError as exc:
+                connection.close()
+                raise keyd_unavailable(
+                    self.socket_path, f"no answer within {self.timeout:g} s"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
+            return decode_response(response.status, payload)
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,241 @@
+"""The wire format keyd and its clients share: AWS KMS's JSON 1.1 protocol over HTTP/1.1.
+
+A request is ``POST /`` with ``X-Amz-Target: TrentService.<Operation>`` and a JSON
+object as body; binary fields (``Plaintext``, ``CiphertextBlob``) travel as base64
+strings. A response is ``200`` with the JSON result, or an error status with
+``{"__type": "<AWS error type>", "message": "..."}``.
+
+Everything here is pure (bytes in, bytes or exceptions out): the server
+(:mod:`kmsfs.kms.server`) and both clients (:mod:`kmsfs.kms.client`) build on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import json
+import os
+import select
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kmsfs.errors import KeydUnavailable, KMSError, KMSInternalException, kms_error_from_type
+
+TARGET_PREFIX = "TrentService."
+CONTENT_TYPE = "application/x-amz-json-1.1"
+REQUEST_ID_HEADER = "x-amzn-RequestId"
+
+#: response fields that hold base64-encoded binary data
+BINARY_FIELDS: tuple[str, ...] = ("Plaintext", "CiphertextBlob")
+
+
+def _encode_default(value: object) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# One encoder each, built once: json.dumps() with arguments builds a new one per call.
+_REQUEST_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_encode_default)
+_RESPONSE_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def encode_request_body(params: Mapping[str, Any]) -> bytes:
+    """The JSON body of a request; ``bytes`` values anywhere become base64 strings."""
+    return _REQUEST_ENCODER.encode(params).encode("utf-8")
+
+
+def encode_response_body(result: Mapping[str, Any]) -> bytes:
+    """The JSON body of a successful response (raises ``TypeError``/``ValueError``)."""
+    return _RESPONSE_ENCODER.encode(result).encode("utf-8")
+
+
+def encode_error_body(aws_type: str, message: str) -> bytes:
+    """The JSON body of an error response."""
+    return _RESPONSE_ENCODER.encode({"__type": aws_type, "message": message}).encode("utf-8")
+
+
+def target_header(operation: str) -> str:
+    """The ``X-Amz-Target`` value naming ``operation``."""
+    return TARGET_PREFIX + operation
+
+
+def decode_response(status: int, body: bytes) -> dict[str, Any]:
+    """The result of a response, or raise the :class:`KMSError` its error body names."""
+    try:
+        document = json.loads(body) if body else {}
+    except (ValueError, RecursionError):
+        document = None
+    if status == 200:
+        if not isinstance(document, dict):
+            raise KMSInternalException("keyd sent a response that is not a JSON object")
+        return document
+    if isinstance(document, dict):
+        aws_type = document.get("__type")
+        message = document.get("message", document.get("Message", ""))
+        if isinstance(aws_type, str) and aws_type:
+            raise kms_error_from_type(aws_type, message if isinstance(message, str) else "")
+    if status >= 500:
+        raise KMSInternalException(f"keyd answered HTTP {status}")
+    error = KMSError(f"keyd answered HTTP {status}")
+    error.aws_type = "UnknownError"
+    error.status = status
+    raise error
+
+
+def decode_binary_fields(result: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Replace the base64 strings of ``names`` in ``result`` (in place) by bytes."""
+    for name in names:
+        value = result.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise KMSInternalException(f"keyd sent a non-string {name}")
+        try:
+            result[name] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise KMSInternalException(f"keyd sent malformed base64 in {name}") from None
+    return result
+
+
+def _drop_none(**params: Any) -> dict[str, Any]:
+    return {name: value for name, value in params.items() if value is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class KMSRequest:
+    """One API call: operation, parameters and the response fields to base64-decode."""
+
+    operation: str
+    params: dict[str, Any]
+    binary_fields: tuple[str, ...] = field(default=())
+
+    def decode_result(self, result: dict[str, Any]) -> dict[str, Any]:
+        return decode_binary_fields(result, self.binary_fields)
+
+    # -- builders for the operations the clients wrap ---------------------------------
+    @classmethod
+    def generate_data_key(
+        cls,
+        key_id: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_spec: str | None = None,
+        number_of_bytes: int | None = None,
+        without_plaintext: bool = False,
+    ) -> KMSRequest:
+        if key_spec is None and number_of_bytes is None:
+            key_spec = "AES_256"
+        params = _drop_none(
+            KeyId=key_id,
+            EncryptionContext=dict(encryption_context) if encryption_context else None,
+            KeySpec=key_spec,
+            NumberOfBytes=number_of_bytes,
+        )
+        if without_plaintext:
+            return cls("GenerateDataKeyWithoutPlaintext", params, ("CiphertextBlob",))
+        return cls("GenerateDataKey", params, BINARY_FIELDS)
+
+    @classmethod
+    def decrypt(
+        cls,
+        ciphertext_blob: bytes,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+    ) -> KMSRequest:
+        params = _drop_none(
+            CiphertextBlob=ciphertext_blob,
+            EncryptionContext=dict(encryption_context) if encryption_context else None,
+            KeyId=key_id,
+        )
+        return cls("Decrypt", params, ("Plaintext",))
+
+    @classmethod
+    def encrypt(
+        cls,
+        key_id: str,
+        plaintext: bytes,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> KMSRequest:
+        params = _drop_none(
+            KeyId=key_id,
+            Plaintext=plaintext,
+            EncryptionContext=dict(encryption_context) if encryption_context else None,
+        )
+        return cls("Encrypt", params, ("CiphertextBlob",))
+
+    @classmethod
+    def re_encrypt(
+        cls,
+        ciphertext_blob: bytes,
+        destination_key_id: str,
+        *,
+        source_encryption_context: Mapping[str, str] | None = None,
+        destination_encryption_context: Mapping[str, str] | None = None,
+        source_key_id: str | None = None,
+    ) -> KMSRequest:
+        params = _drop_none(
+            CiphertextBlob=ciphertext_blob,
+            DestinationKeyId=destination_key_id,
+            SourceEncryptionContext=(
+                dict(source_encryption_context) if source_encryption_context else None
+            ),
+            DestinationEncryptionContext=(
+                dict(destination_encryption_context) if destination_encryption_context else None
+            ),
+            SourceKeyId=source_key_id,
+        )
+        return cls("ReEncrypt", params, ("CiphertextBlob",))
+
+    @classmethod
+    def describe_key(cls, key_id: str) -> KMSRequest:
+        return cls("DescribeKey", {"KeyId": key_id})
+
+    @classmethod
+    def generate_random(cls, number_of_bytes: int) -> KMSRequest:
+        return cls("GenerateRandom", {"NumberOfBytes": number_of_bytes}, ("Plaintext",))
+
+
+# ----------------------------------------------------------------- connection errors
+def describe_connection_error(cause: BaseException) -> str:
+    """A short, one-line reason for a failed connection to keyd."""
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__  # e.g. trio.BrokenResourceError wrapping the OSError
+    if isinstance(cause, FileNotFoundError):
+        return "no socket there (is keyd running?)"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused (stale socket: keyd is not running)"
+    if isinstance(cause, PermissionError):
+        return "permission denied"
+    if isinstance(cause, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(cause, BrokenPipeError | ConnectionResetError | EOFError):
+        return "connection lost"
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return os.strerror(cause.errno).lower() or f"errno {cause.errno}"
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return text or type(cause).__name__
+
+
+def keyd_unavailable(socket_path: os.PathLike[str] | str, reason: str) -> KeydUnavailable:
+    """The :class:`KeydUnavailable` for ``socket_path``; one line, names the path."""
+    return KeydUnavailable(f"keyd at {os.fspath(socket_path)}: {reason}")
+
+
+def connection_looks_dead(fileno: int) -> bool:
+    """True if an idle keep-alive connection is readable: EOF, an error, or stray bytes.
+
+    An idle connection has nothing to read until we send a request, so readability
+    means keyd closed it (idle timeout, restart) and it must not be reused.
+    """
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
+    try:
+        return bool(poller.poll(0))
+    except OSError as exc:  # pragma: no cover - EINTR is retried by Python
+        return exc.errno != errno.EINTR

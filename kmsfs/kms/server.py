@@ -1,0 +1,590 @@
+"""keyd's front door: AWS KMS JSON 1.1 over HTTP/1.1 on a Unix socket (trio + h11).
+
+The server knows HTTP, sockets and peer credentials, and nothing about keys: every
+request becomes one synchronous ``service.handle(operation, params, caller, request_id)``
+call, made directly in the connection's trio task (it is sub-millisecond; a thread hop
+would cost more than the call). This module is the one place that maps
+:class:`kmsfs.errors.KMSError` to AWS error bodies and HTTP status codes.
+
+Protection against misbehaving clients (all in :class:`ServerLimits`): a body limit
+(413), a header size and count limit (431), a per-request read deadline (408, against
+slow-loris clients), an idle keep-alive timeout (quiet close), a send deadline for
+clients that stop reading, and a cap on concurrent connections (503). Malformed HTTP
+gets a 400 and the connection is closed; no client can stop the daemon or harm
+another connection.
+
+Nothing from a request body is ever logged: it may hold plaintext.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from kmsfs.errors import KMSError, KmsfsError, UnknownOperationException, UsageError
+from kmsfs.kms.caller import Caller
+from kmsfs.kms.protocol import (
+    CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    TARGET_PREFIX,
+    encode_error_body,
+    encode_response_body,
+)
+
+__all__ = ["KeyServiceLike", "KeydAlreadyRunning", "ServerLimits", "DEFAULT_LIMITS", "serve"]
+
+logger = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_RECEIVE_SIZE = 64 * 1024
+#: after an error response that ends a connection, how long and how much to keep reading
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1024 * 1024
+_TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
+_CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
+_REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
+_INTERNAL_ERROR_MESSAGE = "An internal error occurred in keyd (request id {request_id})."
+
+
+class KeyServiceLike(Protocol):
+    """What the server needs from :class:`kmsfs.kms.service.KeyService`."""
+
+    def handle(
+        self, operation: str, params: dict[str, Any], caller: Caller, request_id: str
+    ) -> dict[str, Any]: ...
+
+    def run_maintenance(self) -> object: ...
+
+
+class KeydAlreadyRunning(KmsfsError):
+    """Another keyd is already listening on the socket path.
+
+    (Belongs in :mod:`kmsfs.errors`; defined here until it moves there.)
+    """
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Bounds on what one client may make keyd hold or wait for."""
+
+    #: largest request body accepted (413 beyond)
+    max_body_bytes: int = 256 * 1024
+    #: largest request line + headers (h11's max_incomplete_event_size; 431 beyond)
+    max_header_bytes: int = 16 * 1024
+    #: most header fields in one request (431 beyond)
+    max_header_count: int = 100
+    #: seconds an idle keep-alive connection may wait for its next request
+    idle_timeout: float = 60.0
+    #: seconds from a request's first byte to its last (408 beyond)
+    request_read_timeout: float = 10.0
+    #: seconds a response may take to be accepted by the client's socket
+    send_timeout: float = 10.0
+    #: connections served at once; more are answered 503 and closed
+    max_connections: int = 1024
+    #: listen() backlog
+    backlog: int = 128
+
+
+DEFAULT_LIMITS = ServerLimits()
+
+
+# ------------------------------------------------------------------------- serve()
+async def serve(
+    service: KeyServiceLike,
+    socket_path: Path,
+    *,
+    socket_mode: int = 0o600,
+    maintenance_interval: float = 60.0,
+    limits: ServerLimits = DEFAULT_LIMITS,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``service`` on the Unix socket ``socket_path`` until cancelled.
+
+    Creates the socket's directory (mode 0700) if missing, replaces a stale socket
+    file, refuses with :class:`KeydAlreadyRunning` if a live keyd answers there,
+    binds with ``socket_mode``, runs ``service.run_maintenance()`` once and then every
+    ``maintenance_interval`` seconds, and calls ``task_status.started(socket_path)``
+    once clients can connect. The socket file is removed on exit.
+    """
+    socket_path = Path(socket_path)
+    _prepare_directory(socket_path.parent)
+    await _remove_stale_socket(socket_path)
+    listener = await _bind(socket_path, socket_mode, limits.backlog)
+    identity: tuple[int, int] | None = None
+    try:
+        bound = os.stat(socket_path)
+        identity = (bound.st_dev, bound.st_ino)
+        _run_maintenance(service)
+        server = _Server(service, limits)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_maintenance_loop, service, maintenance_interval)
+            nursery.start_soon(server.accept_loop, listener, nursery)
+            logger.debug("keyd listening on %s", socket_path)
+            task_status.started(socket_path)
+    finally:
+        listener.close()
+        _unlink_if_ours(socket_path, identity)
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create the socket's directory (0700), or check that an existing one is safe.
+
+    The socket's own mode protects it from other users only if none of them can
+    replace it: the directory must belong to us (or root) and be writable by no one
+    else, unless it is sticky (like ``/tmp``).
+    """
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+        return
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{directory} exists and is not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UsageError(
+            f"the socket directory {directory} belongs to another user (uid {info.st_uid})"
+        )
+    shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if shared and not info.st_mode & stat.S_ISVTX:
+        raise UsageError(
+            f"the socket directory {directory} is writable by other users "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); use a private directory"
+        )
+
+
+async def _remove_stale_socket(socket_path: Path) -> None:
+    try:
+        existing = os.lstat(socket_path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise UsageError(f"{socket_path} exists and is not a socket; refusing to replace it")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(2.0):
+            await probe.connect(os.fspath(socket_path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # nobody listens there: a leftover of a keyd that did not exit cleanly
+    except BlockingIOError:  # backlog full: very much alive
+        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
+    except trio.TooSlowError:
+        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot check the existing socket {socket_path}: {os.strerror(exc.errno or 0)}"
+        ) from None
+    else:
+        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}")
+    finally:
+        probe.close()
+    try:
+        os.unlink(socket_path)
+        logger.info("removed stale socket %s", socket_path)
+    except FileNotFoundError:
+        pass
+
+
+async def _bind(socket_path: Path, socket_mode: int, backlog: int) -> trio.socket.SocketType:
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # On Linux the node bind() creates takes the socket inode's mode (less the
+        # umask): setting it first leaves no window with a wider mode.
+        os.fchmod(listener.fileno(), socket_mode)
+        try:
+            await listener.bind(os.fspath(socket_path))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
+            raise
+        os.chmod(socket_path, socket_mode)
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _unlink_if_ours(socket_path: Path, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file unless it is gone or another keyd has replaced it."""
+    if identity is None:
+        return
+    try:
+        current = os.lstat(socket_path)
+        if (current.st_dev, current.st_ino) == identity:
+            os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("could not remove socket %s: %s", socket_path, exc.strerror)
+
+
+def _run_maintenance(service: KeyServiceLike) -> None:
+    try:
+        service.run_maintenance()
+    except Exception:
+        logger.exception("keyd maintenance failed; will retry at the next interval")
+
+
+async def _maintenance_loop(service: KeyServiceLike, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        _run_maintenance(service)
+
+
+# ------------------------------------------------------------------ connections
+class _HTTPError(Exception):
+    """A request that gets an error response; ``close`` ends the connection after it."""
+
+    def __init__(self, status: int, aws_type: str, message: str, *, close: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.aws_type = aws_type
+        self.message = message
+        self.close = close
+
+
+class _ClientGone(Exception):
+    """The client closed the connection, or stayed idle past the keep-alive timeout."""
+
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+class _Server:
+    def __init__(self, service: KeyServiceLike, limits: ServerLimits) -> None:
+        self.service = service
+        self.limits = limits
+        self.active_connections = 0
+
+    async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                # Out of file descriptors or memory: back off instead of spinning or dying.
+                logger.warning("keyd accept failed: %s", exc.strerror or exc)
+                await trio.sleep(0.1)
+                continue
+            if self.active_connections >= self.limits.max_connections:
+                nursery.start_soon(self._reject_busy, sock)
+            else:
+                self.active_connections += 1
+                nursery.start_soon(self._serve_connection, sock)
+
+    async def _reject_busy(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            conn = h11.Connection(h11.SERVER)
+            data = _error_response(
+                conn,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+                "keyd is serving too many connections; try again",
+                str(uuid.uuid4()),
+                close=True,
+            )
+            try:
+                with trio.move_on_after(1.0):
+                    await _send_all(sock, data)
+            except OSError as exc:
+                logger.debug("keyd: rejected connection vanished: %s", exc.strerror or exc)
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+        peer = "pid ?"
+        try:
+            with sock:
+                pid, uid, gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                )
+                peer = f"pid {pid}"
+                connection = _Connection(self, sock, Caller(uid=uid, gid=gid, pid=pid))
+                await connection.run()
+        except OSError as exc:
+            logger.debug("keyd connection from %s lost: %s", peer, exc.strerror or exc)
+        except h11.ProtocolError as exc:
+            logger.debug("keyd connection from %s: HTTP error: %s", peer, exc)
+        except Exception:
+            # A bug in this module; the daemon must outlive it.
+            logger.exception("keyd connection from %s failed unexpectedly", peer)
+        finally:
+            self.active_connections -= 1
+
+
+class _Connection:
+    """One client connection: read a request, answer it, repeat (keep-alive)."""
+
+    def __init__(self, server: _Server, sock: trio.socket.SocketType, caller: Caller) -> None:
+        self.service = server.service
+        self.limits = server.limits
+        self.sock = sock
+        self.caller = caller
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.limits.max_header_bytes
+        )
+
+    async def run(self) -> None:
+        while True:
+            try:
+                request, body = await self._read_request()
+            except _ClientGone:
+                return
+            except _HTTPError as error:
+                await self._send_error(error)
+                await self._linger()
+                return
+            response = self._dispatch(request, body)
+            await self._send(response)
+            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                return  # MUST_CLOSE: the client asked for it, or spoke HTTP/1.0
+            self.h11.start_next_cycle()
+
+    # -- reading ------------------------------------------------------------------
+    async def _receive(self, deadline: float) -> bytes:
+        with trio.move_on_at(deadline):
+            return await self.sock.recv(_RECEIVE_SIZE)
+        raise _HTTPError(
+            HTTPStatus.REQUEST_TIMEOUT,
+            "RequestTimeoutException",
+            "the request was not received in time",
+            close=True,
+        )
+
+    async def _read_request(self) -> tuple[h11.Request, bytes]:
+        conn = self.h11
+        limits = self.limits
+        deadline: float | None = None
+        if conn.trailing_data[0]:  # a pipelined request is already buffered
+            deadline = trio.current_time() + limits.request_read_timeout
+        request: h11.Request | None = None
+        body_parts: list[bytes] = []
+        body_size = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _HTTPError(
+                    exc.error_status_hint,
+                    "BadRequestException",
+                    "malformed HTTP request",
+                    close=True,
+                ) from None
+            if event is h11.NEED_DATA:
+                if deadline is None:
+                    with trio.move_on_after(limits.idle_timeout):
+                        data = await self.sock.recv(_RECEIVE_SIZE)
+                        deadline = trio.current_time() + limits.request_read_timeout
+                    if deadline is None:
+                        raise _ClientGone  # idle keep-alive connection: close quietly
+                else:
+                    data = await self._receive(deadline)
+                if not data:
+                    raise _ClientGone  # closed between requests, or vanished mid-request
+                conn.receive_data(data)
+            elif type(event) is h11.Request:
+                self._check_request_head(event)
+                request = event
+                if conn.they_are_waiting_for_100_continue:
+                    await self._send(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+            elif type(event) is h11.Data:
+                body_size += len(event.data)
+                if body_size > limits.max_body_bytes:
+                    raise self._too_large()
+                body_parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                assert request is not None
+                return request, b"".join(body_parts)
+            else:  # ConnectionClosed
+                raise _ClientGone
+
+    def _check_request_head(self, request: h11.Request) -> None:
+        limits = self.limits
+        if len(request.headers) > limits.max_header_count:
+            raise _HTTPError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "BadRequestException",
+                f"more than {limits.max_header_count} header fields",
+                close=True,
+            )
+        # h11 enforces max_incomplete_event_size only on a head that is still incomplete;
+        # one that arrived whole in a single read is measured here.
+        head_size = len(request.method) + len(request.target) + 12
+        for name, value in request.headers:
+            head_size += len(name) + len(value) + 4
+            # h11 has already checked Content-Length is a well-formed number.
+            if name == b"content-length" and int(value) > limits.max_body_bytes:
+                raise self._too_large()
+        if head_size > limits.max_header_bytes:
+            raise _HTTPError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "BadRequestException",
+                f"the request head exceeds {limits.max_header_bytes} bytes",
+                close=True,
+            )
+
+    def _too_large(self) -> _HTTPError:
+        return _HTTPError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            f"the request body exceeds {self.limits.max_body_bytes} bytes",
+            close=True,
+        )
+
+    # -- answering ----------------------------------------------------------------
+    def _dispatch(self, request: h11.Request, body: bytes) -> bytes:
+        """The complete response (head and body) to one request."""
+        request_id = str(uuid.uuid4())
+        operation = ""
+        try:
+            operation = self._operation(request)
+            try:
+                params = json.loads(body) if body else {}
+            except (ValueError, RecursionError):
+                params = None
+            if type(params) is not dict:
+                return self._error_bytes(
+                    400, "SerializationException", "the body is not a JSON object", request_id
+                )
+            result = self.service.handle(operation, params, self.caller, request_id)
+            payload = encode_response_body(result)
+        except _HTTPError as error:
+            return self._error_bytes(error.status, error.aws_type, error.message, request_id)
+        except KMSError as error:
+            return self._error_bytes(error.status, error.aws_type, error.message, request_id)
+        except Exception:
+            logger.exception(
+                "keyd internal error in %s (request id %s, caller pid %s)",
+                operation or "?",
+                request_id,
+                self.caller.pid,
+            )
+            return self._error_bytes(
+                500,
+                "KMSInternalException",
+                _INTERNAL_ERROR_MESSAGE.format(request_id=request_id),
+                request_id,
+            )
+        return _response(self.h11, 200, payload, request_id, close=False)
+
+    def _operation(self, request: h11.Request) -> str:
+        if request.method != b"POST":
+            raise _HTTPError(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "UnknownOperationException",
+                "keyd accepts only POST",
+                close=False,
+            )
+        if request.target != b"/":
+            raise _HTTPError(
+                HTTPStatus.NOT_FOUND,
+                "UnknownOperationException",
+                "keyd serves only the path /",
+                close=False,
+            )
+        for name, value in request.headers:
+            if name == b"x-amz-target":
+                if value.startswith(_TARGET_PREFIX) and len(value) > len(_TARGET_PREFIX):
+                    operation = value[len(_TARGET_PREFIX) :]
+                    if operation.isalnum():  # bytes.isalnum() is ASCII-only
+                        return operation.decode("ascii")
+                break
+        raise UnknownOperationException(
+            "the X-Amz-Target header must name an operation as TrentService.<Operation>"
+        )
+
+    def _error_bytes(self, status: int, aws_type: str, message: str, request_id: str) -> bytes:
+        return _error_response(self.h11, status, aws_type, message, request_id, close=False)
+
+    async def _send_error(self, error: _HTTPError) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        data = _error_response(
+            self.h11,
+            error.status,
+            error.aws_type,
+            error.message,
+            str(uuid.uuid4()),
+            close=error.close,
+        )
+        logger.debug("keyd: %s from pid %s: %s", error.status, self.caller.pid, error.message)
+        await self._send(data)
+
+    async def _linger(self) -> None:
+        """Let a client still sending its request finish, so that it reads our answer.
+
+        Closing with its request unread would make the client's send fail (EPIPE) before
+        it sees the 413/431/400. So: shut our side, then discard what still comes, for a
+        bounded time and number of bytes.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        budget = _LINGER_BYTES
+        with trio.move_on_after(_LINGER_SECONDS):
+            while budget > 0:
+                data = await self.sock.recv(_RECEIVE_SIZE)
+                if not data:
+                    return
+                budget -= len(data)
+
+    async def _send(self, data: bytes) -> None:
+        with trio.move_on_after(self.limits.send_timeout) as scope:
+            await _send_all(self.sock, data)
+        if scope.cancelled_caught:
+            raise TimeoutError("client stopped reading its response")
+
+
+def _response(
+    conn: h11.Connection, status: int, payload: bytes, request_id: str, *, close: bool
+) -> bytes:
+    headers = [
+        (b"Content-Type", _CONTENT_TYPE),
+        (b"Content-Length", b"%d" % len(payload)),
+        (_REQUEST_ID_HEADER, request_id.encode("ascii")),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    head = conn.send(
+        h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+    )
+    conn.send(h11.Data(data=payload))  # returns payload as is; we join it once below
+    conn.send(h11.EndOfMessage())
+    return b"".join((head or b"", payload))
+
+
+def _error_response(
+    conn: h11.Connection,
+    status: int,
+    aws_type: str,
+    message: str,
+    request_id: str,
+    *,
+    close: bool,
+) -> bytes:
+    return _response(conn, status, encode_error_body(aws_type, message), request_id, close=close)
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
