@@ -25,6 +25,7 @@ from typing import Any
 from kmsfs.errors import KeystoreError, KmsfsError, UsageError
 
 PASSPHRASE_FILE_ENV = "KMSFS_PASSPHRASE_FILE"
+DEFAULT_CHUNK_SIZE_CLI = 1 << 16  # kmsfs.format.DEFAULT_CHUNK_SIZE, without importing it
 
 
 # --------------------------------------------------------------------- output
@@ -118,7 +119,8 @@ def cmd_keyd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_keyd_serve(args: argparse.Namespace) -> None:
-    from kmsfs.kms.daemon import run_keyd, start_detached
+    from kmsfs.background import start_detached
+    from kmsfs.kms.daemon import run_keyd
     from kmsfs.kms.paths import resolve_keystore_dir, resolve_socket_path
 
     keystore_dir = resolve_keystore_dir(args.keystore)
@@ -139,7 +141,7 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         if source.key_file is not None:
             argv += ["--root-key-file", str(source.key_file)]
         log_path = keystore_dir / "keyd.log"
-        pid = start_detached(argv, log_path, source.passphrase)
+        pid = start_detached(argv, log_path, what="keyd", passphrase=source.passphrase)
         print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
         return
     logging.basicConfig(
@@ -448,6 +450,83 @@ def cmd_tags(args: argparse.Namespace) -> None:
         print_table(tags, ["TagKey", "TagValue"])
 
 
+# ------------------------------------------------------------------ the mount
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kmsfs"
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from kmsfs.fs.mount import init_cipherdir
+
+    config = init_cipherdir(
+        Path(args.cipherdir), args.key, keyd_socket=args.keyd_socket, chunk_size=args.chunk_size
+    )
+    print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
+
+
+def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
+    read_only = allow_other = False
+    for value in values or []:
+        for option in value.split(","):
+            if option == "ro":
+                read_only = True
+            elif option == "rw":
+                read_only = False
+            elif option == "allow_other":
+                allow_other = True
+            elif option:
+                raise UsageError(f"unknown mount option {option!r} (known: ro, rw, allow_other)")
+    return read_only, allow_other
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    from kmsfs.background import start_detached
+    from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
+
+    read_only, allow_other = _parse_mount_options(args.options)
+    options = MountOptions(
+        foreground=args.foreground,
+        read_only=read_only,
+        allow_other=allow_other,
+        keyd_socket=args.keyd_socket,
+        debug=args.debug,
+        key_cache_seconds=args.key_cache_seconds,
+    )
+    cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
+    if args.foreground:
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            format="%(asctime)s kmsfs[%(process)d] %(levelname)s %(message)s",
+        )
+        mount_foreground(cipherdir, mountpoint, options, ready_fd=args.ready_fd)
+        return
+    check_mountpoint(mountpoint)
+    argv = [
+        "mount",
+        "-f",
+        str(cipherdir),
+        str(mountpoint),
+        "--key-cache-seconds",
+        str(args.key_cache_seconds),
+    ]
+    for option in args.options or []:
+        argv += ["-o", option]
+    if args.keyd_socket:
+        argv += ["--keyd-socket", args.keyd_socket]
+    if args.debug:
+        argv.append("--debug")
+    log_path = Path(args.log_file) if args.log_file else _state_dir() / "mount.log"
+    pid = start_detached(argv, log_path, what="the mount")
+    print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    from kmsfs.fs.mount import unmount
+
+    unmount(Path(args.mountpoint))
+
+
 # -------------------------------------------------------------------- parser
 def _keystore_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -476,6 +555,46 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # the filesystem
+    init_fs = commands.add_parser("init", help="make an empty directory a cipher directory")
+    init_fs.add_argument("cipherdir", help="where the ciphertext will live")
+    init_fs.add_argument("--key", required=True, help="the CMK: key id, ARN or alias/NAME")
+    init_fs.add_argument("--keyd-socket", help="keyd's socket (recorded in kmsfs.conf)")
+    init_fs.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE_CLI,
+        help="plaintext bytes per chunk (a power of two)",
+    )
+    init_fs.set_defaults(func=cmd_init)
+
+    mount = commands.add_parser("mount", help="mount a cipher directory")
+    mount.add_argument("cipherdir")
+    mount.add_argument("mountpoint")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTIONS",
+        help="ro, rw, allow_other (comma-separated)",
+    )
+    mount.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument(
+        "--key-cache-seconds",
+        type=float,
+        default=60.0,
+        help="keep a file's data key this long after its last close (60)",
+    )
+    mount.add_argument("--log-file", help="log file when detached")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(func=cmd_mount)
+
+    umount = commands.add_parser("umount", help="unmount (like fusermount3 -u)")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(func=cmd_umount)
 
     # keyd
     keyd = commands.add_parser("keyd", help="the local key daemon").add_subparsers(

@@ -1,7 +1,7 @@
 """keyd as a process: harden it, unseal the keystore, serve until told to stop.
 
-``run_keyd`` is what ``kmsfs keyd serve`` runs in the foreground. ``start_detached``
-starts that same command as a child in its own session and returns once the child
+``run_keyd`` is what ``kmsfs keyd serve`` runs in the foreground; ``-d`` runs that same
+command detached (:func:`kmsfs.background.start_detached`) and returns once the child
 reports that its socket is listening (or has failed, with the child's one-line error).
 """
 
@@ -13,13 +13,11 @@ import logging
 import os
 import resource
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
-from kmsfs.errors import KmsfsError
+from kmsfs.background import report_ready
 from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
 from kmsfs.kms.server import serve
@@ -31,7 +29,6 @@ PR_SET_DUMPABLE = 4
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 AUDIT_SYNC_INTERVAL = 1.0
-READY = b"R"
 
 
 def harden_process() -> list[str]:
@@ -121,9 +118,7 @@ async def _serve_until_signalled(
             )
             nursery.start_soon(_sync_audit_periodically, audit)
             log.info("keyd listening on %s (pid %d)", socket_path, os.getpid())
-            if ready_fd is not None:
-                os.write(ready_fd, READY)
-                os.close(ready_fd)
+            report_ready(ready_fd)
             async for signum in signals:
                 log.info("keyd received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -134,52 +129,3 @@ async def _sync_audit_periodically(audit: AuditLog) -> None:
     while True:
         await trio.sleep(AUDIT_SYNC_INTERVAL)
         await trio.to_thread.run_sync(audit.sync)
-
-
-def start_detached(argv: list[str], log_path: Path, passphrase: bytes | None) -> int:
-    """Run ``kmsfs <argv>`` (a foreground ``keyd serve``) as a daemon; return its pid.
-
-    The child gets its passphrase through a pipe, never through argv or the
-    environment, and says it is ready through another pipe.
-    """
-    ready_read, ready_write = os.pipe()
-    pass_fds = [ready_write]
-    extra = ["--ready-fd", str(ready_write)]
-    secret_read = None
-    if passphrase is not None:
-        secret_read, secret_write = os.pipe()
-        os.write(secret_write, passphrase)
-        os.close(secret_write)
-        pass_fds.append(secret_read)
-        extra += ["--passphrase-fd", str(secret_read)]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "kmsfs.cli", *argv, *extra],
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
-    finally:
-        os.close(log_fd)
-        os.close(ready_write)
-        if secret_read is not None:
-            os.close(secret_read)
-    with os.fdopen(ready_read, "rb") as ready:
-        answer = ready.read(1)
-    if answer == READY:
-        return child.pid
-    code = child.wait()
-    last_line = _last_line(log_path)
-    raise KmsfsError(f"keyd did not start (exit status {code}): {last_line}")
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no output"

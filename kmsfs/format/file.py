@@ -1,0 +1,547 @@
+"""The random-access engine: an encrypted file over a backing file descriptor.
+
+:class:`EncryptedFile` offers ``read``/``readinto``/``write``/``truncate``/``size``/
+``flush``/``fsync`` on plaintext offsets and keeps the backing file in the format of
+README.md. A request touching many chunks does one ``pread`` and/or one ``pwrite`` for the
+whole ciphertext range (batches of at most ``BATCH_BYTES`` for huge requests) and seals or
+opens its chunks in one loop over one buffer.
+
+**The lazy tail.** The last chunk of the file (the only one that may be short and the only
+one sealed as *final*) is kept as plaintext in memory once a write touches it, and is only
+sealed and written by :meth:`flush` — or, sealed as non-final, when a later write grows the
+file past it. Sequential appends therefore seal every chunk exactly once and small
+appends cost no I/O at all until ``flush``. Until then the backing file does not show the
+last chunk: call ``flush`` (or ``fsync``) before anyone else looks at it.
+
+Not thread-safe: one writer per backing file, requests serialised by the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+
+from kmsfs.errors import Truncated, UsageError
+from kmsfs.format.chunks import Buffer, ChunkCodec
+from kmsfs.format.header import Header, create_header, read_header, unlock_header
+from kmsfs.format.keys import DataKeyProvider
+from kmsfs.format.offsets import (
+    CHUNK_OVERHEAD,
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    NONCE_SIZE,
+    check_chunk_size,
+    cipher_offset,
+    cipher_range,
+    ciphertext_size,
+    plaintext_size,
+)
+
+#: ciphertext bytes per pread/pwrite when a single request is larger than this
+BATCH_BYTES = 8 << 20
+#: scratch buffers up to this size are kept per thread and reused (no page faults)
+_SCRATCH_KEEP = (1 << 20) + (64 << 10)
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[str, bytearray] = {}
+
+
+_scratch = _Scratch()
+
+
+def _scratch_view(name: str, size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes, reused per thread when small."""
+    if size > _SCRATCH_KEEP:
+        return memoryview(bytearray(size))
+    buffer = _scratch.buffers.get(name)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(max(size, 1 << 16))
+        _scratch.buffers[name] = buffer
+    return memoryview(buffer)[:size]
+
+
+def _byte_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class EncryptedFile:
+    """Plaintext view of one ciphertext file. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        header: Header | None,
+        codec: ChunkCodec | None,
+        disk_size: int,
+        chunk_size: int,
+        key_provider: DataKeyProvider,
+        key_id: str | None,
+        encryption_context: Mapping[str, str] | None,
+        writable: bool,
+    ) -> None:
+        self._fd = fd
+        self._header = header
+        self._codec = codec
+        self._chunk_size = chunk_size
+        self._stored_size = chunk_size + CHUNK_OVERHEAD
+        self._batch_chunks = max(1, BATCH_BYTES // self._stored_size)
+        self._disk_size = disk_size
+        self._header_on_disk = disk_size > 0
+        self._size = plaintext_size(disk_size, chunk_size)
+        self._key_provider = key_provider
+        self._key_id = key_id
+        self._context = dict(encryption_context or {})
+        self._writable = writable
+        self._tail: bytearray | None = None  # plaintext of the last chunk, when held
+        self._tail_dirty = False  # the held tail differs from (or is missing on) disk
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        fd: int,
+        *,
+        key_provider: DataKeyProvider,
+        key_id: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        writable: bool = True,
+    ) -> EncryptedFile:
+        """Open the ciphertext file behind ``fd`` (readable; O_RDWR if ``writable``).
+
+        A non-empty file's header is read and unlocked now (one key-provider call);
+        ``encryption_context`` entries must then be in the header (else CorruptHeader).
+        An empty file costs nothing: its header — a new file id and data key from
+        ``key_provider.generate_data_key(key_id, context)`` — is made when the first byte
+        is written, with ``encryption_context`` and ``chunk_size``.
+        """
+        check_chunk_size(chunk_size)
+        disk_size = os.fstat(fd).st_size
+        header = codec = None
+        if disk_size:
+            header = read_header(fd)
+            keys = unlock_header(header, key_provider, encryption_context)
+            chunk_size = header.chunk_size
+            codec = ChunkCodec(keys, chunk_size)
+            if disk_size == HEADER_SIZE:
+                raise Truncated("the file has a header but no chunk")
+        return cls(
+            fd,
+            header=header,
+            codec=codec,
+            disk_size=disk_size,
+            chunk_size=chunk_size,
+            key_provider=key_provider,
+            key_id=key_id,
+            encryption_context=header.context if header else encryption_context,
+            writable=writable,
+        )
+
+    # ------------------------------------------------------------------- properties
+    @property
+    def size(self) -> int:
+        """Plaintext size, including writes not yet flushed."""
+        return self._size
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def header(self) -> Header | None:
+        """The header (None while an empty file has none yet)."""
+        return self._header
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def seal_count(self) -> int:
+        """Chunks sealed under this file's key since it was opened (nonce budget)."""
+        return self._codec.seal_count if self._codec else 0
+
+    @property
+    def dirty(self) -> bool:
+        """Whether writes are held in memory that :meth:`flush` has yet to write."""
+        return self._tail_dirty or (self._size > 0 and not self._header_on_disk)
+
+    # ------------------------------------------------------------------------- read
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` plaintext bytes from ``offset`` (fewer at the end of the file).
+
+        Every byte is authenticated first. :meth:`readinto` avoids one copy.
+        """
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        count = min(size, self._size - offset)
+        if count <= 0:
+            return b""
+        buffer = bytearray(count)
+        self.readinto(offset, buffer)
+        return bytes(buffer)
+
+    def readinto(self, offset: int, buffer: Buffer) -> int:
+        """Read into ``buffer`` from ``offset``; returns the number of bytes read.
+
+        On an authentication failure the bytes of the failing batch are wiped from
+        ``buffer`` and CorruptChunk / Truncated is raised.
+        """
+        self._check_open()
+        if offset < 0:
+            raise ValueError("negative offset")
+        dest = _byte_view(buffer)
+        size = self._size
+        if offset >= size or not len(dest):
+            return 0
+        end = min(offset + len(dest), size)
+        chunk_size = self._chunk_size
+        first = offset // chunk_size
+        last = (end - 1) // chunk_size
+        tail_index = (size - 1) // chunk_size
+        held_tail = self._tail is not None and last == tail_index
+        disk_end = tail_index if held_tail else last + 1
+        codec = self._require_codec()
+        position = first
+        while position < disk_end:
+            batch_end = min(disk_end, position + self._batch_chunks)
+            cipher_start, cipher_length = cipher_range(position, batch_end, size, chunk_size)
+            cipher = self._pread(cipher_start, cipher_length)
+            low = max(offset, position * chunk_size)
+            high = min(end, batch_end * chunk_size)
+            codec.open_into(
+                cipher, position, dest[low - offset : high - offset],
+                low - position * chunk_size, tail_index,
+            )  # fmt: skip
+            position = batch_end
+        if held_tail:
+            assert self._tail is not None
+            tail_start = tail_index * chunk_size
+            low = max(offset, tail_start)
+            dest[low - offset : end - offset] = self._tail[low - tail_start : end - tail_start]
+        return end - offset
+
+    # ------------------------------------------------------------------------ write
+    def write(self, offset: int, data: Buffer) -> int:
+        """Write ``data`` at plaintext ``offset`` (growing the file, zero-filling any gap).
+
+        Returns ``len(data)``. Chunks wholly inside a gap become hole chunks; the last
+        chunk is held in memory until :meth:`flush`.
+        """
+        self._check_writable()
+        if offset < 0:
+            raise ValueError("negative offset")
+        source = _byte_view(data)
+        count = len(source)
+        if count == 0:
+            return 0
+        total = count
+        if self._size == 0:
+            self._ensure_keys()
+        while count > 0:  # huge writes go in batches of whole chunks
+            step = count
+            limit = self._batch_chunks * self._chunk_size
+            if step > limit:
+                step = limit - offset % self._chunk_size
+            self._write_batch(offset, source[:step])
+            offset += step
+            source = source[step:]
+            count -= step
+        return total
+
+    def _write_batch(self, offset: int, source: memoryview) -> None:
+        chunk_size = self._chunk_size
+        old_size = self._size
+        end = offset + len(source)
+        new_size = max(old_size, end)
+        old_tail = (old_size - 1) // chunk_size if old_size else -1
+        new_tail = (new_size - 1) // chunk_size
+        first = offset // chunk_size
+        last = (end - 1) // chunk_size
+        tail = self._tail
+        if tail is not None and first == last == new_tail == old_tail:
+            # the hot path of appends: the write stays inside the held tail, no I/O
+            low = offset - first * chunk_size
+            if len(tail) < low:
+                tail.extend(bytes(low - len(tail)))
+            tail[low : low + len(source)] = source
+            self._tail_dirty = True
+            self._size = new_size
+            return
+
+        # Build every chunk first (copies, never the held tail itself), write, and only
+        # then change state: a failed read or write leaves the engine as it was.
+        runs: list[tuple[int, list[Buffer]]] = []
+        run_start = first
+        plaintexts: list[Buffer] = []
+        if 0 <= old_tail < first:
+            # the old tail stops being the last chunk: pad it and re-seal it non-final
+            resealed = self._padded_copy(old_tail)
+            if old_tail + 1 == first:
+                run_start = old_tail
+                plaintexts.append(resealed)
+            else:
+                runs.append((old_tail, [resealed]))
+        holes = range(old_tail + 1, first)
+        new_tail_plain: bytearray | None = None
+        for index in range(first, last + 1):
+            chunk_start = index * chunk_size
+            length = min(chunk_size, new_size - chunk_start)
+            low = max(offset, chunk_start)
+            high = min(end, chunk_start + chunk_size)
+            plaintext: Buffer
+            if low == chunk_start and high == chunk_start + length:
+                plaintext = source[low - offset : high - offset]
+            else:
+                merged = self._chunk_copy(index) if index <= old_tail else bytearray()
+                if len(merged) < length:
+                    merged.extend(bytes(length - len(merged)))
+                merged[low - chunk_start : high - chunk_start] = source[
+                    low - offset : high - offset
+                ]
+                plaintext = merged
+            if index == new_tail:
+                new_tail_plain = (
+                    plaintext if isinstance(plaintext, bytearray) else bytearray(plaintext)
+                )
+            else:
+                plaintexts.append(plaintext)
+        if plaintexts:
+            runs.append((run_start, plaintexts))
+
+        self._write_holes(holes, final_length=None)
+        for index, run in runs:
+            self._write_run(index, run, final=False)
+        if new_tail_plain is not None:
+            self._tail = new_tail_plain
+            self._tail_dirty = True
+        self._size = new_size
+
+    # --------------------------------------------------------------------- truncate
+    def truncate(self, size: int) -> None:
+        """Shrink or grow the file to ``size`` bytes; growth reads as zeros (hole chunks).
+
+        Done at once (the backing file is consistent afterwards, like after flush).
+        """
+        self._check_writable()
+        if size < 0:
+            raise ValueError("negative size")
+        old_size = self._size
+        if size == old_size:
+            self.flush()
+            return
+        if size == 0:
+            os.ftruncate(self._fd, 0)
+            self._disk_size = 0
+            self._header_on_disk = False  # written again (same key) with the next byte
+            self._tail = None
+            self._tail_dirty = False
+            self._size = 0
+            return
+        if old_size == 0:
+            self._ensure_keys()
+        chunk_size = self._chunk_size
+        new_tail = (size - 1) // chunk_size
+        new_length = size - new_tail * chunk_size
+        old_tail = (old_size - 1) // chunk_size if old_size else -1
+        if size < old_size or new_tail == old_tail:
+            tail = self._load_chunk(new_tail)
+            if len(tail) > new_length:
+                del tail[new_length:]
+            else:
+                tail.extend(bytes(new_length - len(tail)))
+            self._tail = tail
+            self._tail_dirty = True
+            self._size = size
+            self.flush()
+            return
+        # growth past the old tail: holes up to the new final (hole) chunk, written
+        # before the old tail loses its final flag
+        resealed = self._padded_copy(old_tail) if old_tail >= 0 else None
+        self._write_holes(range(old_tail + 1, new_tail), final_length=None)
+        self._write_holes(range(new_tail, new_tail + 1), final_length=new_length)
+        if resealed is not None:
+            self._write_run(old_tail, [resealed], final=False)
+        self._tail = bytearray(new_length)
+        self._tail_dirty = False
+        self._size = size
+
+    # ------------------------------------------------------------------------ flush
+    def flush(self) -> None:
+        """Seal and write the held tail chunk (final) and trim the backing file."""
+        if self._closed or not self._writable:
+            return
+        if self._tail is not None and self._tail_dirty:
+            tail_index = (self._size - 1) // self._chunk_size
+            self._write_run(tail_index, [self._tail], final=True)
+            self._tail_dirty = False
+        expected = ciphertext_size(self._size, self._chunk_size)
+        if self._size and not self._header_on_disk:
+            self._write_header()
+        if self._disk_size != expected:
+            os.ftruncate(self._fd, expected)
+            self._disk_size = expected
+
+    def fsync(self) -> None:
+        """flush, then fsync the backing file."""
+        self.flush()
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Flush. The backing fd stays open: it belongs to the caller."""
+        if not self._closed:
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                self._tail = None
+
+    def __enter__(self) -> EncryptedFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------- helpers
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed encrypted file")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._writable:
+            raise io.UnsupportedOperation("the encrypted file is not open for writing")
+
+    def _require_codec(self) -> ChunkCodec:
+        assert self._codec is not None, "a non-empty file always has keys"
+        return self._codec
+
+    def _ensure_keys(self) -> None:
+        if self._codec is not None:
+            return
+        if self._key_id is None:
+            raise UsageError("writing to an empty encrypted file needs a key id (key_id=...)")
+        header, keys = create_header(
+            self._key_provider, self._key_id, self._context, self._chunk_size
+        )
+        self._header = header
+        self._codec = ChunkCodec(keys, self._chunk_size)
+        self._header_on_disk = False
+
+    def _pread(self, offset: int, length: int) -> memoryview:
+        view = _scratch_view("read", length)
+        got = os.preadv(self._fd, [view], offset)
+        while got < length:
+            more = os.preadv(self._fd, [view[got:]], offset + got)
+            if more == 0:
+                raise Truncated("the backing file is shorter than the file's size says")
+            got += more
+        return view
+
+    def _load_chunk(self, index: int) -> bytearray:
+        """Plaintext of existing chunk ``index`` (the held tail itself, if that is it)."""
+        tail_index = (self._size - 1) // self._chunk_size
+        if index == tail_index and self._tail is not None:
+            return self._tail
+        cipher_start, cipher_length = cipher_range(index, index + 1, self._size, self._chunk_size)
+        plaintext = bytearray(cipher_length - CHUNK_OVERHEAD)
+        self._require_codec().open_into(
+            self._pread(cipher_start, cipher_length), index, memoryview(plaintext), 0, tail_index
+        )
+        return plaintext
+
+    def _chunk_copy(self, index: int) -> bytearray:
+        """Plaintext of existing chunk ``index`` that the caller may change."""
+        plaintext = self._load_chunk(index)
+        return bytearray(plaintext) if plaintext is self._tail else plaintext
+
+    def _padded_copy(self, index: int) -> bytearray:
+        plaintext = self._chunk_copy(index)
+        if len(plaintext) < self._chunk_size:
+            plaintext.extend(bytes(self._chunk_size - len(plaintext)))
+        return plaintext
+
+    def _write_header(self) -> None:
+        if not self._header_on_disk:
+            assert self._header is not None
+            self._pwrite([self._header.raw], 0)
+            self._header_on_disk = True
+
+    def _write_run(self, first_index: int, plaintexts: list[Buffer], final: bool) -> None:
+        codec = self._require_codec()
+        total = (len(plaintexts) - 1) * self._stored_size + len(plaintexts[-1]) + CHUNK_OVERHEAD
+        out = _scratch_view("write", total)
+        used = codec.seal_into(out, first_index, plaintexts, final)
+        assert used == total
+        if self._header_on_disk:
+            self._pwrite([out], cipher_offset(first_index, self._chunk_size))
+        elif first_index == 0:
+            assert self._header is not None
+            self._pwrite([self._header.raw, out], 0)
+            self._header_on_disk = True
+        else:
+            self._write_header()
+            self._pwrite([out], cipher_offset(first_index, self._chunk_size))
+
+    def _write_holes(self, indexes: range, final_length: int | None) -> None:
+        """Write the markers of hole chunks (the zero bodies stay sparse)."""
+        if not indexes:
+            return
+        self._write_header()
+        codec = self._require_codec()
+        chunk_size = self._chunk_size
+        start = cipher_offset(indexes[0], chunk_size)
+        if self._disk_size > start:  # hole bodies must read as zeros: nothing stale there
+            os.ftruncate(self._fd, start)
+            self._disk_size = start
+        length = chunk_size if final_length is None else final_length
+        final = final_length is not None
+        hole_marker = codec.hole_marker
+        pwrite = os.pwrite
+        fd = self._fd
+        stored = self._stored_size
+        position = start + NONCE_SIZE + length
+        try:
+            for index in indexes:  # one 16-byte write per hole chunk; the bodies stay sparse
+                pwrite(fd, hole_marker(index, length, final), position)
+                position += stored
+        finally:
+            self._disk_size = max(self._disk_size, os.fstat(fd).st_size)
+
+    def _pwrite(self, buffers: list[Buffer], offset: int) -> None:
+        total = sum(len(buffer) for buffer in buffers)
+        try:
+            written = os.pwritev(self._fd, buffers, offset)
+            if written < total:  # short write (e.g. a full disk): finish or raise OSError
+                rest = memoryview(b"".join(buffers))[written:]
+                position = offset + written
+                while rest:
+                    written = os.pwrite(self._fd, rest, position)
+                    rest = rest[written:]
+                    position += written
+        except BaseException:
+            self._disk_size = os.fstat(self._fd).st_size
+            raise
+        self._disk_size = max(self._disk_size, offset + total)

@@ -1,0 +1,270 @@
+"""Offline tools on one ciphertext file: ``inspect`` (no key), ``verify`` and ``repair``.
+
+``inspect`` reads the header and the file size only. ``verify`` unlocks the header and
+authenticates every chunk in batches (bounded memory), and reports the first bad chunk
+by index and byte offsets, the last bad chunk and how many fail, and how much of the file
+is an authentic prefix — what is needed to tell a crash from an attack (README.md,
+*Crashes*). ``repair`` keeps that authentic prefix and re-seals its last chunk as final.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from kmsfs.errors import CorruptChunk, CorruptHeader, FormatError, Truncated
+from kmsfs.format.chunks import FINAL, ChunkCodec
+from kmsfs.format.header import Header, SlotState, read_header, unlock_header
+from kmsfs.format.keys import DataKeyProvider
+from kmsfs.format.offsets import (
+    CHUNK_OVERHEAD,
+    HEADER_SIZE,
+    cipher_offset,
+    plaintext_size,
+)
+
+PathOrFd = str | os.PathLike[str] | int
+_VERIFY_BATCH_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What a file's header says (not authenticated: ``inspect`` uses no key)."""
+
+    ciphertext_size: int
+    plaintext_size: int | None  # None when the file size is impossible
+    empty: bool = False  # an empty file has no header: every other field is None
+    format_version: int | None = None
+    chunk_size: int | None = None
+    file_id: str | None = None  # 32 hex digits
+    key_arn: str | None = None
+    wrapped_key: bytes | None = field(default=None, repr=False)
+    encryption_context: dict[str, str] = field(default_factory=dict)  # the stored entries
+    key_slot: int | None = None
+    key_generation: int | None = None
+    inactive_slot: str | None = None  # "empty", "valid" (older wrapping) or "damaged"
+    size_problem: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """The result of :func:`verify`. ``error`` is the first problem, as its typed exception."""
+
+    info: HeaderInfo
+    chunks: int = 0  # chunks present on disk
+    bad_chunks: int = 0
+    first_bad_chunk: int | None = None
+    first_bad_plaintext_offset: int | None = None
+    first_bad_cipher_offset: int | None = None
+    last_bad_chunk: int | None = None
+    authentic_size: int = 0  # plaintext bytes before the first problem, all authentic
+    error: FormatError | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@contextmanager
+def _opened(path_or_fd: PathOrFd, writable: bool = False) -> Iterator[int]:
+    if isinstance(path_or_fd, int):
+        yield path_or_fd
+        return
+    fd = os.open(path_or_fd, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _info(header: Header | None, disk_size: int) -> HeaderInfo:
+    if header is None:
+        return HeaderInfo(ciphertext_size=0, plaintext_size=0, empty=True)
+    problem = None
+    try:
+        size: int | None = plaintext_size(disk_size, header.chunk_size)
+    except FormatError as error:
+        size, problem = None, str(error)
+    if disk_size == HEADER_SIZE:
+        problem = "a header without chunks"
+    slot = header.active_slot
+    return HeaderInfo(
+        ciphertext_size=disk_size,
+        plaintext_size=size,
+        format_version=header.version,
+        chunk_size=header.chunk_size,
+        file_id=header.file_id.hex(),
+        key_arn=slot.key_arn,
+        wrapped_key=slot.wrapped_key,
+        encryption_context=dict(header.context),
+        key_slot=header.active,
+        key_generation=slot.generation,
+        inactive_slot=header.inactive_state.value,
+        size_problem=problem,
+    )
+
+
+def inspect(path_or_fd: PathOrFd) -> HeaderInfo:
+    """Header fields and sizes, without a key. CorruptHeader or UnsupportedFormat if unparseable."""
+    with _opened(path_or_fd) as fd:
+        disk_size = os.fstat(fd).st_size
+        header = read_header(fd) if disk_size else None
+        return _info(header, disk_size)
+
+
+def _slot_warnings(header: Header) -> list[str]:
+    inactive = 1 - header.active
+    state = header.inactive_state
+    if state is SlotState.DAMAGED:
+        return [
+            f"key slot {inactive} is damaged: an interrupted rewrap, or tampering; "
+            "it is not used, and the next rewrap overwrites it"
+        ]
+    if state is SlotState.VALID:
+        return [
+            f"key slot {inactive} still holds an older wrapping: a rewrap was interrupted "
+            "before it erased it; rewrap again to finish"
+        ]
+    return []
+
+
+def verify(
+    path_or_fd: PathOrFd,
+    *,
+    key_provider: DataKeyProvider,
+    encryption_context: Mapping[str, str] | None = None,
+) -> VerifyReport:
+    """Authenticate the header and every chunk; report instead of raising on bad data.
+
+    Key-service failures other than a rejected blob (missing key, keyd down) still raise.
+    """
+    with _opened(path_or_fd) as fd:
+        disk_size = os.fstat(fd).st_size
+        if disk_size == 0:
+            return VerifyReport(info=_info(None, 0))
+        try:
+            header = read_header(fd)
+            info = _info(header, disk_size)
+            keys = unlock_header(header, key_provider, encryption_context)
+        except FormatError as error:
+            try:
+                partial_info = inspect(fd)
+            except FormatError:
+                partial_info = HeaderInfo(ciphertext_size=disk_size, plaintext_size=None)
+            return VerifyReport(info=partial_info, error=error)
+        report = VerifyReport(
+            info=info, authentic_size=info.plaintext_size or 0, warnings=_slot_warnings(header)
+        )
+        _scan_chunks(fd, disk_size, header, ChunkCodec(keys, header.chunk_size), report)
+        return report
+
+
+def _scan_chunks(
+    fd: int, disk_size: int, header: Header, codec: ChunkCodec, report: VerifyReport
+) -> None:
+    chunk_size = header.chunk_size
+    stored = chunk_size + CHUNK_OVERHEAD
+    chunk_total = -(-(disk_size - HEADER_SIZE) // stored)
+    report.chunks = chunk_total
+    if chunk_total == 0:
+        _record(report, 0, chunk_size, Truncated("the file has a header but no chunk"))
+        return
+    final_index = chunk_total - 1
+    batch = max(1, _VERIFY_BATCH_BYTES // stored)
+    scratch = memoryview(bytearray(batch * chunk_size))
+    after_final = False
+    bad_indexes: list[int] = []
+    for first in range(0, chunk_total, batch):
+        end = min(chunk_total, first + batch)
+        start = cipher_offset(first, chunk_size)
+        cipher = os.pread(fd, min(disk_size, cipher_offset(end, chunk_size)) - start, start)
+        if not after_final:
+            try:  # the fast path: the whole batch is fine
+                length = max(0, len(cipher) - (end - first) * CHUNK_OVERHEAD)
+                codec.open_into(cipher, first, scratch[:length], 0, final_index)
+                continue
+            except FormatError:
+                pass
+        view = memoryview(cipher)
+        for index in range(first, end):
+            piece = view[(index - first) * stored : (index - first + 1) * stored]
+            if after_final:
+                bad_indexes.append(index)
+                continue
+            flags = FINAL if index == final_index else 0
+            if len(piece) > CHUNK_OVERHEAD and codec.authenticates(index, piece, flags):
+                continue
+            error = codec.diagnose(index, piece, flags)
+            if isinstance(error, CorruptChunk) and error.chunk_index != index:
+                after_final = True  # this chunk is a final chunk in the middle
+                _record(report, error.chunk_index, chunk_size, error)
+                continue
+            if isinstance(error, Truncated):
+                _record(report, chunk_total, chunk_size, error)
+                continue
+            bad_indexes.append(index)
+            _record(report, index, chunk_size, error)
+    report.bad_chunks = len(bad_indexes)
+    if bad_indexes:
+        report.last_bad_chunk = bad_indexes[-1]
+
+
+def _record(report: VerifyReport, chunk_index: int, chunk_size: int, error: FormatError) -> None:
+    if report.error is not None:
+        return
+    report.error = error
+    report.first_bad_chunk = chunk_index
+    report.first_bad_plaintext_offset = chunk_index * chunk_size
+    report.first_bad_cipher_offset = cipher_offset(chunk_index, chunk_size)
+    report.authentic_size = (
+        report.info.plaintext_size or 0
+        if isinstance(error, Truncated)
+        else chunk_index * chunk_size
+    )
+
+
+def repair(
+    path_or_fd: PathOrFd,
+    *,
+    key_provider: DataKeyProvider,
+    encryption_context: Mapping[str, str] | None = None,
+) -> int:
+    """Cut the file after its authentic prefix and re-seal the prefix's last chunk as final.
+
+    For a file whose tail a crash left cut or torn (``verify`` says so). Returns the new
+    plaintext size; a sound file is left alone. A bad header cannot be repaired (raises).
+    Everything after the first bad chunk is dropped, even chunks that authenticate.
+    """
+    report = verify(path_or_fd, key_provider=key_provider, encryption_context=encryption_context)
+    if report.ok:
+        return report.info.plaintext_size or 0
+    if report.first_bad_chunk is None or isinstance(report.error, CorruptHeader):
+        assert report.error is not None
+        raise report.error
+    with _opened(path_or_fd, writable=True) as fd:
+        header = read_header(fd)
+        codec = ChunkCodec(
+            unlock_header(header, key_provider, encryption_context), header.chunk_size
+        )
+        chunk_size = header.chunk_size
+        stored = chunk_size + CHUNK_OVERHEAD
+        keep = report.authentic_size
+        if keep == 0:
+            os.ftruncate(fd, 0)
+            return 0
+        last = (keep - 1) // chunk_size
+        start = cipher_offset(last, chunk_size)
+        piece = os.pread(fd, min(stored, os.fstat(fd).st_size - start), start)
+        if codec.authenticates(last, piece, 0):
+            plaintext = codec.open_chunk(piece, last, final=False)
+        else:
+            plaintext = codec.open_chunk(piece, last, final=True)
+        out = memoryview(bytearray(len(plaintext) + CHUNK_OVERHEAD))
+        codec.seal_into(out, last, [plaintext], final=True)
+        os.pwrite(fd, out, start)
+        os.ftruncate(fd, start + len(out))
+        os.fsync(fd)
+        return keep

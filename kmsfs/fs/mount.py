@@ -1,0 +1,193 @@
+"""``kmsfs init`` and ``kmsfs mount``: make a cipher directory, serve it over FUSE."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from kmsfs.background import report_ready
+from kmsfs.errors import KeydUnavailable, KMSError, KmsfsError, UsageError
+from kmsfs.format import DEFAULT_CHUNK_SIZE
+from kmsfs.format.offsets import check_chunk_size
+from kmsfs.fs.config import FsConfig, load_config, write_new_config
+from kmsfs.fs.keys import KeyManager
+from kmsfs.fs.ops import Operations
+from kmsfs.kms.client import AsyncKMSClient, KMSClient
+
+log = logging.getLogger("kmsfs.mount")
+
+
+class MountError(KmsfsError):
+    """The filesystem could not be mounted."""
+
+    exit_code = 9
+
+
+def _require_enabled_key(metadata: dict) -> None:
+    state = metadata.get("KeyState")
+    if state != "Enabled":
+        raise MountError(f"key {metadata.get('Arn')} is {state}: enable it first")
+
+
+def init_cipherdir(
+    cipherdir: Path,
+    key: str,
+    *,
+    keyd_socket: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> FsConfig:
+    """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``."""
+    try:
+        check_chunk_size(chunk_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    cipherdir = Path(cipherdir)
+    if cipherdir.exists():
+        if not cipherdir.is_dir():
+            raise UsageError(f"{cipherdir} is not a directory")
+        if any(cipherdir.iterdir()):
+            raise UsageError(f"{cipherdir} is not empty: kmsfs init needs an empty directory")
+    with KMSClient(keyd_socket) as client:
+        try:
+            metadata = client.describe_key(key)["KeyMetadata"]
+        except KMSError as error:
+            if error.aws_type == "NotFoundException":
+                raise UsageError(f"unknown key {key}: {error.message}") from None
+            raise
+        _require_enabled_key(metadata)
+        config = FsConfig(
+            filesystem_id=uuid.uuid4().hex,
+            key_arn=metadata["Arn"],
+            chunk_size=chunk_size,
+            keyd_socket=str(keyd_socket) if keyd_socket else None,
+        )
+        wrapped = client.generate_data_key_without_plaintext(
+            config.key_arn, encryption_context=config.metadata_key_context
+        )["CiphertextBlob"]
+    config.metadata_key_wrapped = wrapped
+    cipherdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_new_config(cipherdir, config)
+    return config
+
+
+@dataclass
+class MountOptions:
+    foreground: bool = False
+    read_only: bool = False
+    allow_other: bool = False
+    keyd_socket: str | None = None
+    debug: bool = False
+    key_cache_seconds: float = 60.0
+
+
+def fuse_options(options: MountOptions) -> set[str]:
+    # default_permissions: the kernel checks owner, group, mode and sticky bit as on ext4.
+    chosen = {"fsname=kmsfs", "subtype=kmsfs", "default_permissions"}
+    if options.read_only:
+        chosen.add("ro")
+    if options.allow_other:
+        chosen.add("allow_other")
+    return chosen
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise UsageError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mountpoint")
+
+
+def mount_foreground(
+    cipherdir: Path, mountpoint: Path, options: MountOptions, *, ready_fd: int | None = None
+) -> None:
+    """Mount and serve until unmounted (fusermount3 -u) or signalled (SIGTERM, SIGINT)."""
+    config = load_config(cipherdir)
+    check_mountpoint(mountpoint)
+    socket = options.keyd_socket or config.keyd_socket
+    os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of data keys
+    except (ValueError, OSError):
+        log.warning("cannot disable core dumps")
+    trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+
+
+async def _serve(
+    cipherdir: Path,
+    mountpoint: Path,
+    config: FsConfig,
+    options: MountOptions,
+    socket: str | None,
+    ready_fd: int | None,
+) -> None:
+    async with AsyncKMSClient(socket) as client:
+        try:
+            _require_enabled_key((await client.describe_key(config.key_arn))["KeyMetadata"])
+            metadata_key = (
+                await client.decrypt(
+                    config.metadata_key_wrapped, encryption_context=config.metadata_key_context
+                )
+            )["Plaintext"]
+        except KeydUnavailable as error:
+            raise MountError(f"cannot reach keyd: {error}") from None
+        except KMSError as error:
+            raise MountError(f"keyd refused the filesystem's key: {error}") from None
+        keys = KeyManager(client, config, cache_seconds=options.key_cache_seconds)
+        operations = Operations(
+            os.fsencode(cipherdir.resolve()),
+            config,
+            keys,
+            metadata_key,
+            read_only=options.read_only,
+        )
+        try:
+            pyfuse3.init(operations, str(mountpoint), fuse_options(options))
+        except RuntimeError as error:
+            raise MountError(f"cannot mount on {mountpoint}: {error}") from None
+        log.info("mounted %s on %s", cipherdir, mountpoint)
+        signalled: list[int] = []
+        unmount = True
+        try:
+            report_ready(ready_fd)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keys.run)
+                nursery.start_soon(_terminate_on_signal, signalled)
+                await pyfuse3.main()
+                # main returns after a signal (we still have to unmount) or when the
+                # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
+                unmount = bool(signalled)
+                nursery.cancel_scope.cancel()
+        finally:
+            operations.close_all()
+            keys.forget_all()
+            pyfuse3.close(unmount=unmount)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _terminate_on_signal(signalled: list[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            signalled.append(signum)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: Path) -> None:
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        raise KmsfsError(f"cannot unmount {mountpoint}: {message or 'fusermount3 failed'}")

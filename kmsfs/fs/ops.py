@@ -1,0 +1,640 @@
+"""The FUSE operations: a POSIX filesystem whose regular files are stored encrypted.
+
+Directories, symlinks, fifos, sockets, modes, owners, timestamps and link counts are
+those of the backing entries in CIPHERDIR; regular files go through the format's
+random-access engine (:class:`kmsfs.format.EncryptedFile`), one per inode, shared by
+every handle open on it. Extended attributes are encrypted (``xattrs.py``).
+
+All handlers run on the trio thread. Engine calls are synchronous, so the only places
+where two requests interleave are the awaits on keyd (opening a file, giving an empty
+file its first data key); those hold the inode's lock.
+
+Errors: every handler goes through :func:`_errno_of` — the one place that maps
+kmsfs's typed errors to errno. Nothing a request does can end the mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from kmsfs.errors import (
+    CorruptChunk,
+    FormatError,
+    KeydUnavailable,
+    KMSError,
+    KmsfsError,
+    UsageError,
+)
+from kmsfs.format import EncryptedFile, plaintext_size
+from kmsfs.format.header import read_header
+from kmsfs.fs.config import CONFIG_NAME, FsConfig
+from kmsfs.fs.inodes import ROOT, InodeTable, Node
+from kmsfs.fs.keys import FileKeyProvider, KeyManager
+from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
+
+log = logging.getLogger("kmsfs.mount")
+
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_REFUSED_BY_KEY = {
+    "DisabledException",
+    "KMSInvalidStateException",
+    "NotFoundException",
+    "AccessDeniedException",
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+T = TypeVar("T")
+
+
+def _errno_of(error: BaseException) -> int:
+    """The one place where kmsfs's errors become errno values."""
+    if isinstance(error, OSError):
+        return error.errno or errno.EIO
+    if isinstance(error, KMSError):
+        return errno.EACCES if error.aws_type in _REFUSED_BY_KEY else errno.EIO
+    if isinstance(error, (KeydUnavailable, FormatError)):
+        return errno.EIO
+    if isinstance(error, UsageError):
+        return errno.EINVAL
+    return errno.EIO
+
+
+def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn every exception of a request into a FUSEError; log what is not routine."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as error:
+            raise pyfuse3.FUSEError(_errno_of(error)) from None
+        except KmsfsError as error:
+            raise pyfuse3.FUSEError(_errno_of(error)) from None
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class OpenFile:
+    """Per-inode state while any handle is open: the backing fd and the engine."""
+
+    __slots__ = ("node", "fd", "engine", "provider", "refs", "path_hint")
+
+    def __init__(
+        self,
+        node: Node,
+        fd: int,
+        engine: EncryptedFile,
+        provider: FileKeyProvider,
+        path_hint: bytes,
+    ) -> None:
+        self.node = node
+        self.fd = fd
+        self.engine = engine
+        self.provider = provider
+        self.refs = 0
+        self.path_hint = path_hint
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(
+        self,
+        cipherdir: bytes,
+        config: FsConfig,
+        keys: KeyManager,
+        metadata_key: bytes,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.keys = keys
+        self.read_only = read_only
+        self.inodes = InodeTable(cipherdir)
+        self.xattrs = XattrCipher(metadata_key)
+        self._handles: dict[int, OpenFile] = {}
+        self._dir_handles: dict[int, tuple[int, list[bytes] | None]] = {}
+        self._next_handle = 1
+        self._is_root = os.geteuid() == 0
+
+    # ---------------------------------------------------------------- helpers
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _hidden(self, parent: int, name: bytes) -> bool:
+        return parent == ROOT and name == CONFIG_NAME.encode()
+
+    def _attrs(self, st: os.stat_result, node: Node | None = None) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self.inodes.ino_of(st.st_ino)
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = st.st_nlink
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            if node is not None and node.open_file is not None:
+                attrs.st_size = node.open_file.engine.size
+            else:
+                try:
+                    attrs.st_size = plaintext_size(st.st_size, self.config.chunk_size)
+                except FormatError:
+                    attrs.st_size = 0  # an impossible size: open will say EIO
+        else:
+            attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        attrs.generation = 0
+        attrs.entry_timeout = ENTRY_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        return attrs
+
+    def _stat_node(self, node: Node) -> os.stat_result:
+        if node.open_file is not None:
+            return os.fstat(node.open_file.fd)
+        return os.lstat(self.inodes.path(node.ino))
+
+    def _entry(self, parent: int, name: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Register a new kernel reference to ``parent/name`` and return its attributes."""
+        node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, name)
+        return self._attrs(st, node)
+
+    def _give_to_caller(self, path_or_fd: bytes | int, ctx: pyfuse3.RequestContext) -> None:
+        """Files created for another user are theirs (when the mount runs as root)."""
+        if self._is_root and (ctx.uid != 0 or ctx.gid != 0):
+            if isinstance(path_or_fd, int):
+                os.fchown(path_or_fd, ctx.uid, ctx.gid)
+            else:
+                os.chown(path_or_fd, ctx.uid, ctx.gid, follow_symlinks=False)
+
+    def _check_name(self, parent: int, name: bytes) -> None:
+        if self._hidden(parent, name):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+    def _check_writable_mount(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    # ------------------------------------------------------------ open files
+    async def _open_node(self, node: Node) -> OpenFile:
+        """The node's OpenFile (one per inode), opening the backing file if needed."""
+        if node.open_file is not None:
+            return node.open_file
+        async with node.lock:
+            if node.open_file is not None:
+                return node.open_file
+            path = self.inodes.path(node.ino)
+            writable = not self.read_only
+            flags = os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                    raise
+                writable = False
+                fd = os.open(path, flags | os.O_RDONLY)
+            try:
+                provider = FileKeyProvider()
+                if os.fstat(fd).st_size:
+                    try:
+                        header = read_header(fd)
+                    except FormatError as error:
+                        log.error("%s: unreadable header: %s", os.fsdecode(path), error)
+                        raise
+                    provider.data_key = await self.keys.unwrap(header)
+                engine = EncryptedFile.open(
+                    fd,
+                    key_provider=provider,
+                    key_id=self.config.key_arn,
+                    encryption_context=self.config.file_context,
+                    chunk_size=self.config.chunk_size,
+                    writable=writable,
+                )
+            except FormatError as error:
+                os.close(fd)
+                log.error("%s: %s", os.fsdecode(path), error)
+                raise
+            except BaseException:
+                os.close(fd)
+                raise
+            open_file = OpenFile(node, fd, engine, provider, path)
+            node.open_file = open_file
+            return open_file
+
+    async def _ensure_file_key(self, open_file: OpenFile) -> None:
+        """An empty file gets its data key with its first byte: have one ready."""
+        if open_file.engine.header is not None or open_file.provider.prepared is not None:
+            return
+        async with open_file.node.lock:
+            if open_file.engine.header is None and open_file.provider.prepared is None:
+                open_file.provider.prepared = await self.keys.new_file_key()
+
+    def _close_file(self, open_file: OpenFile) -> None:
+        node = open_file.node
+        try:
+            open_file.engine.close()
+        finally:
+            os.close(open_file.fd)
+            node.open_file = None
+            header = open_file.engine.header
+            if header is not None and open_file.provider.data_key is not None:
+                self.keys.remember(header, open_file.provider.data_key)
+            self.inodes.drop_if_unused(node)
+
+    def _read_error(self, open_file: OpenFile, error: FormatError) -> None:
+        where = os.fsdecode(open_file.path_hint)
+        if isinstance(error, CorruptChunk):
+            log.error("%s: chunk %d failed authentication", where, error.chunk_index)
+        else:
+            log.error("%s: %s", where, error)
+
+    def close_all(self) -> None:
+        """Flush and close every open file (at unmount)."""
+        for open_file in {id(f): f for f in self._handles.values()}.values():
+            try:
+                self._close_file(open_file)
+            except Exception:
+                log.exception("flushing %s at unmount", os.fsdecode(open_file.path_hint))
+        self._handles.clear()
+
+    # ------------------------------------------------------------ attributes
+    @_handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        if name == b".":
+            node = self.inodes.get(parent_inode)
+            st = self._stat_node(node)
+            node.lookups += 1
+            return self._attrs(st, node)
+        if name == b"..":
+            grandparent = self.inodes.parent_of(parent_inode)
+            node = self.inodes.get(grandparent)
+            st = self._stat_node(node)
+            node.lookups += 1
+            return self._attrs(st, node)
+        if self._hidden(parent_inode, name):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        st = os.lstat(self.inodes.child_path(parent_inode, name))
+        return self._entry(parent_inode, name, st)
+
+    async def forget(self, inode_list) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        node = self.inodes.get(inode)
+        return self._attrs(self._stat_node(node), node)
+
+    @_handler
+    async def setattr(self, inode: int, attr, fields, fh, ctx: pyfuse3.RequestContext):
+        node = self.inodes.get(inode)
+        open_file = self._handles[fh] if fh is not None else node.open_file
+        target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
+        if fields.update_size:
+            self._check_writable_mount()
+            await self._truncate(node, attr.st_size)
+        if fields.update_mode:
+            if isinstance(target, int):
+                os.fchmod(target, stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, follow_symlinks=False)
+        if fields.update_atime or fields.update_mtime:
+            current = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+            times = (
+                attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
+            )
+            if isinstance(target, int):
+                if open_file is not None:
+                    open_file.engine.flush()  # a later flush must not move mtime again
+                os.utime(target, ns=times)
+            else:
+                os.utime(target, ns=times, follow_symlinks=False)
+        return self._attrs(self._stat_node(node), node)
+
+    async def _truncate(self, node: Node, size: int) -> None:
+        open_file = node.open_file
+        if open_file is None and size == 0:
+            os.truncate(self.inodes.path(node.ino), 0)
+            return
+        temporary = open_file is None
+        if temporary:
+            open_file = await self._open_node(node)
+        try:
+            if size > 0:
+                await self._ensure_file_key(open_file)
+            open_file.engine.truncate(size)
+        finally:
+            if temporary and open_file.refs == 0:
+                self._close_file(open_file)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(self.inodes.path(inode))
+
+    # --------------------------------------------------------- create / delete
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        self._check_name(parent_inode, name)
+        path = self.inodes.child_path(parent_inode, name)
+        os.mknod(path, mode, rdev)
+        self._give_to_caller(path, ctx)
+        return self._entry(parent_inode, name, os.lstat(path))
+
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
+        self._check_name(parent_inode, name)
+        path = self.inodes.child_path(parent_inode, name)
+        os.mkdir(path, stat.S_IMODE(mode))
+        os.chmod(path, stat.S_IMODE(mode))  # exactly the mode asked for, sticky bit too
+        self._give_to_caller(path, ctx)
+        return self._entry(parent_inode, name, os.lstat(path))
+
+    @_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
+        self._check_name(parent_inode, name)
+        path = self.inodes.child_path(parent_inode, name)
+        os.symlink(target, path)
+        self._give_to_caller(path, ctx)
+        return self._entry(parent_inode, name, os.lstat(path))
+
+    @_handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        self._check_name(new_parent_inode, new_name)
+        node = self.inodes.get(inode)
+        if node.open_file is not None:
+            node.open_file.engine.flush()
+        new_path = self.inodes.child_path(new_parent_inode, new_name)
+        os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
+        return self._entry(new_parent_inode, new_name, os.lstat(new_path))
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        self._check_name(parent_inode, name)
+        path = self.inodes.child_path(parent_inode, name)
+        st = os.lstat(path)
+        os.unlink(path)
+        self.inodes.unlink(parent_inode, name, self.inodes.ino_of(st.st_ino))
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        self._check_name(parent_inode, name)
+        path = self.inodes.child_path(parent_inode, name)
+        st = os.lstat(path)
+        os.rmdir(path)
+        self.inodes.unlink(parent_inode, name, self.inodes.ino_of(st.st_ino))
+
+    @_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._check_name(parent_inode_old, name_old)
+        self._check_name(parent_inode_new, name_new)
+        old_path = self.inodes.child_path(parent_inode_old, name_old)
+        new_path = self.inodes.child_path(parent_inode_new, name_new)
+        moved = self.inodes.ino_of(os.lstat(old_path).st_ino)
+        try:
+            replaced = self.inodes.ino_of(os.lstat(new_path).st_ino)
+        except FileNotFoundError:
+            replaced = None
+        if flags:
+            if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        else:
+            os.rename(old_path, new_path)
+        old, new = (parent_inode_old, name_old), (parent_inode_new, name_new)
+        if flags & RENAME_EXCHANGE and replaced is not None:
+            self.inodes.move(replaced, new, old)
+        elif replaced is not None and replaced != moved:
+            self.inodes.unlink(parent_inode_new, name_new, replaced)
+        self.inodes.move(moved, old, new)
+
+    # --------------------------------------------------------------- files
+    @_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        self._check_name(parent_inode, name)
+        self._check_writable_mount()
+        path = self.inodes.child_path(parent_inode, name)
+        fd = os.open(
+            path,
+            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+            stat.S_IMODE(mode),
+        )
+        try:
+            self._give_to_caller(fd, ctx)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        attrs = self._entry(parent_inode, name, st)
+        node = self.inodes.get(attrs.st_ino)
+        open_file = await self._open_node(node)
+        open_file.refs += 1
+        handle = self._new_handle()
+        self._handles[handle] = open_file
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True), attrs
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.inodes.get(inode)
+        open_file = await self._open_node(node)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not open_file.engine.writable:
+            if open_file.refs == 0:
+                self._close_file(open_file)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        open_file.refs += 1
+        handle = self._new_handle()
+        self._handles[handle] = open_file
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        open_file = self._handles[fh]
+        try:
+            return open_file.engine.read(off, size)
+        except FormatError as error:
+            self._read_error(open_file, error)
+            raise
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        open_file = self._handles[fh]
+        await self._ensure_file_key(open_file)
+        try:
+            return open_file.engine.write(off, buf)
+        except FormatError as error:
+            self._read_error(open_file, error)
+            raise
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        self._handles[fh].engine.flush()
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._handles[fh].engine.fsync()
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        open_file = self._handles.pop(fh)
+        open_file.refs -= 1
+        if open_file.refs == 0:
+            self._close_file(open_file)
+
+    # ----------------------------------------------------------- directories
+    @_handler
+    async def opendir(self, inode: int, ctx) -> int:
+        self.inodes.path(inode)  # ENOENT for a directory removed meanwhile
+        handle = self._new_handle()
+        self._dir_handles[handle] = (inode, None)
+        return handle
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        inode, names = self._dir_handles[fh]
+        directory = self.inodes.path(inode)
+        if names is None or start_id == 0:
+            names = sorted(name for name in os.listdir(directory) if not self._hidden(inode, name))
+            self._dir_handles[fh] = (inode, names)
+        for index in range(start_id, len(names)):
+            name = names[index]
+            try:
+                st = os.lstat(directory + b"/" + name)
+            except FileNotFoundError:
+                continue
+            ino = self.inodes.ino_of(st.st_ino)
+            node = self.inodes.nodes.get(ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, node), index + 1):
+                return
+            self.inodes.remember(ino, inode, name)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode, _ = self._dir_handles[fh]
+        fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @_handler
+    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.inodes.root_path)
+        data = pyfuse3.StatvfsData()
+        for name in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+        ):
+            setattr(data, name, getattr(st, name))
+        data.f_namemax = min(255, st.f_namemax)
+        return data
+
+    # ---------------------------------------------------- extended attributes
+    def _xattr_call(self, inode: int, function: Callable[..., T], *args: Any) -> T:
+        """Run an os.*xattr function on the inode's open fd, else on its path (no follow).
+
+        Filesystems that refuse user xattrs (ENOTSUP, or EPERM on symlinks) are reported
+        as ENODATA for reads.
+        """
+        node = self.inodes.get(inode)
+        if node.open_file is not None:
+            return function(node.open_file.fd, *args)
+        return function(self.inodes.path(inode), *args, follow_symlinks=False)
+
+    def _backing_xattr(self, name: bytes) -> bytes:
+        if not name.startswith(USER_PREFIX):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        backing = self.xattrs.backing_name(name)
+        if backing is None:
+            raise pyfuse3.FUSEError(errno.ERANGE)
+        return backing
+
+    @_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        self._check_writable_mount()
+        backing = self._backing_xattr(name)
+        self._xattr_call(inode, os.setxattr, backing, self.xattrs.seal_value(backing, value))
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        if not name.startswith(USER_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        backing = self._backing_xattr(name)
+        try:
+            sealed = self._xattr_call(inode, os.getxattr, backing)
+        except OSError as error:
+            if error.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise pyfuse3.FUSEError(errno.ENODATA) from None
+            raise
+        value = self.xattrs.open_value(backing, sealed)
+        if value is None:
+            log.error("inode %d: extended attribute failed authentication", inode)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return value
+
+    @_handler
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        try:
+            stored = self._xattr_call(inode, os.listxattr)
+        except OSError as error:
+            if error.errno in (errno.ENOTSUP, errno.EPERM):
+                return []
+            raise
+        plain_names = (self.xattrs.plain_name(os.fsencode(backing)) for backing in stored)
+        return [name for name in plain_names if name is not None]
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        self._check_writable_mount()
+        backing = self._backing_xattr(name)
+        try:
+            self._xattr_call(inode, os.removexattr, backing)
+        except OSError as error:
+            if error.errno in (errno.ENOTSUP, errno.EPERM):
+                raise pyfuse3.FUSEError(errno.ENODATA) from None
+            raise

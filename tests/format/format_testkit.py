@@ -1,0 +1,87 @@
+"""Shared helpers of the format tests: an in-memory key provider and a deterministic RNG."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kmsfs.errors import InvalidCiphertextException, NotFoundException
+
+TEST_WRAPPING_KEY = bytes(range(100, 132))
+TEST_KEY_ID = "alias/test"
+TEST_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000001"
+OTHER_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000002"
+
+
+def _context_bytes(context: dict[str, str]) -> bytes:
+    return json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
+
+
+class FakeKeyProvider:
+    """AES-GCM under a fixed wrapping key, binding the encryption context, like keyd.
+
+    ``data_keys`` (optional) supplies the data keys handed out, in order (golden vectors);
+    otherwise they are random. Blob: b"FAKE" + key-tag (1 byte) + nonce + sealed data key.
+    """
+
+    def __init__(
+        self,
+        wrapping_key: bytes = TEST_WRAPPING_KEY,
+        *,
+        key_arn: str = TEST_KEY_ARN,
+        data_keys: list[bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        tag: bytes = b"\x01",
+    ) -> None:
+        self._aead = AESGCM(wrapping_key)
+        self.key_arn = key_arn
+        self._data_keys = list(data_keys or [])
+        self._random = random_bytes
+        self._tag = tag
+        self.generate_calls = 0
+        self.decrypt_calls = 0
+
+    def generate_data_key(
+        self, key_id: str, encryption_context: dict[str, str]
+    ) -> tuple[bytes, bytes, str]:
+        if key_id == "alias/missing":
+            raise NotFoundException("no such key")
+        self.generate_calls += 1
+        data_key = self._data_keys.pop(0) if self._data_keys else self._random(32)
+        return data_key, self.wrap(data_key, encryption_context), self.key_arn
+
+    def wrap(self, data_key: bytes, encryption_context: dict[str, str]) -> bytes:
+        nonce = self._random(12)
+        sealed = self._aead.encrypt(nonce, data_key, _context_bytes(encryption_context))
+        return b"FAKE" + self._tag + nonce + sealed
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        self.decrypt_calls += 1
+        if wrapped_blob[:5] != b"FAKE" + self._tag:
+            raise InvalidCiphertextException("not our blob")
+        try:
+            return self._aead.decrypt(
+                wrapped_blob[5:17], wrapped_blob[17:], _context_bytes(encryption_context)
+            )
+        except InvalidTag:
+            raise InvalidCiphertextException("blob or context does not authenticate") from None
+
+
+class DeterministicRandom:
+    """A reproducible stand-in for os.urandom (SHA-256 in counter mode over a seed)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._counter = 0
+
+    def __call__(self, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            out += hashlib.sha256(self._seed + self._counter.to_bytes(8, "big")).digest()
+            self._counter += 1
+        return bytes(out[:size])
