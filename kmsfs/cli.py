@@ -8,6 +8,7 @@ exit status taken from the error's type (see ``kmsfs.errors``): 2 usage,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import getpass
 import json
@@ -17,10 +18,11 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kmsfs.errors import KeystoreError, KmsfsError, UsageError
 
@@ -450,6 +452,130 @@ def cmd_tags(args: argparse.Namespace) -> None:
         print_table(tags, ["TagKey", "TagValue"])
 
 
+# ------------------------------------------------------------ single files
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(path, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    with stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    """stdout for '-', else a temporary file renamed over ``path`` only on success."""
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cmd_encrypt(args: argparse.Namespace) -> None:
+    from kmsfs.format import encrypt_stream
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    context = parse_pairs(args.context, "--context")
+    with _input(args.src) as src, _output(args.dst) as dst:
+        encrypt_stream(
+            src,
+            dst,
+            key_provider=KeydDataKeyProvider(args.keyd_socket),
+            key_id=args.key,
+            encryption_context=context,
+            chunk_size=args.chunk_size,
+        )
+
+
+def cmd_decrypt(args: argparse.Namespace) -> None:
+    from kmsfs.format import decrypt_stream
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    context = parse_pairs(args.context, "--context")
+    with _input(args.src) as src, _output(args.dst) as dst:
+        decrypt_stream(
+            src, dst, key_provider=KeydDataKeyProvider(args.keyd_socket), encryption_context=context
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from kmsfs.errors import FormatError
+    from kmsfs.format import inspect, verify
+    from kmsfs.kms.datakeys import KeydDataKeyProvider, blob_key_version
+
+    try:
+        info = inspect(args.file)
+    except FileNotFoundError:
+        raise UsageError(f"{args.file} does not exist") from None
+    named = blob_key_version(info.wrapped_key) if info.wrapped_key else None
+    record: dict[str, Any] = {
+        "File": args.file,
+        "FormatVersion": info.format_version if not info.empty else "- (empty file, no header)",
+        "ChunkSize": info.chunk_size,
+        "FileId": info.file_id,
+        "KeyArn": info.key_arn,
+        "KeyVersion": named[1] if named else "-",
+        "EncryptionContext": ", ".join(f"{k}={v}" for k, v in info.encryption_context.items())
+        or "-",
+        "PlaintextSize": info.plaintext_size,
+        "CiphertextSize": info.ciphertext_size,
+    }
+    if info.size_problem:
+        record["SizeProblem"] = info.size_problem
+    report = None
+    if args.verify:
+        report = verify(
+            args.file,
+            key_provider=KeydDataKeyProvider(args.keyd_socket),
+            encryption_context=parse_pairs(args.context, "--context"),
+        )
+        record["Chunks"] = report.chunks
+        record["Verified"] = "ok" if report.ok else "FAILED"
+        for warning in report.warnings:
+            record.setdefault("Warnings", []).append(warning)
+    if args.json:
+        print_json({k: v for k, v in record.items()})
+    else:
+        print_record({k: ("-" if v is None else v) for k, v in record.items()})
+    if report is not None and not report.ok:
+        assert report.error is not None
+        where = ""
+        if report.first_bad_chunk is not None:
+            where = (
+                f"chunk {report.first_bad_chunk} (plaintext offset "
+                f"{report.first_bad_plaintext_offset}, ciphertext offset "
+                f"{report.first_bad_cipher_offset}); {report.bad_chunks} bad chunk(s); "
+                f"the first {report.authentic_size} bytes are authentic: "
+            )
+        error = FormatError(f"{args.file}: {where}{report.error}")
+        raise error
+
+
 # ------------------------------------------------------------------ the mount
 def _state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -555,6 +681,43 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # single files, offline
+    encrypt_file = commands.add_parser("encrypt", help="encrypt a file or a pipe (- for stdio)")
+    encrypt_file.add_argument("src")
+    encrypt_file.add_argument("dst")
+    encrypt_file.add_argument("--key", required=True, help="key id, ARN or alias/NAME")
+    encrypt_file.add_argument(
+        "--context",
+        action="append",
+        metavar="KEY=VALUE",
+        help="encryption context pair (repeatable)",
+    )
+    encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
+    encrypt_file.add_argument("--keyd-socket", help="keyd's socket")
+    encrypt_file.set_defaults(func=cmd_encrypt)
+
+    decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
+    decrypt_file.add_argument("src")
+    decrypt_file.add_argument("dst")
+    decrypt_file.add_argument(
+        "--context",
+        action="append",
+        metavar="KEY=VALUE",
+        help="require this encryption context pair",
+    )
+    decrypt_file.add_argument("--keyd-socket", help="keyd's socket")
+    decrypt_file.set_defaults(func=cmd_decrypt)
+
+    inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
+    inspect_file.add_argument("file")
+    inspect_file.add_argument(
+        "--verify", action="store_true", help="authenticate every chunk (needs keyd)"
+    )
+    inspect_file.add_argument("--context", action="append", metavar="KEY=VALUE")
+    inspect_file.add_argument("--keyd-socket", help="keyd's socket")
+    inspect_file.add_argument("--json", action="store_true", help="print JSON")
+    inspect_file.set_defaults(func=cmd_inspect)
 
     # the filesystem
     init_fs = commands.add_parser("init", help="make an empty directory a cipher directory")

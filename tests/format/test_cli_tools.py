@@ -1,0 +1,149 @@
+"""The offline tools against a real keyd: kmsfs encrypt / decrypt / inspect, kmsfs.open."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kmsfs
+from kmsfs.format import HEADER_SIZE
+from tests.conftest import KMSFS, Keyd
+
+
+@pytest.fixture
+def keyd_with_key(live_keyd: Keyd) -> Keyd:
+    live_keyd.kmsfs("keys", "create", "--alias", "alias/files")
+    return live_keyd
+
+
+def test_encrypt_decrypt_files_and_inspect(keyd_with_key: Keyd, short_tmp: Path) -> None:
+    keyd = keyd_with_key
+    plain = short_tmp / "plain"
+    marker = b"PLANTED-MARKER-FOR-THE-SCAN"
+    plain.write_bytes(os.urandom(100_000) + marker + os.urandom(200_000))
+    cipher, back = short_tmp / "cipher", short_tmp / "back"
+    keyd.kmsfs("encrypt", "--key", "alias/files", "--context", "app=x", str(plain), str(cipher))
+    assert marker not in cipher.read_bytes()
+    keyd.kmsfs("decrypt", str(cipher), str(back))
+    assert back.read_bytes() == plain.read_bytes()
+
+    info = json.loads(keyd.kmsfs("inspect", "--json", str(cipher)).stdout)
+    assert info["PlaintextSize"] == plain.stat().st_size
+    assert info["FormatVersion"] == 1 and info["ChunkSize"] == 65536
+    assert info["KeyArn"].startswith("arn:aws:kms:") and info["KeyVersion"] == 1
+    assert info["EncryptionContext"] == "app=x"
+    verified = json.loads(keyd.kmsfs("inspect", "--verify", "--json", str(cipher)).stdout)
+    assert verified["Verified"] == "ok" and verified["Chunks"] == 5
+
+
+def test_exit_codes_tell_corrupt_data_from_missing_key(keyd_with_key: Keyd, short_tmp: Path):
+    keyd = keyd_with_key
+    plain, cipher, out = short_tmp / "p", short_tmp / "c", short_tmp / "o"
+    plain.write_bytes(os.urandom(200_000))
+    keyd.kmsfs("encrypt", "--key", "alias/files", str(plain), str(cipher))
+    damaged = bytearray(cipher.read_bytes())
+    damaged[HEADER_SIZE + 65536 + 28 + 100] ^= 0x01  # inside chunk 1
+    cipher.write_bytes(bytes(damaged))
+
+    verify = keyd.kmsfs("inspect", "--verify", str(cipher), check=False)
+    assert verify.returncode == 7
+    assert b"chunk 1 (plaintext offset 65536" in verify.stderr
+    failed = keyd.kmsfs("decrypt", str(cipher), str(out), check=False)
+    assert failed.returncode == 7 and not out.exists()  # nothing half-written is left
+
+    wrong_context = keyd.kmsfs("decrypt", "--context", "app=y", str(cipher), "-", check=False)
+    assert wrong_context.returncode == 7
+    keyd.kmsfs("keys", "disable", "alias/files")
+    disabled = keyd.kmsfs("decrypt", str(cipher), str(out), check=False)
+    assert disabled.returncode == 3 and b"DisabledException" in disabled.stderr
+    usage = keyd.kmsfs("decrypt", str(short_tmp / "missing"), str(out), check=False)
+    assert usage.returncode == 2
+    keyd.stop()
+    down = keyd.kmsfs("decrypt", str(cipher), str(out), check=False)
+    assert down.returncode == 4
+
+
+def test_pipes_stream_with_bounded_memory(keyd_with_key: Keyd) -> None:
+    """64 MiB through `kmsfs encrypt - - | kmsfs decrypt - -`; neither holds it whole."""
+    size = 64 << 20
+    env = keyd_with_key.env
+    rss_probe = (
+        "import resource,runpy,sys;sys.argv=['kmsfs']+sys.argv[1:];"
+        'exec(\'try:\\n runpy.run_module("kmsfs.cli",run_name="__main__")\\n'
+        "finally:\\n print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,file=sys.stderr)')"
+    )
+    encrypt = subprocess.Popen(
+        [sys.executable, "-c", rss_probe, "encrypt", "--key", "alias/files", "-", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    decrypt = subprocess.Popen(
+        [sys.executable, "-c", rss_probe, "decrypt", "-", "-"],
+        stdin=encrypt.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert encrypt.stdout is not None and encrypt.stdin is not None
+    encrypt.stdout.close()
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    block = os.urandom(1 << 20)
+
+    import threading
+
+    def feed() -> None:
+        for index in range(size >> 20):
+            chunk = bytes([index % 251]) + block[1:]
+            sent.update(chunk)
+            encrypt.stdin.write(chunk)
+        encrypt.stdin.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    assert decrypt.stdout is not None
+    total = 0
+    while data := decrypt.stdout.read(1 << 20):
+        received.update(data)
+        total += len(data)
+    feeder.join()
+    assert encrypt.wait(60) == 0 and decrypt.wait(60) == 0
+    assert total == size and sent.digest() == received.digest()
+    for process in (encrypt, decrypt):
+        assert process.stderr is not None
+        peak_kib = int(process.stderr.read().split()[-1])
+        assert peak_kib < 48 * 1024, f"peak RSS {peak_kib} KiB: not streaming"
+
+
+def test_kmsfs_open_reads_and_writes_the_format(keyd_with_key: Keyd, short_tmp: Path) -> None:
+    path = short_tmp / "doc.enc"
+    socket = str(keyd_with_key.socket)
+    with kmsfs.open(
+        path, "w+b", key="alias/files", keyd_socket=socket, encryption_context={"app": "docs"}
+    ) as stream:
+        stream.write(b"a" * 70_000)
+        stream.seek(65_530)
+        stream.write(b"BOUNDARY")
+        stream.truncate(80_000)
+    with kmsfs.open(path, "rb", keyd_socket=socket, encryption_context={"app": "docs"}) as f:
+        data = f.read()
+    assert len(data) == 80_000
+    assert data[65_530:65_538] == b"BOUNDARY" and data[:10] == b"a" * 10
+    assert data[70_000:] == bytes(10_000)
+    with kmsfs.open(path, "a", keyd_socket=socket) as text:
+        text.write("tail")
+    with kmsfs.open(path, "rb", keyd_socket=socket) as f:
+        f.seek(-4, os.SEEK_END)
+        assert f.read() == b"tail"
+    # the CLI decrypts what kmsfs.open wrote
+    out = subprocess.run(
+        [*KMSFS, "decrypt", str(path), "-"], capture_output=True, env=keyd_with_key.env, check=True
+    ).stdout
+    assert out == data + b"tail"
