@@ -211,6 +211,10 @@ def kms_error_from_type(aws_type: str, message: str = "") -> KMSError:
     return error
 
 
+class KeydAlreadyRunning(KmsfsError):
+    """Another keyd is already serving on the socket path."""
+
+
 class KeydUnavailable(KmsfsError):
     """keyd could not be reached (no socket, refused, timed out, connection lost)."""
 

@@ -34,7 +34,12 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from kmsfs.errors import KMSError, KmsfsError, UnknownOperationException, UsageError
+from kmsfs.errors import (
+    KeydAlreadyRunning,
+    KMSError,
+    UnknownOperationException,
+    UsageError,
+)
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.protocol import (
     CONTENT_TYPE,
@@ -67,15 +72,6 @@ class KeyServiceLike(Protocol):
     ) -> dict[str, Any]: ...
 
     def run_maintenance(self) -> object: ...
-
-
-class KeydAlreadyRunning(KmsfsError):
-    """Another keyd is already listening on the socket path.
-
-    (Belongs in :mod:`kmsfs.errors`; defined here until it moves there.)
-    """
-
-    exit_code = 1
 
 
 @dataclass(frozen=True, slots=True)

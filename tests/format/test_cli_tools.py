@@ -73,20 +73,16 @@ def test_pipes_stream_with_bounded_memory(keyd_with_key: Keyd) -> None:
     """64 MiB through `kmsfs encrypt - - | kmsfs decrypt - -`; neither holds it whole."""
     size = 64 << 20
     env = keyd_with_key.env
-    rss_probe = (
-        "import resource,runpy,sys;sys.argv=['kmsfs']+sys.argv[1:];"
-        'exec(\'try:\\n runpy.run_module("kmsfs.cli",run_name="__main__")\\n'
-        "finally:\\n print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,file=sys.stderr)')"
-    )
+    rss_probe = str(Path(__file__).with_name("rss_probe.py"))
     encrypt = subprocess.Popen(
-        [sys.executable, "-c", rss_probe, "encrypt", "--key", "alias/files", "-", "-"],
+        [sys.executable, rss_probe, "encrypt", "--key", "alias/files", "-", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
     )
     decrypt = subprocess.Popen(
-        [sys.executable, "-c", rss_probe, "decrypt", "-", "-"],
+        [sys.executable, rss_probe, "decrypt", "-", "-"],
         stdin=encrypt.stdout,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
