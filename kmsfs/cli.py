@@ -517,7 +517,14 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     context = parse_pairs(args.context, "--context")
-    with _input(args.src) as src, _output(args.dst) as dst:
+    source = args.src
+    if args.cipherdir:
+        from kmsfs.fs.offline import open_tree
+
+        config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+        source = os.fsdecode(tree.resolve(args.src))
+        context = {**config.file_context, **context}
+    with _input(source) as src, _output(args.dst) as dst:
         decrypt_stream(
             src, dst, key_provider=KeydDataKeyProvider(args.keyd_socket), encryption_context=context
         )
@@ -576,6 +583,45 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise error
 
 
+def cmd_ls(args: argparse.Namespace) -> None:
+    from kmsfs.fs.offline import list_entries, open_tree
+
+    _config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+    listed = list(list_entries(tree, args.path or "", recursive=args.recursive))
+    if args.json:
+        print_json([item.__dict__ for item in listed])
+    else:
+        print_table(
+            [{"Kind": i.kind, "Path": i.path, "Backing": i.backing} for i in listed],
+            ["Kind", "Path", "Backing"],
+        )
+
+
+def cmd_fsck(args: argparse.Namespace) -> None:
+    from kmsfs.errors import FormatError
+    from kmsfs.format import verify
+    from kmsfs.fs.offline import fsck, open_tree
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+    provider = KeydDataKeyProvider(args.keyd_socket or config.keyd_socket)
+
+    def verify_file(backing: bytes) -> str | None:
+        report = verify(backing, key_provider=provider, encryption_context=config.file_context)
+        if report.ok:
+            return None
+        where = f"chunk {report.first_bad_chunk}: " if report.first_bad_chunk is not None else ""
+        return f"{where}{report.error}"
+
+    problems = list(fsck(tree, verify_file=verify_file if args.verify else None))
+    for problem in problems:
+        shown = f" ({problem.plain})" if problem.plain else ""
+        print(f"{problem.backing}{shown}: {problem.problem}")
+    if problems:
+        raise FormatError(f"{args.cipherdir}: {len(problems)} problem(s) found")
+    print(f"{args.cipherdir}: no problems found" + (" (all files verified)" if args.verify else ""))
+
+
 # ------------------------------------------------------------------ the mount
 def _state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -586,7 +632,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     from kmsfs.fs.mount import init_cipherdir
 
     config = init_cipherdir(
-        Path(args.cipherdir), args.key, keyd_socket=args.keyd_socket, chunk_size=args.chunk_size
+        Path(args.cipherdir),
+        args.key,
+        keyd_socket=args.keyd_socket,
+        chunk_size=args.chunk_size,
+        plaintext_names=args.plaintext_names,
     )
     print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
 
@@ -707,7 +757,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this encryption context pair",
     )
     decrypt_file.add_argument("--keyd-socket", help="keyd's socket")
+    decrypt_file.add_argument(
+        "--cipherdir",
+        help="SRC is a path inside this cipher directory as seen at the mountpoint",
+    )
     decrypt_file.set_defaults(func=cmd_decrypt)
+
+    ls = commands.add_parser("ls", help="list a cipher directory's plaintext names, unmounted")
+    ls.add_argument("cipherdir")
+    ls.add_argument("path", nargs="?", help="a directory, as seen at the mountpoint")
+    ls.add_argument("-R", "--recursive", action="store_true")
+    ls.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    fsck_parser = commands.add_parser("fsck", help="check a cipher directory, unmounted")
+    fsck_parser.add_argument("cipherdir")
+    fsck_parser.add_argument("--verify", action="store_true", help="also check every chunk")
+    fsck_parser.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    fsck_parser.set_defaults(func=cmd_fsck)
 
     inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
     inspect_file.add_argument("file")
@@ -729,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_CHUNK_SIZE_CLI,
         help="plaintext bytes per chunk (a power of two)",
+    )
+    init_fs.add_argument(
+        "--plaintext-names",
+        action="store_true",
+        help="leave file names and symlink targets unencrypted",
     )
     init_fs.set_defaults(func=cmd_init)
 
@@ -875,6 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Library warnings are for daemons' logs; a command reports through its own output.
+    logging.getLogger("kmsfs").addHandler(logging.NullHandler())
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is cmd_alias and args.action != "list" and not args.name:

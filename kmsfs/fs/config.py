@@ -8,10 +8,11 @@ It holds no secret. Fields (version 1)::
       "filesystem_id": "<32 hex digits>",  # bound into every file's encryption context
       "key_arn": "arn:aws:kms:...:key/<uuid>",   # the CMK that wraps every data key
       "chunk_size": 65536,
+      "plaintext_names": false,            # names and symlink targets encrypted (default)
       "keyd_socket": "/run/kmsfs/keyd.sock",     # or null: the client's default
       "created": "2026-11-29T05:00:00Z",
       "metadata_key": {                    # a data key for the filesystem's own metadata
-        "wrapped": "<base64 CiphertextBlob>",    # (extended attributes), wrapped by keyd
+        "wrapped": "<base64 CiphertextBlob>",    # (names, symlinks, xattrs), wrapped by keyd
         "context": {"kmsfs:fs-id": ..., "kmsfs:purpose": "metadata"}
       }
     }
@@ -51,6 +52,7 @@ class FsConfig:
     keyd_socket: str | None = None
     created: str = ""
     metadata_key_wrapped: bytes = b""
+    plaintext_names: bool = False
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class FsConfig:
             "filesystem_id": self.filesystem_id,
             "key_arn": self.key_arn,
             "chunk_size": self.chunk_size,
+            "plaintext_names": self.plaintext_names,
             "keyd_socket": self.keyd_socket,
             "created": self.created,
             "metadata_key": {
@@ -100,6 +103,7 @@ class FsConfig:
                 "filesystem_id",
                 "key_arn",
                 "chunk_size",
+                "plaintext_names",
                 "keyd_socket",
                 "created",
                 "metadata_key",
@@ -108,6 +112,7 @@ class FsConfig:
                 filesystem_id=str(document["filesystem_id"]),
                 key_arn=str(document["key_arn"]),
                 chunk_size=int(document["chunk_size"]),
+                plaintext_names=bool(document.get("plaintext_names", False)),
                 keyd_socket=document.get("keyd_socket"),
                 created=str(document.get("created", "")),
                 metadata_key_wrapped=base64.b64decode(document["metadata_key"]["wrapped"]),

@@ -69,9 +69,6 @@ class InodeTable:
         parts.append(self.root_path)
         return b"/".join(reversed(parts))
 
-    def child_path(self, parent: int, name: bytes) -> bytes:
-        return self.path(parent) + b"/" + name
-
     def remember(self, ino: int, parent: int, name: bytes) -> Node:
         """Record that the kernel now knows ``ino`` through ``parent/name`` (lookup + 1)."""
         node = self.nodes.get(ino)

@@ -20,7 +20,9 @@ from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs.config import FsConfig, load_config, write_new_config
 from kmsfs.fs.keys import KeyManager
+from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
+from kmsfs.fs.tree import CipherTree
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
 
 log = logging.getLogger("kmsfs.mount")
@@ -44,6 +46,7 @@ def init_cipherdir(
     *,
     keyd_socket: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    plaintext_names: bool = False,
 ) -> FsConfig:
     """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``."""
     try:
@@ -69,12 +72,15 @@ def init_cipherdir(
             key_arn=metadata["Arn"],
             chunk_size=chunk_size,
             keyd_socket=str(keyd_socket) if keyd_socket else None,
+            plaintext_names=plaintext_names,
         )
         wrapped = client.generate_data_key_without_plaintext(
             config.key_arn, encryption_context=config.metadata_key_context
         )["CiphertextBlob"]
     config.metadata_key_wrapped = wrapped
     cipherdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not plaintext_names:
+        CipherTree(os.fsencode(cipherdir), None).write_dir_id(os.fsencode(cipherdir))
     write_new_config(cipherdir, config)
     return config
 
@@ -144,11 +150,14 @@ async def _serve(
         except KMSError as error:
             raise MountError(f"keyd refused the filesystem's key: {error}") from None
         keys = KeyManager(client, config, cache_seconds=options.key_cache_seconds)
+        root = os.fsencode(cipherdir.resolve())
+        names = None if config.plaintext_names else NameCipher(metadata_key)
         operations = Operations(
-            os.fsencode(cipherdir.resolve()),
+            root,
             config,
             keys,
             metadata_key,
+            CipherTree(root, names),
             read_only=options.read_only,
         )
         try:

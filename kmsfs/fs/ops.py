@@ -36,9 +36,10 @@ from kmsfs.errors import (
 )
 from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
-from kmsfs.fs.config import CONFIG_NAME, FsConfig
-from kmsfs.fs.inodes import ROOT, InodeTable, Node
+from kmsfs.fs.config import FsConfig
+from kmsfs.fs.inodes import InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
+from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 
 log = logging.getLogger("kmsfs.mount")
@@ -124,6 +125,7 @@ class Operations(pyfuse3.Operations):
         config: FsConfig,
         keys: KeyManager,
         metadata_key: bytes,
+        tree: CipherTree,
         *,
         read_only: bool = False,
     ) -> None:
@@ -132,9 +134,10 @@ class Operations(pyfuse3.Operations):
         self.keys = keys
         self.read_only = read_only
         self.inodes = InodeTable(cipherdir)
+        self.tree = tree
         self.xattrs = XattrCipher(metadata_key)
         self._handles: dict[int, OpenFile] = {}
-        self._dir_handles: dict[int, tuple[int, list[bytes] | None]] = {}
+        self._dir_handles: dict[int, tuple[int, list[Entry] | None]] = {}
         self._next_handle = 1
         self._is_root = os.geteuid() == 0
 
@@ -144,8 +147,14 @@ class Operations(pyfuse3.Operations):
         self._next_handle += 1
         return handle
 
-    def _hidden(self, parent: int, name: bytes) -> bool:
-        return parent == ROOT and name == CONFIG_NAME.encode()
+    def _entry_of(self, parent: int, name: bytes) -> tuple[bytes, Entry]:
+        """The parent's backing path and where ``name`` lives (or would) inside it."""
+        directory = self.inodes.path(parent)
+        return directory, self.tree.entry(directory, name, cache_key=parent)
+
+    def _child(self, parent: int, name: bytes) -> tuple[bytes, Entry, bytes]:
+        directory, entry = self._entry_of(parent, name)
+        return directory, entry, directory + b"/" + entry.backing
 
     def _attrs(self, st: os.stat_result, node: Node | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -163,6 +172,8 @@ class Operations(pyfuse3.Operations):
                     attrs.st_size = plaintext_size(st.st_size, self.config.chunk_size)
                 except FormatError:
                     attrs.st_size = 0  # an impossible size: open will say EIO
+        elif stat.S_ISLNK(st.st_mode):
+            attrs.st_size = self.tree.symlink_size(st.st_size)
         else:
             attrs.st_size = st.st_size
         attrs.st_blksize = st.st_blksize
@@ -180,9 +191,9 @@ class Operations(pyfuse3.Operations):
             return os.fstat(node.open_file.fd)
         return os.lstat(self.inodes.path(node.ino))
 
-    def _entry(self, parent: int, name: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        """Register a new kernel reference to ``parent/name`` and return its attributes."""
-        node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, name)
+    def _entry(self, parent: int, backing: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Register a new kernel reference to ``parent/backing`` and return its attributes."""
+        node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, backing)
         return self._attrs(st, node)
 
     def _give_to_caller(self, path_or_fd: bytes | int, ctx: pyfuse3.RequestContext) -> None:
@@ -192,12 +203,6 @@ class Operations(pyfuse3.Operations):
                 os.fchown(path_or_fd, ctx.uid, ctx.gid)
             else:
                 os.chown(path_or_fd, ctx.uid, ctx.gid, follow_symlinks=False)
-
-    def _check_name(self, parent: int, name: bytes) -> None:
-        if self._hidden(parent, name):
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if len(name) > 255:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
 
     def _check_writable_mount(self) -> None:
         if self.read_only:
@@ -299,10 +304,13 @@ class Operations(pyfuse3.Operations):
             st = self._stat_node(node)
             node.lookups += 1
             return self._attrs(st, node)
-        if self._hidden(parent_inode, name):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        st = os.lstat(self.inodes.child_path(parent_inode, name))
-        return self._entry(parent_inode, name, st)
+        try:
+            _, entry, path = self._child(parent_inode, name)
+        except OSError as error:
+            if error.errno == errno.EPERM:  # a reserved name: nothing there to see
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise
+        return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     async def forget(self, inode_list) -> None:
         for ino, count in inode_list:
@@ -365,78 +373,80 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.readlink(self.inodes.path(inode))
+        return self.tree.symlink_target(os.readlink(self.inodes.path(inode)))
 
     # --------------------------------------------------------- create / delete
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
-        self._check_name(parent_inode, name)
-        path = self.inodes.child_path(parent_inode, name)
+        directory, entry, path = self._child(parent_inode, name)
+        self.tree.add_name(directory, entry)
         os.mknod(path, mode, rdev)
         self._give_to_caller(path, ctx)
-        return self._entry(parent_inode, name, os.lstat(path))
+        return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
-        self._check_name(parent_inode, name)
-        path = self.inodes.child_path(parent_inode, name)
-        os.mkdir(path, stat.S_IMODE(mode))
-        os.chmod(path, stat.S_IMODE(mode))  # exactly the mode asked for, sticky bit too
+        directory, entry, path = self._child(parent_inode, name)
+        self.tree.add_name(directory, entry)
+        self.tree.make_dir(path, stat.S_IMODE(mode))  # exactly the mode asked, sticky bit too
         self._give_to_caller(path, ctx)
-        return self._entry(parent_inode, name, os.lstat(path))
+        return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
-        self._check_name(parent_inode, name)
-        path = self.inodes.child_path(parent_inode, name)
-        os.symlink(target, path)
+        directory, entry, path = self._child(parent_inode, name)
+        self.tree.add_name(directory, entry)
+        os.symlink(self.tree.stored_target(target), path)
         self._give_to_caller(path, ctx)
-        return self._entry(parent_inode, name, os.lstat(path))
+        return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
-        self._check_name(new_parent_inode, new_name)
         node = self.inodes.get(inode)
         if node.open_file is not None:
             node.open_file.engine.flush()
-        new_path = self.inodes.child_path(new_parent_inode, new_name)
+        directory, entry, new_path = self._child(new_parent_inode, new_name)
+        self.tree.add_name(directory, entry)
         os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
-        return self._entry(new_parent_inode, new_name, os.lstat(new_path))
+        return self._entry(new_parent_inode, entry.backing, os.lstat(new_path))
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
-        self._check_name(parent_inode, name)
-        path = self.inodes.child_path(parent_inode, name)
+        directory, entry, path = self._child(parent_inode, name)
         st = os.lstat(path)
         os.unlink(path)
-        self.inodes.unlink(parent_inode, name, self.inodes.ino_of(st.st_ino))
+        self.tree.drop_name(directory, entry)
+        self.inodes.unlink(parent_inode, entry.backing, self.inodes.ino_of(st.st_ino))
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
-        self._check_name(parent_inode, name)
-        path = self.inodes.child_path(parent_inode, name)
+        directory, entry, path = self._child(parent_inode, name)
         st = os.lstat(path)
-        os.rmdir(path)
-        self.inodes.unlink(parent_inode, name, self.inodes.ino_of(st.st_ino))
+        self.tree.remove_dir(path)
+        self.tree.drop_name(directory, entry)
+        ino = self.inodes.ino_of(st.st_ino)
+        self.inodes.unlink(parent_inode, entry.backing, ino)
+        self.tree.forget_dir(ino)
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._check_name(parent_inode_old, name_old)
-        self._check_name(parent_inode_new, name_new)
-        old_path = self.inodes.child_path(parent_inode_old, name_old)
-        new_path = self.inodes.child_path(parent_inode_new, name_new)
+        old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
+        new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
         moved = self.inodes.ino_of(os.lstat(old_path).st_ino)
         try:
             replaced = self.inodes.ino_of(os.lstat(new_path).st_ino)
         except FileNotFoundError:
             replaced = None
+        self.tree.add_name(new_dir, new_entry)
         if flags:
             if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
                 code = ctypes.get_errno()
                 raise OSError(code, os.strerror(code))
         else:
             os.rename(old_path, new_path)
-        old, new = (parent_inode_old, name_old), (parent_inode_new, name_new)
+        if not flags & RENAME_EXCHANGE and old_path != new_path:
+            self.tree.drop_name(old_dir, old_entry)
+        old, new = (parent_inode_old, old_entry.backing), (parent_inode_new, new_entry.backing)
         if flags & RENAME_EXCHANGE and replaced is not None:
             self.inodes.move(replaced, new, old)
         elif replaced is not None and replaced != moved:
@@ -446,9 +456,9 @@ class Operations(pyfuse3.Operations):
     # --------------------------------------------------------------- files
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
-        self._check_name(parent_inode, name)
         self._check_writable_mount()
-        path = self.inodes.child_path(parent_inode, name)
+        directory, entry, path = self._child(parent_inode, name)
+        self.tree.add_name(directory, entry)
         fd = os.open(
             path,
             os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -459,7 +469,7 @@ class Operations(pyfuse3.Operations):
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        attrs = self._entry(parent_inode, name, st)
+        attrs = self._entry(parent_inode, entry.backing, st)
         node = self.inodes.get(attrs.st_ino)
         open_file = await self._open_node(node)
         open_file.refs += 1
@@ -529,19 +539,20 @@ class Operations(pyfuse3.Operations):
         inode, names = self._dir_handles[fh]
         directory = self.inodes.path(inode)
         if names is None or start_id == 0:
-            names = sorted(name for name in os.listdir(directory) if not self._hidden(inode, name))
+            entries, _strays = self.tree.list_dir(directory, cache_key=inode)
+            names = sorted(entries, key=lambda entry: entry.name)
             self._dir_handles[fh] = (inode, names)
         for index in range(start_id, len(names)):
-            name = names[index]
+            entry = names[index]
             try:
-                st = os.lstat(directory + b"/" + name)
+                st = os.lstat(directory + b"/" + entry.backing)
             except FileNotFoundError:
                 continue
             ino = self.inodes.ino_of(st.st_ino)
             node = self.inodes.nodes.get(ino)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, node), index + 1):
+            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(st, node), index + 1):
                 return
-            self.inodes.remember(ino, inode, name)
+            self.inodes.remember(ino, inode, entry.backing)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

@@ -1,0 +1,127 @@
+"""Reading a cipher directory without mounting it: for operators restoring from backup.
+
+``kmsfs ls`` shows plaintext names beside backing names, ``kmsfs decrypt --cipherdir``
+finds a file by its plaintext path, ``kmsfs fsck`` walks the whole tree and lists what
+does not belong (names that do not decrypt, stray or orphaned files, damaged directory
+ids, and with ``--verify`` every chunk of every file).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmsfs.errors import FormatError, KmsfsError
+from kmsfs.fs.config import FsConfig, load_config
+from kmsfs.fs.names import LONGNAME_SUFFIX, NameCipher, is_internal, is_longname
+from kmsfs.fs.tree import CipherTree, Entry
+from kmsfs.kms.client import KMSClient
+
+
+def open_tree(cipherdir: Path, keyd_socket: str | None = None) -> tuple[FsConfig, CipherTree]:
+    """The cipher directory's config and tree, with the name key unwrapped through keyd."""
+    config = load_config(cipherdir)
+    root = os.fsencode(Path(cipherdir).resolve())
+    if config.plaintext_names:
+        return config, CipherTree(root, None)
+    with KMSClient(keyd_socket or config.keyd_socket) as client:
+        metadata_key = client.decrypt(
+            config.metadata_key_wrapped, encryption_context=config.metadata_key_context
+        )["Plaintext"]
+    return config, CipherTree(root, NameCipher(metadata_key))
+
+
+@dataclass(frozen=True)
+class Listed:
+    path: str  # plaintext, relative to the mountpoint
+    backing: str  # backing path, relative to the cipher directory
+    kind: str  # file, dir, symlink, fifo, socket, other
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "other"
+
+
+def list_entries(
+    tree: CipherTree, plain_dir: str = "", *, recursive: bool = False
+) -> Iterator[Listed]:
+    """Entries of a directory given by its plaintext path (relative to the mountpoint)."""
+    directory = tree.resolve(plain_dir)
+    entries, _strays = tree.list_dir(directory)
+    for entry in sorted(entries, key=lambda e: e.name):
+        backing = directory + b"/" + entry.backing
+        mode = os.lstat(backing).st_mode
+        plain = (
+            os.path.join(plain_dir, os.fsdecode(entry.name))
+            if plain_dir
+            else os.fsdecode(entry.name)
+        )
+        yield Listed(plain, os.fsdecode(os.path.relpath(backing, tree.root)), _kind(mode))
+        if recursive and stat.S_ISDIR(mode):
+            yield from list_entries(tree, plain, recursive=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    backing: str  # relative to the cipher directory
+    plain: str | None  # the plaintext path when known
+    problem: str
+
+
+def fsck(tree: CipherTree, *, verify_file=None) -> Iterator[Problem]:
+    """Walk the tree; yield every problem. ``verify_file(backing_path)`` checks content."""
+    yield from _fsck_dir(tree, tree.root, "", verify_file)
+
+
+def _fsck_dir(tree: CipherTree, directory: bytes, plain_dir: str, verify_file) -> Iterator[Problem]:
+    def relative(path: bytes) -> str:
+        return os.fsdecode(os.path.relpath(path, tree.root))
+
+    try:
+        entries, strays = tree.list_dir(directory)
+    except (OSError, KmsfsError) as error:
+        yield Problem(relative(directory), plain_dir or "/", f"cannot list: {error}")
+        return
+    for stray in strays:
+        yield Problem(relative(directory + b"/" + stray.backing), None, stray.problem)
+    if tree.encrypted:
+        present = set(os.listdir(directory))
+        for name in present:
+            if is_internal(name) and name.endswith(LONGNAME_SUFFIX):
+                owner = name[: -len(LONGNAME_SUFFIX)]
+                if not is_longname(owner) or owner not in present:
+                    yield Problem(relative(directory + b"/" + name), None, "orphaned long name")
+    for entry in entries:
+        yield from _fsck_entry(tree, directory, plain_dir, entry, verify_file)
+
+
+def _fsck_entry(
+    tree: CipherTree, directory: bytes, plain_dir: str, entry: Entry, verify_file
+) -> Iterator[Problem]:
+    backing = directory + b"/" + entry.backing
+    plain = f"{plain_dir}/{os.fsdecode(entry.name)}"
+    relative = os.fsdecode(os.path.relpath(backing, tree.root))
+    mode = os.lstat(backing).st_mode
+    try:
+        if stat.S_ISDIR(mode):
+            yield from _fsck_dir(tree, backing, plain, verify_file)
+        elif stat.S_ISLNK(mode):
+            tree.symlink_target(os.readlink(backing))
+        elif stat.S_ISREG(mode) and verify_file is not None:
+            problem = verify_file(backing)
+            if problem:
+                yield Problem(relative, plain, problem)
+    except (OSError, FormatError) as error:
+        yield Problem(relative, plain, str(error))

@@ -1,0 +1,253 @@
+"""The cipher directory's tree: plaintext names ↔ backing entries, for the mount and offline tools.
+
+With encrypted names (the default) every backing directory holds a ``kmsfs.diriv``
+and entries named as ``kmsfs/fs/names.py`` describes; with ``plaintext_names`` the
+backing tree mirrors the plaintext one and only ``kmsfs.conf`` at the root is reserved.
+All paths here are backing paths, as bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from kmsfs.fs.config import CONFIG_NAME
+from kmsfs.fs.names import (
+    DIR_ID_SIZE,
+    DIRIV_NAME,
+    NameCipher,
+    NameError_,
+    is_internal,
+    is_longname,
+    longname_sidecar,
+    new_dir_id,
+)
+
+log = logging.getLogger("kmsfs.mount")
+
+CONFIG_NAME_BYTES = CONFIG_NAME.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name at the mountpoint and where it lives in the backing directory."""
+
+    name: bytes  # plaintext
+    backing: bytes  # entry name in the backing directory
+    encoded: bytes | None  # full encoded name (differs from backing for long names)
+
+
+@dataclass(frozen=True, slots=True)
+class Stray:
+    """A backing entry that is not a valid kmsfs entry (tampering, a stray file)."""
+
+    directory: bytes
+    backing: bytes
+    problem: str
+
+
+class CipherTree:
+    def __init__(self, root: bytes, names: NameCipher | None) -> None:
+        self.root = root
+        self.names = names
+        self._dir_ids: dict[Hashable, bytes] = {}
+        self._warned: set[tuple[bytes, bytes]] = set()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.names is not None
+
+    # ------------------------------------------------------------ directories
+    def dir_id(self, directory: bytes, cache_key: Hashable | None = None) -> bytes:
+        """The directory's id, read from its ``kmsfs.diriv`` (cached under ``cache_key``)."""
+        if cache_key is not None:
+            cached = self._dir_ids.get(cache_key)
+            if cached is not None:
+                return cached
+        try:
+            with open(directory + b"/" + DIRIV_NAME, "rb") as diriv:
+                dir_id = diriv.read(DIR_ID_SIZE + 1)
+        except FileNotFoundError:
+            log.error("%s: directory has no %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            raise OSError(errno.EIO, "directory id missing") from None
+        if len(dir_id) != DIR_ID_SIZE:
+            log.error("%s: damaged %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            raise OSError(errno.EIO, "directory id damaged")
+        if cache_key is not None:
+            self._dir_ids[cache_key] = dir_id
+        return dir_id
+
+    def forget_dir(self, cache_key: Hashable) -> None:
+        self._dir_ids.pop(cache_key, None)
+
+    def write_dir_id(self, directory: bytes, dir_id: bytes | None = None) -> None:
+        fd = os.open(
+            directory + b"/" + DIRIV_NAME,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            0o444,
+        )
+        try:
+            os.write(fd, dir_id or new_dir_id())
+        finally:
+            os.close(fd)
+
+    def make_dir(self, path: bytes, mode: int) -> None:
+        """mkdir with exactly ``mode``; with encrypted names, its id file first."""
+        if not self.encrypted:
+            os.mkdir(path, mode)
+            os.chmod(path, mode)
+            return
+        os.mkdir(path, 0o700)
+        try:
+            self.write_dir_id(path)
+        except BaseException:
+            os.rmdir(path)
+            raise
+        os.chmod(path, mode)
+
+    def remove_dir(self, path: bytes) -> None:
+        """rmdir; ENOTEMPTY unless it holds nothing but kmsfs's own id file."""
+        if not self.encrypted:
+            os.rmdir(path)
+            return
+        if any(name != DIRIV_NAME for name in os.listdir(path)):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        diriv = path + b"/" + DIRIV_NAME
+        with open(diriv, "rb") as saved:
+            dir_id = saved.read()
+        os.unlink(diriv)
+        try:
+            os.rmdir(path)
+        except OSError:
+            self.write_dir_id(path, dir_id)  # something appeared meanwhile: put it back
+            raise
+
+    # ------------------------------------------------------------------ names
+    def is_hidden(self, directory: bytes, backing: bytes) -> bool:
+        if self.encrypted:
+            return is_internal(backing)
+        return directory == self.root and backing == CONFIG_NAME_BYTES
+
+    def entry(self, directory: bytes, name: bytes, cache_key: Hashable | None = None) -> Entry:
+        """Where ``name`` lives (or would live) in ``directory``."""
+        if len(name) > 255:
+            raise OSError(errno.ENAMETOOLONG, "file name too long")
+        if self.names is None:
+            if directory == self.root and name == CONFIG_NAME_BYTES:
+                raise OSError(errno.EPERM, "kmsfs.conf is reserved")
+            return Entry(name, name, None)
+        encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
+        return Entry(name, NameCipher.backing_name(encoded), encoded)
+
+    def add_name(self, directory: bytes, entry: Entry) -> None:
+        """Before an entry is created: a long name's sidecar."""
+        if entry.encoded is not None and entry.backing != entry.encoded:
+            fd = os.open(
+                directory + b"/" + longname_sidecar(entry.backing),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o444,
+            )
+            try:
+                os.write(fd, entry.encoded)
+            finally:
+                os.close(fd)
+
+    def drop_name(self, directory: bytes, entry: Entry) -> None:
+        """After an entry is gone: its sidecar, if it had one."""
+        if entry.encoded is not None and entry.backing != entry.encoded:
+            try:
+                os.unlink(directory + b"/" + longname_sidecar(entry.backing))
+            except FileNotFoundError:
+                pass
+
+    def decrypt_entry(
+        self, directory: bytes, backing: bytes, cache_key: Hashable | None = None
+    ) -> bytes:
+        """The plaintext name of a backing entry; raises NameError_ if it is not ours."""
+        assert self.names is not None
+        dir_id = self.dir_id(directory, cache_key)
+        if is_longname(backing):
+            try:
+                with open(directory + b"/" + longname_sidecar(backing), "rb") as sidecar:
+                    encoded = sidecar.read(4096)
+            except FileNotFoundError:
+                raise NameError_("long name without its .name file") from None
+            NameCipher.check_longname(backing, encoded)
+            return self.names.decrypt_name(dir_id, encoded)
+        if is_internal(backing):
+            raise NameError_("internal file")
+        return self.names.decrypt_name(dir_id, backing)
+
+    def list_dir(
+        self, directory: bytes, cache_key: Hashable | None = None
+    ) -> tuple[list[Entry], list[Stray]]:
+        """The plaintext entries of a backing directory, and the strays in it."""
+        entries: list[Entry] = []
+        strays: list[Stray] = []
+        for backing in os.listdir(directory):
+            if self.names is None:
+                if not self.is_hidden(directory, backing):
+                    entries.append(Entry(backing, backing, None))
+                continue
+            if is_internal(backing) and not is_longname(backing):
+                if not self._known_internal(directory, backing):
+                    strays.append(Stray(directory, backing, "unknown kmsfs file"))
+                continue
+            try:
+                name = self.decrypt_entry(directory, backing, cache_key)
+            except NameError_ as error:
+                strays.append(Stray(directory, backing, str(error)))
+                self._warn(directory, backing, str(error))
+                continue
+            encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
+            entries.append(Entry(name, backing, encoded))
+        return entries, strays
+
+    def _known_internal(self, directory: bytes, backing: bytes) -> bool:
+        if backing == DIRIV_NAME or _is_sidecar(backing):
+            return True
+        return directory == self.root and backing == CONFIG_NAME_BYTES
+
+    def _warn(self, directory: bytes, backing: bytes, problem: str) -> None:
+        if (directory, backing) not in self._warned:
+            self._warned.add((directory, backing))
+            log.warning(
+                "%s/%s: left out of the listing: %s",
+                os.fsdecode(directory),
+                os.fsdecode(backing),
+                problem,
+            )
+
+    # --------------------------------------------------------------- symlinks
+    def symlink_target(self, stored: bytes) -> bytes:
+        if self.names is None:
+            return stored
+        try:
+            return self.names.decrypt_target(stored)
+        except NameError_:
+            raise OSError(errno.EIO, "symlink target failed authentication") from None
+
+    def stored_target(self, target: bytes) -> bytes:
+        return target if self.names is None else self.names.encrypt_target(target)
+
+    def symlink_size(self, stored_size: int) -> int:
+        return stored_size if self.names is None else NameCipher.target_length(stored_size)
+
+    # ------------------------------------------------------------ plain paths
+    def resolve(self, plain_path: str) -> bytes:
+        """The backing path of a path relative to the mountpoint (offline tools)."""
+        current = self.root
+        for part in os.fsencode(plain_path).split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                raise OSError(errno.EINVAL, "'..' is not supported in a cipher path")
+            current = current + b"/" + self.entry(current, part).backing
+        return current
+
+
+def _is_sidecar(backing: bytes) -> bool:
+    return is_internal(backing) and backing.endswith(b".name")
