@@ -1,7 +1,12 @@
 """The inode table: which backing entries the kernel knows, by inode number.
 
 FUSE inode numbers are the backing filesystem's (stable while mounted, shared by
-hard links), except that the cipher directory itself is ``pyfuse3.ROOT_INODE``.
+hard links), except that the cipher directory itself is ``pyfuse3.ROOT_INODE``, and
+that a backing inode number reused while the kernel still knows its previous owner
+(a file deleted but open, a directory just removed) gets a new number: the backing
+number with a generation in its top byte. The kernel must never see one number for
+two different files: it would serve the new one from the old one's cache, or refuse
+it as a removed directory.
 A node remembers the directory entries it was reached through as
 ``(parent inode, backing name)`` pairs, so a path is rebuilt by walking up the
 parents — renaming a directory updates one link, never its descendants.
@@ -16,6 +21,7 @@ import pyfuse3
 import trio
 
 ROOT = pyfuse3.ROOT_INODE
+GENERATION_SHIFT = 56
 
 
 class Node:
@@ -36,11 +42,16 @@ class InodeTable:
         root = Node(ROOT)
         root.lookups = 1
         self.nodes: dict[int, Node] = {ROOT: root}
+        # backing inode number -> generation, for numbers reused while still known
+        self._generations: dict[int, int] = {}
 
     def ino_of(self, st_ino: int) -> int:
         """The FUSE inode number for a backing inode number."""
         if st_ino == self.root_st_ino:
             return ROOT
+        generation = self._generations.get(st_ino)
+        if generation:
+            return (generation << GENERATION_SHIFT) | st_ino
         if st_ino == ROOT:  # the backing inode that collides with FUSE's root
             return self.root_st_ino
         return st_ino
@@ -78,10 +89,13 @@ class InodeTable:
         node.lookups += 1
         return node
 
-    def unlink(self, parent: int, name: bytes, ino: int) -> None:
-        node = self.nodes.get(ino)
+    def unlink(self, parent: int, name: bytes, st_ino: int, *, last_link: bool) -> None:
+        """``parent/name`` is gone; ``last_link``: so is the backing inode (free for reuse)."""
+        node = self.nodes.get(self.ino_of(st_ino))
         if node is not None:
             node.links.discard((parent, name))
+            if last_link:
+                self._generations[st_ino] = self._generations.get(st_ino, 0) + 1
 
     def move(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
         node = self.nodes.get(ino)

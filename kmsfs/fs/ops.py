@@ -115,6 +115,17 @@ class OpenFile:
         self.path_hint = path_hint
 
 
+class DirHandle:
+    """An open directory: its backing fd (so fstat works after rmdir) and its listing."""
+
+    __slots__ = ("inode", "fd", "entries")
+
+    def __init__(self, inode: int, fd: int) -> None:
+        self.inode = inode
+        self.fd = fd
+        self.entries: list[Entry] | None = None
+
+
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
@@ -137,7 +148,7 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.xattrs = XattrCipher(metadata_key)
         self._handles: dict[int, OpenFile] = {}
-        self._dir_handles: dict[int, tuple[int, list[Entry] | None]] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
         self._next_handle = 1
         self._is_root = os.geteuid() == 0
 
@@ -158,7 +169,7 @@ class Operations(pyfuse3.Operations):
 
     def _attrs(self, st: os.stat_result, node: Node | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = self.inodes.ino_of(st.st_ino)
+        attrs.st_ino = node.ino if node is not None else self.inodes.ino_of(st.st_ino)
         attrs.st_mode = st.st_mode
         attrs.st_nlink = st.st_nlink
         attrs.st_uid = st.st_uid
@@ -189,20 +200,33 @@ class Operations(pyfuse3.Operations):
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.open_file is not None:
             return os.fstat(node.open_file.fd)
-        return os.lstat(self.inodes.path(node.ino))
+        try:
+            return os.lstat(self.inodes.path(node.ino))
+        except pyfuse3.FUSEError:
+            # a directory removed while open still answers, like on ext4
+            for handle in self._dir_handles.values():
+                if handle.inode == node.ino:
+                    return os.fstat(handle.fd)
+            raise
 
     def _entry(self, parent: int, backing: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
         """Register a new kernel reference to ``parent/backing`` and return its attributes."""
         node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, backing)
         return self._attrs(st, node)
 
-    def _give_to_caller(self, path_or_fd: bytes | int, ctx: pyfuse3.RequestContext) -> None:
-        """Files created for another user are theirs (when the mount runs as root)."""
+    def _give_to_caller(
+        self, directory: bytes, path_or_fd: bytes | int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        """Files created for another user are theirs (when the mount runs as root).
+
+        As on ext4, an entry made in a set-group-ID directory keeps the directory's group.
+        """
         if self._is_root and (ctx.uid != 0 or ctx.gid != 0):
+            gid = -1 if os.stat(directory).st_mode & stat.S_ISGID else ctx.gid
             if isinstance(path_or_fd, int):
-                os.fchown(path_or_fd, ctx.uid, ctx.gid)
+                os.fchown(path_or_fd, ctx.uid, gid)
             else:
-                os.chown(path_or_fd, ctx.uid, ctx.gid, follow_symlinks=False)
+                os.chown(path_or_fd, ctx.uid, gid, follow_symlinks=False)
 
     def _check_writable_mount(self) -> None:
         if self.read_only:
@@ -381,7 +405,7 @@ class Operations(pyfuse3.Operations):
         directory, entry, path = self._child(parent_inode, name)
         self.tree.add_name(directory, entry)
         os.mknod(path, mode, rdev)
-        self._give_to_caller(path, ctx)
+        self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
@@ -389,7 +413,7 @@ class Operations(pyfuse3.Operations):
         directory, entry, path = self._child(parent_inode, name)
         self.tree.add_name(directory, entry)
         self.tree.make_dir(path, stat.S_IMODE(mode))  # exactly the mode asked, sticky bit too
-        self._give_to_caller(path, ctx)
+        self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
@@ -397,7 +421,7 @@ class Operations(pyfuse3.Operations):
         directory, entry, path = self._child(parent_inode, name)
         self.tree.add_name(directory, entry)
         os.symlink(self.tree.stored_target(target), path)
-        self._give_to_caller(path, ctx)
+        self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
@@ -416,7 +440,7 @@ class Operations(pyfuse3.Operations):
         st = os.lstat(path)
         os.unlink(path)
         self.tree.drop_name(directory, entry)
-        self.inodes.unlink(parent_inode, entry.backing, self.inodes.ino_of(st.st_ino))
+        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -424,9 +448,8 @@ class Operations(pyfuse3.Operations):
         st = os.lstat(path)
         self.tree.remove_dir(path)
         self.tree.drop_name(directory, entry)
-        ino = self.inodes.ino_of(st.st_ino)
-        self.inodes.unlink(parent_inode, entry.backing, ino)
-        self.tree.forget_dir(ino)
+        self.tree.forget_dir(self.inodes.ino_of(st.st_ino))
+        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True)
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -434,23 +457,43 @@ class Operations(pyfuse3.Operations):
         new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
         moved = self.inodes.ino_of(os.lstat(old_path).st_ino)
         try:
-            replaced = self.inodes.ino_of(os.lstat(new_path).st_ino)
+            replaced_st: os.stat_result | None = os.lstat(new_path)
         except FileNotFoundError:
-            replaced = None
+            replaced_st = None
+        replaced = self.inodes.ino_of(replaced_st.st_ino) if replaced_st else None
+        # A directory replaced by a rename must look empty: set its id file aside.
+        replaced_dir_id = None
+        if (
+            replaced_st is not None
+            and replaced != moved
+            and stat.S_ISDIR(replaced_st.st_mode)
+            and not flags & RENAME_EXCHANGE
+        ):
+            replaced_dir_id = self.tree.take_dir_id(new_path)
         self.tree.add_name(new_dir, new_entry)
-        if flags:
-            if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
-        else:
-            os.rename(old_path, new_path)
+        try:
+            if flags:
+                if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code))
+            else:
+                os.rename(old_path, new_path)
+        except OSError:
+            if replaced_dir_id is not None:
+                self.tree.write_dir_id(new_path, replaced_dir_id)
+            raise
         if not flags & RENAME_EXCHANGE and old_path != new_path:
             self.tree.drop_name(old_dir, old_entry)
         old, new = (parent_inode_old, old_entry.backing), (parent_inode_new, new_entry.backing)
         if flags & RENAME_EXCHANGE and replaced is not None:
             self.inodes.move(replaced, new, old)
         elif replaced is not None and replaced != moved:
-            self.inodes.unlink(parent_inode_new, name_new, replaced)
+            assert replaced_st is not None
+            self.tree.forget_dir(replaced)
+            last_link = stat.S_ISDIR(replaced_st.st_mode) or replaced_st.st_nlink <= 1
+            self.inodes.unlink(
+                parent_inode_new, new_entry.backing, replaced_st.st_ino, last_link=last_link
+            )
         self.inodes.move(moved, old, new)
 
     # --------------------------------------------------------------- files
@@ -465,7 +508,7 @@ class Operations(pyfuse3.Operations):
             stat.S_IMODE(mode),
         )
         try:
-            self._give_to_caller(fd, ctx)
+            self._give_to_caller(directory, fd, ctx)
             st = os.fstat(fd)
         finally:
             os.close(fd)
@@ -487,6 +530,10 @@ class Operations(pyfuse3.Operations):
             if open_file.refs == 0:
                 self._close_file(open_file)
             raise pyfuse3.FUSEError(errno.EACCES)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            # libfuse negotiates atomic_o_trunc: the kernel passes O_TRUNC here
+            # instead of truncating first.
+            open_file.engine.truncate(0)
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
@@ -529,43 +576,39 @@ class Operations(pyfuse3.Operations):
     # ----------------------------------------------------------- directories
     @_handler
     async def opendir(self, inode: int, ctx) -> int:
-        self.inodes.path(inode)  # ENOENT for a directory removed meanwhile
+        fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         handle = self._new_handle()
-        self._dir_handles[handle] = (inode, None)
+        self._dir_handles[handle] = DirHandle(inode, fd)
         return handle
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token) -> None:
-        inode, names = self._dir_handles[fh]
-        directory = self.inodes.path(inode)
-        if names is None or start_id == 0:
-            entries, _strays = self.tree.list_dir(directory, cache_key=inode)
-            names = sorted(entries, key=lambda entry: entry.name)
-            self._dir_handles[fh] = (inode, names)
-        for index in range(start_id, len(names)):
-            entry = names[index]
+        handle = self._dir_handles[fh]
+        directory = self.inodes.path(handle.inode)
+        if handle.entries is None or start_id == 0:
+            entries, _strays = self.tree.list_dir(directory, cache_key=handle.inode)
+            handle.entries = sorted(entries, key=lambda entry: entry.name)
+        for index in range(start_id, len(handle.entries)):
+            entry = handle.entries[index]
             try:
-                st = os.lstat(directory + b"/" + entry.backing)
+                st = os.lstat(entry.backing, dir_fd=handle.fd)
             except FileNotFoundError:
                 continue
             ino = self.inodes.ino_of(st.st_ino)
             node = self.inodes.nodes.get(ino)
             if not pyfuse3.readdir_reply(token, entry.name, self._attrs(st, node), index + 1):
                 return
-            self.inodes.remember(ino, inode, entry.backing)
+            self.inodes.remember(ino, handle.inode, entry.backing)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        handle = self._dir_handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        inode, _ = self._dir_handles[fh]
-        fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(self._dir_handles[fh].fd)
 
     @_handler
     async def statfs(self, ctx) -> pyfuse3.StatvfsData:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -98,7 +99,7 @@ class CipherTree:
         """mkdir with exactly ``mode``; with encrypted names, its id file first."""
         if not self.encrypted:
             os.mkdir(path, mode)
-            os.chmod(path, mode)
+            os.chmod(path, mode | (os.lstat(path).st_mode & stat.S_ISGID))
             return
         os.mkdir(path, 0o700)
         try:
@@ -106,23 +107,33 @@ class CipherTree:
         except BaseException:
             os.rmdir(path)
             raise
-        os.chmod(path, mode)
+        # keep the set-group-ID bit a set-group-ID parent gives its subdirectories
+        os.chmod(path, mode | (os.lstat(path).st_mode & stat.S_ISGID))
 
-    def remove_dir(self, path: bytes) -> None:
-        """rmdir; ENOTEMPTY unless it holds nothing but kmsfs's own id file."""
+    def take_dir_id(self, path: bytes) -> bytes | None:
+        """Empty a directory that is about to go (rmdir, or replaced by a rename).
+
+        ENOTEMPTY unless it holds nothing but kmsfs's own id file, which is removed and
+        returned so :meth:`write_dir_id` can put it back if the operation then fails.
+        """
         if not self.encrypted:
-            os.rmdir(path)
-            return
+            return None
         if any(name != DIRIV_NAME for name in os.listdir(path)):
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         diriv = path + b"/" + DIRIV_NAME
         with open(diriv, "rb") as saved:
             dir_id = saved.read()
         os.unlink(diriv)
+        return dir_id
+
+    def remove_dir(self, path: bytes) -> None:
+        """rmdir; ENOTEMPTY unless it holds nothing but kmsfs's own id file."""
+        dir_id = self.take_dir_id(path)
         try:
             os.rmdir(path)
         except OSError:
-            self.write_dir_id(path, dir_id)  # something appeared meanwhile: put it back
+            if dir_id is not None:
+                self.write_dir_id(path, dir_id)  # something appeared meanwhile: put it back
             raise
 
     # ------------------------------------------------------------------ names

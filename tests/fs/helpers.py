@@ -1,0 +1,312 @@
+"""Helpers for the real-mount tests: mounts, cipher directories, child processes.
+
+Every mount is started in the foreground (``kmsfs mount -f``) as a child process that
+the test owns, its log in a file; teardown always unmounts (``fusermount3 -u``, then
+``-uz`` if busy) and reaps the process (SIGTERM, then SIGKILL), whether the test passed
+or not. Paths stay short: keyd's socket path must fit in 108 bytes.
+The fixtures that use these live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import KMSFS, Keyd, run_kmsfs
+
+MOUNT_TIMEOUT = 30.0
+CHUNK = 1 << 16
+HEADER_SIZE = 2048
+CHUNK_OVERHEAD = 28
+
+
+def mounted_paths() -> set[str]:
+    """Mount points currently listed in /proc/self/mountinfo (octal escapes decoded)."""
+    points = set()
+    with open("/proc/self/mountinfo", "rb") as info:
+        for line in info:
+            raw = line.split()[4].decode()
+            points.add(raw.encode().decode("unicode_escape"))
+    return points
+
+
+def is_mounted(path: Path | str) -> bool:
+    return os.path.realpath(path) in mounted_paths()
+
+
+def drop_page_cache(path: Path | str) -> None:
+    """Evict a file's clean pages from the kernel cache so the next read reaches the mount."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cipher_chunk_offset(chunk_index: int, chunk_size: int = CHUNK) -> int:
+    """Where chunk ``chunk_index`` starts in a backing file."""
+    return HEADER_SIZE + chunk_index * (chunk_size + CHUNK_OVERHEAD)
+
+
+def flip_byte(path: Path | str, offset: int) -> None:
+    with open(path, "r+b") as backing:
+        backing.seek(offset)
+        byte = backing.read(1)
+        assert byte, f"{path} has no byte at {offset}"
+        backing.seek(offset)
+        backing.write(bytes([byte[0] ^ 0x5A]))
+
+
+@dataclass
+class Mount:
+    """One ``kmsfs mount -f`` process serving ``cipher`` on ``mnt``."""
+
+    cipher: Path
+    mnt: Path
+    args: tuple[str, ...]
+    keyd: Keyd
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        assert not is_mounted(self.mnt), f"{self.mnt} is already mounted"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"---- mount {' '.join(self.args)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                [
+                    *KMSFS,
+                    "mount",
+                    "-f",
+                    str(self.cipher),
+                    str(self.mnt),
+                    "--keyd-socket",
+                    str(self.keyd.socket),
+                    *self.args,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.keyd.env,
+            )
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(self.mnt):
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"kmsfs mount exited {self.process.returncode} before mounting:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"mount did not appear within {MOUNT_TIMEOUT} s:\n{self.log()}"
+                )
+            time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def backing(self, path: Path | str) -> Path:
+        """The backing entry of a path at the mountpoint, found by inode number.
+
+        Inode numbers at the mountpoint are those of the backing filesystem, so this
+        works whatever the backing names are (plain or encrypted).
+        """
+        return backing_of(self.cipher, os.lstat(path).st_ino)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=15)
+
+    def stop(self) -> None:
+        """Unmount and reap; safe to call at any time, any number of times."""
+        if is_mounted(self.mnt):
+            for _ in range(20):
+                result = subprocess.run(
+                    ["fusermount3", "-u", str(self.mnt)], capture_output=True, check=False
+                )
+                if result.returncode == 0 or not is_mounted(self.mnt):
+                    break
+                time.sleep(0.1)
+            else:
+                subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        process = self.process
+        if process is not None:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=15)
+        if is_mounted(self.mnt):  # the process died without its kernel mount going
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+    def remount(self, *args: str) -> None:
+        """Unmount cleanly (the process must exit 0) and mount again, maybe with new options."""
+        self.unmount_clean()
+        if args:
+            self.args = args
+        self.start()
+
+    def unmount_clean(self) -> None:
+        assert self.alive, f"mount process is not running:\n{self.log()}"
+        result = subprocess.run(
+            ["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert self.process is not None
+        code = self.process.wait(timeout=30)
+        assert code == 0, f"mount exited {code}:\n{self.log()}"
+        assert not is_mounted(self.mnt)
+
+
+def backing_of(cipher: Path, ino: int) -> Path:
+    """The entry of the cipher directory whose inode number is ``ino``."""
+    if os.lstat(cipher).st_ino == ino:
+        return cipher
+    for directory, dirnames, filenames in os.walk(cipher):
+        for name in dirnames + filenames:
+            path = Path(directory) / name
+            if os.lstat(path).st_ino == ino:
+                return path
+    raise FileNotFoundError(f"no entry with inode {ino} in {cipher}")
+
+
+class MountFactory:
+    """Init cipher directories and start mounts under ``root``; :meth:`close` undoes it all."""
+
+    def __init__(self, root: Path, keyd: Keyd) -> None:
+        self.root = root
+        self.keyd = keyd
+        self.mounts: list[Mount] = []
+
+    def init(
+        self, name: str | None = None, *, chunk_size: int | None = None, key: str = "alias/fs"
+    ) -> Path:
+        cipher = self.root / (name or f"c{uuid.uuid4().hex[:6]}")
+        extra = ["--chunk-size", str(chunk_size)] if chunk_size else []
+        self.keyd.kmsfs("init", str(cipher), "--key", key, *extra)
+        return cipher
+
+    def mount(
+        self,
+        cipher: Path | None = None,
+        mnt: Path | None = None,
+        *args: str,
+        keyd: Keyd | None = None,
+    ) -> Mount:
+        cipher = cipher if cipher is not None else self.init()
+        mnt = mnt if mnt is not None else self.root / f"m{uuid.uuid4().hex[:6]}"
+        mount = Mount(
+            cipher=cipher,
+            mnt=mnt,
+            args=tuple(args),
+            keyd=keyd or self.keyd,
+            log_path=self.root / f"{mnt.name}.log",
+        )
+        self.mounts.append(mount)
+        mount.start()
+        return mount
+
+    def close(self) -> None:
+        for mount in reversed(self.mounts):
+            mount.stop()
+        self.mounts.clear()
+
+
+# ------------------------------------------------------------ child processes
+def run_as_child(function: Callable[[], object], *, uid: int | None = None, timeout: float = 60):
+    """Run ``function`` in a forked child (optionally as ``uid``); return its result.
+
+    The result (or the exception raised) travels back pickled through a pipe.
+    """
+    import pickle
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(read_end)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            try:
+                outcome = ("ok", function())
+            except BaseException as error:  # report anything to the parent
+                outcome = ("error", repr(error), getattr(error, "errno", None))
+            payload = pickle.dumps(outcome)
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(payload)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("child did not finish")
+        time.sleep(0.01)
+    assert data, f"child exited with status {status} and no result"
+    outcome = pickle.loads(data)
+    if outcome[0] == "error":
+        raise ChildError(outcome[1], outcome[2])
+    return outcome[1]
+
+
+class ChildError(Exception):
+    def __init__(self, text: str, errno_value: int | None) -> None:
+        super().__init__(text)
+        self.errno = errno_value
+
+
+@contextlib.contextmanager
+def umask(value: int) -> Iterator[None]:
+    old = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+__all__ = [
+    "CHUNK",
+    "ChildError",
+    "Mount",
+    "MountFactory",
+    "cipher_chunk_offset",
+    "drop_page_cache",
+    "flip_byte",
+    "is_mounted",
+    "run_as_child",
+    "run_kmsfs",
+    "umask",
+]
