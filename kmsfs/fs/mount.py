@@ -171,6 +171,7 @@ async def _serve(
             report_ready(ready_fd)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
+                nursery.start_soon(_raise_read_ahead, mountpoint)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 await pyfuse3.main()
                 # main returns after a signal (we still have to unmount) or when the
@@ -182,6 +183,40 @@ async def _serve(
             keys.forget_all()
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", mountpoint)
+
+
+READ_AHEAD_KB = 1024
+
+
+async def _raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel send 1 MiB READs instead of 128 KiB ones (needs root).
+
+    FUSE's read size follows the mount's backing-device read-ahead, which the kernel
+    sets when it receives our INIT reply: so set it once the session runs. The device
+    number comes from /proc/self/mountinfo (a stat of the mountpoint would ask this
+    very process).
+    """
+    target = os.fsencode(mountpoint)
+    device = None
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == target:
+                device = fields[2].decode()
+    if device is None:
+        log.debug("%s is not in /proc/self/mountinfo", mountpoint)
+        return
+    setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    for _ in range(50):  # until the INIT reply has been processed and ours sticks
+        await trio.sleep(0.05)
+        try:
+            if setting.read_text().strip() != str(READ_AHEAD_KB):
+                setting.write_text(str(READ_AHEAD_KB))
+            elif _ > 3:
+                return
+        except OSError as error:
+            log.debug("cannot raise the mount's read-ahead: %s", error)
+            return
 
 
 async def _terminate_on_signal(signalled: list[int]) -> None:

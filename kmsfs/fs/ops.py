@@ -150,6 +150,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_handle = 1
+        self._read_buffer = bytearray(1 << 20)
         self._is_root = os.geteuid() == 0
 
     # ---------------------------------------------------------------- helpers
@@ -540,13 +541,22 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
         open_file = self._handles[fh]
+        count = min(size, open_file.engine.size - off)
+        if count <= 0:
+            return b""
+        # One scratch buffer for every read: pyfuse3 copies the reply to the kernel
+        # as soon as this returns, before any other request runs.
+        if len(self._read_buffer) < count:
+            self._read_buffer = bytearray(count)
+        view = memoryview(self._read_buffer)[:count]
         try:
-            return open_file.engine.read(off, size)
+            open_file.engine.readinto(off, view)
         except FormatError as error:
             self._read_error(open_file, error)
             raise
+        return view
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
