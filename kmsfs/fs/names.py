@@ -56,12 +56,18 @@ def b64encode(data: bytes) -> bytes:
 
 
 def b64decode(text: bytes) -> bytes:
-    if b"=" in text:
-        raise NameError_("padding in an encoded name")
+    """Decode unpadded base64url, accepting only the one canonical spelling.
+
+    The standard decoder skips foreign characters, takes ``+`` for ``-`` and ignores the
+    last character's spare bits: each would give one name several backing spellings.
+    """
     try:
-        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise NameError_("not base64url") from None
+    if b64encode(data) != text:
+        raise NameError_("not canonical base64url")
+    return data
 
 
 def new_dir_id() -> bytes:

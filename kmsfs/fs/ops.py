@@ -260,24 +260,30 @@ class Operations(pyfuse3.Operations):
                         log.error("%s: unreadable header: %s", os.fsdecode(path), error)
                         raise
                     provider.data_key = await self.keys.unwrap(header)
-                engine = EncryptedFile.open(
-                    fd,
-                    key_provider=provider,
-                    key_id=self.config.key_arn,
-                    encryption_context=self.config.file_context,
-                    chunk_size=self.config.chunk_size,
-                    writable=writable,
-                )
-            except FormatError as error:
-                os.close(fd)
-                log.error("%s: %s", os.fsdecode(path), error)
-                raise
+                return self._adopt(node, fd, provider, path, writable)
             except BaseException:
                 os.close(fd)
                 raise
-            open_file = OpenFile(node, fd, engine, provider, path)
-            node.open_file = open_file
-            return open_file
+
+    def _adopt(
+        self, node: Node, fd: int, provider: FileKeyProvider, path: bytes, writable: bool
+    ) -> OpenFile:
+        """Make ``fd`` (the backing file, keys fetched) the node's open file."""
+        try:
+            engine = EncryptedFile.open(
+                fd,
+                key_provider=provider,
+                key_id=self.config.key_arn,
+                encryption_context=self.config.file_context,
+                chunk_size=self.config.chunk_size,
+                writable=writable,
+            )
+        except FormatError as error:
+            log.error("%s: %s", os.fsdecode(path), error)
+            raise
+        open_file = OpenFile(node, fd, engine, provider, path)
+        node.open_file = open_file
+        return open_file
 
     async def _ensure_file_key(self, open_file: OpenFile) -> None:
         """An empty file gets its data key with its first byte: have one ready."""
@@ -404,24 +410,24 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
         directory, entry, path = self._child(parent_inode, name)
-        self.tree.add_name(directory, entry)
-        os.mknod(path, mode, rdev)
+        with self.tree.naming(directory, entry):
+            os.mknod(path, mode, rdev)
         self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         directory, entry, path = self._child(parent_inode, name)
-        self.tree.add_name(directory, entry)
-        self.tree.make_dir(path, stat.S_IMODE(mode))  # exactly the mode asked, sticky bit too
+        with self.tree.naming(directory, entry):
+            self.tree.make_dir(path, stat.S_IMODE(mode))  # exactly the mode asked, sticky too
         self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
         directory, entry, path = self._child(parent_inode, name)
-        self.tree.add_name(directory, entry)
-        os.symlink(self.tree.stored_target(target), path)
+        with self.tree.naming(directory, entry):
+            os.symlink(self.tree.stored_target(target), path)
         self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
@@ -431,8 +437,8 @@ class Operations(pyfuse3.Operations):
         if node.open_file is not None:
             node.open_file.engine.flush()
         directory, entry, new_path = self._child(new_parent_inode, new_name)
-        self.tree.add_name(directory, entry)
-        os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
+        with self.tree.naming(directory, entry):
+            os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
         return self._entry(new_parent_inode, entry.backing, os.lstat(new_path))
 
     @_handler
@@ -471,14 +477,14 @@ class Operations(pyfuse3.Operations):
             and not flags & RENAME_EXCHANGE
         ):
             replaced_dir_id = self.tree.take_dir_id(new_path)
-        self.tree.add_name(new_dir, new_entry)
         try:
-            if flags:
-                if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, os.strerror(code))
-            else:
-                os.rename(old_path, new_path)
+            with self.tree.naming(new_dir, new_entry):
+                if flags:
+                    if _libc.renameat2(_AT_FDCWD, old_path, _AT_FDCWD, new_path, flags) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, os.strerror(code))
+                else:
+                    os.rename(old_path, new_path)
         except OSError:
             if replaced_dir_id is not None:
                 self.tree.write_dir_id(new_path, replaced_dir_id)
@@ -502,20 +508,23 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._check_writable_mount()
         directory, entry, path = self._child(parent_inode, name)
-        self.tree.add_name(directory, entry)
-        fd = os.open(
-            path,
-            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-            stat.S_IMODE(mode),
-        )
+        with self.tree.naming(directory, entry):
+            fd = os.open(
+                path,
+                os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                stat.S_IMODE(mode),
+            )
         try:
             self._give_to_caller(directory, fd, ctx)
             st = os.fstat(fd)
-        finally:
+            attrs = self._entry(parent_inode, entry.backing, st)
+            # the new, empty file: no key yet (it comes with the first byte)
+            open_file = self._adopt(
+                self.inodes.get(attrs.st_ino), fd, FileKeyProvider(), path, True
+            )
+        except BaseException:
             os.close(fd)
-        attrs = self._entry(parent_inode, entry.backing, st)
-        node = self.inodes.get(attrs.st_ino)
-        open_file = await self._open_node(node)
+            raise
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file

@@ -12,7 +12,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kmsfs.fs.config import CONFIG_NAME
@@ -153,18 +154,41 @@ class CipherTree:
         encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
         return Entry(name, NameCipher.backing_name(encoded), encoded)
 
-    def add_name(self, directory: bytes, entry: Entry) -> None:
-        """Before an entry is created: a long name's sidecar."""
-        if entry.encoded is not None and entry.backing != entry.encoded:
-            fd = os.open(
-                directory + b"/" + longname_sidecar(entry.backing),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                0o444,
-            )
-            try:
-                os.write(fd, entry.encoded)
-            finally:
-                os.close(fd)
+    def add_name(self, directory: bytes, entry: Entry) -> bool:
+        """Before an entry is created: a long name's sidecar. True if this made a new one.
+
+        An existing sidecar (renaming over a long name) is kept when it already says the
+        same, else replaced through a temporary file: sidecars are read-only (0444).
+        """
+        if entry.encoded is None or entry.backing == entry.encoded:
+            return False
+        sidecar = directory + b"/" + longname_sidecar(entry.backing)
+        try:
+            with open(sidecar, "rb") as existing:
+                if existing.read(len(entry.encoded) + 1) == entry.encoded:
+                    return False
+            created = False
+        except FileNotFoundError:
+            created = True
+        temporary = sidecar + b".tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        try:
+            os.write(fd, entry.encoded)
+        finally:
+            os.close(fd)
+        os.rename(temporary, sidecar)
+        return created
+
+    @contextmanager
+    def naming(self, directory: bytes, entry: Entry) -> Iterator[None]:
+        """Around creating an entry: its sidecar first, gone again if the creation fails."""
+        created = self.add_name(directory, entry)
+        try:
+            yield
+        except BaseException:
+            if created:
+                self.drop_name(directory, entry)
+            raise
 
     def drop_name(self, directory: bytes, entry: Entry) -> None:
         """After an entry is gone: its sidecar, if it had one."""
@@ -206,6 +230,7 @@ class CipherTree:
             if is_internal(backing) and not is_longname(backing):
                 if not self._known_internal(directory, backing):
                     strays.append(Stray(directory, backing, "unknown kmsfs file"))
+                    self._warn(directory, backing, "unknown kmsfs file")
                 continue
             try:
                 name = self.decrypt_entry(directory, backing, cache_key)

@@ -5,6 +5,10 @@ the test owns, its log in a file; teardown always unmounts (``fusermount3 -u``, 
 ``-uz`` if busy) and reaps the process (SIGTERM, then SIGKILL), whether the test passed
 or not. Paths stay short: keyd's socket path must fit in 108 bytes.
 The fixtures that use these live in ``conftest.py``.
+
+Cipher directories get encrypted names (kmsfs's default) unless
+``KMSFS_TEST_PLAINTEXT_NAMES=1`` is set (then ``kmsfs init --plaintext-names``, to run
+the whole mount suite in that mode) or a factory or ``init`` call says otherwise.
 """
 
 from __future__ import annotations
@@ -22,9 +26,16 @@ from pathlib import Path
 from tests.conftest import KMSFS, Keyd, run_kmsfs
 
 MOUNT_TIMEOUT = 30.0
+PLAINTEXT_NAMES_ENV = "KMSFS_TEST_PLAINTEXT_NAMES"
+BACKING_INO_MASK = (1 << 56) - 1  # kmsfs/fs/inodes.py: GENERATION_SHIFT
 CHUNK = 1 << 16
 HEADER_SIZE = 2048
 CHUNK_OVERHEAD = 28
+
+
+def plaintext_names_by_default() -> bool:
+    """Whether ``KMSFS_TEST_PLAINTEXT_NAMES`` asks for ``--plaintext-names`` cipher directories."""
+    return os.environ.get(PLAINTEXT_NAMES_ENV, "").strip().lower() not in ("", "0", "no", "false")
 
 
 def mounted_paths() -> set[str]:
@@ -124,10 +135,11 @@ class Mount:
     def backing(self, path: Path | str) -> Path:
         """The backing entry of a path at the mountpoint, found by inode number.
 
-        Inode numbers at the mountpoint are those of the backing filesystem, so this
-        works whatever the backing names are (plain or encrypted).
+        Inode numbers at the mountpoint are those of the backing filesystem (with a
+        generation in the top byte when a backing number was reused while the kernel still
+        knew its previous owner), so this works whatever the backing names are.
         """
-        return backing_of(self.cipher, os.lstat(path).st_ino)
+        return backing_of(self.cipher, os.lstat(path).st_ino & BACKING_INO_MASK)
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -192,18 +204,32 @@ def backing_of(cipher: Path, ino: int) -> Path:
 
 
 class MountFactory:
-    """Init cipher directories and start mounts under ``root``; :meth:`close` undoes it all."""
+    """Init cipher directories and start mounts under ``root``; :meth:`close` undoes it all.
 
-    def __init__(self, root: Path, keyd: Keyd) -> None:
+    ``plaintext_names`` (default: :func:`plaintext_names_by_default`) is what :meth:`init`
+    does unless told otherwise per call.
+    """
+
+    def __init__(self, root: Path, keyd: Keyd, *, plaintext_names: bool | None = None) -> None:
         self.root = root
         self.keyd = keyd
         self.mounts: list[Mount] = []
+        self.plaintext_names = (
+            plaintext_names_by_default() if plaintext_names is None else plaintext_names
+        )
 
     def init(
-        self, name: str | None = None, *, chunk_size: int | None = None, key: str = "alias/fs"
+        self,
+        name: str | None = None,
+        *,
+        chunk_size: int | None = None,
+        key: str = "alias/fs",
+        plaintext_names: bool | None = None,
     ) -> Path:
         cipher = self.root / (name or f"c{uuid.uuid4().hex[:6]}")
         extra = ["--chunk-size", str(chunk_size)] if chunk_size else []
+        if self.plaintext_names if plaintext_names is None else plaintext_names:
+            extra.append("--plaintext-names")
         self.keyd.kmsfs("init", str(cipher), "--key", key, *extra)
         return cipher
 
@@ -302,10 +328,12 @@ __all__ = [
     "ChildError",
     "Mount",
     "MountFactory",
+    "PLAINTEXT_NAMES_ENV",
     "cipher_chunk_offset",
     "drop_page_cache",
     "flip_byte",
     "is_mounted",
+    "plaintext_names_by_default",
     "run_as_child",
     "run_kmsfs",
     "umask",

@@ -44,7 +44,7 @@ def everything_stored(cipher: Path) -> list[tuple[str, bytes]]:
 
 
 def test_no_plaintext_marker_in_cipher_directory(mounts: MountFactory) -> None:
-    mount = mounts.mount()
+    mount = mounts.mount(mounts.init(plaintext_names=False))
     marker = b"PLAINTEXT-MARKER-" + secrets.token_hex(8).encode()
     text_marker = marker.decode()
     root = mount.mnt
