@@ -673,10 +673,15 @@ class Operations(pyfuse3.Operations):
         backing = self._backing_xattr(name)
         self._xattr_call(inode, os.setxattr, backing, self.xattrs.seal_value(backing, value))
 
-    @_handler
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        # The kernel asks for security.capability before every write(): answer that
+        # at once (only user.* exists here) and keep the general path for user.*.
         if not name.startswith(USER_PREFIX):
             raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._get_user_xattr(inode, name)
+
+    @_handler
+    async def _get_user_xattr(self, inode: int, name: bytes) -> bytes:
         backing = self._backing_xattr(name)
         try:
             sealed = self._xattr_call(inode, os.getxattr, backing)

@@ -1,0 +1,957 @@
+"""kmsfs against gocryptfs and a plain directory, side by side (see scripts/bench).
+
+Sets up, under one fresh directory on the same disk: a keyd and a kmsfs mount, a
+gocryptfs mount, and a plain directory. Runs every workload on the three in turn
+(the order rotates each repetition), prints progress on stderr, then a table of
+medians with kmsfs's ratio to gocryptfs and to the plain directory (> 1 always means
+kmsfs is better), and writes the same to a JSON file. Everything it started is
+unmounted, stopped and removed at the end, also on failure or Ctrl-C.
+
+Workloads (--only takes these names, comma-separated):
+  seq        dd 1 MiB and 4 KiB sequential write (conv=fsync), cold and warm 1 MiB read;
+             CPU seconds of the mount process per GiB during each of them
+  randread   fio random 4 KiB reads on a 256 MiB file, psync, buffered, 1 and 4 jobs
+  randwrite  fio random 4 KiB writes, same
+  small      untar a tarball of the Python standard library (copies of it up to ~10k
+             files; no site-packages, __pycache__, config-*, lib-dynload), ls -lR,
+             read every file, rm -rf
+  keyd       GenerateDataKey and Decrypt round trips per second, 1 and 8 clients (kmsfs only)
+
+Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
+~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
+keyd 1 s, one copy of the stdlib, 1 repetition: about 1.5 minutes. Every figure is the
+median over the repetitions; all runs are in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+SYSTEMS = ("kmsfs", "gocryptfs", "plain")
+WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
+READ_AHEAD_KB = 1024
+MIB = 1 << 20
+GIB = 1 << 30
+
+T0 = time.monotonic()
+
+NOTES = [
+    "MB/s = 10^6 bytes/s as reported by dd; writes are from /dev/zero with conv=fsync "
+    "(the fsync is timed); before each timed step everything is synced",
+    "cold read: sync + drop_caches first; warm read: the same file read again at once",
+    "mount CPU: user+sys of the mount process (kmsfs mount -f / gocryptfs -fg) "
+    "per GiB moved, from /proc/PID/stat; kernel work in the caller is not in it",
+    "fio: psync, buffered (--direct=0); on the FUSE mounts --invalidate=1 (fio's default) "
+    "drops the test file's page cache at the mount at the start of each run while the "
+    "backing file stays cached; the plain directory is the page-cache reference "
+    "(--invalidate=0, file read in first, shorter runs)",
+    "small files: caches dropped before ls -lR and read-all (find -type f -exec cat); "
+    "untar and rm -rf are timed without a trailing sync; file names encrypted on both",
+    "keyd: scripts/bench_keyd.measure() on the mount's own keyd while the mount is idle",
+]
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def run(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command; raise BenchError with its stderr if it fails."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.run(list(cmd), text=True, **kwargs)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-5:]
+        raise BenchError(f"{' '.join(cmd)} exited {proc.returncode}: {' | '.join(tail)}")
+    return proc
+
+
+def timed(cmd: Sequence[str] | str, shell: bool = False) -> float:
+    """Wall-clock seconds of one command (stdout to /dev/null unless the shell redirects)."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        raise BenchError(f"{cmd} exited {proc.returncode}: {' | '.join(tail)}")
+    return elapsed
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# --- processes and mounts -------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU seconds of a process, its threads and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            fields = stats[current]
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo.extend(children.get(current, []))
+    return total
+
+
+def mounted_under(base: Path) -> list[str]:
+    found = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = line.split()[1].replace("\\040", " ")
+        if target == str(base) or target.startswith(str(base) + "/"):
+            found.append(target)
+    return found
+
+
+def set_read_ahead(mountpoint: Path) -> dict[str, Any]:
+    dev = os.stat(mountpoint).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    before = int(bdi.read_text())
+    bdi.write_text(f"{READ_AHEAD_KB}\n")
+    after = int(bdi.read_text())
+    return {"bdi": str(bdi.parent.name), "before_kb": before, "after_kb": after}
+
+
+def wait_for_mount(mountpoint: Path, proc: subprocess.Popen[bytes], what: str, log_path: Path):
+    deadline = time.monotonic() + 60
+    while not os.path.ismount(mountpoint):
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited {proc.returncode} before mounting: {tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not mount within 60 s: {tail(log_path)}")
+        time.sleep(0.05)
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, what: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        log(f"{what} (pid {proc.pid}) ignored SIGTERM for 15 s; killing it")
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def unmount(mountpoint: Path, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+    """Unmount (retrying while busy), then wait for the mount process to exit."""
+    for attempt in range(10):
+        if not os.path.ismount(mountpoint):
+            break
+        result = subprocess.run(
+            ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            break
+        if attempt == 9:
+            log(f"{what}: fusermount3 -u failed ({result.stderr.strip()}); lazy unmount")
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+        time.sleep(0.5)
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            log(f"{what} (pid {proc.pid}) still running 15 s after unmount; stopping it")
+            stop_process(proc, what)
+
+
+@dataclass
+class System:
+    name: str
+    root: Path  # where workloads read and write: a mountpoint or the plain directory
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def cpu(self) -> float | None:
+        return None if self.proc is None else cpu_seconds(self.proc.pid)
+
+    def check(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            raise BenchError(
+                f"{self.name} mount process exited {self.proc.returncode}: "
+                f"{tail(self.log_path) if self.log_path else ''}"
+            )
+        if not os.path.ismount(self.root):
+            raise BenchError(f"{self.name} is no longer mounted on {self.root}")
+
+
+@dataclass
+class Rig:
+    """Everything started for the run; close() undoes it all."""
+
+    base: Path
+    kmsfs_bin: str
+    systems: dict[str, System] = field(default_factory=dict)
+    keyd: subprocess.Popen[bytes] | None = None
+    keyd_socket: Path | None = None
+    key_alias: str = "alias/bench"
+    read_ahead: dict[str, Any] = field(default_factory=dict)
+
+    def start_keyd(self) -> None:
+        keyd_dir = self.base / "keyd"
+        keyd_dir.mkdir(mode=0o700)
+        keystore, root_key = keyd_dir / "keystore", keyd_dir / "root.key"
+        self.keyd_socket = keyd_dir / "keyd.sock"
+        run(
+            [self.kmsfs_bin, "keyd", "init", "--keystore", str(keystore)]
+            + ["--root-key-file", str(root_key)]
+        )
+        log_path = keyd_dir / "keyd.log"
+        with open(log_path, "wb") as log_file:
+            self.keyd = subprocess.Popen(
+                [self.kmsfs_bin, "keyd", "serve", "--keystore", str(keystore)]
+                + ["--root-key-file", str(root_key), "--socket", str(self.keyd_socket)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+            )
+        deadline = time.monotonic() + 30
+        while not self.keyd_socket.exists():
+            if self.keyd.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"keyd did not start: {tail(log_path)}")
+            time.sleep(0.05)
+        run(
+            [self.kmsfs_bin, "keys", "create", "--alias", self.key_alias]
+            + ["--keyd-socket", str(self.keyd_socket), "--description", "scripts/bench"]
+        )
+
+    def start_kmsfs(self) -> None:
+        assert self.keyd_socket is not None
+        cipher, mnt = self.base / "kmsfs.cipher", self.base / "kmsfs.mnt"
+        cipher.mkdir()
+        mnt.mkdir()
+        run(
+            [self.kmsfs_bin, "init", str(cipher), "--key", self.key_alias]
+            + ["--keyd-socket", str(self.keyd_socket)]
+        )
+        log_path = self.base / "kmsfs-mount.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
+                + ["--keyd-socket", str(self.keyd_socket)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.systems["kmsfs"] = System("kmsfs", mnt, proc, log_path)
+        wait_for_mount(mnt, proc, "kmsfs mount", log_path)
+        self.read_ahead["kmsfs"] = set_read_ahead(mnt)
+
+    def start_gocryptfs(self) -> None:
+        cipher, mnt = self.base / "gocryptfs.cipher", self.base / "gocryptfs.mnt"
+        cipher.mkdir()
+        mnt.mkdir()
+        passfile = self.base / "gocryptfs.pass"
+        passfile.write_text("bench passphrase\n")
+        passfile.chmod(0o600)
+        run(["gocryptfs", "-init", "-q", "-passfile", str(passfile), str(cipher)])
+        log_path = self.base / "gocryptfs.log"
+        with open(log_path, "wb") as log_file:
+            # -fg: we own the serving process (its pid gives the CPU figures)
+            proc = subprocess.Popen(
+                ["gocryptfs", "-fg", "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.systems["gocryptfs"] = System("gocryptfs", mnt, proc, log_path)
+        wait_for_mount(mnt, proc, "gocryptfs", log_path)
+        self.read_ahead["gocryptfs"] = set_read_ahead(mnt)
+
+    def start_plain(self) -> None:
+        plain = self.base / "plain"
+        plain.mkdir()
+        self.systems["plain"] = System("plain", plain)
+        dev = os.stat(plain).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        self.read_ahead["plain"] = {
+            "bdi": bdi.parent.name,
+            "before_kb": int(bdi.read_text()) if bdi.exists() else None,
+            "note": "left as is (the backing disk's own)",
+        }
+
+    def close(self) -> None:
+        for name in ("kmsfs", "gocryptfs"):
+            system = self.systems.get(name)
+            if system is not None:
+                try:
+                    unmount(system.root, system.proc, name)
+                except Exception as error:  # keep cleaning up the rest
+                    log(f"cleanup: unmounting {name} failed: {error}")
+        stop_process(self.keyd, "keyd")
+        left = mounted_under(self.base)
+        if left:
+            log(f"cleanup: still mounted, leaving {self.base} in place: {left}")
+            return
+        shutil.rmtree(self.base, ignore_errors=True)
+        if self.base.exists():
+            log(f"cleanup: could not remove {self.base} entirely")
+
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    runs: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, system: str, value: float) -> None:
+        self.runs.setdefault(system, []).append(value)
+
+    def median(self, system: str) -> float | None:
+        values = self.runs.get(system)
+        return statistics.median(values) if values else None
+
+    def ratio(self, other: str) -> float | None:
+        """kmsfs against `other`, oriented so that > 1 means kmsfs is better."""
+        mine, theirs = self.median("kmsfs"), self.median(other)
+        if mine is None or theirs is None or mine == 0 or theirs == 0:
+            return None
+        return mine / theirs if self.higher_is_better else theirs / mine
+
+
+class Results:
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+
+    def metric(self, key: str, label: str, unit: str, higher_is_better: bool) -> Metric:
+        if key not in self.metrics:
+            self.metrics[key] = Metric(key, label, unit, higher_is_better)
+        return self.metrics[key]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": m.key,
+                "workload": m.label,
+                "unit": m.unit,
+                "better": "higher" if m.higher_is_better else "lower",
+                "runs": m.runs,
+                "median": {s: m.median(s) for s in SYSTEMS if s in m.runs},
+                "kmsfs_vs_gocryptfs": m.ratio("gocryptfs"),
+                "kmsfs_vs_plain": m.ratio("plain"),
+            }
+            for m in self.metrics.values()
+        ]
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("s", "s/GiB"):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def table(results: Results) -> str:
+    head = [
+        "workload",
+        "unit",
+        "kmsfs",
+        "gocryptfs",
+        "plain",
+        "kmsfs vs gocryptfs",
+        "kmsfs vs plain",
+    ]
+    rows = [head]
+    for m in results.metrics.values():
+        ratios = [m.ratio("gocryptfs"), m.ratio("plain")]
+        rows.append(
+            [m.label, m.unit]
+            + [fmt(m.median(s), m.unit) for s in SYSTEMS]
+            + ["-" if r is None else f"{r:.2f}×" for r in ratios]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    rows.insert(1, ["-" * w if i < 2 else "-" * (w - 1) + ":" for i, w in enumerate(widths)])
+    lines = []
+    for row in rows:
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- workloads ----------------------------------------------------------------------
+
+
+def order(systems: list[System], rep: int) -> list[System]:
+    shift = rep % len(systems)
+    return systems[shift:] + systems[:shift]
+
+
+def dd_seconds(cmd: list[str], expect_bytes: int) -> float:
+    proc = run(cmd)
+    match = re.search(r"^(\d+) bytes .* copied, ([\d.e+-]+) s", proc.stderr, re.MULTILINE)
+    if not match:
+        raise BenchError(f"cannot parse dd output: {proc.stderr.strip()}")
+    if int(match.group(1)) != expect_bytes:
+        raise BenchError(f"{' '.join(cmd)} moved {match.group(1)} bytes, expected {expect_bytes}")
+    return float(match.group(2))
+
+
+def bench_seq(results: Results, systems: list[System], args: argparse.Namespace) -> None:
+    size = args.size * MIB
+    gib = size / GIB
+    unit_label = f"{args.size} MiB" if args.size != 1024 else "1 GiB"
+    w1m = results.metric("seq_write_1m", f"seq write {unit_label}, bs=1M", "MB/s", True)
+    w4k = results.metric("seq_write_4k", f"seq write {unit_label}, bs=4k", "MB/s", True)
+    rcold = results.metric("seq_read_cold", f"seq read {unit_label} cold, bs=1M", "MB/s", True)
+    rwarm = results.metric("seq_read_warm", f"seq read {unit_label} warm, bs=1M", "MB/s", True)
+    cw1m = results.metric("cpu_write_1m", "mount CPU, write bs=1M", "s/GiB", False)
+    cw4k = results.metric("cpu_write_4k", "mount CPU, write bs=4k", "s/GiB", False)
+    cr = results.metric("cpu_read_cold", "mount CPU, cold read bs=1M", "s/GiB", False)
+    crw = results.metric("cpu_read_warm", "mount CPU, warm read bs=1M", "s/GiB", False)
+    for rep in range(args.repeat):
+        for system in order(systems, rep):
+            system.check()
+            path = system.root / "seq.dat"
+            path.unlink(missing_ok=True)
+            os.sync()
+            cpu0 = system.cpu()
+            seconds = dd_seconds(
+                ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={args.size}", "conv=fsync"],
+                size,
+            )
+            cpu1 = system.cpu()
+            w1m.add(system.name, size / seconds / 1e6)
+            drop_caches()
+            cpu2 = system.cpu()
+            cold = dd_seconds(["dd", f"if={path}", "of=/dev/null", "bs=1M"], size)
+            cpu3 = system.cpu()
+            rcold.add(system.name, size / cold / 1e6)
+            warm = dd_seconds(["dd", f"if={path}", "of=/dev/null", "bs=1M"], size)
+            cpu_warm = system.cpu()
+            rwarm.add(system.name, size / warm / 1e6)
+            path.unlink()
+            os.sync()
+            cpu4 = system.cpu()
+            seconds4k = dd_seconds(
+                ["dd", "if=/dev/zero", f"of={path}", "bs=4k", f"count={args.size * 256}"]
+                + ["conv=fsync"],
+                size,
+            )
+            cpu5 = system.cpu()
+            w4k.add(system.name, size / seconds4k / 1e6)
+            path.unlink()
+            cpu_note = ""
+            if cpu0 is not None:
+                assert cpu1 is not None and cpu2 is not None and cpu3 is not None
+                assert cpu4 is not None and cpu5 is not None and cpu_warm is not None
+                cw1m.add(system.name, (cpu1 - cpu0) / gib)
+                cr.add(system.name, (cpu3 - cpu2) / gib)
+                crw.add(system.name, (cpu_warm - cpu3) / gib)
+                cw4k.add(system.name, (cpu5 - cpu4) / gib)
+                cpu_note = (
+                    f"; mount CPU s/GiB write {(cpu1 - cpu0) / gib:.2f}, "
+                    f"cold read {(cpu3 - cpu2) / gib:.2f}, "
+                    f"warm read {(cpu_warm - cpu3) / gib:.2f}, write 4k {(cpu5 - cpu4) / gib:.2f}"
+                )
+            log(
+                f"seq {rep + 1}/{args.repeat} {system.name}: write 1M {size / seconds / 1e6:.0f}, "
+                f"cold read {size / cold / 1e6:.0f}, warm read {size / warm / 1e6:.0f}, "
+                f"write 4k {size / seconds4k / 1e6:.0f} MB/s{cpu_note}"
+            )
+
+
+def fio_iops(
+    path: Path, rw: str, jobs: int, seconds: int, size_mib: int, invalidate: bool
+) -> float:
+    cmd = [
+        "fio",
+        f"--name={rw}",
+        f"--filename={path}",
+        f"--size={size_mib}M",
+        f"--rw={rw}",
+        "--bs=4k",
+        "--ioengine=psync",
+        "--direct=0",
+        f"--numjobs={jobs}",
+        "--group_reporting",
+        "--time_based",
+        f"--runtime={seconds}",
+        f"--invalidate={int(invalidate)}",
+        "--output-format=json",
+    ]
+    proc = run(cmd)
+    text = proc.stdout
+    try:
+        report = json.loads(text[text.index("{") :])
+    except ValueError as error:
+        raise BenchError(f"cannot parse fio output: {error}: {text[:300]!r}") from error
+    job = report["jobs"][0]
+    if job.get("error"):
+        raise BenchError(f"fio {rw} on {path} reported error {job['error']}")
+    direction = "read" if rw == "randread" else "write"
+    return float(job[direction]["iops"])
+
+
+def bench_fio(results: Results, systems: list[System], args: argparse.Namespace, rw: str) -> None:
+    what = "read" if rw == "randread" else "write"
+    for system in systems:  # lay the files out once, untimed
+        system.check()
+        path = system.root / "fio.dat"
+        if not path.exists() or path.stat().st_size != args.fio_size * MIB:
+            run(
+                ["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={args.fio_size}"]
+                + ["conv=fsync"]
+            )
+    for rep in range(args.repeat):
+        for jobs in (1, 4):
+            metric = results.metric(
+                f"{rw}_{jobs}j",
+                f"fio random {what} 4k, {jobs} job{'s' if jobs > 1 else ''}",
+                "IOPS",
+                True,
+            )
+            for system in order(systems, rep):
+                system.check()
+                os.sync()
+                path = system.root / "fio.dat"
+                if system.name == "plain":
+                    # the reference: the file served from the page cache, as the FUSE
+                    # daemons' backing files are (invalidating it would measure the disk)
+                    run(["cat", str(path)], stdout=subprocess.DEVNULL)
+                    iops = fio_iops(path, rw, jobs, args.plain_fio_seconds, args.fio_size, False)
+                else:
+                    iops = fio_iops(path, rw, jobs, args.fio_seconds, args.fio_size, True)
+                metric.add(system.name, iops)
+                log(f"{rw} {rep + 1}/{args.repeat} {jobs} job(s) {system.name}: {iops:.0f} IOPS")
+
+
+def build_tarball(base: Path, target_files: int) -> tuple[Path, int, int]:
+    """A tarball of the Python standard library, repeated until it holds target_files files."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    skip_dirs = {"site-packages", "dist-packages", "__pycache__"}
+    members: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in skip_dirs and not d.startswith("config-") and d != "lib-dynload"
+        )
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                members.append(path)
+    if not members:
+        raise BenchError(f"no files found in the standard library at {stdlib}")
+    copies = max(1, round(target_files / len(members)))
+    tarball = base / "stdlib.tar"
+    total_bytes = 0
+    with tarfile.open(tarball, "w") as tar:
+        for copy in range(copies):
+            for path in members:
+                arcname = f"stdlib-{copy + 1}/{path.relative_to(stdlib)}"
+                tar.add(path, arcname=arcname, recursive=False)
+                total_bytes += path.stat().st_size
+    log(
+        f"tarball: {copies} cop{'ies' if copies > 1 else 'y'} of {stdlib} "
+        f"({len(members)} files each, no site-packages/__pycache__/config-*/lib-dynload): "
+        f"{copies * len(members)} files, {total_bytes / MIB:.0f} MiB"
+    )
+    return tarball, copies * len(members), total_bytes
+
+
+def count_files(root: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(root))
+
+
+def bench_small(
+    results: Results, systems: list[System], args: argparse.Namespace, tar_info: dict[str, Any]
+) -> None:
+    tarball, expected = Path(tar_info["path"]), int(tar_info["files"])
+
+    def untar(tree: Path) -> float:
+        return timed(["tar", "-xf", str(tarball), "-C", str(tree)])
+
+    def list_all(tree: Path) -> float:
+        return timed(["ls", "-lR", str(tree)])
+
+    def read_all(tree: Path) -> float:
+        return timed(["find", str(tree), "-type", "f", "-exec", "cat", "{}", "+"])
+
+    def remove_all(tree: Path) -> float:
+        return timed(["rm", "-rf", str(tree)])
+
+    # (key, label, timed step, drop caches first)
+    steps: list[tuple[str, str, Callable[[Path], float], bool]] = [
+        ("untar", "untar stdlib", untar, False),
+        ("ls", "ls -lR (cold)", list_all, True),
+        ("readall", "read every file (cold)", read_all, True),
+        ("rm", "rm -rf", remove_all, False),
+    ]
+    label_files = f"{expected} files"
+    metrics = {
+        key: results.metric(f"small_{key}", f"{label} ({label_files})", "s", False)
+        for key, label, _, _ in steps
+    }
+    for rep in range(args.repeat):
+        for system in order(systems, rep):
+            system.check()
+            tree = system.root / "small"
+            if tree.exists():
+                shutil.rmtree(tree)
+            tree.mkdir()
+            shown = []
+            for key, _, step, cold in steps:
+                if key == "ls":  # untimed check that the untar is complete
+                    found = count_files(tree)
+                    if found != expected:
+                        raise BenchError(f"{system.name}: untar left {found} of {expected} files")
+                if cold:
+                    drop_caches()
+                else:
+                    os.sync()
+                seconds = step(tree)
+                metrics[key].add(system.name, seconds)
+                shown.append(f"{key} {seconds:.2f}")
+            if tree.exists():
+                raise BenchError(f"{system.name}: rm -rf left {tree} behind")
+            log(f"small {rep + 1}/{args.repeat} {system.name}: {', '.join(shown)} s")
+
+
+def bench_keyd(results: Results, rig: Rig, args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    bench_keyd_module = importlib.import_module("bench_keyd")
+    from kmsfs.kms.client import KMSClient
+
+    assert rig.keyd_socket is not None
+    socket_path = str(rig.keyd_socket)
+    context = {"kmsfs:file-id": "bench"}
+    with KMSClient(socket_path) as client:
+        key_id = client.call("DescribeKey", {"KeyId": rig.key_alias})["KeyMetadata"]["KeyId"]
+        blob = client.generate_data_key(key_id, encryption_context=context)["CiphertextBlob"]
+    for rep in range(args.repeat):
+        for operation in ("GenerateDataKey", "Decrypt"):
+            for clients in (1, 8):
+                metric = results.metric(
+                    f"keyd_{operation}_{clients}c",
+                    f"keyd {operation}, {clients} client{'s' if clients > 1 else ''}",
+                    "req/s",
+                    True,
+                )
+                rate = bench_keyd_module.measure(
+                    socket_path, operation, key_id, blob, clients, args.keyd_seconds
+                )
+                metric.add("kmsfs", rate)
+                log(f"keyd {rep + 1}/{args.repeat} {operation} {clients} client(s): {rate:.0f}/s")
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+def version_of(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    try:
+        import cryptography
+
+        crypto_version = cryptography.__version__
+    except ImportError:
+        crypto_version = "?"
+    try:
+        import pyfuse3
+
+        pyfuse3_version = getattr(pyfuse3, "__version__", "?")
+    except ImportError:
+        pyfuse3_version = "?"
+    git = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cryptography": crypto_version,
+        "pyfuse3": pyfuse3_version,
+        "gocryptfs": version_of(["gocryptfs", "-version"]),
+        "fio": version_of(["fio", "--version"]),
+        "kmsfs_commit": git.stdout.strip() or "?",
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="kmsfs vs gocryptfs vs a plain directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a ~2-minute subset: 256 MiB sequential, fio 5 s (plain 2 s), keyd 1 s, "
+        "~2000 small files (one copy of the stdlib), 1 repetition (explicit options still win)",
+    )
+    parser.add_argument("--size", type=int, help="sequential file size in MiB (1024; quick 256)")
+    parser.add_argument("--repeat", type=int, help="repetitions per workload (3; quick 1)")
+    parser.add_argument("--only", help=f"comma-separated workloads: {','.join(WORKLOADS)}")
+    parser.add_argument("--fio-seconds", type=int, help="seconds per fio run (20; quick 5)")
+    parser.add_argument(
+        "--plain-fio-seconds",
+        type=int,
+        help="seconds per fio run on the plain directory, the page-cache reference (3; quick 2)",
+    )
+    parser.add_argument("--fio-size", type=int, default=256, help="fio file size in MiB (256)")
+    parser.add_argument(
+        "--keyd-seconds", type=float, help="seconds per keyd measurement (1.5; quick 1)"
+    )
+    parser.add_argument(
+        "--files", type=int, help="small-file tarball size in files (10000; quick 2000)"
+    )
+    parser.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="parent of the scratch directory (backing dirs and plain dir); must be a real disk",
+    )
+    parser.add_argument(
+        "--json-out",
+        help="where to write the JSON results "
+        f"(default {Path(tempfile.gettempdir()) / 'kmsfs-bench-results.json'})",
+    )
+    args = parser.parse_args(argv)
+    defaults: dict[str, float] = {
+        "size": 1024,
+        "repeat": 3,
+        "fio_seconds": 20,
+        "plain_fio_seconds": 3,
+        "keyd_seconds": 1.5,
+        "files": 10000,
+    }
+    if args.quick:
+        defaults.update(
+            size=256, repeat=1, fio_seconds=5, plain_fio_seconds=2, keyd_seconds=1.0, files=2000
+        )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.workloads = list(WORKLOADS) if not args.only else args.only.split(",")
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {','.join(WORKLOADS)}")
+    if args.json_out is None:
+        args.json_out = str(Path(tempfile.gettempdir()) / "kmsfs-bench-results.json")
+    if args.repeat < 1 or args.size < 1:
+        parser.error("--repeat and --size must be at least 1")
+    return args
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted ({error or 'Ctrl-C'})"
+    return f"{type(error).__name__}: {error}"
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("scripts/bench: run as root (mounts, drop_caches, read_ahead_kb)", file=sys.stderr)
+        return 2
+    for tool in ("fio", "gocryptfs", "fusermount3", "dd", "tar"):
+        if shutil.which(tool) is None:
+            print(f"scripts/bench: {tool} is missing (scripts/bench installs it)", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+    kmsfs_bin = str(Path(sys.executable).parent / "kmsfs")
+    base = Path(tempfile.mkdtemp(prefix="kmsfs-bench-", dir=args.workdir))
+    fstype = run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(base)]).stdout.strip()
+    started = time.monotonic()
+    rig = Rig(base, kmsfs_bin)
+    results = Results()
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine_info(),
+        "settings": {
+            "quick": args.quick,
+            "workloads": args.workloads,
+            "size_mib": args.size,
+            "repeat": args.repeat,
+            "fio_seconds": args.fio_seconds,
+            "plain_fio_seconds": args.plain_fio_seconds,
+            "fio_size_mib": args.fio_size,
+            "keyd_seconds": args.keyd_seconds,
+            "workdir": str(base),
+            "workdir_fstype": fstype,
+            "kmsfs_file_names": "encrypted (kmsfs init default)",
+            "gocryptfs_file_names": "encrypted (gocryptfs default)",
+        },
+    }
+    error: BaseException | None = None
+    try:
+        machine = report["machine"]
+        log(
+            f"scratch directory {base} ({fstype}); {machine['cpu']}, {machine['cores']} cores, "
+            f"Python {machine['python']}, cryptography {machine['cryptography']}, "
+            f"pyfuse3 {machine['pyfuse3']}, kmsfs {machine['kmsfs_commit']}"
+        )
+        if fstype in ("tmpfs", "ramfs"):
+            log(f"warning: {base} is on {fstype}, not a disk; use --workdir")
+        rig.start_keyd()
+        rig.start_kmsfs()
+        rig.start_gocryptfs()
+        rig.start_plain()
+        report["read_ahead"] = rig.read_ahead
+        log(
+            f"mounted kmsfs and gocryptfs; read_ahead_kb set to {READ_AHEAD_KB} on both "
+            f"(kmsfs was {rig.read_ahead['kmsfs']['before_kb']}, "
+            f"gocryptfs was {rig.read_ahead['gocryptfs']['before_kb']})"
+        )
+        systems = [rig.systems[name] for name in SYSTEMS]
+        if "small" in args.workloads:
+            tarball, files, total = build_tarball(base, args.files)
+            report["tarball"] = {"path": str(tarball), "files": files, "bytes": total}
+        for workload in args.workloads:
+            log(f"--- {workload}")
+            if workload == "seq":
+                bench_seq(results, systems, args)
+            elif workload in ("randread", "randwrite"):
+                bench_fio(results, systems, args, workload)
+            elif workload == "small":
+                bench_small(results, systems, args, report["tarball"])
+            elif workload == "keyd":
+                bench_keyd(results, rig, args)
+        for system in systems:
+            system.check()
+    except BaseException as caught:  # report, clean up, then fail
+        error = caught
+        log(f"FAILED: {describe(caught)}")
+    finally:
+        mount_log = rig.systems["kmsfs"].log_path if "kmsfs" in rig.systems else None
+        if mount_log is not None and mount_log.exists():
+            lines = mount_log.read_text(errors="replace").splitlines()
+            report["kmsfs_mount_log_lines"] = len(lines)
+            report["kmsfs_mount_log_problems"] = [
+                line for line in lines if re.search(r"ERROR|WARNING|CRITICAL|Traceback", line)
+            ][:50]
+            report["kmsfs_mount_log_tail"] = lines[-40:]
+        log("cleaning up")
+        rig.close()
+    runtime = time.monotonic() - started
+    report["runtime_seconds"] = round(runtime, 1)
+    report["results"] = results.to_json()
+    report["notes"] = NOTES
+    if error is not None:
+        report["error"] = describe(error)
+    json_path = Path(args.json_out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    machine = report["machine"]
+    print(
+        f"kmsfs vs gocryptfs vs plain directory — {report['date']}, {machine['cpu']}, "
+        f"{machine['cores']} cores, {machine['memory_gib']} GiB, kernel {machine['kernel']}, "
+        f"{fstype} backing; gocryptfs {machine['gocryptfs'].split(';')[0].split()[-1]}, "
+        f"Python {machine['python']}, kmsfs {machine['kmsfs_commit']}"
+    )
+    print(
+        f"medians of {args.repeat} run(s); read_ahead_kb={READ_AHEAD_KB} on both FUSE mounts; "
+        f"fio {args.fio_seconds} s per run (plain {args.plain_fio_seconds} s), "
+        f"{args.fio_size} MiB file, psync, buffered"
+    )
+    print(
+        "ratios are oriented so that > 1 means kmsfs is better: throughput kmsfs/other, "
+        "times and CPU other/kmsfs"
+    )
+    print()
+    print(table(results))
+    print()
+    for note in NOTES:
+        print(f"- {note}")
+    print(f"runtime {runtime:.0f} s; JSON in {json_path}")
+    problems = report.get("kmsfs_mount_log_problems", [])
+    if problems:
+        print(f"kmsfs mount log: {len(problems)} warning/error line(s), e.g.:")
+        for line in problems[:10]:
+            print(f"  {line}")
+    if error is not None:
+        print(f"FAILED: {describe(error)}", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
