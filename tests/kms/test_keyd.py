@@ -31,6 +31,21 @@ def _create(keyd: Keyd, alias: str | None = None) -> str:
     return json.loads(keyd.kmsfs(*args).stdout)["KeyMetadata"]["KeyId"]
 
 
+def _serve_expecting_failure(keyd: Keyd) -> subprocess.CompletedProcess[bytes]:
+    """``kmsfs keyd serve`` with the keyd's own keystore and key file, expected to refuse."""
+    return keyd.kmsfs(
+        "keyd",
+        "serve",
+        "--keystore",
+        str(keyd.keystore),
+        "--root-key-file",
+        str(keyd.root_key),
+        "--socket",
+        str(keyd.socket),
+        check=False,
+    )
+
+
 def _one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
     assert result.returncode != 0
     lines = result.stderr.decode().strip().splitlines()
@@ -329,17 +344,7 @@ def test_refuses_writable_keystore(keyd_factory) -> None:
     keyd = keyd_factory()
     keyd.init()
     os.chmod(keyd.keystore, 0o777)
-    result = keyd.kmsfs(
-        "keyd",
-        "serve",
-        "--keystore",
-        str(keyd.keystore),
-        "--root-key-file",
-        str(keyd.root_key),
-        "--socket",
-        str(keyd.socket),
-        check=False,
-    )
+    result = _serve_expecting_failure(keyd)
     line = _one_error_line(result)
     assert "writable by group or others" in line
 
@@ -349,17 +354,7 @@ def test_root_key_file_is_private(keyd_factory) -> None:
     keyd.init()
     assert stat.S_IMODE(os.stat(keyd.root_key).st_mode) == 0o600
     os.chmod(keyd.root_key, 0o644)
-    result = keyd.kmsfs(
-        "keyd",
-        "serve",
-        "--keystore",
-        str(keyd.keystore),
-        "--root-key-file",
-        str(keyd.root_key),
-        "--socket",
-        str(keyd.socket),
-        check=False,
-    )
+    result = _serve_expecting_failure(keyd)
     assert "chmod 600" in _one_error_line(result)
 
 
