@@ -566,7 +566,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         for warning in report.warnings:
             record.setdefault("Warnings", []).append(warning)
     if args.json:
-        print_json({k: v for k, v in record.items()})
+        print_json(record)
     else:
         print_record({k: ("-" if v is None else v) for k, v in record.items()})
     if report is not None and not report.ok:

@@ -207,12 +207,12 @@ async def _raise_read_ahead(mountpoint: Path) -> None:
         log.debug("%s is not in /proc/self/mountinfo", mountpoint)
         return
     setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
-    for _ in range(50):  # until the INIT reply has been processed and ours sticks
+    for attempt in range(50):  # until the INIT reply has been processed and ours sticks
         await trio.sleep(0.05)
         try:
             if setting.read_text().strip() != str(READ_AHEAD_KB):
                 setting.write_text(str(READ_AHEAD_KB))
-            elif _ > 3:
+            elif attempt > 3:
                 return
         except OSError as error:
             log.debug("cannot raise the mount's read-ahead: %s", error)
