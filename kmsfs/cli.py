@@ -721,6 +721,10 @@ def _root_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--passphrase-fd", type=int, help=argparse.SUPPRESS)
 
 
+def _context_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--context", action="append", metavar="KEY=VALUE", help=help_text)
+
+
 def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keyd-socket", help="keyd's socket (default: $KMSFS_KEYD_SOCKET or the per-user default)"
@@ -737,12 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     encrypt_file.add_argument("src")
     encrypt_file.add_argument("dst")
     encrypt_file.add_argument("--key", required=True, help="key id, ARN or alias/NAME")
-    encrypt_file.add_argument(
-        "--context",
-        action="append",
-        metavar="KEY=VALUE",
-        help="encryption context pair (repeatable)",
-    )
+    _context_option(encrypt_file, "encryption context pair (repeatable)")
     encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
     encrypt_file.add_argument("--keyd-socket", help="keyd's socket")
     encrypt_file.set_defaults(func=cmd_encrypt)
@@ -750,12 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
     decrypt_file.add_argument("src")
     decrypt_file.add_argument("dst")
-    decrypt_file.add_argument(
-        "--context",
-        action="append",
-        metavar="KEY=VALUE",
-        help="require this encryption context pair",
-    )
+    _context_option(decrypt_file, "require this encryption context pair")
     decrypt_file.add_argument("--keyd-socket", help="keyd's socket")
     decrypt_file.add_argument(
         "--cipherdir",
@@ -782,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_file.add_argument(
         "--verify", action="store_true", help="authenticate every chunk (needs keyd)"
     )
-    inspect_file.add_argument("--context", action="append", metavar="KEY=VALUE")
+    _context_option(inspect_file, "require this encryption context pair")
     inspect_file.add_argument("--keyd-socket", help="keyd's socket")
     inspect_file.add_argument("--json", action="store_true", help="print JSON")
     inspect_file.set_defaults(func=cmd_inspect)
@@ -919,22 +913,12 @@ def build_parser() -> argparse.ArgumentParser:
         "encrypt", "encrypt stdin (<= 4096 bytes) to stdout", cmd_keys_encrypt, positional_key=False
     )
     encrypt.add_argument("--key", required=True, help="key id, ARN or alias")
-    encrypt.add_argument(
-        "--context",
-        action="append",
-        metavar="KEY=VALUE",
-        help="encryption context pair (repeatable)",
-    )
+    _context_option(encrypt, "encryption context pair (repeatable)")
     decrypt = key_command(
         "decrypt", "decrypt stdin to stdout", cmd_keys_decrypt, positional_key=False
     )
     decrypt.add_argument("--key", help="require this key")
-    decrypt.add_argument(
-        "--context",
-        action="append",
-        metavar="KEY=VALUE",
-        help="encryption context pair (repeatable)",
-    )
+    _context_option(decrypt, "encryption context pair (repeatable)")
     alias = keys.add_parser("alias", help="create/update/delete/list aliases")
     _client_options(alias)
     alias.add_argument("action", choices=["create", "update", "delete", "list"])

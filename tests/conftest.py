@@ -70,25 +70,22 @@ class Keyd:
             "keyd", "init", "--keystore", str(self.keystore), "--root-key-file", str(self.root_key)
         )
 
-    def start(self, *extra: str) -> None:
+    def serve_args(self, *extra: str, root_key: bool = True) -> list[str]:
+        """``keyd serve`` on this keyd's keystore and socket (and root key file)."""
+        args = ["keyd", "serve", "--keystore", str(self.keystore), "--socket", str(self.socket)]
+        if root_key:
+            args += ["--root-key-file", str(self.root_key)]
+        return [*args, *extra]
+
+    def start(self, *extra: str, root_key: bool = True, env: dict[str, str] | None = None) -> None:
         assert self.process is None or self.process.poll() is not None
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [
-                    *KMSFS,
-                    "keyd",
-                    "serve",
-                    "--keystore",
-                    str(self.keystore),
-                    "--root-key-file",
-                    str(self.root_key),
-                    "--socket",
-                    str(self.socket),
-                    *extra,
-                ],
+                [*KMSFS, *self.serve_args(*extra, root_key=root_key)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env=env,
             )
         self.wait_ready()
 

@@ -182,6 +182,15 @@ def _fresh(path: str) -> None:
         pass
 
 
+def _timed_writes(engine: EncryptedFile, size: int, data: memoryview) -> float:
+    """MB/s of writing ``size`` bytes sequentially, ``len(data)`` at a time, then flush."""
+    start = time.perf_counter()
+    for offset in range(0, size, len(data)):
+        engine.write(offset, data)
+    engine.flush()
+    return size / (time.perf_counter() - start) / MB
+
+
 def engine_seal(path: str, size: int, chunk_size: int, request: int) -> float:
     """MB/s of sequential ``request``-sized writes through the engine into a new file."""
     provider = _PROVIDER
@@ -192,14 +201,9 @@ def engine_seal(path: str, size: int, chunk_size: int, request: int) -> float:
         engine = EncryptedFile.open(
             fd, key_provider=provider, key_id="bench", chunk_size=chunk_size
         )
-        start = time.perf_counter()
-        for offset in range(0, size, request):
-            engine.write(offset, data)
-        engine.flush()
-        elapsed = time.perf_counter() - start
+        return _timed_writes(engine, size, data)
     finally:
         os.close(fd)
-    return size / elapsed / MB
 
 
 def engine_overwrite(path: str, size: int, request: int) -> float:
@@ -208,14 +212,9 @@ def engine_overwrite(path: str, size: int, request: int) -> float:
     fd = os.open(path, os.O_RDWR)
     try:
         engine = EncryptedFile.open(fd, key_provider=_PROVIDER)
-        start = time.perf_counter()
-        for offset in range(0, size, request):
-            engine.write(offset, data)
-        engine.flush()
-        elapsed = time.perf_counter() - start
+        return _timed_writes(engine, size, data)
     finally:
         os.close(fd)
-    return size / elapsed / MB
 
 
 def codec_seal(size: int, chunk_size: int, request: int) -> float:

@@ -25,7 +25,13 @@ _KEY_SCHEDULE_INFO = b"kmsfs format v1 key schedule"
 
 @runtime_checkable
 class DataKeyProvider(Protocol):
-    """Where data keys come from: keyd (GenerateDataKey / Decrypt) or a test fake."""
+    """Where data keys come from: keyd (GenerateDataKey / Decrypt) or a test fake.
+
+    A provider may also offer ``take_prepared_key(key_id, stored_context) ->
+    (file_id, data_key, wrapped_key, key_arn)``: a key made ahead of time for a file id
+    it chose, bound to ``full_context(file_id, stored_context)``. When present, a new
+    header uses it instead of :meth:`generate_data_key` (the mount's pool of keys).
+    """
 
     def generate_data_key(
         self, key_id: str, encryption_context: dict[str, str]

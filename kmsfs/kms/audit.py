@@ -397,9 +397,9 @@ def _read_last_link(path: Path) -> tuple[int, str]:
     return link.seq, link.digest
 
 
-def _line_start(f: BinaryIO, end: int) -> int | None:
+def _line_start(f: BinaryIO, end: int, limit: int | None = MAX_LINE_BYTES) -> int | None:
     """Offset just after the last newline before *end* (0 if none); None if the line
-    would be longer than MAX_LINE_BYTES."""
+    would be longer than *limit* (no limit: ``None``)."""
     pos = end
     while pos > 0:
         size = min(_BLOCK, pos)
@@ -408,8 +408,8 @@ def _line_start(f: BinaryIO, end: int) -> int | None:
         index = f.read(size).rfind(b"\n")
         if index >= 0:
             start = pos + index + 1
-            return start if end - start <= MAX_LINE_BYTES else None
-        if end - pos > MAX_LINE_BYTES:
+            return start if limit is None or end - start <= limit else None
+        if limit is not None and end - pos > limit:
             return None
     return 0
 
@@ -853,7 +853,7 @@ def tail(
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from exc
     with f:
         size = os.fstat(f.fileno()).st_size
-        end = _last_newline_end(f, size)  # just after the last complete line
+        end = _line_start(f, size, limit=None) or 0  # just after the last complete line
         if n:
             newest: list[dict[str, Any]] = []
             for raw in _lines_backward(f, end):
@@ -866,18 +866,6 @@ def tail(
         if not follow:
             return
         yield from _follow(f, path, end, key, event_name, poll_interval, stop)
-
-
-def _last_newline_end(f: BinaryIO, size: int) -> int:
-    pos = size
-    while pos > 0:
-        step = min(_BLOCK, pos)
-        pos -= step
-        f.seek(pos)
-        index = f.read(step).rfind(b"\n")
-        if index >= 0:
-            return pos + index + 1
-    return 0
 
 
 def _lines_backward(f: BinaryIO, end: int) -> Iterator[bytes]:

@@ -953,3 +953,13 @@ def test_reused_backing_inode_numbers_get_new_fuse_numbers(workdir: Path) -> Non
         [sys.executable, "-c", script, str(workdir)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_mount_raises_its_read_ahead_for_large_reads(shared_mount: Mount) -> None:
+    """The kernel's FUSE READ size follows the mount's read-ahead: kmsfs sets 1 MiB."""
+    device = os.stat(shared_mount.mnt).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    deadline = time.monotonic() + 10
+    while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert setting.read_text().strip() == "1024"

@@ -21,7 +21,7 @@ from kmsfs.errors import (
     KMSInvalidStateException,
     NotFoundException,
 )
-from tests.conftest import KMSFS, Keyd, run_kmsfs
+from tests.conftest import Keyd, run_kmsfs
 
 
 def _create(keyd: Keyd, alias: str | None = None) -> str:
@@ -33,17 +33,7 @@ def _create(keyd: Keyd, alias: str | None = None) -> str:
 
 def _serve_expecting_failure(keyd: Keyd) -> subprocess.CompletedProcess[bytes]:
     """``kmsfs keyd serve`` with the keyd's own keystore and key file, expected to refuse."""
-    return keyd.kmsfs(
-        "keyd",
-        "serve",
-        "--keystore",
-        str(keyd.keystore),
-        "--root-key-file",
-        str(keyd.root_key),
-        "--socket",
-        str(keyd.socket),
-        check=False,
-    )
+    return keyd.kmsfs(*keyd.serve_args(), check=False)
 
 
 def _one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -269,17 +259,7 @@ def test_kill_9_during_create_burst_loses_no_returned_key(live_keyd: Keyd) -> No
 def test_daemon_mode_and_stop(keyd_factory) -> None:
     keyd = keyd_factory()
     keyd.init()
-    result = keyd.kmsfs(
-        "keyd",
-        "serve",
-        "-d",
-        "--keystore",
-        str(keyd.keystore),
-        "--root-key-file",
-        str(keyd.root_key),
-        "--socket",
-        str(keyd.socket),
-    )
+    result = keyd.kmsfs(*keyd.serve_args("-d"))
     assert b"keyd running as pid" in result.stdout
     pid = int(result.stdout.split(b"pid ")[1].split()[0])
     try:
@@ -304,38 +284,13 @@ def test_passphrase_keystore_and_wrong_passphrase(keyd_factory) -> None:
     bad.write_text("wrong\n")
     keyd.kmsfs("keyd", "init", "--keystore", str(keyd.keystore), "--passphrase-file", str(good))
     failed = keyd.kmsfs(
-        "keyd",
-        "serve",
-        "--keystore",
-        str(keyd.keystore),
-        "--passphrase-file",
-        str(bad),
-        "--socket",
-        str(keyd.socket),
-        check=False,
+        *keyd.serve_args("--passphrase-file", str(bad), root_key=False), check=False
     )
     line = _one_error_line(failed)
     assert "wrong passphrase" in line
     assert failed.returncode == 5
     # The environment variable names the passphrase file too.
-    env = {**keyd.env, "KMSFS_PASSPHRASE_FILE": str(good)}
-    with open(keyd.log_path, "ab") as log:
-        keyd.process = subprocess.Popen(
-            [
-                *KMSFS,
-                "keyd",
-                "serve",
-                "--keystore",
-                str(keyd.keystore),
-                "--socket",
-                str(keyd.socket),
-            ],
-            env=env,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-    keyd.wait_ready()
+    keyd.start(root_key=False, env={**keyd.env, "KMSFS_PASSPHRASE_FILE": str(good)})
     with keyd.client() as client:
         assert client.call("ListKeys", {})["Keys"] == []
 
