@@ -656,6 +656,16 @@ def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
     return read_only, allow_other
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative: {value}")
+    return value
+
+
 def cmd_mount(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
     from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
@@ -669,6 +679,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
     )
+    if args.busy_poll_us is not None:
+        options.busy_poll_seconds = args.busy_poll_us / 1e6
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
     if args.foreground:
         logging.basicConfig(
@@ -686,6 +698,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         "--key-cache-seconds",
         str(args.key_cache_seconds),
     ]
+    if args.busy_poll_us is not None:
+        argv += ["--busy-poll-us", str(args.busy_poll_us)]
     for option in args.options or []:
         argv += ["-o", option]
     if args.keyd_socket:
@@ -817,6 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="keep a file's data key this long after its last close (60)",
+    )
+    mount.add_argument(
+        "--busy-poll-us",
+        type=_non_negative_int,
+        metavar="US",
+        help="after each request, keep polling for the next one this many microseconds "
+        "before sleeping: faster small synchronous I/O for some CPU (0: never; default 1000)",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -10,8 +10,16 @@ opens its chunks in one loop over one buffer.
 one sealed as *final*) is kept as plaintext in memory once a write touches it, and is only
 sealed and written by :meth:`flush` — or, sealed as non-final, when a later write grows the
 file past it. Sequential appends therefore seal every chunk exactly once and small
-appends cost no I/O at all until ``flush``. Until then the backing file does not show the
-last chunk: call ``flush`` (or ``fsync``) before anyone else looks at it.
+appends cost no I/O at all until ``flush``.
+
+**The held chunk.** A write inside one interior chunk (not the tail) is merged into a
+plaintext copy of that chunk kept in memory, and the chunk is sealed and written only
+when a write goes to another chunk, or by ``flush``/``truncate``. Random small writes
+arrive sorted by offset from the kernel's writeback (about half of them, measured with
+fio, land in the same 64 KiB chunk as the one before): each of those costs no I/O and no
+sealing instead of a read, open, seal and write of the whole chunk. Reads see the held
+chunk. Until ``flush`` (or ``fsync``) the backing file shows neither the tail nor the held
+chunk: flush before anyone else looks at it.
 
 Not thread-safe: one writer per backing file, requests serialised by the caller.
 """
@@ -103,6 +111,8 @@ class EncryptedFile:
         self._writable = writable
         self._tail: bytearray | None = None  # plaintext of the last chunk, when held
         self._tail_dirty = False  # the held tail differs from (or is missing on) disk
+        self._held_index = -1  # an interior chunk whose newer plaintext is only in memory
+        self._held: bytearray | None = None
         self._closed = False
 
     @classmethod
@@ -181,7 +191,11 @@ class EncryptedFile:
     @property
     def dirty(self) -> bool:
         """Whether writes are held in memory that :meth:`flush` has yet to write."""
-        return self._tail_dirty or (self._size > 0 and not self._header_on_disk)
+        return (
+            self._tail_dirty
+            or self._held is not None
+            or (self._size > 0 and not self._header_on_disk)
+        )
 
     # ------------------------------------------------------------------------- read
     def read(self, offset: int, size: int) -> bytes:
@@ -236,6 +250,12 @@ class EncryptedFile:
             tail_start = tail_index * chunk_size
             low = max(offset, tail_start)
             dest[low - offset : end - offset] = self._tail[low - tail_start : end - tail_start]
+        held = self._held
+        if held is not None and first <= self._held_index <= last:
+            held_start = self._held_index * chunk_size
+            low = max(offset, held_start)
+            high = min(end, held_start + chunk_size)
+            dest[low - offset : high - offset] = held[low - held_start : high - held_start]
         return end - offset
 
     # ------------------------------------------------------------------------ write
@@ -285,6 +305,10 @@ class EncryptedFile:
             self._tail_dirty = True
             self._size = new_size
             return
+        if first == last < old_tail:
+            self._write_held(first, offset - first * chunk_size, source)
+            return
+        self._write_back_held()
 
         # Build every chunk first (copies, never the held tail itself), write, and only
         # then change state: a failed read or write leaves the engine as it was.
@@ -347,6 +371,7 @@ class EncryptedFile:
         if size == old_size:
             self.flush()
             return
+        self._write_back_held()
         if size == 0:
             os.ftruncate(self._fd, 0)
             self._disk_size = 0
@@ -388,6 +413,7 @@ class EncryptedFile:
         """Seal and write the held tail chunk (final) and trim the backing file."""
         if self._closed or not self._writable:
             return
+        self._write_back_held()
         if self._tail is not None and self._tail_dirty:
             tail_index = (self._size - 1) // self._chunk_size
             self._write_run(tail_index, [self._tail], final=True)
@@ -411,7 +437,7 @@ class EncryptedFile:
                 self.flush()
             finally:
                 self._closed = True
-                self._tail = None
+                self._tail = self._held = None
 
     def __enter__(self) -> EncryptedFile:
         return self
@@ -482,6 +508,26 @@ class EncryptedFile:
         if len(plaintext) < self._chunk_size:
             plaintext.extend(bytes(self._chunk_size - len(plaintext)))
         return plaintext
+
+    def _write_held(self, index: int, low: int, source: memoryview) -> None:
+        """Merge a write inside interior chunk ``index`` into the held copy of that chunk."""
+        held = self._held
+        if held is None or self._held_index != index:
+            if low == 0 and len(source) == self._chunk_size:
+                fresh = bytearray(source)  # the whole chunk: nothing to read
+            else:
+                fresh = self._chunk_copy(index)
+            self._write_back_held()  # may fail: then nothing has changed
+            held = self._held = fresh
+            self._held_index = index
+        held[low : low + len(source)] = source
+
+    def _write_back_held(self) -> None:
+        """Seal and write the held interior chunk, if any, and let it go."""
+        if self._held is not None:
+            self._write_run(self._held_index, [self._held], final=False)
+            self._held = None
+            self._held_index = -1
 
     def _write_header(self) -> None:
         if not self._header_on_disk:

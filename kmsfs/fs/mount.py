@@ -22,6 +22,7 @@ from kmsfs.fs.config import FsConfig, load_config, write_new_config
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
+from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.tree import CipherTree
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
 
@@ -93,6 +94,7 @@ class MountOptions:
     keyd_socket: str | None = None
     debug: bool = False
     key_cache_seconds: float = 60.0
+    busy_poll_seconds: float = DEFAULT_WINDOW
 
 
 def fuse_options(options: MountOptions) -> set[str]:
@@ -159,6 +161,7 @@ async def _serve(
             metadata_key,
             CipherTree(root, names),
             read_only=options.read_only,
+            poller=BusyPoller(options.busy_poll_seconds),
         )
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(options))
@@ -171,6 +174,7 @@ async def _serve(
             report_ready(ready_fd)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
+                nursery.start_soon(operations.poller.run)
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 await pyfuse3.main()

@@ -39,6 +39,7 @@ from kmsfs.format.header import read_header
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
+from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 
@@ -79,6 +80,7 @@ def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
     @functools.wraps(method)
     async def wrapper(self: Operations, *args: Any) -> T:
+        self.poller.note_request()
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
@@ -139,8 +141,10 @@ class Operations(pyfuse3.Operations):
         tree: CipherTree,
         *,
         read_only: bool = False,
+        poller: BusyPoller | None = None,
     ) -> None:
         super().__init__()
+        self.poller = poller if poller is not None else BusyPoller(0)
         self.config = config
         self.keys = keys
         self.read_only = read_only
@@ -676,6 +680,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
         # The kernel asks for security.capability before every write(): answer that
         # at once (only user.* exists here) and keep the general path for user.*.
+        self.poller.note_request()
         if not name.startswith(USER_PREFIX):
             raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._get_user_xattr(inode, name)

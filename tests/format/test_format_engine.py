@@ -217,6 +217,92 @@ def test_growth_reseals_the_old_tail_once(provider: FakeKeyProvider) -> None:
     os.close(fd)
 
 
+def _backing(fd: int) -> bytes:
+    return os.pread(fd, disk_size(fd), 0)
+
+
+def test_writes_inside_one_interior_chunk_are_held_and_sealed_once(provider) -> None:
+    fd = memfd()
+    engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=64)
+    model = bytearray(pattern(1, 5 * 64))
+    engine.write(0, model)
+    engine.flush()
+    seals, before = engine.seal_count, _backing(fd)
+    for step in range(10):  # small writes all over chunk 1: memory only
+        offset = 64 + (step * 7) % 60
+        engine.write(offset, bytes([step]) * 3)
+        model[offset : offset + 3] = bytes([step]) * 3
+        assert engine.read(0, 400) == bytes(model)
+    assert engine.dirty and engine.seal_count == seals and _backing(fd) == before
+    engine.write(3 * 64 + 5, b"XY")  # another chunk: chunk 1 is written, chunk 3 held
+    model[3 * 64 + 5 : 3 * 64 + 7] = b"XY"
+    assert engine.seal_count == seals + 1
+    after = _backing(fd)
+    chunk_1 = slice(cipher_offset(1, 64), cipher_offset(2, 64))
+    assert after[chunk_1] != before[chunk_1]
+    assert after[: chunk_1.start] == before[: chunk_1.start]
+    assert after[chunk_1.stop :] == before[chunk_1.stop :]
+    engine.write(3 * 64, b"z" * 64)  # the whole held chunk, rewritten
+    model[3 * 64 : 4 * 64] = b"z" * 64
+    engine.close()
+    assert engine.seal_count == seals + 2 and not engine.dirty
+    reopened = EncryptedFile.open(fd, key_provider=provider)
+    assert reopened.read(0, 400) == bytes(model)
+    assert verify(fd, key_provider=provider).ok
+    os.close(fd)
+
+
+@pytest.mark.parametrize("then", ["truncate_inside", "truncate_grow", "span", "reopen"])
+def test_the_held_chunk_is_written_before_anything_that_reads_the_disk(provider, then) -> None:
+    fd = memfd()
+    engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=64)
+    model = bytearray(pattern(2, 4 * 64 + 10))
+    engine.write(0, model)
+    engine.write(70, b"held")
+    model[70:74] = b"held"
+    if then == "truncate_inside":  # the held chunk becomes the tail
+        engine.truncate(72)
+        del model[72:]
+    elif then == "truncate_grow":
+        engine.truncate(9 * 64)
+        model.extend(bytes(9 * 64 - len(model)))
+    elif then == "span":  # a write across chunks 0-2 merges with the held chunk 1
+        engine.write(60, b"s" * 8)
+        engine.write(120, b"t" * 20)
+        model[60:68] = b"s" * 8
+        model[120:140] = b"t" * 20
+    engine.close()
+    reopened = EncryptedFile.open(fd, key_provider=provider)
+    assert reopened.read(0, 1000) == bytes(model)
+    assert verify(fd, key_provider=provider).ok
+    os.close(fd)
+
+
+def test_a_failed_write_back_keeps_the_held_chunk(provider, monkeypatch) -> None:
+    fd = memfd()
+    engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=64)
+    model = bytearray(pattern(3, 4 * 64))
+    engine.write(0, model)
+    engine.flush()
+    engine.write(70, b"first")
+    model[70:75] = b"first"
+    real_pwritev = os.pwritev
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_module.os, "pwritev", full_disk)
+    with pytest.raises(OSError):
+        engine.write(140, b"second")  # chunk 1 must be written first: the disk is full
+    assert engine.read(0, 300) == bytes(model)  # nothing lost, nothing half-applied
+    monkeypatch.setattr(file_module.os, "pwritev", real_pwritev)
+    engine.write(140, b"second")
+    model[140:146] = b"second"
+    engine.close()
+    assert EncryptedFile.open(fd, key_provider=provider).read(0, 300) == bytes(model)
+    os.close(fd)
+
+
 def test_truncate_to_zero_removes_the_header_and_keeps_the_key(provider: FakeKeyProvider) -> None:
     fd = memfd()
     engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=64)

@@ -1,0 +1,80 @@
+"""Busy polling of /dev/fuse while requests keep coming.
+
+Why: a FUSE request from a process doing synchronous I/O (one 4 KiB ``pread`` after
+another) costs a full sleep/wake cycle of the mount: trio blocks in ``epoll_wait``, the
+kernel queues the request, wakes the mount (an inter-processor interrupt on a VM), and
+the scheduler switches it in. Measured on a 2-core VM with a pyfuse3 filesystem that
+does nothing: 16–18k reads/s sleeping between requests, 26–29k reads/s when the loop
+keeps polling instead. The same idea as the kernel's own poll-before-halt idle drivers
+(cpuidle-haltpoll) and NAPI busy polling, kept to one place here.
+
+How: after each request the poller keeps trio's scheduler turning (a checkpoint per
+turn, so every turn ends in a non-blocking ``epoll_wait``) for ``window`` seconds; a
+request within the window restarts it. When the window passes with no request the
+poller parks and the mount sleeps in ``epoll_wait`` as before: an idle mount uses no
+CPU. Each turn also calls ``sched_yield`` so that keyd or the application, if they
+share the core, get it back at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import trio
+
+DEFAULT_WINDOW = 0.001
+
+
+class BusyPoller:
+    """Spin the event loop for ``window`` seconds after the last request (0: never)."""
+
+    __slots__ = ("window", "requests", "turns", "_parked", "_clock", "_yield_cpu")
+
+    def __init__(
+        self,
+        window: float = DEFAULT_WINDOW,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        yield_cpu: Callable[[], None] = os.sched_yield,
+    ) -> None:
+        if window < 0:
+            raise ValueError("the busy-poll window cannot be negative")
+        self.window = window
+        self.requests = 0  # requests seen, for the poller and for tests
+        self.turns = 0  # scheduler turns spent polling, for tests
+        self._parked: trio.Event | None = None
+        self._clock = clock
+        self._yield_cpu = yield_cpu
+
+    def note_request(self) -> None:
+        """Called at the start of every request: wakes a parked poller."""
+        self.requests += 1
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            parked.set()
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    async def run(self) -> None:
+        if self.window <= 0:
+            return
+        clock = self._clock
+        while True:
+            parked = self._parked = trio.Event()
+            await parked.wait()
+            seen = self.requests
+            deadline = clock() + self.window
+            while True:
+                self._yield_cpu()
+                await trio.lowlevel.checkpoint()
+                self.turns += 1
+                if self.requests != seen:
+                    seen = self.requests
+                    deadline = clock() + self.window
+                elif clock() >= deadline:
+                    break

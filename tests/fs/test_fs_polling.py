@@ -1,0 +1,138 @@
+"""The busy poller (``kmsfs/fs/polling.py``): spins only while requests keep coming."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from kmsfs.fs.polling import BusyPoller
+from tests.conftest import KMSFS
+from tests.fs.helpers import Mount, MountFactory
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def test_a_negative_window_is_refused() -> None:
+    with pytest.raises(ValueError):
+        BusyPoller(-0.001)
+
+
+def test_window_zero_never_polls() -> None:
+    async def main() -> None:
+        poller = BusyPoller(0)
+        with trio.fail_after(5):
+            await poller.run()  # returns at once
+        poller.note_request()
+        assert poller.turns == 0
+
+    trio.run(main)
+
+
+def test_polls_after_a_request_until_the_window_passes_then_sleeps() -> None:
+    clock = FakeClock()
+    yields: list[int] = []
+
+    async def main() -> None:
+        poller = BusyPoller(0.001, clock=clock, yield_cpu=lambda: yields.append(1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await _settle()
+            assert poller.parked and poller.turns == 0  # idle: no turns at all
+
+            poller.note_request()
+            for _ in range(50):  # within the window: it keeps turning
+                await trio.lowlevel.checkpoint()
+            assert not poller.parked
+            spun = poller.turns
+            assert spun >= 40 and len(yields) >= spun  # and gives the CPU away each turn
+
+            clock.now += 0.0005
+            poller.note_request()  # a request inside the window restarts it
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+            clock.now += 0.0007  # 1.2 ms after the first request, 0.7 ms after the second
+            for _ in range(20):
+                await trio.lowlevel.checkpoint()
+            assert not poller.parked and poller.turns > spun
+
+            clock.now += 0.0004  # the window has passed: park
+            with trio.fail_after(5):
+                await _settle()
+            assert poller.parked
+            parked_at = poller.turns
+            await trio.sleep(0.05)
+            assert poller.turns == parked_at  # a parked poller costs nothing
+
+            poller.note_request()  # and wakes on the next request
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+            assert poller.turns > parked_at
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_then_idle_cpu(mount: Mount) -> float:
+    """CPU seconds the mount uses in the 1.5 s after a burst of small reads."""
+    path = mount.mnt / "f"
+    path.write_bytes(os.urandom(256 << 10))
+    assert mount.process is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for index in range(2000):  # synchronous small I/O: the poller's case
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert len(os.pread(fd, 4096, (index * 4096) % (256 << 10))) == 4096
+    finally:
+        os.close(fd)
+    time.sleep(0.2)  # the window is 1 ms: long gone
+    before = _cpu_seconds(mount.process.pid)
+    time.sleep(1.5)
+    return _cpu_seconds(mount.process.pid) - before
+
+
+def test_an_idle_mount_stops_polling(mounts: MountFactory) -> None:
+    """After the last request the mount parks: an idle mount uses no CPU.
+
+    A poller that never parked would use about 1 CPU second per second here.
+    """
+    mount = mounts.mount()
+    assert _busy_then_idle_cpu(mount) < 0.5, mount.log()
+
+
+def test_busy_polling_can_be_turned_off(mounts: MountFactory) -> None:
+    mount = mounts.mount(None, None, "--busy-poll-us", "0")
+    assert _busy_then_idle_cpu(mount) < 0.5, mount.log()
+    assert mount.process is not None and mount.alive
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "cannot be negative"), ("x", "whole")])
+def test_a_bad_busy_poll_value_is_a_usage_error(tmp_path: Path, value: str, message: str) -> None:
+    result = subprocess.run(
+        [*KMSFS, "mount", "-f", str(tmp_path), str(tmp_path), "--busy-poll-us", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
