@@ -24,8 +24,10 @@ class FakeClock:
         return self.now
 
 
-async def _settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
+async def _parked() -> None:
+    """Return once the poller is parked: a 10 ms quiet spell that its turns would reset."""
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked(0.01)
 
 
 def test_a_negative_window_is_refused() -> None:
@@ -52,37 +54,48 @@ def test_polls_after_a_request_until_the_window_passes_then_sleeps() -> None:
         poller = BusyPoller(0.001, clock=clock, yield_cpu=lambda: yields.append(1))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(poller.run)
-            await _settle()
+            await _parked()
             assert poller.parked and poller.turns == 0  # idle: no turns at all
 
             poller.note_request()
-            for _ in range(50):  # within the window: it keeps turning
-                await trio.lowlevel.checkpoint()
+            await trio.sleep(0.02)  # real time; the poller's clock stands still
             assert not poller.parked
             spun = poller.turns
-            assert spun >= 40 and len(yields) >= spun  # and gives the CPU away each turn
+            assert spun >= 5 and len(yields) >= spun  # and gives the CPU away each turn
 
             clock.now += 0.0005
             poller.note_request()  # a request inside the window restarts it
-            for _ in range(5):
-                await trio.lowlevel.checkpoint()
+            await trio.sleep(0.01)
             clock.now += 0.0007  # 1.2 ms after the first request, 0.7 ms after the second
-            for _ in range(20):
-                await trio.lowlevel.checkpoint()
+            await trio.sleep(0.01)
             assert not poller.parked and poller.turns > spun
 
             clock.now += 0.0004  # the window has passed: park
-            with trio.fail_after(5):
-                await _settle()
-            assert poller.parked
+            await _parked()
             parked_at = poller.turns
             await trio.sleep(0.05)
             assert poller.turns == parked_at  # a parked poller costs nothing
 
             poller.note_request()  # and wakes on the next request
-            for _ in range(5):
-                await trio.lowlevel.checkpoint()
+            await trio.sleep(0.01)
             assert poller.turns > parked_at
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_no_turns_while_other_tasks_keep_the_loop_busy() -> None:
+    async def main() -> None:
+        poller = BusyPoller(0.001, clock=FakeClock(), yield_cpu=lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await _parked()
+            poller.note_request()
+            await trio.sleep(0.01)
+            before = poller.turns
+            for _ in range(200):  # runnable all along, as when requests queue up
+                await trio.lowlevel.checkpoint()
+            assert poller.turns == before
             nursery.cancel_scope.cancel()
 
     trio.run(main)
