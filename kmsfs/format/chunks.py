@@ -31,7 +31,15 @@ Buffer = Any  # bytes, bytearray, memoryview: anything with the buffer protocol
 class ChunkCodec:
     """Seals and opens the chunks of one file (one key, one file id, one chunk size)."""
 
-    __slots__ = ("chunk_size", "stored_size", "seal_count", "_aead", "_file_id", "_hole_key")
+    __slots__ = (
+        "chunk_size",
+        "stored_size",
+        "seal_count",
+        "_aead",
+        "_file_id",
+        "_hole_key",
+        "_scratch",
+    )
 
     def __init__(self, keys: FileKeys, chunk_size: int) -> None:
         self.chunk_size = check_chunk_size(chunk_size)
@@ -41,6 +49,8 @@ class ChunkCodec:
         self._aead = AESGCM(keys.chunk_key)
         self._file_id = keys.file_id
         self._hole_key = keys.hole_key
+        #: plaintext of the last chunk opened by :meth:`open_part` (one chunk, reused)
+        self._scratch: memoryview | None = None
 
     # ------------------------------------------------------------------------ helpers
     def aad(self, chunk_index: int, flags: int) -> bytes:
@@ -159,6 +169,32 @@ class ChunkCodec:
                 plain += chunk_size
         for j in range(max(fast_high, fast_low), count):
             self._open_one(view, first_index, j, dest, skip, want_end, final_index)
+
+    def open_part(self, stored_chunk: memoryview, index: int, dest: memoryview, skip: int) -> None:
+        """Open full-length, non-final chunk ``index`` and copy plaintext ``[skip, …)`` to ``dest``.
+
+        The shortcut of one small read inside one chunk (the general case is
+        :meth:`open_into`, which this falls back to for holes and failures).
+        """
+        nonce = stored_chunk[:NONCE_SIZE]
+        if nonce == ZERO_NONCE:
+            self.open_into(stored_chunk, index, dest, skip, -1)
+            return
+        aad = self._file_id + index.to_bytes(8, "big") + b"\x00"
+        body = stored_chunk[NONCE_SIZE:]
+        try:
+            if skip == 0 and len(dest) == self.chunk_size:
+                self._aead.decrypt_into(nonce, body, aad, dest)
+            else:
+                scratch = self._scratch
+                if scratch is None:
+                    scratch = self._scratch = memoryview(bytearray(self.chunk_size))
+                self._aead.decrypt_into(nonce, body, aad, scratch)
+                dest[:] = scratch[skip : skip + len(dest)]
+        except InvalidTag:
+            if self._scratch is not None:
+                self._scratch[:] = bytes(self.chunk_size)
+            self._fail(dest, self.diagnose(index, stored_chunk, 0))
 
     def _open_one(
         self,

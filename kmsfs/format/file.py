@@ -230,6 +230,16 @@ class EncryptedFile:
         first = offset // chunk_size
         last = (end - 1) // chunk_size
         tail_index = (size - 1) // chunk_size
+        if first == last < tail_index and first != self._held_index:
+            # the hot path of small random reads: inside one full chunk on disk
+            stored = self._stored_size
+            self._require_codec().open_part(
+                self._pread(HEADER_SIZE + first * stored, stored),
+                first,
+                dest[: end - offset],
+                offset - first * chunk_size,
+            )
+            return end - offset
         held_tail = self._tail is not None and last == tail_index
         disk_end = tail_index if held_tail else last + 1
         codec = self._require_codec()

@@ -83,17 +83,20 @@ def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
         self.poller.note_request()
         try:
             return await method(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as error:
-            raise pyfuse3.FUSEError(_errno_of(error)) from None
-        except KmsfsError as error:
-            raise pyfuse3.FUSEError(_errno_of(error)) from None
-        except Exception:
-            log.exception("internal error in %s", method.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as error:
+            raise _fuse_error(method.__name__, error) from None
 
     return wrapper
+
+
+def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
+    """What a request's exception becomes: its errno; unexpected ones are logged."""
+    if isinstance(error, pyfuse3.FUSEError):
+        return error
+    if isinstance(error, (OSError, KmsfsError)):
+        return pyfuse3.FUSEError(_errno_of(error))
+    log.error("internal error in %s", handler, exc_info=error)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 class OpenFile:
@@ -553,23 +556,27 @@ class Operations(pyfuse3.Operations):
         self._handles[handle] = open_file
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    @_handler
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
-        open_file = self._handles[fh]
-        count = min(size, open_file.engine.size - off)
-        if count <= 0:
-            return b""
-        # One scratch buffer for every read: pyfuse3 copies the reply to the kernel
-        # as soon as this returns, before any other request runs.
-        if len(self._read_buffer) < count:
-            self._read_buffer = bytearray(count)
-        view = memoryview(self._read_buffer)[:count]
+        # The busiest handler: its own copy of _handler's two lines, one coroutine less.
+        self.poller.note_request()
         try:
-            open_file.engine.readinto(off, view)
-        except FormatError as error:
-            self._read_error(open_file, error)
-            raise
-        return view
+            open_file = self._handles[fh]
+            count = min(size, open_file.engine.size - off)
+            if count <= 0:
+                return b""
+            # One scratch buffer for every read: pyfuse3 copies the reply to the kernel
+            # as soon as this returns, before any other request runs.
+            if len(self._read_buffer) < count:
+                self._read_buffer = bytearray(count)
+            view = memoryview(self._read_buffer)[:count]
+            try:
+                open_file.engine.readinto(off, view)
+            except FormatError as error:
+                self._read_error(open_file, error)
+                raise
+            return view
+        except Exception as error:
+            raise _fuse_error("read", error) from None
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -182,6 +182,31 @@ def test_a_bit_flip_in_any_nonce_ciphertext_or_tag_byte(
             )
 
 
+def test_small_reads_inside_one_chunk_catch_every_flip_and_leave_no_plaintext(
+    provider: FakeKeyProvider, original: tuple[bytes, bytes]
+) -> None:
+    """The engine's shortcut for a read inside one full chunk (the mount's random reads)."""
+    data, ciphertext = original
+    for chunk_index in range(3):  # the full, non-final chunks
+        for offset in (3, 12 + 30, STORED - 1):  # nonce, ciphertext, tag
+            fd = os.memfd_create("t")
+            try:
+                os.pwrite(fd, flip(ciphertext, cipher_offset(chunk_index, CHUNK) + offset), 0)
+                engine = EncryptedFile.open(fd, key_provider=provider, writable=False)
+                for start, length in ((0, CHUNK), (5, 20), (CHUNK - 1, 1)):
+                    buffer = bytearray(b"\xaa" * length)
+                    with pytest.raises(CorruptChunk) as caught:
+                        engine.readinto(chunk_index * CHUNK + start, buffer)
+                    assert caught.value.chunk_index == chunk_index
+                    assert buffer == bytes(length)  # wiped, not left with plaintext
+                scratch = engine._codec._scratch  # type: ignore[union-attr]
+                assert scratch is None or bytes(scratch) == bytes(CHUNK)
+                other = (chunk_index + 1) % 3  # the other chunks still read
+                assert engine.read(other * CHUNK + 5, 20) == data[other * CHUNK + 5 :][:20]
+            finally:
+                os.close(fd)
+
+
 def test_two_chunks_swapped(provider, original, tmp_path: Path) -> None:
     _, ciphertext = original
     a, b = cipher_offset(0, CHUNK), cipher_offset(1, CHUNK)
