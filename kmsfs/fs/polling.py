@@ -16,6 +16,14 @@ request within the window restarts it. When the window passes with no request th
 poller parks and the mount sleeps in ``epoll_wait`` as before: an idle mount uses no
 CPU. Each turn also calls ``sched_yield`` so that keyd or the application, if they
 share the core, get it back at once.
+
+The window adapts as cpuidle-haltpoll's poll time does (Documentation/virt/guest-halt-
+polling.rst): it doubles, up to ``window``, whenever a request arrives while polling or
+soon after the poller gave up, and halves, down to ``window / 16``, whenever a poll ends
+with no request. Requests that come further apart than the window (a cold read waiting
+on the disk, a writer limited by the page cache) therefore cost a short spin each, not a
+whole window: on a cold 512 MiB read the mount used 2.2 s of CPU per GiB with a fixed
+1 ms window against 0.3–0.9 s without polling.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import trio
 import trio.testing
 
 DEFAULT_WINDOW = 0.001
+#: the adaptive window never shrinks below window / SHRINK_FLOOR
+SHRINK_FLOOR = 16
 
 
 class BusyPoller:
-    """Spin the event loop for ``window`` seconds after the last request (0: never)."""
+    """Spin the event loop for up to ``window`` seconds after a request (0: never)."""
 
-    __slots__ = ("window", "requests", "turns", "_parked", "_clock", "_yield_cpu")
+    __slots__ = ("window", "current", "requests", "turns", "_parked", "_clock", "_yield_cpu")
 
     def __init__(
         self,
@@ -45,6 +55,7 @@ class BusyPoller:
         if window < 0:
             raise ValueError("the busy-poll window cannot be negative")
         self.window = window
+        self.current = window  # the adaptive poll time, window / SHRINK_FLOOR .. window
         self.requests = 0  # requests seen, for the poller and for tests
         self.turns = 0  # scheduler turns spent polling, for tests
         self._parked: trio.Event | None = None
@@ -69,9 +80,12 @@ class BusyPoller:
         clock = self._clock
         while True:
             parked = self._parked = trio.Event()
+            parked_at = clock()
             await parked.wait()
+            if clock() - parked_at < self.window:
+                self._grow()  # gave up too early: the request came soon after
             seen = self.requests
-            deadline = clock() + self.window
+            deadline = clock() + self.current
             while True:
                 self._yield_cpu()
                 # (public in trio.testing; the scheduler's idle hook, see the docstring)
@@ -79,6 +93,11 @@ class BusyPoller:
                 self.turns += 1
                 if self.requests != seen:
                     seen = self.requests
-                    deadline = clock() + self.window
+                    self._grow()
+                    deadline = clock() + self.current
                 elif clock() >= deadline:
+                    self.current = max(self.window / SHRINK_FLOOR, self.current / 2)
                     break
+
+    def _grow(self) -> None:
+        self.current = min(self.window, self.current * 2)

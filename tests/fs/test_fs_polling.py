@@ -149,3 +149,37 @@ def test_a_bad_busy_poll_value_is_a_usage_error(tmp_path: Path, value: str, mess
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_the_window_halves_when_polls_find_nothing_and_doubles_when_they_do() -> None:
+    """cpuidle-haltpoll's rule: sparse requests cost a short spin each, not a whole window."""
+    clock = FakeClock()
+
+    async def main() -> None:
+        poller = BusyPoller(0.0016, clock=clock, yield_cpu=lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await _parked()
+            sizes = []
+            for _ in range(6):  # requests 10 ms apart: every poll times out
+                clock.now += 0.010
+                poller.note_request()
+                await trio.sleep(0.005)
+                clock.now += poller.current + 1e-9
+                await _parked()
+                sizes.append(round(poller.current * 1e6))
+            assert sizes == [800, 400, 200, 100, 100, 100]  # down to window / 16
+
+            poller.note_request()  # a request soon after parking: grow
+            await trio.sleep(0.005)
+            assert round(poller.current * 1e6) == 200
+            poller.note_request()  # and while polling: grow again
+            await trio.sleep(0.005)
+            assert round(poller.current * 1e6) == 400
+            for _ in range(5):
+                poller.note_request()
+                await trio.sleep(0.002)
+            assert round(poller.current * 1e6) == 1600  # never above the window
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
