@@ -23,6 +23,7 @@ from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
+from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
 
@@ -162,6 +163,7 @@ async def _serve(
             CipherTree(root, names),
             read_only=options.read_only,
             poller=BusyPoller(options.busy_poll_seconds),
+            prefetcher=Prefetcher(),
         )
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(options))
@@ -184,6 +186,7 @@ async def _serve(
                 nursery.cancel_scope.cancel()
         finally:
             operations.close_all()
+            operations.prefetcher.stop()
             keys.forget_all()
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", mountpoint)

@@ -40,6 +40,7 @@ from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.polling import BusyPoller
+from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 
@@ -102,7 +103,7 @@ def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
 class OpenFile:
     """Per-inode state while any handle is open: the backing fd and the engine."""
 
-    __slots__ = ("node", "fd", "engine", "provider", "refs", "path_hint")
+    __slots__ = ("node", "fd", "engine", "provider", "refs", "path_hint", "stream")
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class OpenFile:
         self.provider = provider
         self.refs = 0
         self.path_hint = path_hint
+        self.stream = Stream()  # the sequential reader, for the prefetcher
 
 
 class DirHandle:
@@ -145,9 +147,11 @@ class Operations(pyfuse3.Operations):
         *,
         read_only: bool = False,
         poller: BusyPoller | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         super().__init__()
         self.poller = poller if poller is not None else BusyPoller(0)
+        self.prefetcher = prefetcher if prefetcher is not None else Prefetcher(ahead=0)
         self.config = config
         self.keys = keys
         self.read_only = read_only
@@ -305,6 +309,7 @@ class Operations(pyfuse3.Operations):
         try:
             open_file.engine.close()
         finally:
+            self.prefetcher.forget(open_file.stream)
             os.close(open_file.fd)
             node.open_file = None
             header = open_file.engine.header
@@ -569,11 +574,16 @@ class Operations(pyfuse3.Operations):
             if len(self._read_buffer) < count:
                 self._read_buffer = bytearray(count)
             view = memoryview(self._read_buffer)[:count]
+            engine = open_file.engine
             try:
-                open_file.engine.readinto(off, view)
+                engine.readinto(off, view)
             except FormatError as error:
                 self._read_error(open_file, error)
                 raise
+            if count >= SEQUENTIAL_MIN:
+                self.prefetcher.after_read(
+                    open_file.stream, open_file.fd, off, count, engine.chunk_size
+                )
             return view
         except Exception as error:
             raise _fuse_error("read", error) from None
