@@ -28,7 +28,7 @@ def _open_fds() -> set[str]:
 
 def test_sequential_large_reads_are_read_ahead_and_the_fd_is_closed(tmp_path: Path) -> None:
     backing = tmp_path / "backing"
-    backing.write_bytes(os.urandom(HEADER_SIZE + 256 * (CHUNK + CHUNK_OVERHEAD)))
+    backing.write_bytes(os.urandom(HEADER_SIZE + 512 * (CHUNK + CHUNK_OVERHEAD)))
     before = _open_fds()
     fd = os.open(backing, os.O_RDONLY)
     prefetcher = Prefetcher()
