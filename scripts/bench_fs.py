@@ -156,6 +156,15 @@ def set_read_ahead(mountpoint: Path) -> dict[str, Any]:
     return {"bdi": str(bdi.parent.name), "before_kb": before, "after_kb": after}
 
 
+def start_logged(cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a daemon with its output in ``log_path``, in its own session: Ctrl-C reaches
+    only us, and we stop what we started in order."""
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            list(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def wait_for_mount(mountpoint: Path, proc: subprocess.Popen[bytes], what: str, log_path: Path):
     deadline = time.monotonic() + 60
     while not os.path.ismount(mountpoint):
@@ -252,14 +261,11 @@ class Rig:
             + ["--root-key-file", str(root_key)]
         )
         log_path = keyd_dir / "keyd.log"
-        with open(log_path, "wb") as log_file:
-            self.keyd = subprocess.Popen(
-                [self.kmsfs_bin, "keyd", "serve", "--keystore", str(keystore)]
-                + ["--root-key-file", str(root_key), "--socket", str(self.keyd_socket)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
-            )
+        self.keyd = start_logged(
+            [self.kmsfs_bin, "keyd", "serve", "--keystore", str(keystore)]
+            + ["--root-key-file", str(root_key), "--socket", str(self.keyd_socket)],
+            log_path,
+        )
         deadline = time.monotonic() + 30
         while not self.keyd_socket.exists():
             if self.keyd.poll() is not None or time.monotonic() > deadline:
@@ -280,14 +286,11 @@ class Rig:
             + ["--keyd-socket", str(self.keyd_socket)]
         )
         log_path = self.base / "kmsfs-mount.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
-                + ["--keyd-socket", str(self.keyd_socket)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(
+            [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
+            + ["--keyd-socket", str(self.keyd_socket)],
+            log_path,
+        )
         self.systems["kmsfs"] = System("kmsfs", mnt, proc, log_path)
         wait_for_mount(mnt, proc, "kmsfs mount", log_path)
         self.read_ahead["kmsfs"] = set_read_ahead(mnt)
@@ -301,14 +304,11 @@ class Rig:
         passfile.chmod(0o600)
         run(["gocryptfs", "-init", "-q", "-passfile", str(passfile), str(cipher)])
         log_path = self.base / "gocryptfs.log"
-        with open(log_path, "wb") as log_file:
-            # -fg: we own the serving process (its pid gives the CPU figures)
-            proc = subprocess.Popen(
-                ["gocryptfs", "-fg", "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        # -fg: we own the serving process (its pid gives the CPU figures)
+        proc = start_logged(
+            ["gocryptfs", "-fg", "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
+            log_path,
+        )
         self.systems["gocryptfs"] = System("gocryptfs", mnt, proc, log_path)
         wait_for_mount(mnt, proc, "gocryptfs", log_path)
         self.read_ahead["gocryptfs"] = set_read_ahead(mnt)

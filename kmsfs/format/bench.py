@@ -217,13 +217,18 @@ def engine_overwrite(path: str, size: int, request: int) -> float:
         os.close(fd)
 
 
-def codec_seal(size: int, chunk_size: int, request: int) -> float:
-    """MB/s of the engine's own sealing path (ChunkCodec.seal_into, nonces included), no I/O."""
-    keys = FileKeys.derive(os.urandom(32), os.urandom(16))
-    codec = ChunkCodec(keys, chunk_size)
+def _codec_run(chunk_size: int, request: int) -> tuple[ChunkCodec, int, list[memoryview]]:
+    """A codec under a fresh key and one request's worth of random chunk plaintexts."""
+    codec = ChunkCodec(FileKeys.derive(os.urandom(32), os.urandom(16)), chunk_size)
     per_request = max(1, request // chunk_size)
     source = memoryview(os.urandom(per_request * chunk_size))
     plaintexts = [source[j * chunk_size : (j + 1) * chunk_size] for j in range(per_request)]
+    return codec, per_request, plaintexts
+
+
+def codec_seal(size: int, chunk_size: int, request: int) -> float:
+    """MB/s of the engine's own sealing path (ChunkCodec.seal_into, nonces included), no I/O."""
+    codec, per_request, plaintexts = _codec_run(chunk_size, request)
     out = memoryview(bytearray(per_request * (chunk_size + CHUNK_OVERHEAD)))
     rounds = size // (per_request * chunk_size)
     start = time.perf_counter()
@@ -234,11 +239,7 @@ def codec_seal(size: int, chunk_size: int, request: int) -> float:
 
 def codec_open(size: int, chunk_size: int, request: int) -> float:
     """MB/s of the engine's own opening path (ChunkCodec.open_into), no I/O."""
-    keys = FileKeys.derive(os.urandom(32), os.urandom(16))
-    codec = ChunkCodec(keys, chunk_size)
-    per_request = max(1, request // chunk_size)
-    source = memoryview(os.urandom(per_request * chunk_size))
-    plaintexts = [source[j * chunk_size : (j + 1) * chunk_size] for j in range(per_request)]
+    codec, per_request, plaintexts = _codec_run(chunk_size, request)
     cipher = memoryview(bytearray(per_request * (chunk_size + CHUNK_OVERHEAD)))
     codec.seal_into(cipher, 0, plaintexts, final=False)
     plain = memoryview(bytearray(per_request * chunk_size))

@@ -66,21 +66,15 @@ def fs_keyd(fs_root: Path) -> Iterator[Keyd]:
 
 @pytest.fixture(scope="session")
 def session_mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
-    factory = MountFactory(fs_root, fs_keyd)
-    try:
+    with MountFactory(fs_root, fs_keyd) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture
 def mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
     """Mounts for one test (on the shared keyd); all unmounted at the test's end."""
-    factory = MountFactory(fs_root, fs_keyd)
-    try:
+    with MountFactory(fs_root, fs_keyd) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +105,5 @@ def fault_env(keyd_factory: Callable[..., Keyd]) -> Iterator[FaultEnv]:
     keyd.init()
     keyd.start()
     keyd.kmsfs("keys", "create", "--alias", "alias/fs")
-    factory = MountFactory(keyd.workdir, keyd)
-    try:
+    with MountFactory(keyd.workdir, keyd) as factory:
         yield FaultEnv(keyd, factory)
-    finally:
-        factory.close()

@@ -258,6 +258,12 @@ class MountFactory:
             mount.stop()
         self.mounts.clear()
 
+    def __enter__(self) -> MountFactory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 # ------------------------------------------------------------ child processes
 def run_as_child(function: Callable[[], object], *, uid: int | None = None, timeout: float = 60):

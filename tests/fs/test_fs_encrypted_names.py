@@ -46,11 +46,8 @@ LONGEST_STORABLE_TARGET = 3043  # 4/3 · (12 + target + 16) must stay ≤ 4095 b
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def encrypted_mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
-    factory = MountFactory(fs_root, fs_keyd, plaintext_names=False)
-    try:
+    with MountFactory(fs_root, fs_keyd, plaintext_names=False) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +68,8 @@ def names_dir(names_mount: Mount, request: pytest.FixtureRequest) -> Iterator[Pa
 @pytest.fixture
 def own_mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
     """Mounts with encrypted names for one test (free to unmount, tamper, remount)."""
-    factory = MountFactory(fs_root, fs_keyd, plaintext_names=False)
-    try:
+    with MountFactory(fs_root, fs_keyd, plaintext_names=False) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 # ------------------------------------------------------------------ helpers

@@ -90,11 +90,8 @@ __all__ = [  # collected again here, with the fixtures below
 # ---------------------------------------------- the overrides that select the mode
 @pytest.fixture(scope="module")
 def plaintext_mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
-    factory = MountFactory(fs_root, fs_keyd, plaintext_names=True)
-    try:
+    with MountFactory(fs_root, fs_keyd, plaintext_names=True) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +103,8 @@ def shared_mount(plaintext_mounts: MountFactory) -> Mount:
 @pytest.fixture
 def mounts(fs_root: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
     """Mounts for one test, of cipher directories with plaintext names."""
-    factory = MountFactory(fs_root, fs_keyd, plaintext_names=True)
-    try:
+    with MountFactory(fs_root, fs_keyd, plaintext_names=True) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 # ------------------------------------------------------------ this mode's own tests

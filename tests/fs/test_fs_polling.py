@@ -133,10 +133,39 @@ def test_an_idle_mount_stops_polling(mounts: MountFactory) -> None:
     assert _busy_then_idle_cpu(mount) < 0.5, mount.log()
 
 
-def test_busy_polling_can_be_turned_off(mounts: MountFactory) -> None:
-    mount = mounts.mount(None, None, "--busy-poll-us", "0")
-    assert _busy_then_idle_cpu(mount) < 0.5, mount.log()
-    assert mount.process is not None and mount.alive
+@pytest.mark.parametrize("given", [None, "0", "250"])
+def test_busy_poll_us_reaches_the_mount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """--busy-poll-us sets the poller's window, in the foreground and through a detach."""
+    import kmsfs.background
+    import kmsfs.fs.mount
+    from kmsfs.cli import main
+    from kmsfs.fs.polling import DEFAULT_WINDOW
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(kmsfs.fs.mount, "check_mountpoint", lambda mountpoint: None)
+    monkeypatch.setattr(
+        kmsfs.fs.mount,
+        "mount_foreground",
+        lambda cipher, mnt, options, ready_fd=None: seen.update(window=options.busy_poll_seconds),
+    )
+    monkeypatch.setattr(
+        kmsfs.background,
+        "start_detached",
+        lambda argv, log_path, what: seen.update(argv=argv) or 1,
+    )
+    flag = ["--busy-poll-us", given] if given is not None else []
+    assert main(["mount", "-f", str(tmp_path), str(tmp_path), *flag]) == 0
+    expected = DEFAULT_WINDOW if given is None else int(given) / 1e6
+    assert seen["window"] == pytest.approx(expected)
+    log = str(tmp_path / "log")
+    assert main(["mount", str(tmp_path), str(tmp_path), "--log-file", log, *flag]) == 0
+    argv = seen["argv"]
+    assert isinstance(argv, list) and argv[:2] == ["mount", "-f"]
+    assert ("--busy-poll-us" in argv) == (given is not None)
+    if given is not None:
+        assert argv[argv.index("--busy-poll-us") + 1] == given
 
 
 @pytest.mark.parametrize(("value", "message"), [("-1", "cannot be negative"), ("x", "whole")])
