@@ -31,6 +31,7 @@ import os
 import threading
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Protocol
 
 from kmsfs.errors import Truncated, UsageError
 from kmsfs.format.chunks import Buffer, ChunkCodec
@@ -80,6 +81,12 @@ def _byte_view(data: Buffer) -> memoryview:
     return view
 
 
+class CipherCache(Protocol):
+    """Ciphertext that someone read ahead; see ``EncryptedFile.cipher_cache``."""
+
+    def lookup(self, offset: int, length: int, generation: int) -> Buffer | None: ...
+
+
 class EncryptedFile:
     """Plaintext view of one ciphertext file. Build it with :meth:`open`."""
 
@@ -114,6 +121,14 @@ class EncryptedFile:
         self._held_index = -1  # an interior chunk whose newer plaintext is only in memory
         self._held: bytearray | None = None
         self._closed = False
+        #: raised after every change to the backing file has finished: ciphertext read
+        #: before the last change is stale (see ``cipher_cache``)
+        self.disk_generation = 0
+        #: optional ciphertext read ahead by someone else (the mount's prefetcher): an
+        #: object whose ``lookup(offset, length, disk_generation)`` returns those bytes
+        #: if it has them from the current generation, else None. They are
+        #: authenticated like any other.
+        self.cipher_cache: CipherCache | None = None
 
     @classmethod
     def open(
@@ -165,6 +180,11 @@ class EncryptedFile:
     @property
     def chunk_size(self) -> int:
         return self._chunk_size
+
+    @property
+    def disk_size(self) -> int:
+        """Bytes of the backing file, as far as this engine knows."""
+        return self._disk_size
 
     @property
     def header(self) -> Header | None:
@@ -383,7 +403,10 @@ class EncryptedFile:
             return
         self._write_back_held()
         if size == 0:
-            os.ftruncate(self._fd, 0)
+            try:
+                os.ftruncate(self._fd, 0)
+            finally:
+                self.disk_generation += 1
             self._disk_size = 0
             self._header_on_disk = False  # written again (same key) with the next byte
             self._tail = None
@@ -432,7 +455,10 @@ class EncryptedFile:
         if self._size and not self._header_on_disk:
             self._write_header()
         if self._disk_size != expected:
-            os.ftruncate(self._fd, expected)
+            try:
+                os.ftruncate(self._fd, expected)
+            finally:
+                self.disk_generation += 1
             self._disk_size = expected
 
     def fsync(self) -> None:
@@ -486,7 +512,12 @@ class EncryptedFile:
         self._codec = ChunkCodec(keys, self._chunk_size)
         self._header_on_disk = False
 
-    def _pread(self, offset: int, length: int) -> memoryview:
+    def _pread(self, offset: int, length: int) -> Buffer:
+        cache = self.cipher_cache
+        if cache is not None:
+            found = cache.lookup(offset, length, self.disk_generation)
+            if found is not None:
+                return found
         view = _scratch_view("read", length)
         got = os.preadv(self._fd, [view], offset)
         while got < length:
@@ -570,7 +601,10 @@ class EncryptedFile:
         chunk_size = self._chunk_size
         start = cipher_offset(indexes[0], chunk_size)
         if self._disk_size > start:  # hole bodies must read as zeros: nothing stale there
-            os.ftruncate(self._fd, start)
+            try:
+                os.ftruncate(self._fd, start)
+            finally:
+                self.disk_generation += 1
             self._disk_size = start
         length = chunk_size if final_length is None else final_length
         final = final_length is not None
@@ -584,6 +618,7 @@ class EncryptedFile:
                 pwrite(fd, hole_marker(index, length, final), position)
                 position += stored
         finally:
+            self.disk_generation += 1
             self._disk_size = max(self._disk_size, os.fstat(fd).st_size)
 
     def _pwrite(self, buffers: list[Buffer], offset: int) -> None:
@@ -600,4 +635,6 @@ class EncryptedFile:
         except BaseException:
             self._disk_size = os.fstat(self._fd).st_size
             raise
+        finally:
+            self.disk_generation += 1
         self._disk_size = max(self._disk_size, offset + total)

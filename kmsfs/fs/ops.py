@@ -119,7 +119,7 @@ class OpenFile:
         self.provider = provider
         self.refs = 0
         self.path_hint = path_hint
-        self.stream = Stream()  # the sequential reader, for the prefetcher
+        self.stream = Stream(engine)  # the sequential reader, for the prefetcher
 
 
 class DirHandle:

@@ -503,3 +503,63 @@ def test_a_crash_during_an_append_damages_nothing_before_the_old_tail(tmp_path, 
             assert verify(fd, key_provider=provider).ok
         finally:
             os.close(fd)
+
+
+def test_every_change_to_the_backing_file_raises_disk_generation(
+    open_fd: Callable[[str], int], provider: FakeKeyProvider
+) -> None:
+    """What the mount's read-ahead relies on to never use ciphertext read before a change."""
+    fd = open_fd("gen.kmsfs")
+    engine = EncryptedFile.open(fd, key_provider=provider, key_id="alias/test", chunk_size=64)
+
+    def changes(action: Callable[[], object]) -> bool:
+        before = engine.disk_generation
+        disk_before = os.pread(fd, 1 << 16, 0)
+        action()
+        changed = os.pread(fd, 1 << 16, 0) != disk_before
+        assert engine.disk_generation >= before
+        return changed and engine.disk_generation > before or not changed
+
+    assert changes(lambda: engine.write(0, os.urandom(1000)))  # written by flush below
+    assert changes(engine.flush)  # the tail and the header: pwrite
+    assert changes(lambda: engine.write(100, b"x" * 10))  # interior: held in memory
+    assert changes(lambda: engine.write(700, b"y" * 10))  # the held chunk written back
+    assert changes(lambda: engine.truncate(5000))  # growth: hole markers
+    assert changes(lambda: engine.truncate(300))  # shrink: ftruncate in flush
+    assert changes(lambda: engine.truncate(0))  # to nothing
+    seen = engine.disk_generation
+    engine.write(0, b"z" * 200)
+    engine.flush()
+    assert engine.disk_generation > seen
+    seen = engine.disk_generation
+    assert engine.read(0, 200) == b"z" * 200  # reading changes nothing
+    assert engine.disk_generation == seen
+    engine.close()
+
+
+def test_ciphertext_from_the_cipher_cache_is_used_and_authenticated(
+    make_file: Callable[..., tuple[int, bytes]], provider: FakeKeyProvider
+) -> None:
+    fd, plaintext = make_file("cached.kmsfs", os.urandom(640), chunk_size=64)
+    engine = EncryptedFile.open(fd, key_provider=provider, chunk_size=64)
+    disk = bytearray(os.pread(fd, 1 << 16, 0))
+    asked: list[tuple[int, int, int]] = []
+
+    class Cache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def lookup(self, offset: int, length: int, generation: int) -> bytes | None:
+            asked.append((offset, length, generation))
+            return self.data[offset : offset + length]
+
+    engine.cipher_cache = Cache(bytes(disk))
+    assert engine.read(0, 640) == plaintext
+    assert asked and all(generation == engine.disk_generation for *_, generation in asked)
+    tampered = bytearray(disk)
+    tampered[HEADER_SIZE + 64 + CHUNK_OVERHEAD + 40] ^= 1  # chunk 1, only in the cache
+    engine.cipher_cache = Cache(bytes(tampered))
+    with pytest.raises(CorruptChunk):
+        engine.read(64, 64)
+    engine.cipher_cache = None
+    assert engine.read(64, 64) == plaintext[64:128]  # the disk itself is fine
