@@ -666,6 +666,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 100: {value}")
+    return value
+
+
 def cmd_mount(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
     from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
@@ -681,6 +688,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
+    if args.max_dirty_ratio is not None:
+        options.max_dirty_ratio = args.max_dirty_ratio
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
     if args.foreground:
         logging.basicConfig(
@@ -700,6 +709,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     ]
     if args.busy_poll_us is not None:
         argv += ["--busy-poll-us", str(args.busy_poll_us)]
+    if args.max_dirty_ratio is not None:
+        argv += ["--max-dirty-ratio", str(args.max_dirty_ratio)]
     for option in args.options or []:
         argv += ["-o", option]
     if args.keyd_socket:
@@ -838,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="US",
         help="after each request, keep polling for the next one this many microseconds "
         "before sleeping: faster small synchronous I/O for some CPU (0: never; default 1000)",
+    )
+    mount.add_argument(
+        "--max-dirty-ratio",
+        type=_percent,
+        metavar="PERCENT",
+        help="share of the kernel's dirty-page limit this mount may hold before writers "
+        "are throttled (kernel default for FUSE: 1; default 5; needs root)",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -87,6 +87,11 @@ def init_cipherdir(
     return config
 
 
+#: share (percent) of the kernel's dirty-page limit the mount may use; the kernel's
+#: default for FUSE is 1 (see _tune_backing_device)
+DEFAULT_MAX_DIRTY_RATIO = 5
+
+
 @dataclass
 class MountOptions:
     foreground: bool = False
@@ -96,6 +101,7 @@ class MountOptions:
     debug: bool = False
     key_cache_seconds: float = 60.0
     busy_poll_seconds: float = DEFAULT_WINDOW
+    max_dirty_ratio: int = DEFAULT_MAX_DIRTY_RATIO
 
 
 def fuse_options(options: MountOptions) -> set[str]:
@@ -177,7 +183,7 @@ async def _serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
                 nursery.start_soon(operations.poller.run)
-                nursery.start_soon(_raise_read_ahead, mountpoint)
+                nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 await pyfuse3.main()
                 # main returns after a signal (we still have to unmount) or when the
@@ -195,13 +201,23 @@ async def _serve(
 READ_AHEAD_KB = 1024
 
 
-async def _raise_read_ahead(mountpoint: Path) -> None:
-    """Let the kernel send 1 MiB READs instead of 128 KiB ones (needs root).
+async def _tune_backing_device(mountpoint: Path, max_dirty_ratio: int) -> None:
+    """Set the mount's read-ahead and write-back budget in /sys/class/bdi (needs root).
 
-    FUSE's read size follows the mount's backing-device read-ahead, which the kernel
-    sets when it receives our INIT reply: so set it once the session runs. The device
-    number comes from /proc/self/mountinfo (a stat of the mountpoint would ask this
-    very process).
+    read_ahead_kb: FUSE's READ size follows the mount's read-ahead, which the kernel sets
+    when it receives our INIT reply: so set it once the session runs. 1 MiB lets the
+    kernel send 1 MiB READs instead of 128 KiB ones.
+
+    max_ratio: the kernel lets a FUSE mount hold only 1% of its dirty-page limit
+    (strictlimit, meant for untrusted, unprivileged servers) and throttles writers
+    beyond it. ``/sys/class/bdi/*/max_ratio`` is the knob the kernel added (6.2) for
+    administrators of trusted FUSE filesystems. A larger budget lets the kernel's
+    writeback send more WRITEs sorted by offset, so more of them land in the engine's
+    held chunk and one seal covers several: fio random 4 KiB writes, 4 jobs, went from
+    17-18k to 26k IOPS at 3%, 27-29k at 5-10% (gocryptfs: 16.7k at 1%, 17.5k at 5%).
+
+    The device number comes from /proc/self/mountinfo (a stat of the mountpoint would
+    ask this very process).
     """
     target = os.fsencode(mountpoint)
     device = None
@@ -213,16 +229,20 @@ async def _raise_read_ahead(mountpoint: Path) -> None:
     if device is None:
         log.debug("%s is not in /proc/self/mountinfo", mountpoint)
         return
-    setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
-    for attempt in range(50):  # until the INIT reply has been processed and ours sticks
+    bdi = Path(f"/sys/class/bdi/{device}")
+    wanted = {"read_ahead_kb": str(READ_AHEAD_KB), "max_ratio": str(max_dirty_ratio)}
+    for attempt in range(50):  # until the INIT reply has been processed and ours stick
         await trio.sleep(0.05)
-        try:
-            if setting.read_text().strip() != str(READ_AHEAD_KB):
-                setting.write_text(str(READ_AHEAD_KB))
-            elif attempt > 3:
-                return
-        except OSError as error:
-            log.debug("cannot raise the mount's read-ahead: %s", error)
+        settled = True
+        for name, value in list(wanted.items()):
+            try:
+                if (bdi / name).read_text().strip() != value:
+                    (bdi / name).write_text(value)
+                    settled = False
+            except OSError as error:
+                log.debug("cannot set the mount's %s: %s", name, error)
+                del wanted[name]
+        if not wanted or (settled and attempt > 3):
             return
 
 

@@ -955,11 +955,16 @@ def test_reused_backing_inode_numbers_get_new_fuse_numbers(workdir: Path) -> Non
     assert result.returncode == 0, result.stderr
 
 
-def test_mount_raises_its_read_ahead_for_large_reads(shared_mount: Mount) -> None:
-    """The kernel's FUSE READ size follows the mount's read-ahead: kmsfs sets 1 MiB."""
+def test_mount_sets_its_read_ahead_and_dirty_budget(shared_mount: Mount) -> None:
+    """1 MiB read-ahead (the kernel's READ size follows it) and 5% of the dirty limit."""
     device = os.stat(shared_mount.mnt).st_dev
-    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}")
+    wanted = {"read_ahead_kb": "1024", "max_ratio": "5"}
     deadline = time.monotonic() + 10
-    while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
+
+    def current() -> dict[str, str]:
+        return {name: (bdi / name).read_text().strip() for name in wanted}
+
+    while current() != wanted and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert setting.read_text().strip() == "1024"
+    assert current() == wanted

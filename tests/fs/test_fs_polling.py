@@ -11,7 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from kmsfs.fs.polling import BusyPoller
+from kmsfs.fs.mount import DEFAULT_MAX_DIRTY_RATIO
+from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from tests.conftest import KMSFS
 from tests.fs.helpers import Mount, MountFactory
 
@@ -133,45 +134,70 @@ def test_an_idle_mount_stops_polling(mounts: MountFactory) -> None:
     assert _busy_then_idle_cpu(mount) < 0.5, mount.log()
 
 
-@pytest.mark.parametrize("given", [None, "0", "250"])
-def test_busy_poll_us_reaches_the_mount(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None
+@pytest.mark.parametrize(
+    ("flag", "given", "field", "default", "convert"),
+    [
+        ("--busy-poll-us", None, "busy_poll_seconds", DEFAULT_WINDOW, lambda v: int(v) / 1e6),
+        ("--busy-poll-us", "0", "busy_poll_seconds", DEFAULT_WINDOW, lambda v: int(v) / 1e6),
+        ("--busy-poll-us", "250", "busy_poll_seconds", DEFAULT_WINDOW, lambda v: int(v) / 1e6),
+        ("--max-dirty-ratio", None, "max_dirty_ratio", DEFAULT_MAX_DIRTY_RATIO, int),
+        ("--max-dirty-ratio", "1", "max_dirty_ratio", DEFAULT_MAX_DIRTY_RATIO, int),
+        ("--max-dirty-ratio", "20", "max_dirty_ratio", DEFAULT_MAX_DIRTY_RATIO, int),
+    ],
+)
+def test_tuning_flags_reach_the_mount(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str,
+    given: str | None,
+    field: str,
+    default: float,
+    convert,
 ) -> None:
-    """--busy-poll-us sets the poller's window, in the foreground and through a detach."""
+    """--busy-poll-us and --max-dirty-ratio reach the mount, in the foreground and detached."""
     import kmsfs.background
     import kmsfs.fs.mount
     from kmsfs.cli import main
-    from kmsfs.fs.polling import DEFAULT_WINDOW
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(kmsfs.fs.mount, "check_mountpoint", lambda mountpoint: None)
     monkeypatch.setattr(
         kmsfs.fs.mount,
         "mount_foreground",
-        lambda cipher, mnt, options, ready_fd=None: seen.update(window=options.busy_poll_seconds),
+        lambda cipher, mnt, options, ready_fd=None: seen.update(value=getattr(options, field)),
     )
     monkeypatch.setattr(
         kmsfs.background,
         "start_detached",
         lambda argv, log_path, what: seen.update(argv=argv) or 1,
     )
-    flag = ["--busy-poll-us", given] if given is not None else []
-    assert main(["mount", "-f", str(tmp_path), str(tmp_path), *flag]) == 0
-    expected = DEFAULT_WINDOW if given is None else int(given) / 1e6
-    assert seen["window"] == pytest.approx(expected)
+    flags = [flag, given] if given is not None else []
+    assert main(["mount", "-f", str(tmp_path), str(tmp_path), *flags]) == 0
+    expected = default if given is None else convert(given)
+    assert seen["value"] == pytest.approx(expected)
     log = str(tmp_path / "log")
-    assert main(["mount", str(tmp_path), str(tmp_path), "--log-file", log, *flag]) == 0
+    assert main(["mount", str(tmp_path), str(tmp_path), "--log-file", log, *flags]) == 0
     argv = seen["argv"]
     assert isinstance(argv, list) and argv[:2] == ["mount", "-f"]
-    assert ("--busy-poll-us" in argv) == (given is not None)
+    assert (flag in argv) == (given is not None)
     if given is not None:
-        assert argv[argv.index("--busy-poll-us") + 1] == given
+        assert argv[argv.index(flag) + 1] == given
 
 
-@pytest.mark.parametrize(("value", "message"), [("-1", "cannot be negative"), ("x", "whole")])
-def test_a_bad_busy_poll_value_is_a_usage_error(tmp_path: Path, value: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--busy-poll-us", "-1", "cannot be negative"),
+        ("--busy-poll-us", "x", "whole"),
+        ("--max-dirty-ratio", "0", "from 1 to 100"),
+        ("--max-dirty-ratio", "101", "from 1 to 100"),
+    ],
+)
+def test_a_bad_tuning_value_is_a_usage_error(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
     result = subprocess.run(
-        [*KMSFS, "mount", "-f", str(tmp_path), str(tmp_path), "--busy-poll-us", value],
+        [*KMSFS, "mount", "-f", str(tmp_path), str(tmp_path), flag, value],
         capture_output=True,
         text=True,
         timeout=60,
