@@ -18,6 +18,7 @@ from kmsfs.background import report_ready
 from kmsfs.errors import KeydUnavailable, KMSError, KmsfsError, UsageError
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
+from kmsfs.fs import session
 from kmsfs.fs.config import FsConfig, load_config, write_new_config
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
@@ -175,6 +176,7 @@ async def _serve(
             pyfuse3.init(operations, str(mountpoint), fuse_options(options))
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
+        waiter = session.install()
         log.info("mounted %s on %s", cipherdir, mountpoint)
         signalled: list[int] = []
         unmount = True
@@ -195,6 +197,9 @@ async def _serve(
             operations.prefetcher.stop()
             keys.forget_all()
             pyfuse3.close(unmount=unmount)
+            session.uninstall()
+            if waiter is not None:
+                log.info("requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow)
             log.info("unmounted %s", mountpoint)
 
 
@@ -251,7 +256,7 @@ async def _terminate_on_signal(signalled: list[int]) -> None:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
             signalled.append(signum)
-            pyfuse3.terminate()
+            session.terminate()
             return
 
 
