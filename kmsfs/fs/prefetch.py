@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE
@@ -78,7 +79,7 @@ class Stream:
     """
 
     __slots__ = ("engine", "next_offset", "fd", "segments", "segment_bytes", "advised_to",
-                 "joined", "hits")  # fmt: skip
+                 "joined", "hits", "release")  # fmt: skip
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the EncryptedFile: its disk_generation and cipher_cache
@@ -89,6 +90,8 @@ class Stream:
         self.advised_to = 0  # ciphertext offset the disk has been asked to reach
         self.joined = bytearray()  # a request spanning two segments is copied here
         self.hits = 0  # preads served from segments, for tests
+        #: where buffers of segments dropped here go (the prefetcher's pool)
+        self.release: Callable[[list[bytearray]], None] = lambda buffers: None
 
     def lookup(self, offset: int, length: int, generation: int) -> memoryview | None:
         """Ciphertext ``[offset, offset + length)`` from the segments, or None.
@@ -111,7 +114,7 @@ class Stream:
             if not segment.done.is_set() and not segment.done.wait(WAIT_SECONDS):
                 return None
             if segment.generation != generation:
-                self.drop_all()  # the file changed since: all of them are stale
+                self.release(self.drop_all())  # the file changed since: all are stale
                 return None
             found.append(segment)
         low = relative - first * size
@@ -169,6 +172,7 @@ class Prefetcher:
         group = max(1, SEGMENT_PLAINTEXT // chunk_size)
         segment_bytes = group * (chunk_size + CHUNK_OVERHEAD)
         stream.segment_bytes = segment_bytes
+        stream.release = self._recycle
         here = (end // chunk_size) // group  # the segment the next sequential read needs
         # what lies behind the reader, or too far from it after a jump, goes back
         behind = [index for index in stream.segments if index < here or index > here + self.ahead]

@@ -118,6 +118,7 @@ def test_a_write_makes_the_segments_stale(engine_of) -> None:
         assert _read_sequentially(prefetcher, stream, engine, 2 * MIB, 4) == data[2 * MIB : 6 * MIB]
         # the stale segment 2 was dropped, not used; 3 to 5 came from segments read anew
         assert stream.hits == hits + 3
+        assert prefetcher._buffers <= AHEAD_SEGMENTS + 1  # the stale ones' buffers reused
     finally:
         prefetcher.forget(stream)
         prefetcher.stop()
