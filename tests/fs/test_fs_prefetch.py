@@ -195,7 +195,18 @@ def test_the_mount_reads_big_files_right_and_keeps_no_fds(mounts: MountFactory) 
     for index in range(3):
         (mount.mnt / f"big{index}").write_bytes(data)
     proc_fds = Path(f"/proc/{mount.process.pid}/fd")
-    baseline = len(os.listdir(proc_fds))
+
+    def backing_fds() -> int:
+        """The mount's fds on files of the cipher directory."""
+        count = 0
+        for name in os.listdir(proc_fds):
+            try:
+                count += os.readlink(proc_fds / name).startswith(f"{mount.cipher}/")
+            except OSError:  # closed meanwhile
+                pass
+        return count
+
+    _wait_for(lambda: backing_fds() == 0)  # RELEASE of the writers comes asynchronously
     for _ in range(2):
         for index in range(3):
             path = mount.mnt / f"big{index}"
@@ -207,13 +218,12 @@ def test_the_mount_reads_big_files_right_and_keeps_no_fds(mounts: MountFactory) 
             fd = os.open(path, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # next round: READs again
             os.close(fd)
-    _wait_for(lambda: len(os.listdir(proc_fds)) <= baseline)
+    _wait_for(lambda: backing_fds() == 0)
     with open(mount.mnt / "big0", "rb", buffering=0) as reader:  # while a stream is open:
         for _ in range(6):
             assert len(reader.read(MIB)) == MIB
-        # its backing fd, and the helper's duplicate of it
-        assert len(os.listdir(proc_fds)) == baseline + 2
-    _wait_for(lambda: len(os.listdir(proc_fds)) <= baseline)
+        assert backing_fds() == 2  # its backing fd, and the helper's duplicate of it
+    _wait_for(lambda: backing_fds() == 0)
 
 
 def test_the_mount_sees_writes_made_while_a_reader_streams(mounts: MountFactory) -> None:
