@@ -276,6 +276,8 @@ class Prefetcher:
                     self._fill(target, argument)
             except OSError as error:
                 log.debug("prefetch: %s", error)
+            except Exception:  # a bug here must not stop the helper: readers would wait
+                log.exception("prefetch helper: unexpected error (read-ahead continues)")
 
     def _fill(self, stream: Stream, segment: Segment) -> None:
         try:

@@ -14,6 +14,12 @@ requests in a row, it waits as pyfuse3 does, so other tasks (keyd replies, the b
 poller, handlers that await) get their turn; a worker woken that way checks again that
 the request is still there, since one taking the fast way may have read it meanwhile.
 :func:`terminate` stands in for ``pyfuse3.terminate``.
+
+pyfuse3 counts the workers waiting inside its own function to decide when to start or
+stop one; with this one in place it sees none waiting, so it keeps its full pool of
+worker tasks (``max_tasks``, 99), most of them parked on this waiter's lock. They cost
+a little memory, nothing per request. If a pyfuse3 release stops looking the function
+up by name, the replacement is simply not used.
 """
 
 from __future__ import annotations

@@ -163,6 +163,17 @@ def test_a_failing_prefetch_only_costs_time(tmp_path: Path) -> None:
         prefetcher.after_read(closed, fd, 0, MIB, CHUNK)  # fd closed: dup fails, no error
         assert closed.fd is None and not closed.segments
         prefetcher.forget(stream)
+        # a bug in the helper (here: an engine without disk_generation) loses only time
+        broken = Stream(SimpleNamespace(disk_size=100 * MIB, cipher_cache=None))
+        good_fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT)
+        os.write(good_fd, os.urandom(4 * MIB))
+        prefetcher.after_read(broken, good_fd, 0, MIB, CHUNK)
+        prefetcher.after_read(broken, good_fd, MIB, MIB, CHUNK)
+        _wait_for(lambda: all(s.done.is_set() for s in broken.segments.values()))
+        assert broken.lookup(HEADER_SIZE + 2 * 16 * STORED, STORED, 0) is None
+        assert prefetcher._thread is not None and prefetcher._thread.is_alive()
+        prefetcher.forget(broken)
+        os.close(good_fd)
     finally:
         prefetcher.stop()
     assert prefetcher._thread is None
