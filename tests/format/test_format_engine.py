@@ -512,21 +512,19 @@ def test_every_change_to_the_backing_file_raises_disk_generation(
     fd = open_fd("gen.kmsfs")
     engine = EncryptedFile.open(fd, key_provider=provider, key_id="alias/test", chunk_size=64)
 
-    def changes(action: Callable[[], object]) -> bool:
-        before = engine.disk_generation
-        disk_before = os.pread(fd, 1 << 16, 0)
+    def step(action: Callable[[], object]) -> tuple[bool, bool]:
+        """(did the backing file change, did disk_generation rise)."""
+        generation, disk = engine.disk_generation, os.pread(fd, 1 << 16, 0)
         action()
-        changed = os.pread(fd, 1 << 16, 0) != disk_before
-        assert engine.disk_generation >= before
-        return changed and engine.disk_generation > before or not changed
+        return os.pread(fd, 1 << 16, 0) != disk, engine.disk_generation > generation
 
-    assert changes(lambda: engine.write(0, os.urandom(1000)))  # written by flush below
-    assert changes(engine.flush)  # the tail and the header: pwrite
-    assert changes(lambda: engine.write(100, b"x" * 10))  # interior: held in memory
-    assert changes(lambda: engine.write(700, b"y" * 10))  # the held chunk written back
-    assert changes(lambda: engine.truncate(5000))  # growth: hole markers
-    assert changes(lambda: engine.truncate(300))  # shrink: ftruncate in flush
-    assert changes(lambda: engine.truncate(0))  # to nothing
+    assert step(lambda: engine.write(0, os.urandom(1000))) == (True, True)  # all but the tail
+    assert step(engine.flush) == (True, True)  # the tail and the header: pwrite
+    assert step(lambda: engine.write(100, b"x" * 10)) == (False, False)  # held in memory
+    assert step(lambda: engine.write(700, b"y" * 10)) == (True, True)  # held one written back
+    assert step(lambda: engine.truncate(5000)) == (True, True)  # growth: hole markers
+    assert step(lambda: engine.truncate(300)) == (True, True)  # shrink: ftruncate in flush
+    assert step(lambda: engine.truncate(0)) == (True, True)  # to nothing
     seen = engine.disk_generation
     engine.write(0, b"z" * 200)
     engine.flush()
