@@ -403,11 +403,7 @@ class EncryptedFile:
             return
         self._write_back_held()
         if size == 0:
-            try:
-                os.ftruncate(self._fd, 0)
-            finally:
-                self.disk_generation += 1
-            self._disk_size = 0
+            self._truncate_backing(0)
             self._header_on_disk = False  # written again (same key) with the next byte
             self._tail = None
             self._tail_dirty = False
@@ -455,11 +451,7 @@ class EncryptedFile:
         if self._size and not self._header_on_disk:
             self._write_header()
         if self._disk_size != expected:
-            try:
-                os.ftruncate(self._fd, expected)
-            finally:
-                self.disk_generation += 1
-            self._disk_size = expected
+            self._truncate_backing(expected)
 
     def fsync(self) -> None:
         """flush, then fsync the backing file."""
@@ -601,11 +593,7 @@ class EncryptedFile:
         chunk_size = self._chunk_size
         start = cipher_offset(indexes[0], chunk_size)
         if self._disk_size > start:  # hole bodies must read as zeros: nothing stale there
-            try:
-                os.ftruncate(self._fd, start)
-            finally:
-                self.disk_generation += 1
-            self._disk_size = start
+            self._truncate_backing(start)
         length = chunk_size if final_length is None else final_length
         final = final_length is not None
         hole_marker = codec.hole_marker
@@ -620,6 +608,13 @@ class EncryptedFile:
         finally:
             self.disk_generation += 1
             self._disk_size = max(self._disk_size, os.fstat(fd).st_size)
+
+    def _truncate_backing(self, length: int) -> None:
+        try:
+            os.ftruncate(self._fd, length)
+        finally:
+            self.disk_generation += 1
+        self._disk_size = length
 
     def _pwrite(self, buffers: list[Buffer], offset: int) -> None:
         total = sum(len(buffer) for buffer in buffers)

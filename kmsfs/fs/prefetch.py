@@ -36,10 +36,9 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
 from typing import Any
 
-from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE
+from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE, cipher_offset
 
 log = logging.getLogger("kmsfs.mount")
 
@@ -60,10 +59,10 @@ WAIT_SECONDS = 5.0
 class Segment:
     """Ciphertext of chunks ``[index * G, (index + 1) * G)``, once ``done`` is set."""
 
-    __slots__ = ("index", "buffer", "fd", "length", "generation", "done", "dropped")
+    __slots__ = ("offset", "buffer", "fd", "length", "generation", "done", "dropped")
 
-    def __init__(self, index: int, buffer: bytearray, fd: int) -> None:
-        self.index = index
+    def __init__(self, offset: int, buffer: bytearray, fd: int) -> None:
+        self.offset = offset  # in the backing file
         self.buffer = buffer
         self.fd = fd  # the stream's duplicate fd, closed by the helper after this
         self.length = -1  # bytes read; -1 until done, or when the read failed
@@ -79,7 +78,7 @@ class Stream:
     """
 
     __slots__ = ("engine", "next_offset", "fd", "segments", "segment_bytes", "advised_to",
-                 "joined", "hits", "release")  # fmt: skip
+                 "joined", "hits")  # fmt: skip
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the EncryptedFile: its disk_generation and cipher_cache
@@ -90,15 +89,14 @@ class Stream:
         self.advised_to = 0  # ciphertext offset the disk has been asked to reach
         self.joined = bytearray()  # a request spanning two segments is copied here
         self.hits = 0  # preads served from segments, for tests
-        #: where buffers of segments dropped here go (the prefetcher's pool)
-        self.release: Callable[[list[bytearray]], None] = lambda buffers: None
 
     def lookup(self, offset: int, length: int, generation: int) -> memoryview | None:
         """Ciphertext ``[offset, offset + length)`` from the segments, or None.
 
         Waits for a segment the helper has yet to finish (the mount would otherwise
         block on the same pread itself). None if any part is missing, failed or older
-        than the engine's last write: the engine then reads for itself.
+        than the engine's last write (the next :meth:`Prefetcher.after_read` drops
+        those): the engine then reads for itself.
         """
         size = self.segment_bytes
         relative = offset - HEADER_SIZE
@@ -114,8 +112,7 @@ class Stream:
             if not segment.done.is_set() and not segment.done.wait(WAIT_SECONDS):
                 return None
             if segment.generation != generation:
-                self.release(self.drop_all())  # the file changed since: all are stale
-                return None
+                return None  # the file changed since
             found.append(segment)
         low = relative - first * size
         if first == last:
@@ -137,16 +134,6 @@ class Stream:
             position += piece
         self.hits += 1
         return out
-
-    def drop_all(self) -> list[bytearray]:
-        """Forget every segment; returns their buffers (the helper may still fill some)."""
-        buffers = []
-        for segment in self.segments.values():
-            segment.dropped = True
-            buffers.append(segment.buffer)
-        self.segments.clear()
-        self.engine.cipher_cache = None
-        return buffers
 
 
 class Prefetcher:
@@ -172,18 +159,25 @@ class Prefetcher:
         group = max(1, SEGMENT_PLAINTEXT // chunk_size)
         segment_bytes = group * (chunk_size + CHUNK_OVERHEAD)
         stream.segment_bytes = segment_bytes
-        stream.release = self._recycle
         here = (end // chunk_size) // group  # the segment the next sequential read needs
-        # what lies behind the reader, or too far from it after a jump, goes back
-        behind = [index for index in stream.segments if index < here or index > here + self.ahead]
-        if behind:
-            self._recycle([self._drop(stream, index) for index in behind])
+        # what lies behind the reader, too far from it after a jump, or was read before
+        # the file's last change goes back
+        generation = stream.engine.disk_generation
+        unwanted = [
+            index
+            for index, segment in stream.segments.items()
+            if index < here
+            or index > here + self.ahead
+            or (segment.done.is_set() and segment.generation != generation)
+        ]
+        if unwanted:
+            self._recycle(self._drop(stream, unwanted))
         if not sequential or size < SEQUENTIAL_MIN:
             return
         disk_size = stream.engine.disk_size
         wanted = []
         for index in range(here, here + self.ahead):
-            if HEADER_SIZE + index * segment_bytes >= disk_size:
+            if cipher_offset(index * group, chunk_size) >= disk_size:
                 break
             if index not in stream.segments:
                 wanted.append(index)
@@ -194,17 +188,16 @@ class Prefetcher:
                 stream.fd = os.dup(fd)
             except OSError:  # out of fds: do without, the read itself succeeded
                 return
-        advise_end = min(disk_size, HEADER_SIZE + (end + ADVISE_AHEAD) // chunk_size * (
-            chunk_size + CHUNK_OVERHEAD))  # fmt: skip
+        advise_end = min(disk_size, cipher_offset((end + ADVISE_AHEAD) // chunk_size, chunk_size))
         if advise_end > stream.advised_to:
-            start = max(stream.advised_to, HEADER_SIZE + wanted[0] * segment_bytes)
+            start = max(stream.advised_to, cipher_offset(wanted[0] * group, chunk_size))
             self._queue.put(("advise", stream.fd, (start, advise_end - start)))
             stream.advised_to = advise_end
         for index in wanted:
             buffer = self._take_buffer(segment_bytes)
             if buffer is None:
                 break
-            segment = Segment(index, buffer, stream.fd)
+            segment = Segment(cipher_offset(index * group, chunk_size), buffer, stream.fd)
             stream.segments[index] = segment
             self.requested += 1
             self._queue.put(("read", stream, segment))
@@ -214,7 +207,7 @@ class Prefetcher:
 
     def forget(self, stream: Stream) -> None:
         """The file is closing: the helper closes its fd after what it still has to do."""
-        buffers = stream.drop_all()
+        buffers = self._drop(stream, list(stream.segments))
         if stream.fd is not None:
             self._queue.put(("close", stream.fd, buffers))
             stream.fd = None
@@ -229,12 +222,16 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _drop(stream: Stream, index: int) -> bytearray:
-        segment = stream.segments.pop(index)
-        segment.dropped = True
+    def _drop(stream: Stream, indexes: list[int]) -> list[bytearray]:
+        """Forget these segments; their buffers (the helper may still fill some)."""
+        buffers = []
+        for index in indexes:
+            segment = stream.segments.pop(index)
+            segment.dropped = True
+            buffers.append(segment.buffer)
         if not stream.segments:
             stream.engine.cipher_cache = None
-        return segment.buffer
+        return buffers
 
     def _take_buffer(self, size: int) -> bytearray | None:
         with self._spare_lock:
@@ -286,10 +283,9 @@ class Prefetcher:
             # noted before the read: a write that could overlap it voids the segment
             segment.generation = stream.engine.disk_generation
             view = memoryview(segment.buffer)
-            offset = HEADER_SIZE + segment.index * len(segment.buffer)
             got = 0
             while got < len(view):
-                more = os.preadv(segment.fd, [view[got:]], offset + got)
+                more = os.preadv(segment.fd, [view[got:]], segment.offset + got)
                 if more <= 0:
                     break
                 got += more

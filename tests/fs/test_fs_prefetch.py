@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,6 +147,17 @@ def test_segments_are_authenticated_like_any_ciphertext(engine_of) -> None:
         prefetcher.stop()
 
 
+class _FailsOffTheMainThread:
+    disk_size = 100 * MIB
+    cipher_cache = None
+
+    @property
+    def disk_generation(self) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("a bug in the helper")
+        return 0
+
+
 def test_a_failing_prefetch_only_costs_time(tmp_path: Path) -> None:
     prefetcher = Prefetcher()
     fake = SimpleNamespace(disk_generation=0, disk_size=100 * MIB, cipher_cache=None)
@@ -163,8 +175,8 @@ def test_a_failing_prefetch_only_costs_time(tmp_path: Path) -> None:
         prefetcher.after_read(closed, fd, 0, MIB, CHUNK)  # fd closed: dup fails, no error
         assert closed.fd is None and not closed.segments
         prefetcher.forget(stream)
-        # a bug in the helper (here: an engine without disk_generation) loses only time
-        broken = Stream(SimpleNamespace(disk_size=100 * MIB, cipher_cache=None))
+        # a bug in the helper (here: an engine that fails there) loses only time
+        broken = Stream(_FailsOffTheMainThread())
         good_fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT)
         os.write(good_fd, os.urandom(4 * MIB))
         prefetcher.after_read(broken, good_fd, 0, MIB, CHUNK)
