@@ -26,15 +26,18 @@ Not thread-safe: one writer per backing file, requests serialised by the caller.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import io
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from kmsfs.errors import Truncated, UsageError
-from kmsfs.format.chunks import Buffer, ChunkCodec
+from kmsfs.errors import FormatError, Truncated, UsageError
+from kmsfs.format.chunks import FINAL, Buffer, ChunkCodec
 from kmsfs.format.header import Header, create_header, read_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
 from kmsfs.format.offsets import (
@@ -42,6 +45,7 @@ from kmsfs.format.offsets import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
     NONCE_SIZE,
+    TAG_SIZE,
     check_chunk_size,
     cipher_offset,
     cipher_range,
@@ -61,6 +65,52 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+#: errnos of fallocate meaning "this filesystem cannot reserve space" (not "no space")
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
+
+
+def _reserve_space(fd: int, offset: int, length: int) -> bool:
+    """Allocate the blocks of ``[offset, offset + length)`` without changing the file size.
+
+    Returns False where the filesystem cannot (then nothing is reserved); raises OSError
+    (ENOSPC, EDQUOT, EIO...) when it can but fails. No data changes either way.
+    """
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_FALLOCATE:
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _settles_on_failure(method: _Method) -> _Method:
+    """On an OSError, bring the backing file and the engine back to what is stored.
+
+    See :meth:`EncryptedFile._settle`. Nested calls settle once, in the outermost.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: EncryptedFile, *args: Any) -> Any:
+        if self._changing:
+            return method(self, *args)
+        disk_end = self._disk_size
+        self._changing = True
+        try:
+            return method(self, *args)
+        except OSError:
+            self._settle(disk_end)
+            raise
+        finally:
+            self._changing = False
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _scratch_view(name: str, size: int) -> memoryview:
@@ -121,6 +171,10 @@ class EncryptedFile:
         self._held_index = -1  # an interior chunk whose newer plaintext is only in memory
         self._held: bytearray | None = None
         self._closed = False
+        self._changing = False  # inside a change to the backing file (see _settles_on_failure)
+        #: a failed change could not leave the backing file consistent: needs ``repair``
+        self.damaged = False
+        self._can_reserve = True  # fallocate works on the backing filesystem
         #: raised after every change to the backing file has finished: ciphertext read
         #: before the last change is stale (see ``cipher_cache``)
         self.disk_generation = 0
@@ -316,6 +370,7 @@ class EncryptedFile:
             count -= step
         return total
 
+    @_settles_on_failure
     def _write_batch(self, offset: int, source: memoryview) -> None:
         chunk_size = self._chunk_size
         old_size = self._size
@@ -380,15 +435,33 @@ class EncryptedFile:
         if plaintexts:
             runs.append((run_start, plaintexts))
 
+        disk_end = self._disk_size
         self._write_holes(holes, final_length=None)
-        for index, run in runs:
-            self._write_run(index, run, final=False)
+        self._write_runs_new_first(runs, disk_end)
         if new_tail_plain is not None:
             self._tail = new_tail_plain
             self._tail_dirty = True
         self._size = new_size
 
+    def _write_runs_new_first(self, runs: list[tuple[int, list[Buffer]]], disk_end: int) -> None:
+        """Write runs of non-final chunks: first the chunks beyond ``disk_end`` (the end of
+        the backing file), then those that overwrite stored chunks — the old final chunk
+        among them, re-sealed as non-final. A failure (or a kill) before the last write
+        leaves every stored chunk as it was; what was added beyond ``disk_end`` is cut off
+        again (:meth:`_settle`, ``repair``)."""
+        stored_chunks = max(0, -(-(disk_end - HEADER_SIZE) // self._stored_size))
+        overwrites: list[tuple[int, list[Buffer]]] = []
+        for index, plaintexts in runs:
+            split = min(len(plaintexts), max(0, stored_chunks - index))
+            if split < len(plaintexts):
+                self._write_run(index + split, plaintexts[split:], final=False)
+            if split:
+                overwrites.append((index, plaintexts[:split]))
+        for index, plaintexts in overwrites:
+            self._write_run(index, plaintexts, final=False)
+
     # --------------------------------------------------------------------- truncate
+    @_settles_on_failure
     def truncate(self, size: int) -> None:
         """Shrink or grow the file to ``size`` bytes; growth reads as zeros (hole chunks).
 
@@ -438,6 +511,7 @@ class EncryptedFile:
         self._size = size
 
     # ------------------------------------------------------------------------ flush
+    @_settles_on_failure
     def flush(self) -> None:
         """Seal and write the held tail chunk (final) and trim the backing file."""
         if self._closed or not self._writable:
@@ -603,11 +677,73 @@ class EncryptedFile:
         position = start + NONCE_SIZE + length
         try:
             for index in indexes:  # one 16-byte write per hole chunk; the bodies stay sparse
-                pwrite(fd, hole_marker(index, length, final), position)
+                if pwrite(fd, hole_marker(index, length, final), position) != TAG_SIZE:
+                    raise OSError(errno.ENOSPC, "short write of a hole marker")
                 position += stored
         finally:
             self.disk_generation += 1
             self._disk_size = max(self._disk_size, os.fstat(fd).st_size)
+
+    def _settle(self, disk_end: int) -> None:
+        """After a change failed: the backing file and the engine become what is stored.
+
+        What the change added beyond ``disk_end`` is cut off (frees the space); writes held
+        in memory (the tail, the held chunk) are dropped, as they were not stored; if the
+        backing file then ends with a chunk sealed as non-final (an append in progress),
+        that chunk is sealed as final in place. The size is then the backing file's. If
+        the file cannot be made consistent (its last chunk torn, or a write failing again)
+        ``damaged`` is set and ``repair`` is left to do it.
+        """
+        fd = self._fd
+        self._held = self._tail = None
+        self._held_index = -1
+        self._tail_dirty = False
+        self.disk_generation += 1
+        try:
+            disk_size = os.fstat(fd).st_size
+            if disk_size > disk_end or 0 < disk_size <= HEADER_SIZE:
+                disk_size = disk_end if disk_end > HEADER_SIZE else 0
+                os.ftruncate(fd, disk_size)
+            if disk_size and not self._seal_last_stored_chunk(disk_size):
+                self.damaged = True
+        except OSError:
+            self.damaged = True
+        finally:
+            disk_size = os.fstat(fd).st_size
+            self._disk_size = disk_size
+            self._header_on_disk = disk_size > 0
+            try:
+                self._size = plaintext_size(disk_size, self._chunk_size)
+            except FormatError:
+                self.damaged = True
+                self._size = 0
+
+    def _seal_last_stored_chunk(self, disk_size: int) -> bool:
+        """Seal the backing file's last chunk as final if it is stored as non-final.
+
+        Returns whether the file now ends with an authentic final chunk.
+        """
+        stored = self._stored_size
+        last = -(-(disk_size - HEADER_SIZE) // stored) - 1
+        start = cipher_offset(last, self._chunk_size)
+        piece = os.pread(self._fd, disk_size - start, start)
+        codec = self._require_codec()
+        if codec.authenticates(last, piece, FINAL):
+            return True
+        if not codec.authenticates(last, piece, 0):
+            return False  # torn, or not ours
+        length = len(piece) - CHUNK_OVERHEAD
+        if piece[: NONCE_SIZE + length] == bytes(NONCE_SIZE + length):  # a hole chunk
+            out: Buffer = codec.hole_marker(last, length, True)
+            position = start + NONCE_SIZE + length
+        else:
+            plaintext = codec.open_chunk(piece, last, final=False)
+            out = memoryview(bytearray(len(piece)))
+            codec.seal_into(out, last, [plaintext], True)
+            position = start
+        if os.pwrite(self._fd, out, position) != len(out):
+            raise OSError(errno.EIO, "short write sealing the last stored chunk")
+        return True
 
     def _truncate_backing(self, length: int) -> None:
         try:
@@ -619,6 +755,10 @@ class EncryptedFile:
     def _pwrite(self, buffers: list[Buffer], offset: int) -> None:
         total = sum(len(buffer) for buffer in buffers)
         try:
+            if offset < self._disk_size and self._can_reserve:
+                # an overwrite of stored chunks: allocate first, so that a full disk fails
+                # here, before any byte changed, and not halfway through a chunk
+                self._can_reserve = _reserve_space(self._fd, offset, total)
             written = os.pwritev(self._fd, buffers, offset)
             if written < total:  # short write (e.g. a full disk): finish or raise OSError
                 rest = memoryview(b"".join(buffers))[written:]

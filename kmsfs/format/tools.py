@@ -9,6 +9,7 @@ is an authentic prefix — what is needed to tell a crash from an attack (README
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -198,6 +199,17 @@ def _scan_chunks(
             if len(piece) > CHUNK_OVERHEAD and codec.authenticates(index, piece, flags):
                 continue
             error = codec.diagnose(index, piece, flags)
+            short_final = None
+            if isinstance(error, CorruptChunk) and error.chunk_index == index and not flags:
+                short_final = _short_final_length(codec, index, piece)
+            if short_final is not None:
+                # a short final chunk, a gap of zeros, more chunks: an interrupted append
+                after_final = True
+                recorded = report.error is None
+                _record(report, index + 1, chunk_size, CorruptChunk(index + 1, _AFTER % index))
+                if recorded:
+                    report.authentic_size = index * chunk_size + short_final
+                continue
             if isinstance(error, CorruptChunk) and error.chunk_index != index:
                 after_final = True  # this chunk is a final chunk in the middle
                 _record(report, error.chunk_index, chunk_size, error)
@@ -210,6 +222,21 @@ def _scan_chunks(
     report.bad_chunks = len(bad_indexes)
     if bad_indexes:
         report.last_bad_chunk = bad_indexes[-1]
+
+
+_AFTER = "data after the final chunk %d"
+
+
+def _short_final_length(codec: ChunkCodec, index: int, piece: memoryview) -> int | None:
+    """The plaintext length if ``piece`` starts with a short chunk sealed as final and
+    continues with zeros (what an append leaves before it re-seals the old final chunk:
+    the new chunks start at the next chunk boundary, the gap is still a hole)."""
+    data = bytes(piece)
+    end = len(data.rstrip(b"\0"))
+    for candidate in range(max(end, CHUNK_OVERHEAD + 1), min(len(data), end + 8) + 1):
+        if candidate < len(data) and codec.authenticates(index, data[:candidate], FINAL):
+            return candidate - CHUNK_OVERHEAD
+    return None
 
 
 def _record(report: VerifyReport, chunk_index: int, chunk_size: int, error: FormatError) -> None:
@@ -234,7 +261,10 @@ def repair(
 ) -> int:
     """Cut the file after its authentic prefix and re-seal the prefix's last chunk as final.
 
-    For a file whose tail a crash left cut or torn (``verify`` says so). Returns the new
+    For a file whose tail a crash or a failed write left cut or torn (``verify`` says so):
+    an interrupted append (the old final chunk followed by chunks that cannot belong to
+    the file) is cut back to the old final chunk, exactly the file before the append; a
+    file whose last chunk is not final gets that chunk re-sealed as final. Returns the new
     plaintext size; a sound file is left alone. A bad header cannot be repaired (raises).
     Everything after the first bad chunk is dropped, even chunks that authenticate.
     """
@@ -250,21 +280,20 @@ def repair(
             unlock_header(header, key_provider, encryption_context), header.chunk_size
         )
         chunk_size = header.chunk_size
-        stored = chunk_size + CHUNK_OVERHEAD
         keep = report.authentic_size
         if keep == 0:
             os.ftruncate(fd, 0)
+            os.fsync(fd)
             return 0
         last = (keep - 1) // chunk_size
         start = cipher_offset(last, chunk_size)
-        piece = os.pread(fd, min(stored, os.fstat(fd).st_size - start), start)
-        if codec.authenticates(last, piece, 0):
+        piece = os.pread(fd, keep - last * chunk_size + CHUNK_OVERHEAD, start)
+        if not codec.authenticates(last, piece, FINAL):  # else: only cut what follows it
             plaintext = codec.open_chunk(piece, last, final=False)
-        else:
-            plaintext = codec.open_chunk(piece, last, final=True)
-        out = memoryview(bytearray(len(plaintext) + CHUNK_OVERHEAD))
-        codec.seal_into(out, last, [plaintext], final=True)
-        os.pwrite(fd, out, start)
-        os.ftruncate(fd, start + len(out))
+            out = memoryview(bytearray(len(piece)))
+            codec.seal_into(out, last, [plaintext], final=True)
+            if os.pwrite(fd, out, start) != len(out):
+                raise OSError(errno.ENOSPC, "short write sealing the last chunk")
+        os.ftruncate(fd, start + len(piece))
         os.fsync(fd)
         return keep

@@ -278,14 +278,15 @@ def test_the_held_chunk_is_written_before_anything_that_reads_the_disk(provider,
     os.close(fd)
 
 
-def test_a_failed_write_back_keeps_the_held_chunk(provider, monkeypatch) -> None:
+def test_a_failed_write_back_drops_what_was_not_stored(provider, monkeypatch) -> None:
+    """After a failed write the engine is what the backing file holds: the held chunk
+    that could not be written is dropped (the caller was told), nothing is half-applied."""
     fd = memfd()
     engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=64)
     model = bytearray(pattern(3, 4 * 64))
     engine.write(0, model)
     engine.flush()
     engine.write(70, b"first")
-    model[70:75] = b"first"
     real_pwritev = os.pwritev
 
     def full_disk(*args):
@@ -294,7 +295,8 @@ def test_a_failed_write_back_keeps_the_held_chunk(provider, monkeypatch) -> None
     monkeypatch.setattr(file_module.os, "pwritev", full_disk)
     with pytest.raises(OSError):
         engine.write(140, b"second")  # chunk 1 must be written first: the disk is full
-    assert engine.read(0, 300) == bytes(model)  # nothing lost, nothing half-applied
+    assert not engine.dirty
+    assert engine.read(0, 300) == bytes(model)  # what is stored, nothing half-applied
     monkeypatch.setattr(file_module.os, "pwritev", real_pwritev)
     engine.write(140, b"second")
     model[140:146] = b"second"
