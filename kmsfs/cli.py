@@ -597,9 +597,12 @@ def cmd_ls(args: argparse.Namespace) -> None:
         )
 
 
+_REPAIRED = "repaired: "
+
+
 def cmd_fsck(args: argparse.Namespace) -> None:
-    from kmsfs.errors import FormatError
-    from kmsfs.format import verify
+    from kmsfs.errors import FormatError, Truncated
+    from kmsfs.format import repair, verify
     from kmsfs.fs.offline import fsck, open_tree
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
@@ -611,15 +614,36 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         if report.ok:
             return None
         where = f"chunk {report.first_bad_chunk}: " if report.first_bad_chunk is not None else ""
-        return f"{where}{report.error}"
+        problem = f"{where}{report.error}"
+        # what an interrupted write leaves at the end of a file, and nothing else
+        ends_badly = (
+            isinstance(report.error, Truncated)
+            or report.interrupted_append
+            or (report.first_bad_chunk is not None and report.first_bad_chunk == report.chunks - 1)
+        )
+        if not args.repair or not ends_badly:
+            return problem
+        before = report.info.plaintext_size
+        size = repair(backing, key_provider=provider, encryption_context=config.file_context)
+        return (
+            f"{_REPAIRED}cut back to its last consistent length, {size} bytes "
+            f"(the backing file said {before}; {problem})"
+        )
 
-    problems = list(fsck(tree, verify_file=verify_file if args.verify else None))
+    checking = args.verify or args.repair
+    problems = list(fsck(tree, verify_file=verify_file if checking else None))
     for problem in problems:
         shown = f" ({problem.plain})" if problem.plain else ""
         print(f"{problem.backing}{shown}: {problem.problem}")
-    if problems:
-        raise FormatError(f"{args.cipherdir}: {len(problems)} problem(s) found")
-    print(f"{args.cipherdir}: no problems found" + (" (all files verified)" if args.verify else ""))
+    left = [problem for problem in problems if not problem.problem.startswith(_REPAIRED)]
+    if left:
+        raise FormatError(f"{args.cipherdir}: {len(left)} problem(s) found")
+    repaired = len(problems) - len(left)
+    print(
+        f"{args.cipherdir}: "
+        + (f"{repaired} file(s) repaired, no other problems" if repaired else "no problems found")
+        + (" (all files verified)" if checking else "")
+    )
 
 
 # ------------------------------------------------------------------ the mount
@@ -793,6 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
     fsck_parser = commands.add_parser("fsck", help="check a cipher directory, unmounted")
     fsck_parser.add_argument("cipherdir")
     fsck_parser.add_argument("--verify", action="store_true", help="also check every chunk")
+    fsck_parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify, and cut each file that an interrupted write left without a sound end "
+        "(an interrupted append, a last chunk that is not final or is torn) back to its "
+        "last consistent length",
+    )
     fsck_parser.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
     fsck_parser.set_defaults(func=cmd_fsck)
 

@@ -63,6 +63,9 @@ class VerifyReport:
     authentic_size: int = 0  # plaintext bytes before the first problem, all authentic
     error: FormatError | None = None
     warnings: list[str] = field(default_factory=list)
+    #: a final chunk before the end: what an append interrupted before it re-sealed the
+    #: old final chunk leaves (``repair`` restores the file before the append)
+    interrupted_append: bool = False
 
     @property
     def ok(self) -> bool:
@@ -204,14 +207,15 @@ def _scan_chunks(
                 short_final = _short_final_length(codec, index, piece)
             if short_final is not None:
                 # a short final chunk, a gap of zeros, more chunks: an interrupted append
-                after_final = True
+                after_final = report.interrupted_append = True
                 recorded = report.error is None
                 _record(report, index + 1, chunk_size, CorruptChunk(index + 1, _AFTER % index))
                 if recorded:
                     report.authentic_size = index * chunk_size + short_final
                 continue
             if isinstance(error, CorruptChunk) and error.chunk_index != index:
-                after_final = True  # this chunk is a final chunk in the middle
+                # this chunk is a final chunk in the middle
+                after_final = report.interrupted_append = True
                 _record(report, error.chunk_index, chunk_size, error)
                 continue
             if isinstance(error, Truncated):

@@ -179,3 +179,53 @@ def test_repair_leaves_a_sound_file_alone_and_refuses_a_bad_header(
     path.write_bytes(raw)
     with pytest.raises(CorruptHeader):
         repair(path, key_provider=provider)
+
+
+def _old_and_new(tmp_path: Path, provider, old_size: int, appended: int):
+    """The backing bytes of one file before and after an append (same key), and both plaintexts."""
+    path = tmp_path / "append.kmsfs"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        engine = EncryptedFile.open(
+            fd, key_provider=provider, key_id="alias/test", chunk_size=CHUNK
+        )
+        engine.write(0, DATA[:old_size])
+        engine.flush()
+        old = path.read_bytes()
+        engine.write(old_size, DATA[old_size : old_size + appended])
+        engine.close()
+        new = path.read_bytes()
+    finally:
+        os.close(fd)
+    return path, old, new
+
+
+@pytest.mark.parametrize("old_size", [4 * CHUNK, 4 * CHUNK + 20])
+def test_repair_cuts_an_interrupted_append_back_to_the_old_file(
+    tmp_path: Path, provider, old_size: int
+) -> None:
+    """The old final chunk is still final and the appended chunks follow it (after a gap of
+    zeros when it was short): repair restores exactly the old file."""
+    path, old, new = _old_and_new(tmp_path, provider, old_size, 5 * CHUNK)
+    next_chunk = HEADER_SIZE + (old_size // CHUNK + (old_size % CHUNK > 0)) * STORED
+    for end in (next_chunk + STORED, next_chunk + 2 * STORED + 9, len(new)):
+        path.write_bytes(old.ljust(next_chunk, b"\0") + new[next_chunk:end])
+        report = verify(path, key_provider=provider)
+        assert isinstance(report.error, CorruptChunk)
+        assert report.authentic_size == old_size
+        assert repair(path, key_provider=provider) == old_size
+        assert path.read_bytes()[: len(old)] == old and path.stat().st_size == len(old)
+        assert verify(path, key_provider=provider).ok
+
+
+def test_repair_seals_a_last_chunk_that_is_not_final(tmp_path: Path, provider) -> None:
+    """An append whose new final chunk never arrived: the chunks before it are kept."""
+    path, old, new = _old_and_new(tmp_path, provider, 4 * CHUNK + 20, 5 * CHUNK)
+    path.write_bytes(new[: HEADER_SIZE + 7 * STORED])
+    report = verify(path, key_provider=provider)
+    assert isinstance(report.error, Truncated) and report.authentic_size == 7 * CHUNK
+    assert repair(path, key_provider=provider) == 7 * CHUNK
+    assert verify(path, key_provider=provider).ok
+    fd = os.open(path, os.O_RDONLY)
+    assert EncryptedFile.open(fd, key_provider=provider).read(0, 10_000) == DATA[: 7 * CHUNK]
+    os.close(fd)
