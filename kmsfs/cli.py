@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import errno
 import getpass
 import json
 import logging
@@ -18,7 +19,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -466,16 +466,35 @@ def _input(path: str) -> Iterator[BinaryIO]:
         yield stream
 
 
+_PART_SUFFIX = ".kmsfs-part"
+
+
 @contextlib.contextmanager
 def _output(path: str) -> Iterator[BinaryIO]:
-    """stdout for '-', else a temporary file renamed over ``path`` only on success."""
+    """stdout for '-', else a new file that appears as ``path`` only when complete.
+
+    The content goes to an unnamed file (O_TMPFILE) that is linked in at the end, so a
+    killed command leaves no plaintext behind. Where the filesystem has no O_TMPFILE it goes
+    to ``.NAME.PID.kmsfs-part``; such files of processes that are gone are removed on the
+    next run for the same name.
+    """
     if path == "-":
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
     target = Path(path)
+    directory = target.parent
+    mode = 0o666 & ~_umask()
+    temporary: Path | None = None
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _remove_dead_parts(target)
+            temporary = directory / f".{target.name}.{os.getpid()}{_PART_SUFFIX}"
+            fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror}") from None
     try:
@@ -483,11 +502,46 @@ def _output(path: str) -> Iterator[BinaryIO]:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, target)
+            if temporary is None:
+                temporary = _link_unnamed(stream.fileno(), target)
+        if temporary is not None:
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
     except BaseException:
-        os.unlink(temporary)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise
+
+
+def _link_unnamed(fd: int, target: Path) -> Path | None:
+    """Give the O_TMPFILE ``fd`` the name ``target``, or a temporary name beside it when
+    ``target`` exists (returned: the caller renames it over ``target``)."""
+    source = f"/proc/self/fd/{fd}"
+    # a directory fd makes os.link call linkat (AT_SYMLINK_FOLLOW), not link()
+    directory = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.link(source, target.name, dst_dir_fd=directory, follow_symlinks=True)
+            return None
+        except FileExistsError:
+            temporary = target.parent / f".{target.name}.{os.getpid()}{_PART_SUFFIX}"
+            temporary.unlink(missing_ok=True)
+            os.link(source, temporary.name, dst_dir_fd=directory, follow_symlinks=True)
+            return temporary
+    finally:
+        os.close(directory)
+
+
+def _remove_dead_parts(target: Path) -> None:
+    """Remove ``.NAME.PID.kmsfs-part`` files beside ``target`` whose process is gone."""
+    prefix = f".{target.name}."
+    for entry in os.scandir(target.parent):
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(_PART_SUFFIX)):
+            continue
+        pid = name[len(prefix) : -len(_PART_SUFFIX)]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _umask() -> int:

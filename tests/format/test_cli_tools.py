@@ -143,3 +143,79 @@ def test_kmsfs_open_reads_and_writes_the_format(keyd_with_key: Keyd, short_tmp: 
         [*KMSFS, "decrypt", str(path), "-"], capture_output=True, env=keyd_with_key.env, check=True
     ).stdout
     assert out == data + b"tail"
+
+
+def _wait_for_output(process: subprocess.Popen, written: int) -> None:
+    """Until ``process`` has written ``written`` bytes (as /proc counts them)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "decrypt finished before it could be killed"
+        with open(f"/proc/{process.pid}/io") as stream:
+            counters = dict(line.split(": ") for line in stream.read().splitlines())
+        if int(counters["wchar"]) >= written:
+            return
+        time.sleep(0.01)
+    raise AssertionError("decrypt wrote nothing")
+
+
+def test_a_killed_decrypt_leaves_no_plaintext(keyd_with_key: Keyd, short_tmp: Path) -> None:
+    """SIGKILL in the middle of decrypting a large file: no file of it remains anywhere in
+    the destination directory (the plaintext was written to an unnamed O_TMPFILE)."""
+    import signal
+
+    keyd = keyd_with_key
+    source, out_dir = short_tmp / "src", short_tmp / "out"
+    out_dir.mkdir()
+    plain = source.with_suffix(".plain")
+    with open(plain, "wb") as stream:
+        for _ in range(160):
+            stream.write(os.urandom(1 << 20))
+    keyd.kmsfs("encrypt", "--key", "alias/files", str(plain), str(source))
+    plain.unlink()
+    process = subprocess.Popen(
+        [*KMSFS, "decrypt", str(source), str(out_dir / "back")],
+        env=keyd.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_output(process, 32 << 20)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert os.listdir(out_dir) == []
+
+
+def test_decrypt_without_o_tmpfile_cleans_up_after_a_killed_run(
+    keyd_with_key: Keyd, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where O_TMPFILE is refused the plaintext goes to a named temporary file; one that a
+    killed run left behind (its process gone) is removed by the next run."""
+    from kmsfs import cli
+
+    keyd = keyd_with_key
+    plain, cipher, out = short_tmp / "p", short_tmp / "c", short_tmp / "out" / "back"
+    out.parent.mkdir()
+    plain.write_bytes(os.urandom(300_000))
+    keyd.kmsfs("encrypt", "--key", "alias/files", str(plain), str(cipher))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = out.parent / f".back.{dead.pid}.kmsfs-part"
+    leftover.write_bytes(b"plaintext of a killed run")
+    alive = out.parent / f".back.{os.getppid()}.kmsfs-part"  # a running process's: kept
+    alive.write_bytes(b"still being written")
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(cli.os, "open", no_tmpfile)
+    code = cli.main(["decrypt", "--keyd-socket", str(keyd.socket), str(cipher), str(out)])
+    assert code == 0
+    assert out.read_bytes() == plain.read_bytes()
+    assert sorted(os.listdir(out.parent)) == sorted(["back", alive.name])

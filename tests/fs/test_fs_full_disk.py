@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Keyd
-from tests.fs.helpers import Mount, MountFactory, cipher_chunk_offset, is_mounted
+from tests.fs.helpers import MountFactory, cipher_chunk_offset
 
 MIB = 1 << 20
 TMPFS_SIZE = "64m"
