@@ -172,6 +172,7 @@ async def _serve(
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),
         )
+        operations.mountpoint = os.fsencode(mountpoint)
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(options))
         except RuntimeError as error:

@@ -21,10 +21,12 @@ import functools
 import logging
 import os
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from kmsfs.errors import (
     CorruptChunk,
@@ -76,6 +78,39 @@ def _errno_of(error: BaseException) -> int:
     return errno.EIO
 
 
+def _invalidate_inode(ino: int) -> None:
+    """pyfuse3.invalidate_inode; an inode the kernel has forgotten has nothing to drop."""
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as error:
+        log.debug("invalidating inode %d: %s", ino, os.strerror(error.errno or 0))
+
+
+def _kernel_truncate(mountpoint: bytes, ino: int, size: int) -> None:
+    """ftruncate inode ``ino`` of the FUSE mount to ``size``, through the kernel.
+
+    The file is opened by its FUSE file handle (node id, generation 0: what the kernel's
+    fuse_encode_fh makes of our inodes), which needs CAP_DAC_READ_SEARCH. The kernel sends
+    OPEN, SETATTR (size), FLUSH and RELEASE to this filesystem, sets its size and drops its
+    pages past it. Call from a thread, never from the trio thread.
+    """
+    handle = ctypes.create_string_buffer(
+        struct.pack("=Ii3I", 12, 0x81, ino >> 32, ino & 0xFFFFFFFF, 0), 20
+    )
+    mount_fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _libc.open_by_handle_at(mount_fd, handle, os.O_WRONLY | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mount_fd)
+
+
 def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Turn every exception of a request into a FUSEError; log what is not routine."""
 
@@ -103,7 +138,16 @@ def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
 class OpenFile:
     """Per-inode state while any handle is open: the backing fd and the engine."""
 
-    __slots__ = ("node", "fd", "engine", "provider", "refs", "path_hint", "stream")
+    __slots__ = (
+        "node",
+        "fd",
+        "engine",
+        "provider",
+        "refs",
+        "path_hint",
+        "stream",
+        "write_error",
+    )
 
     def __init__(
         self,
@@ -120,6 +164,9 @@ class OpenFile:
         self.refs = 0
         self.path_hint = path_hint
         self.stream = Stream(engine)  # the sequential reader, for the prefetcher
+        #: errno of a failure to store this file's data: WRITEs are refused until every
+        #: handle open for writing at the time is released (see ``_storing_failed``)
+        self.write_error = 0
 
 
 class DirHandle:
@@ -159,6 +206,13 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.xattrs = XattrCipher(metadata_key)
         self._handles: dict[int, OpenFile] = {}
+        self._writers: set[int] = set()  # handles open for writing
+        self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
+        self._invalidating: dict[int, trio.Event] = {}  # inodes a thread is invalidating
+        self._invalidate_again: set[int] = set()
+        #: where the kernel shows this filesystem (set by the mount; see _kernel_truncate)
+        self.mountpoint: bytes | None = None
+        self._kernel_truncate_works = True
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_handle = 1
         self._read_buffer = bytearray(1 << 20)
@@ -540,6 +594,7 @@ class Operations(pyfuse3.Operations):
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
+        self._note_writer(handle, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True), attrs
 
     @_handler
@@ -559,6 +614,7 @@ class Operations(pyfuse3.Operations):
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
+        self._note_writer(handle, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
@@ -591,27 +647,149 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         open_file = self._handles[fh]
+        if open_file.write_error:
+            # pages the kernel still holds from before the failure (or written since by
+            # a writer that was told): not stored, and dropped from the cache again
+            self._invalidate_later(open_file.node.ino)
+            raise pyfuse3.FUSEError(open_file.write_error)
         await self._ensure_file_key(open_file)
         try:
             return open_file.engine.write(off, buf)
         except FormatError as error:
             self._read_error(open_file, error)
             raise
+        except OSError as error:
+            self._storing_failed(open_file, error)
+            raise
 
     @_handler
     async def flush(self, fh: int) -> None:
-        self._handles[fh].engine.flush()
+        open_file = self._handles[fh]
+        if fh in self._write_errors:
+            # close() returns after the kernel's cache shows what is stored (FLUSH comes
+            # without the inode lock held, so the invalidating thread can finish)
+            event = self._invalidating.get(open_file.node.ino)
+            if event is not None:
+                with trio.move_on_after(30):
+                    await event.wait()
+            self._raise_write_error(fh)
+        try:
+            open_file.engine.flush()
+        except OSError as error:
+            self._storing_failed(open_file, error)
+            raise
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._handles[fh].engine.fsync()
+        self._raise_write_error(fh)
+        open_file = self._handles[fh]
+        try:
+            open_file.engine.flush()
+            # the long part, off the trio thread: other requests go on meanwhile (the
+            # handle keeps the fd open until its RELEASE, which cannot come before this)
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, open_file.fd)
+        except OSError as error:
+            self._storing_failed(open_file, error)
+            raise
 
     @_handler
     async def release(self, fh: int) -> None:
         open_file = self._handles.pop(fh)
+        self._writers.discard(fh)
+        if self._write_errors.pop(fh, None) and not any(
+            self._handles.get(other) is open_file for other in self._write_errors
+        ):
+            open_file.write_error = 0  # every writer that was told is gone: writes resume
         open_file.refs -= 1
         if open_file.refs == 0:
             self._close_file(open_file)
+
+    # ------------------------------------------------- failures to store data
+    def _note_writer(self, fh: int, flags: int) -> None:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            self._writers.add(fh)
+
+    def _raise_write_error(self, fh: int) -> None:
+        code = self._write_errors.get(fh)
+        if code:
+            raise pyfuse3.FUSEError(code)
+
+    def _storing_failed(self, open_file: OpenFile, error: OSError) -> None:
+        """Storing the file's data failed (a full disk, EIO...): tell every writer.
+
+        The engine is back to what the backing file holds. Every handle open for writing
+        now returns the errno from each later fsync and flush (close) until it is
+        released; WRITEs are refused until then (the kernel still holds pages written
+        before the failure: they must not land after a gap); the kernel's cache of the
+        file is dropped from a thread. Logged once per inode until the writers are gone.
+        """
+        code = _errno_of(error)
+        if not open_file.write_error:
+            engine = open_file.engine
+            log.error(
+                "%s: storing data failed (%s); its writers get the error from fsync and "
+                "close, the file keeps what is stored (%d bytes)%s",
+                os.fsdecode(open_file.path_hint),
+                os.strerror(code),
+                engine.size,
+                "; its end is damaged: run kmsfs fsck --repair" if engine.damaged else "",
+            )
+        open_file.write_error = code
+        for fh in self._writers:
+            if self._handles.get(fh) is open_file:
+                self._write_errors.setdefault(fh, code)
+        self._invalidate_later(open_file.node.ino)
+
+    def _invalidate_later(self, ino: int) -> None:
+        """Drop the kernel's cached pages of ``ino`` and set its size to what is stored.
+
+        From a thread, never from a request's handler itself: invalidating dirty pages
+        makes the kernel send WRITEs and wait for them (pyfuse3.invalidate_inode's
+        documentation), and a truncate needs the inode lock an fsync holds.
+        """
+        if ino in self._invalidating:
+            self._invalidate_again.add(ino)
+            return
+        self._invalidating[ino] = trio.Event()
+        trio.lowlevel.spawn_system_task(self._invalidate, ino)
+
+    async def _invalidate(self, ino: int) -> None:
+        try:
+            while True:
+                self._invalidate_again.discard(ino)
+                await trio.to_thread.run_sync(_invalidate_inode, ino, abandon_on_cancel=True)
+                await self._set_kernel_size(ino)
+                if ino not in self._invalidate_again:
+                    return
+        except Exception:  # a system task must not raise: that would end the mount
+            log.exception("dropping the cache of inode %d", ino)
+        finally:
+            self._invalidating.pop(ino).set()
+
+    async def _set_kernel_size(self, ino: int) -> None:
+        """With the write-back cache the kernel owns a file's size and ignores GETATTR's:
+        after a failed write it keeps the size of what was not stored. A truncate through
+        the mount to the stored size is the one way to correct it."""
+        node = self.inodes.nodes.get(ino)
+        if node is None or self.mountpoint is None or not self._kernel_truncate_works:
+            return
+        if node.open_file is not None:
+            size = node.open_file.engine.size
+        else:
+            size = plaintext_size(os.stat(self.inodes.path(ino)).st_size, self.config.chunk_size)
+        try:
+            await trio.to_thread.run_sync(
+                _kernel_truncate, self.mountpoint, ino, size, abandon_on_cancel=True
+            )
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._kernel_truncate_works = False
+            log.warning(
+                "cannot reopen files by handle (%s): after a failed write the kernel shows "
+                "a file's old size until it forgets the file",
+                os.strerror(error.errno or 0),
+            )
 
     # ----------------------------------------------------------- directories
     @_handler

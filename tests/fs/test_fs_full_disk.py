@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Keyd
-from tests.fs.helpers import MountFactory, cipher_chunk_offset
+from tests.fs.helpers import Mount, MountFactory, cipher_chunk_offset
 
 MIB = 1 << 20
 TMPFS_SIZE = "64m"
@@ -51,16 +50,6 @@ def tmpfs() -> Iterator[Path]:
         else:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def full_disk_mounts(tmpfs: Path, fs_keyd: Keyd) -> Iterator[MountFactory]:
-    """Cipher directories on the tmpfs, mountpoints beside it; all unmounted at teardown."""
-    factory = MountFactory(tmpfs, fs_keyd)
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 def fill_up(directory: Path) -> int:
@@ -180,3 +169,112 @@ def test_fsck_repair_restores_interrupted_appends(mounts: MountFactory) -> None:
     mount.unmount_clean()
     result = mounts.keyd.kmsfs("fsck", str(cipher), "--repair", check=False)
     assert result.returncode != 0 and b"repaired" not in result.stdout
+
+
+# ------------------------------------------------------------- the full disk
+def kmsfs_on(tmpfs: Path, mounts: MountFactory) -> Mount:
+    """A kmsfs mount whose cipher directory is on the tmpfs (mountpoint and log are not)."""
+    cipher = tmpfs / "cipher"
+    mounts.keyd.kmsfs("init", str(cipher), "--key", "alias/fs", "--plaintext-names")
+    return mounts.mount(cipher)
+
+
+def backing_size(cipher_file: Path) -> Callable[[], int]:
+    def size() -> int:
+        from kmsfs.format import plaintext_size
+
+        return plaintext_size(cipher_file.stat().st_size, 65536)
+
+    return size
+
+
+def test_statfs_reports_the_backing_filesystem(tmpfs: Path, mounts: MountFactory) -> None:
+    mount = kmsfs_on(tmpfs, mounts)
+    (tmpfs / "some").write_bytes(b"x" * (5 * MIB))
+    at_mount, backing = os.statvfs(mount.mnt), os.statvfs(tmpfs)
+    assert at_mount.f_bsize * at_mount.f_blocks == backing.f_bsize * backing.f_blocks
+    assert at_mount.f_bfree * at_mount.f_frsize == backing.f_bfree * backing.f_frsize
+    assert at_mount.f_bavail * at_mount.f_frsize == backing.f_bavail * backing.f_frsize
+    fill_up(tmpfs)
+    assert os.statvfs(mount.mnt).f_bavail == os.statvfs(tmpfs).f_bavail == 0
+
+
+def test_an_append_on_a_full_disk_keeps_fsyncd_data(tmpfs: Path, mounts: MountFactory) -> None:
+    """The review's first scenario: ten 2 MiB files fsync'd, the disk filled, 300 KB
+    appended to one and fsync'd: ENOSPC, and every file reads back as it was."""
+    mount = kmsfs_on(tmpfs, mounts)
+    contents = {f"f{i}": pattern(100 + i, 2 * MIB) for i in range(10)}
+    for name, content in contents.items():
+        with open(mount.mnt / name, "wb") as stream:
+            stream.write(content)
+            os.fsync(stream.fileno())
+    fill_up(tmpfs)
+    fd = os.open(mount.mnt / "f3", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, pattern(7, 300_000))  # into the page cache: it cannot fail here
+        assert outcome(lambda: os.fsync(fd)) == "ENOSPC"
+        assert outcome(lambda: os.fsync(fd)) == "ENOSPC"  # and again: it was not stored
+    finally:
+        assert outcome(lambda: os.close(fd)) == "ENOSPC"
+    for name, content in contents.items():
+        assert (mount.mnt / name).read_bytes() == content, name
+    assert os.stat(mount.mnt / "f3").st_size == 2 * MIB
+    log = mount.log()
+    assert log.count("f3: storing data failed") == 1, log
+    assert "No space left on device" in log
+    mount.unmount_clean()
+    (tmpfs / "filler").unlink()
+    result = mounts.keyd.kmsfs("fsck", "--verify", str(mount.cipher), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_unbounded_writer_is_told(tmpfs: Path, mounts: MountFactory) -> None:
+    """The review's second scenario: 200 x 1 MiB write() on a 64 MiB filesystem. The writer
+    learns at the latest from every fsync and from close that its data was not stored, and
+    then reads back what is stored, no more; kmsfs is measured beside the tmpfs itself."""
+    baseline_dir = tmpfs / "plain"
+    baseline_dir.mkdir()
+    plain = unbounded_writer(
+        baseline_dir / "big", "tmpfs", lambda: (baseline_dir / "big").stat().st_size
+    )
+    (baseline_dir / "big").unlink()
+    print(plain.line())
+    assert plain.first_write_error == "ENOSPC"
+
+    mount = kmsfs_on(tmpfs, mounts)
+    told = unbounded_writer(mount.mnt / "big", "kmsfs", backing_size(mount.cipher / "big"))
+    print(told.line())
+    assert (told.fsync1, told.fsync2, told.close) == ("ENOSPC", "ENOSPC", "ENOSPC")
+    assert told.size_after == told.readable_after == told.stored
+    assert told.stored < 64 * MIB
+    assert mount.log().count("big: storing data failed") == 1, mount.log()
+    # the file is sound and the mount goes on: space freed, the next writer succeeds
+    os.unlink(mount.mnt / "big")
+    (mount.mnt / "after").write_bytes(pattern(3, 5 * MIB))
+    assert (mount.mnt / "after").read_bytes() == pattern(3, 5 * MIB)
+
+
+@pytest.mark.skipif(shutil.which("gocryptfs") is None, reason="gocryptfs is not installed")
+def test_gocryptfs_on_the_same_full_disk(tmpfs: Path, short_tmp: Path) -> None:
+    """The same writer on gocryptfs over the same kind of tmpfs: for the record (printed)."""
+    cipher, mnt, passfile = tmpfs / "gocryptfs", short_tmp / "gmnt", short_tmp / "pass"
+    cipher.mkdir()
+    mnt.mkdir()
+    passfile.write_text("a test passphrase\n")
+    subprocess.run(
+        ["gocryptfs", "-init", "-q", "-passfile", str(passfile), str(cipher)], check=True
+    )
+    subprocess.run(
+        ["gocryptfs", "-q", "-passfile", str(passfile), str(cipher), str(mnt)], check=True
+    )
+    try:
+        told = unbounded_writer(mnt / "big", "gocryptfs", lambda: -1)
+        print(told.line())
+    finally:
+        for _ in range(50):
+            if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    assert told.writes_ok > 0
