@@ -7,7 +7,11 @@ every handle open on it. Extended attributes are encrypted (``xattrs.py``).
 
 All handlers run on the trio thread. Engine calls are synchronous, so the only places
 where two requests interleave are the awaits on keyd (opening a file, giving an empty
-file its first data key); those hold the inode's lock.
+file its first data key; those hold the inode's lock) and fsync, whose backing-file fsync
+runs in a thread (it touches no engine state).
+
+A failure to store a file's data (a full disk...) is told to every writer: see
+``Operations._storing_failed``.
 
 Errors: every handler goes through :func:`_errno_of` — the one place that maps
 kmsfs's typed errors to errno. Nothing a request does can end the mount.
