@@ -26,6 +26,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -90,14 +91,17 @@ def _invalidate_inode(ino: int) -> None:
         log.debug("invalidating inode %d: %s", ino, os.strerror(error.errno or 0))
 
 
-def _kernel_truncate(mountpoint: bytes, ino: int, size: int) -> None:
+def _kernel_truncate(mountpoint: bytes, ino: int, size: int, own_threads: set[int]) -> None:
     """ftruncate inode ``ino`` of the FUSE mount to ``size``, through the kernel.
 
     The file is opened by its FUSE file handle (node id, generation 0: what the kernel's
     fuse_encode_fh makes of our inodes), which needs CAP_DAC_READ_SEARCH. The kernel sends
     OPEN, SETATTR (size), FLUSH and RELEASE to this filesystem, sets its size and drops its
-    pages past it. Call from a thread, never from the trio thread.
+    pages past it. Call from a thread, never from the trio thread; the thread's id is in
+    ``own_threads`` meanwhile (the FUSE requests it causes carry it as their pid).
     """
+    thread = threading.get_native_id()
+    own_threads.add(thread)
     handle = ctypes.create_string_buffer(
         struct.pack("=Ii3I", 12, 0x81, ino >> 32, ino & 0xFFFFFFFF, 0), 20
     )
@@ -113,6 +117,7 @@ def _kernel_truncate(mountpoint: bytes, ino: int, size: int) -> None:
             os.close(fd)
     finally:
         os.close(mount_fd)
+        own_threads.discard(thread)
 
 
 def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -217,6 +222,7 @@ class Operations(pyfuse3.Operations):
         #: where the kernel shows this filesystem (set by the mount; see _kernel_truncate)
         self.mountpoint: bytes | None = None
         self._kernel_truncate_works = True
+        self._own_threads: set[int] = set()  # threads of ours doing I/O on the mount
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_handle = 1
         self._read_buffer = bytearray(1 << 20)
@@ -598,7 +604,7 @@ class Operations(pyfuse3.Operations):
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
-        self._note_writer(handle, flags)
+        self._note_writer(handle, flags, ctx)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True), attrs
 
     @_handler
@@ -618,7 +624,7 @@ class Operations(pyfuse3.Operations):
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
-        self._note_writer(handle, flags)
+        self._note_writer(handle, flags, ctx)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
@@ -652,10 +658,11 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         open_file = self._handles[fh]
         if open_file.write_error:
-            # pages the kernel still holds from before the failure (or written since by
-            # a writer that was told): not stored, and dropped from the cache again
-            self._invalidate_later(open_file.node.ino)
-            raise pyfuse3.FUSEError(open_file.write_error)
+            # pages the kernel still holds from before the failure, or written since:
+            # not stored either (every writer is told), and dropped from the cache again
+            refused = OSError(open_file.write_error, os.strerror(open_file.write_error))
+            self._storing_failed(open_file, refused)
+            raise refused
         await self._ensure_file_key(open_file)
         try:
             return open_file.engine.write(off, buf)
@@ -709,8 +716,9 @@ class Operations(pyfuse3.Operations):
             self._close_file(open_file)
 
     # ------------------------------------------------- failures to store data
-    def _note_writer(self, fh: int, flags: int) -> None:
-        if flags & (os.O_WRONLY | os.O_RDWR):
+    def _note_writer(self, fh: int, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        # (not the mount's own opens, see _kernel_truncate: it must not be told to wait)
+        if flags & (os.O_WRONLY | os.O_RDWR) and ctx.pid not in self._own_threads:
             self._writers.add(fh)
 
     def _raise_write_error(self, fh: int) -> None:
@@ -777,15 +785,24 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.nodes.get(ino)
         if node is None or self.mountpoint is None or not self._kernel_truncate_works:
             return
-        if node.open_file is not None:
-            size = node.open_file.engine.size
-        else:
-            size = plaintext_size(os.stat(self.inodes.path(ino)).st_size, self.config.chunk_size)
         try:
+            if node.open_file is not None:
+                size = node.open_file.engine.size
+            else:
+                stored = os.stat(self.inodes.path(ino)).st_size
+                size = plaintext_size(stored, self.config.chunk_size)
             await trio.to_thread.run_sync(
-                _kernel_truncate, self.mountpoint, ino, size, abandon_on_cancel=True
+                _kernel_truncate,
+                self.mountpoint,
+                ino,
+                size,
+                self._own_threads,
+                abandon_on_cancel=True,
             )
         except OSError as error:
+            if error.errno in (errno.ESTALE, errno.ENOENT):  # gone, or the kernel forgot it
+                log.debug("inode %d: no size to correct", ino)
+                return
             if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             self._kernel_truncate_works = False

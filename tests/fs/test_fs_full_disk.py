@@ -211,6 +211,8 @@ def test_an_append_on_a_full_disk_keeps_fsyncd_data(tmpfs: Path, mounts: MountFa
             stream.write(content)
             os.fsync(stream.fileno())
     fill_up(tmpfs)
+    other_writer = os.open(mount.mnt / "f3", os.O_WRONLY)
+    reader = os.open(mount.mnt / "f3", os.O_RDONLY)
     fd = os.open(mount.mnt / "f3", os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, pattern(7, 300_000))  # into the page cache: it cannot fail here
@@ -218,14 +220,22 @@ def test_an_append_on_a_full_disk_keeps_fsyncd_data(tmpfs: Path, mounts: MountFa
         assert outcome(lambda: os.fsync(fd)) == "ENOSPC"  # and again: it was not stored
     finally:
         assert outcome(lambda: os.close(fd)) == "ENOSPC"
+    # every handle open for writing at the time is told too, a reader is not
+    assert outcome(lambda: os.fsync(other_writer)) == "ENOSPC"
+    assert outcome(lambda: os.close(other_writer)) == "ENOSPC"
+    assert outcome(lambda: os.close(reader)) == "ok"
     for name, content in contents.items():
         assert (mount.mnt / name).read_bytes() == content, name
     assert os.stat(mount.mnt / "f3").st_size == 2 * MIB
     log = mount.log()
     assert log.count("f3: storing data failed") == 1, log
     assert "No space left on device" in log
-    mount.unmount_clean()
+    # the writers that were told are gone: with room again, the same append works
     (tmpfs / "filler").unlink()
+    with open(mount.mnt / "f3", "ab") as stream:
+        stream.write(pattern(7, 300_000))
+        os.fsync(stream.fileno())
+    assert (mount.mnt / "f3").read_bytes() == contents["f3"] + pattern(7, 300_000)
     result = mounts.keyd.kmsfs("fsck", "--verify", str(mount.cipher), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
