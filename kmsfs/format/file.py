@@ -677,8 +677,13 @@ class EncryptedFile:
         position = start + NONCE_SIZE + length
         try:
             for index in indexes:  # one 16-byte write per hole chunk; the bodies stay sparse
-                if pwrite(fd, hole_marker(index, length, final), position) != TAG_SIZE:
-                    raise OSError(errno.ENOSPC, "short write of a hole marker")
+                marker = hole_marker(index, length, final)
+                written = pwrite(fd, marker, position)
+                # a short write (a full disk): the next write says why, or finishes it
+                if written < TAG_SIZE and (
+                    pwrite(fd, marker[written:], position + written) < TAG_SIZE - written
+                ):
+                    raise OSError(errno.EIO, "short write of a hole marker")
                 position += stored
         finally:
             self.disk_generation += 1

@@ -57,6 +57,7 @@ class Syscalls:
         self.fd = fd
         self.calls = 0
         self.capacity: int | None = None
+        self.full_errno = errno.ENOSPC  # what a write beyond ``capacity`` fails with
         self.fail_at: int | None = None
         self.after_each: Callable[[], None] | None = None
         self.real_pwritev = os.pwritev
@@ -87,7 +88,7 @@ class Syscalls:
         data = bytes(data)
         room = self._room(offset, len(data))
         if room == 0 and data:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(self.full_errno, os.strerror(self.full_errno))
         written = self.real_pwrite(fd, data[:room], offset)
         self._done()
         return written
@@ -95,7 +96,7 @@ class Syscalls:
     def reserve(self, fd: int, offset: int, length: int) -> bool:
         self._count()
         if self._room(offset, length) < length:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(self.full_errno, os.strerror(self.full_errno))
         assert self.real_reserve is not None
         result = self.real_reserve(fd, offset, length)
         self._done()
@@ -187,9 +188,10 @@ def final_content(plaintext: bytes, change: Change, provider: FakeKeyProvider) -
     return content
 
 
+@pytest.mark.parametrize("full_errno", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 @pytest.mark.parametrize("name", CHANGES)
 def test_a_full_disk_loses_nothing_stored(
-    name: str, provider: FakeKeyProvider, monkeypatch: pytest.MonkeyPatch
+    name: str, full_errno: int, provider: FakeKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk fills up at every possible byte of the change: the change fails with
     ENOSPC or succeeds; either way the backing file verifies, the stored data reads back
@@ -204,10 +206,11 @@ def test_a_full_disk_loses_nothing_stored(
         fd, engine = stored_file(provider, plaintext)
         with faked(monkeypatch, fd) as calls:
             calls.capacity = capacity
+            calls.full_errno = full_errno
             try:
                 apply_and_flush(engine, change)
             except OSError as error:
-                assert error.errno == errno.ENOSPC
+                assert error.errno == full_errno
                 failures += 1
         content = stored_content(fd, provider)
         assert_old_or_new(content, plaintext, new_content)
