@@ -706,9 +706,12 @@ class EncryptedFile:
         self.disk_generation += 1
         try:
             disk_size = os.fstat(fd).st_size
-            if disk_size > disk_end or 0 < disk_size <= HEADER_SIZE:
-                disk_size = disk_end if disk_end > HEADER_SIZE else 0
-                os.ftruncate(fd, disk_size)
+            keep = min(disk_size, disk_end)
+            if keep <= HEADER_SIZE:  # a header without chunks: the file is empty again
+                keep = 0
+            if keep != disk_size:
+                os.ftruncate(fd, keep)
+                disk_size = keep
             if disk_size and not self._seal_last_stored_chunk(disk_size):
                 self.damaged = True
         except OSError:
