@@ -320,6 +320,36 @@ def test_other_users_get_posix_permission_errors(place: Path) -> None:
     assert (place / "setid").read_bytes() == b"r"
 
 
+def test_open_truncate_clears_set_id_bits_as_truncate_does(place: Path) -> None:
+    """open(O_TRUNC) by anyone but root clears set-ID bits, as truncate(2) does.
+
+    With atomic_o_trunc the kernel leaves the truncation, and so this, to the filesystem.
+    """
+    os.chmod(place, 0o777)
+    modes = {"suid": 0o4777, "sgid-x": 0o2777, "sgid-nox": 0o2767, "both": 0o6777}
+    for name, mode in {**modes, "roots": 0o6777}.items():
+        (place / name).write_bytes(b"root's data")
+        os.chmod(place / name, mode)
+
+    def as_nobody() -> dict[str, object]:
+        results: dict[str, object] = {}
+        for name in modes:
+            os.close(os.open(place / name, os.O_WRONLY | os.O_TRUNC))
+            results[name] = oct(mode_of(place / name))
+        return results
+
+    assert run_as_child(as_nobody, uid=NOBODY) == {
+        "suid": "0o777",
+        "sgid-x": "0o777",
+        "sgid-nox": "0o767",  # nobody is not in the file's group
+        "both": "0o777",
+    }
+    for name in modes:
+        assert (place / name).read_bytes() == b"", name
+    os.close(os.open(place / "roots", os.O_WRONLY | os.O_TRUNC))  # root keeps them
+    assert mode_of(place / "roots") == 0o6777
+
+
 def test_chmod_set_group_id_by_owner_outside_the_group_is_dropped(place: Path) -> None:
     tmp = sticky_dir(place)
     (tmp / "f").write_bytes(b"x")
