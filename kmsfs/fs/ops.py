@@ -578,10 +578,26 @@ class Operations(pyfuse3.Operations):
             # libfuse negotiates atomic_o_trunc: the kernel passes O_TRUNC here
             # instead of truncating first.
             open_file.engine.truncate(0)
+            self._clear_set_id_after_truncate(open_file.fd, ctx)
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    def _clear_set_id_after_truncate(self, fd: int, ctx: pyfuse3.RequestContext) -> None:
+        """What truncate(2) does, and the kernel leaves to us for open(O_TRUNC).
+
+        A truncation by anyone but root clears S_ISUID, and S_ISGID if the file is
+        group-executable or not of the caller's (primary) group.
+        """
+        if ctx.uid == 0:
+            return
+        st = os.fstat(fd)
+        clear = st.st_mode & stat.S_ISUID
+        if st.st_mode & stat.S_ISGID and (st.st_mode & stat.S_IXGRP or st.st_gid != ctx.gid):
+            clear |= stat.S_ISGID
+        if clear:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~clear)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
         # The busiest handler: its own copy of _handler's two lines, one coroutine less.
