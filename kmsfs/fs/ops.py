@@ -58,6 +58,7 @@ ENTRY_TIMEOUT = 1.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+_SET_ID = stat.S_ISUID | stat.S_ISGID
 _REFUSED_BY_KEY = {
     "DisabledException",
     "KMSInvalidStateException",
@@ -290,19 +291,40 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, backing)
         return self._attrs(st, node)
 
+    def _gives_away(self, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether entries made for this request are handed to another owner."""
+        return self._is_root and (ctx.uid != 0 or ctx.gid != 0)
+
+    def _mode_to_make(self, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """The mode to make an entry with: no set-ID bits while it is still root's.
+
+        :meth:`_give_to_caller` puts them back once the entry is the caller's (a chown
+        clears them, root's too), so no set-ID entry of root's ever exists.
+        """
+        return mode & ~_SET_ID if self._gives_away(ctx) else mode
+
     def _give_to_caller(
-        self, directory: bytes, path_or_fd: bytes | int, ctx: pyfuse3.RequestContext
+        self,
+        directory: bytes,
+        path_or_fd: bytes | int,
+        ctx: pyfuse3.RequestContext,
+        mode: int = 0,
     ) -> None:
         """Files created for another user are theirs (when the mount runs as root).
 
-        As on ext4, an entry made in a set-group-ID directory keeps the directory's group.
+        As on ext4, an entry made in a set-group-ID directory keeps the directory's group,
+        and the set-ID bits of ``mode`` (the mode asked for) are kept.
         """
-        if self._is_root and (ctx.uid != 0 or ctx.gid != 0):
+        if self._gives_away(ctx):
             gid = -1 if os.stat(directory).st_mode & stat.S_ISGID else ctx.gid
             if isinstance(path_or_fd, int):
                 os.fchown(path_or_fd, ctx.uid, gid)
+                if mode & _SET_ID:
+                    os.fchmod(path_or_fd, stat.S_IMODE(mode))
             else:
                 os.chown(path_or_fd, ctx.uid, gid, follow_symlinks=False)
+                if mode & _SET_ID:
+                    os.chmod(path_or_fd, stat.S_IMODE(mode))
 
     def _check_writable_mount(self) -> None:
         if self.read_only:
@@ -487,8 +509,8 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
         directory, entry, path = self._child(parent_inode, name)
         with self.tree.naming(directory, entry):
-            os.mknod(path, mode, rdev)
-        self._give_to_caller(directory, path, ctx)
+            os.mknod(path, self._mode_to_make(mode, ctx), rdev)
+        self._give_to_caller(directory, path, ctx, mode)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
@@ -588,10 +610,10 @@ class Operations(pyfuse3.Operations):
             fd = os.open(
                 path,
                 os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                stat.S_IMODE(mode),
+                self._mode_to_make(stat.S_IMODE(mode), ctx),
             )
         try:
-            self._give_to_caller(directory, fd, ctx)
+            self._give_to_caller(directory, fd, ctx, mode)
             st = os.fstat(fd)
             attrs = self._entry(parent_inode, entry.backing, st)
             # the new, empty file: no key yet (it comes with the first byte)
@@ -621,11 +643,27 @@ class Operations(pyfuse3.Operations):
             # libfuse negotiates atomic_o_trunc: the kernel passes O_TRUNC here
             # instead of truncating first.
             open_file.engine.truncate(0)
+            self._clear_set_id_after_truncate(open_file.fd, ctx)
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
         self._note_writer(handle, flags, ctx)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    def _clear_set_id_after_truncate(self, fd: int, ctx: pyfuse3.RequestContext) -> None:
+        """What truncate(2) does, and the kernel leaves to us for open(O_TRUNC).
+
+        A truncation by anyone but root clears S_ISUID, and S_ISGID if the file is
+        group-executable or not of the caller's (primary) group.
+        """
+        if ctx.uid == 0:
+            return
+        st = os.fstat(fd)
+        clear = st.st_mode & stat.S_ISUID
+        if st.st_mode & stat.S_ISGID and (st.st_mode & stat.S_IXGRP or st.st_gid != ctx.gid):
+            clear |= stat.S_ISGID
+        if clear:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~clear)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
         # The busiest handler: its own copy of _handler's two lines, one coroutine less.
