@@ -358,6 +358,8 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
+            if ino not in self.inodes.nodes:  # a directory's id is cached while it is known
+                self.tree.forget_dir(ino)
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
