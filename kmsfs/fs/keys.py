@@ -14,7 +14,8 @@
   after ``cache_seconds`` and the pool is emptied as soon as keyd refuses the CMK.
 
 Plaintext keys live only in this process's memory (Python cannot wipe them; the mount
-process should not be swapped or dumped: it disables core dumps).
+process is hardened as keyd is: no core dumps, not dumpable, memory locked where allowed,
+see :mod:`kmsfs.hardening`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import subprocess
 import tracemalloc
@@ -27,6 +26,7 @@ from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
+from kmsfs.hardening import harden_process, is_dumpable
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
 
 log = logging.getLogger("kmsfs.mount")
@@ -133,10 +133,7 @@ def mount_foreground(
     check_mountpoint(mountpoint)
     socket = options.keyd_socket or config.keyd_socket
     os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of data keys
-    except (ValueError, OSError):
-        log.warning("cannot disable core dumps")
+    harden_process(log)  # it holds the metadata key and data keys: as keyd does
     trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
 
 
@@ -287,7 +284,8 @@ def memory_counts(operations: Operations) -> dict[str, int]:
 
 
 def memory_report(operations: Operations) -> str:
-    """One log line: :func:`memory_counts`, and Python's traced memory when tracing.
+    """One log line: :func:`memory_counts`, whether the process is dumpable (it must not
+    be: :func:`kmsfs.hardening.harden_process`), and Python's traced memory when tracing.
 
     Tracing is Python's own switch (``PYTHONTRACEMALLOC=N`` in the mount's environment;
     it slows the mount down): then the line also has the bytes traced now and at the
@@ -296,6 +294,7 @@ def memory_report(operations: Operations) -> str:
     """
     counts = memory_counts(operations)
     text = " ".join(f"{name}={value}" for name, value in counts.items())
+    text += f" dumpable={int(is_dumpable())}"
     if tracemalloc.is_tracing():
         current, peak = tracemalloc.get_traced_memory()
         text += f" traced={current} traced_peak={peak}"
