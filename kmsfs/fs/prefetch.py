@@ -25,7 +25,8 @@ decrypted ciphertext exactly as on the ``pread`` path. And every chunk is still
 authenticated by the engine: a segment is ciphertext, never trusted plaintext.
 
 Where it stops: segments hold ciphertext only. At most :data:`AHEAD_SEGMENTS` per stream
-and :data:`MAX_BUFFERS` for the whole mount; buffers are recycled warm. Each stream gets
+and :data:`MAX_BUFFERS` for the whole mount; buffers are recycled warm, and at most
+:data:`AHEAD_SEGMENTS` are kept once their readers are gone. Each stream gets
 its own duplicate of the backing fd, used and closed only by the helper thread in queue
 order, so a file closed meanwhile is never read through a reused fd.
 """
@@ -139,9 +140,16 @@ class Stream:
 class Prefetcher:
     """One helper thread for the mount; its public methods run on the mount's thread."""
 
-    def __init__(self, *, ahead: int = AHEAD_SEGMENTS, max_buffers: int = MAX_BUFFERS) -> None:
+    def __init__(
+        self,
+        *,
+        ahead: int = AHEAD_SEGMENTS,
+        max_buffers: int = MAX_BUFFERS,
+        max_spare: int = AHEAD_SEGMENTS,
+    ) -> None:
         self.ahead = ahead
         self.max_buffers = max_buffers
+        self.max_spare = max_spare  # recycled buffers kept warm for the next reader
         self.requested = 0  # segments asked for, for tests
         self.done = 0  # segments the helper has read, for tests
         self._buffers = 0  # buffers allocated (in segments or spare)
@@ -249,8 +257,14 @@ class Prefetcher:
         # A buffer whose segment the helper has yet to read can be reused at once: the
         # helper works in queue order, so its read of the old segment finishes before
         # it reads the new one into the same buffer, and only then is the new one done.
+        # Spare buffers beyond one reader's window are let go: once every reader has
+        # closed, the mount keeps at most AHEAD_SEGMENTS MiB, not MAX_BUFFERS.
         with self._spare_lock:
             self._spare.extend(buffers)
+            excess = len(self._spare) - self.max_spare
+            if excess > 0:
+                del self._spare[:excess]
+                self._buffers -= excess
 
     def _start(self) -> None:
         if self._thread is None:
