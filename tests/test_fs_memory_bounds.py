@@ -12,7 +12,7 @@ from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import GENERATION_SHIFT, InodeTable
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
-from kmsfs.fs.tree import CipherTree
+from kmsfs.fs.tree import MAX_WARNED, CipherTree
 
 KEY = bytes(range(32))
 ROOT = pyfuse3.ROOT_INODE
@@ -98,3 +98,10 @@ def test_key_cache_keeps_at_most_its_cap_and_evicts_the_oldest() -> None:
     assert keyd.decrypts == 0  # all four from the cache
     trio.run(keys.unwrap, _header(0))
     assert keyd.decrypts == 1  # evicted: asked keyd again
+
+
+def test_stray_warnings_are_remembered_up_to_a_cap(tmp_path: Path) -> None:
+    tree = CipherTree(bytes(tmp_path), NameCipher(KEY))
+    for n in range(3 * MAX_WARNED):
+        tree._warn(bytes(tmp_path), b"stray-%d" % n, "unknown kmsfs file")
+    assert len(tree._warned) <= MAX_WARNED
