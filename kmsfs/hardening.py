@@ -6,12 +6,13 @@ Both processes that hold plaintext keys call :func:`harden_process` first thing:
 - No core dumps (``RLIMIT_CORE`` 0) and not dumpable (``prctl(PR_SET_DUMPABLE, 0)``):
   no core file, and processes of the same user cannot ptrace it or read its memory
   through ``/proc/<pid>/mem``; its ``/proc/<pid>`` files become root's.
-- Memory locked (``mlockall(MCL_CURRENT | MCL_FUTURE)``) where that cannot hurt: when
-  the process may lock without limit (``CAP_IPC_LOCK``, as root, or ``RLIMIT_MEMLOCK``
-  unlimited). Under a finite limit the kernel refuses the call if the process already
-  maps more than the limit (every Python process does, with the usual 8 MiB), and if it
-  accepted it, every allocation past the limit would then fail: so it is not attempted,
-  and that is logged, as is any refusal.
+- Memory locked (``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)``: each page from
+  when it is first touched) where that cannot hurt: when the process may lock without
+  limit (``CAP_IPC_LOCK``, as root, or ``RLIMIT_MEMLOCK`` unlimited). Under a finite
+  limit the kernel refuses the call if the process already maps more than the limit
+  (every Python process does, with the usual 8 MiB), and if it accepted it, every
+  allocation past the limit would then fail: so it is not attempted, and that is
+  logged, as is any refusal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+MCL_ONFAULT = 4
 CAP_IPC_LOCK = 14
 
 
@@ -49,7 +51,7 @@ def harden_process(log: logging.Logger) -> list[str]:
             "CAP_IPC_LOCK (run as root or with an unlimited RLIMIT_MEMLOCK); "
             "keys may be swapped out"
         )
-    elif libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+    elif not _lock_all_memory(libc):
         code = ctypes.get_errno()
         hint = (
             " (raise RLIMIT_MEMLOCK or run as root)" if code in (errno.ENOMEM, errno.EPERM) else ""
@@ -58,6 +60,20 @@ def harden_process(log: logging.Logger) -> list[str]:
     for problem in problems:
         log.warning("%s", problem)
     return problems
+
+
+def _lock_all_memory(libc: ctypes.CDLL) -> bool:
+    """mlockall, locking pages as they are touched (MCL_ONFAULT, Linux 4.4) if possible.
+
+    Without MCL_ONFAULT the kernel makes every page of every mapping resident at once,
+    touched or not (whole allocator arenas, thread stacks): a mount's RSS under load
+    went from ~80 to ~175 MiB. Secrets are only ever in touched pages.
+    """
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
+        return True
+    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: a kernel without MCL_ONFAULT
+        return False
+    return libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0
 
 
 def memory_lock_limit() -> int | None:
