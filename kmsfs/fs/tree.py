@@ -194,10 +194,14 @@ class CipherTree:
                 self.drop_name(directory, entry)
             raise
 
-    def drop_name(self, directory: bytes, entry: Entry) -> None:
-        """After an entry is gone: its sidecar, if it had one, and its cached name."""
+    def forget_name(self, entry: Entry) -> None:
+        """Drop the entry's name from the name cache: it is gone, or never was there."""
         if self.names is not None and entry.encoded is not None and entry.dir_id is not None:
             self.names.forget(entry.dir_id, entry.name, entry.encoded)
+
+    def drop_name(self, directory: bytes, entry: Entry) -> None:
+        """After an entry is gone: its sidecar, if it had one, and its cached name."""
+        self.forget_name(entry)
         if entry.encoded is not None and entry.backing != entry.encoded:
             try:
                 os.unlink(directory + b"/" + longname_sidecar(entry.backing))

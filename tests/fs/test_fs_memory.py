@@ -83,6 +83,8 @@ def one_round(top: Path, round_number: int) -> None:
     for index in range(2, FILES_PER_ROUND, 10):
         assert files[index].read_bytes() is not None
         files[index].unlink()
+    for index in range(0, FILES_PER_ROUND, 10):  # names that are not there (ENOENT)
+        assert not files[index].with_name(f"missing-{round_number}-{index}").exists()
     for _directory, _names, _files in os.walk(top):  # a find over the tree, as rm -rf does
         pass
     shutil.rmtree(top)
