@@ -113,6 +113,24 @@ class InodeTable:
     def drop_if_unused(self, node: Node) -> None:
         if node.lookups <= 0 and node.open_file is None and node.ino != ROOT:
             self.nodes.pop(node.ino, None)
+            self._drop_generation(node.ino)
+
+    def _drop_generation(self, ino: int) -> None:
+        """Once the kernel knows no number of a backing inode, its generation can go.
+
+        Its next owner then gets the plain number again, which the kernel has forgotten.
+        Without this, every backing inode ever deleted while known kept an entry.
+        """
+        st_ino = ino & ((1 << GENERATION_SHIFT) - 1)
+        if ino == self.root_st_ino:
+            st_ino = ROOT  # the backing inode that collides with FUSE's root (ino_of)
+        generation = self._generations.get(st_ino)
+        if generation is None:
+            return
+        plain = self.root_st_ino if st_ino == ROOT else st_ino
+        numbers = [plain] + [(old << GENERATION_SHIFT) | st_ino for old in range(1, generation + 1)]
+        if not any(number in self.nodes for number in numbers):
+            del self._generations[st_ino]
 
     def parent_of(self, ino: int) -> int:
         if ino == ROOT:

@@ -4,16 +4,18 @@
   encryption context) and held by the open file while any handle is open.
 - **After the last close** the plaintext data key stays in memory for
   ``cache_seconds`` (default 60 s), so reopening a file just closed costs no round
-  trip. A CMK that is disabled, scheduled for deletion or deleted therefore refuses
-  new opens (EACCES) at most ``cache_seconds`` later; files already open keep working
-  until closed, as with any key held by an application.
+  trip (at most :data:`MAX_CACHED_KEYS` keys, the oldest evicted first). A CMK that
+  is disabled, scheduled for deletion or deleted therefore refuses new opens (EACCES)
+  at most ``cache_seconds`` later; files already open keep working until closed, as
+  with any key held by an application.
 - **Creation**: a file gets its data key with its first byte. A small pool of fresh
   data keys (GenerateDataKey, each bound to its own future file id) is kept ready by
   a background task so creating files does not wait on keyd. Pool entries also expire
   after ``cache_seconds`` and the pool is emptied as soon as keyd refuses the CMK.
 
 Plaintext keys live only in this process's memory (Python cannot wipe them; the mount
-process should not be swapped or dumped: it disables core dumps).
+process is hardened as keyd is: no core dumps, not dumpable, memory locked where allowed,
+see :mod:`kmsfs.hardening`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from kmsfs.fs.config import FsConfig
 log = logging.getLogger("kmsfs.mount")
 
 KEYD_TIMEOUT = 10.0
+#: data keys of closed files kept at most (the oldest go first): the cache is for
+#: reopening a file just closed, and a key of a deleted file is never asked for again
+MAX_CACHED_KEYS = 4096
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -63,12 +68,14 @@ class KeyManager:
         *,
         cache_seconds: float = 60.0,
         pool_size: int = 8,
+        max_cached_keys: int = MAX_CACHED_KEYS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._config = config
         self.cache_seconds = cache_seconds
         self.pool_size = pool_size
+        self.max_cached_keys = max_cached_keys
         self._clock = clock
         self._cache: dict[tuple[bytes, bytes], tuple[bytes, float]] = {}
         self._pool: deque[PreparedKey] = deque()
@@ -130,7 +137,11 @@ class KeyManager:
         if self.cache_seconds <= 0:
             return
         wrapped = bytes(header.active_slot.wrapped_key)
-        self._cache[(header.file_id, wrapped)] = (data_key, self._clock() + self.cache_seconds)
+        cache_key = (header.file_id, wrapped)
+        self._cache.pop(cache_key, None)  # re-inserted last: the oldest is evicted first
+        self._cache[cache_key] = (data_key, self._clock() + self.cache_seconds)
+        while len(self._cache) > self.max_cached_keys:
+            del self._cache[next(iter(self._cache))]
 
     def forget_all(self) -> None:
         self._cache.clear()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import subprocess
+import tracemalloc
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
+from kmsfs.hardening import harden_process, is_dumpable
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
 
 log = logging.getLogger("kmsfs.mount")
@@ -132,10 +133,7 @@ def mount_foreground(
     check_mountpoint(mountpoint)
     socket = options.keyd_socket or config.keyd_socket
     os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of data keys
-    except (ValueError, OSError):
-        log.warning("cannot disable core dumps")
+    harden_process(log)  # it holds the metadata key and data keys: as keyd does
     trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
 
 
@@ -188,6 +186,7 @@ async def _serve(
                 nursery.start_soon(operations.poller.run)
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
+                nursery.start_soon(_report_memory_on_signal, operations)
                 await pyfuse3.main()
                 # main returns after a signal (we still have to unmount) or when the
                 # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
@@ -259,6 +258,61 @@ async def _terminate_on_signal(signalled: list[int]) -> None:
             signalled.append(signum)
             session.terminate()
             return
+
+
+def memory_counts(operations: Operations) -> dict[str, int]:
+    """How many entries each of the mount's per-file structures holds now.
+
+    Every one of them must be bounded by what the kernel still knows (inodes it has
+    not forgotten, handles it has not released) or by an explicit cap.
+    """
+    keys = operations.keys
+    prefetcher = operations.prefetcher
+    names = operations.tree.names
+    return {
+        "nodes": len(operations.inodes.nodes),
+        "generations": len(operations.inodes._generations),
+        "handles": len(operations._handles),
+        "dir_handles": len(operations._dir_handles),
+        "dir_ids": len(operations.tree._dir_ids),
+        "warned": len(operations.tree._warned),
+        "names": 0 if names is None else len(names._decrypted) + len(names._encrypted),
+        "cached_keys": len(keys._cache),
+        "pooled_keys": len(keys._pool),
+        "read_buffer": len(operations._read_buffer),
+        "prefetch_buffers": prefetcher._buffers,
+    }
+
+
+def memory_report(operations: Operations) -> str:
+    """One log line: :func:`memory_counts`, whether the process is dumpable (it must not
+    be: :func:`kmsfs.hardening.harden_process`), and Python's traced memory when tracing.
+
+    Tracing is Python's own switch (``PYTHONTRACEMALLOC=N`` in the mount's environment;
+    it slows the mount down): then the line also has the bytes traced now and at the
+    peak, and the ten source lines holding the most. Counts, sizes and source lines
+    only: nothing of a file's or a key's content.
+    """
+    counts = memory_counts(operations)
+    text = " ".join(f"{name}={value}" for name, value in counts.items())
+    text += f" dumpable={int(is_dumpable())}"
+    if tracemalloc.is_tracing():
+        current, peak = tracemalloc.get_traced_memory()
+        text += f" traced={current} traced_peak={peak}"
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        for stat in snapshot.statistics("lineno")[:10]:
+            frame = stat.traceback[0]
+            text += f"\n  {stat.size} B in {stat.count} blocks: {frame.filename}:{frame.lineno}"
+    return text
+
+
+async def _report_memory_on_signal(operations: Operations) -> None:
+    """SIGUSR1 logs :func:`memory_report` (for tests and for finding what memory holds)."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            log.info("memory: %s", memory_report(operations))
 
 
 def unmount(mountpoint: Path) -> None:

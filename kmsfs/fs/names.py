@@ -87,10 +87,20 @@ def is_longname(backing_name: bytes) -> bool:
     return backing_name.startswith(LONGNAME_PREFIX) and not backing_name.endswith(LONGNAME_SUFFIX)
 
 
-class NameCipher:
-    """Encrypt and decrypt names and symlink targets, with a cache of decrypted names."""
+#: names the cache keeps (each way): about 330 bytes per name for both ways together.
+#: A miss costs one AES-SIV call (~3 µs), a FUSE request 40-55 µs: the cache need only
+#: cover a listing followed by its lookups (``ls -l`` of a large directory).
+NAME_CACHE_SIZE = 10_000
 
-    def __init__(self, metadata_key: bytes, *, cache_size: int = 100_000) -> None:
+
+class NameCipher:
+    """Encrypt and decrypt names and symlink targets, with a cache of decrypted names.
+
+    The cache is LRU-bounded (:data:`NAME_CACHE_SIZE`), and a name removed at the
+    mountpoint leaves it at once (:meth:`forget`): deleted names do not stay in memory.
+    """
+
+    def __init__(self, metadata_key: bytes, *, cache_size: int = NAME_CACHE_SIZE) -> None:
         okm = HKDF(
             algorithm=hashes.SHA256(), length=96, salt=None, info=b"kmsfs name keys v1"
         ).derive(metadata_key)
@@ -109,6 +119,11 @@ class NameCipher:
             cache[key] = value
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
+
+    def forget(self, dir_id: bytes, plain: bytes, encoded: bytes) -> None:
+        """The name is gone from its directory: drop it from the cache."""
+        self._decrypted.pop((dir_id, encoded), None)
+        self._encrypted.pop((dir_id, plain), None)
 
     def encrypt_name(self, dir_id: bytes, plain: bytes) -> bytes:
         """The full encoded name (may exceed 255 bytes: see :meth:`backing_name`)."""

@@ -439,11 +439,18 @@ class Operations(pyfuse3.Operations):
             if error.errno == errno.EPERM:  # a reserved name: nothing there to see
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             raise
-        return self._entry(parent_inode, entry.backing, os.lstat(path))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.tree.forget_name(entry)  # a name that is not there leaves nothing cached
+            raise
+        return self._entry(parent_inode, entry.backing, st)
 
     async def forget(self, inode_list) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
+            if ino not in self.inodes.nodes:  # a directory's id is cached while it is known
+                self.tree.forget_dir(ino)
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):

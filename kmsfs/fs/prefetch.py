@@ -25,7 +25,8 @@ decrypted ciphertext exactly as on the ``pread`` path. And every chunk is still
 authenticated by the engine: a segment is ciphertext, never trusted plaintext.
 
 Where it stops: segments hold ciphertext only. At most :data:`AHEAD_SEGMENTS` per stream
-and :data:`MAX_BUFFERS` for the whole mount; buffers are recycled warm. Each stream gets
+and :data:`MAX_BUFFERS` for the whole mount; buffers are recycled warm, and at most
+:data:`AHEAD_SEGMENTS` are kept once their readers are gone. Each stream gets
 its own duplicate of the backing fd, used and closed only by the helper thread in queue
 order, so a file closed meanwhile is never read through a reused fd.
 """
@@ -33,6 +34,7 @@ order, so a file closed meanwhile is never read through a reused fd.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -61,7 +63,7 @@ class Segment:
 
     __slots__ = ("offset", "buffer", "fd", "length", "generation", "done", "dropped")
 
-    def __init__(self, offset: int, buffer: bytearray, fd: int) -> None:
+    def __init__(self, offset: int, buffer: mmap.mmap, fd: int) -> None:
         self.offset = offset  # in the backing file
         self.buffer = buffer
         self.fd = fd  # the stream's duplicate fd, closed by the helper after this
@@ -139,13 +141,20 @@ class Stream:
 class Prefetcher:
     """One helper thread for the mount; its public methods run on the mount's thread."""
 
-    def __init__(self, *, ahead: int = AHEAD_SEGMENTS, max_buffers: int = MAX_BUFFERS) -> None:
+    def __init__(
+        self,
+        *,
+        ahead: int = AHEAD_SEGMENTS,
+        max_buffers: int = MAX_BUFFERS,
+        max_spare: int = AHEAD_SEGMENTS,
+    ) -> None:
         self.ahead = ahead
         self.max_buffers = max_buffers
+        self.max_spare = max_spare  # recycled buffers kept warm for the next reader
         self.requested = 0  # segments asked for, for tests
         self.done = 0  # segments the helper has read, for tests
         self._buffers = 0  # buffers allocated (in segments or spare)
-        self._spare: list[bytearray] = []  # recycled buffers, still warm
+        self._spare: list[mmap.mmap] = []  # recycled buffers, still warm
         self._spare_lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -222,7 +231,7 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _drop(stream: Stream, indexes: list[int]) -> list[bytearray]:
+    def _drop(stream: Stream, indexes: list[int]) -> list[mmap.mmap]:
         """Forget these segments; their buffers (the helper may still fill some)."""
         buffers = []
         for index in indexes:
@@ -233,7 +242,7 @@ class Prefetcher:
             stream.engine.cipher_cache = None
         return buffers
 
-    def _take_buffer(self, size: int) -> bytearray | None:
+    def _take_buffer(self, size: int) -> mmap.mmap | None:
         with self._spare_lock:
             while self._spare:
                 buffer = self._spare.pop()
@@ -243,14 +252,22 @@ class Prefetcher:
             if self._buffers >= self.max_buffers:
                 return None
             self._buffers += 1
-        return bytearray(size)
+        # its own mapping: memory the allocator would keep goes back to the system when
+        # the buffer is let go (a 1 MiB bytearray freed stays in the process's heap)
+        return mmap.mmap(-1, size)
 
-    def _recycle(self, buffers: list[bytearray]) -> None:
+    def _recycle(self, buffers: list[mmap.mmap]) -> None:
         # A buffer whose segment the helper has yet to read can be reused at once: the
         # helper works in queue order, so its read of the old segment finishes before
         # it reads the new one into the same buffer, and only then is the new one done.
+        # Spare buffers beyond one reader's window are let go: once every reader has
+        # closed, the mount keeps at most AHEAD_SEGMENTS MiB, not MAX_BUFFERS.
         with self._spare_lock:
             self._spare.extend(buffers)
+            excess = len(self._spare) - self.max_spare
+            if excess > 0:
+                del self._spare[:excess]
+                self._buffers -= excess
 
     def _start(self) -> None:
         if self._thread is None:

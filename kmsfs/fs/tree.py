@@ -31,6 +31,8 @@ from kmsfs.fs.names import (
 log = logging.getLogger("kmsfs.mount")
 
 CONFIG_NAME_BYTES = CONFIG_NAME.encode()
+#: stray entries remembered so each is warned about once (then warnings may repeat)
+MAX_WARNED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class Entry:
     name: bytes  # plaintext
     backing: bytes  # entry name in the backing directory
     encoded: bytes | None  # full encoded name (differs from backing for long names)
+    dir_id: bytes | None = None  # the directory's id the name was encrypted with
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +154,9 @@ class CipherTree:
             if directory == self.root and name == CONFIG_NAME_BYTES:
                 raise OSError(errno.EPERM, "kmsfs.conf is reserved")
             return Entry(name, name, None)
-        encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
-        return Entry(name, NameCipher.backing_name(encoded), encoded)
+        dir_id = self.dir_id(directory, cache_key)
+        encoded = self.names.encrypt_name(dir_id, name)
+        return Entry(name, NameCipher.backing_name(encoded), encoded, dir_id)
 
     def add_name(self, directory: bytes, entry: Entry) -> bool:
         """Before an entry is created: a long name's sidecar. True if this made a new one.
@@ -190,8 +194,14 @@ class CipherTree:
                 self.drop_name(directory, entry)
             raise
 
+    def forget_name(self, entry: Entry) -> None:
+        """Drop the entry's name from the name cache: it is gone, or never was there."""
+        if self.names is not None and entry.encoded is not None and entry.dir_id is not None:
+            self.names.forget(entry.dir_id, entry.name, entry.encoded)
+
     def drop_name(self, directory: bytes, entry: Entry) -> None:
-        """After an entry is gone: its sidecar, if it had one."""
+        """After an entry is gone: its sidecar, if it had one, and its cached name."""
+        self.forget_name(entry)
         if entry.encoded is not None and entry.backing != entry.encoded:
             try:
                 os.unlink(directory + b"/" + longname_sidecar(entry.backing))
@@ -249,6 +259,8 @@ class CipherTree:
 
     def _warn(self, directory: bytes, backing: bytes, problem: str) -> None:
         if (directory, backing) not in self._warned:
+            if len(self._warned) >= MAX_WARNED:
+                self._warned.clear()
             self._warned.add((directory, backing))
             log.warning(
                 "%s/%s: left out of the listing: %s",

@@ -7,17 +7,15 @@ reports that its socket is listening (or has failed, with the child's one-line e
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
-import resource
 import signal
 from pathlib import Path
 
 import trio
 
 from kmsfs.background import report_ready
+from kmsfs.hardening import harden_process
 from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
 from kmsfs.kms.server import serve
@@ -25,35 +23,7 @@ from kmsfs.kms.service import KeyService
 
 log = logging.getLogger("kmsfs.keyd")
 
-PR_SET_DUMPABLE = 4
-MCL_CURRENT = 1
-MCL_FUTURE = 2
 AUDIT_SYNC_INTERVAL = 1.0
-
-
-def harden_process() -> list[str]:
-    """No core dumps, no ptrace by other processes of this user, memory locked.
-
-    Returns what could not be done (each already logged): an unprivileged user
-    usually may not lock all of its memory (RLIMIT_MEMLOCK).
-    """
-    problems: list[str] = []
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (ValueError, OSError) as exc:
-        problems.append(f"cannot disable core dumps: {exc}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        problems.append(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        code = ctypes.get_errno()
-        hint = (
-            " (raise RLIMIT_MEMLOCK or run as root)" if code in (errno.ENOMEM, errno.EPERM) else ""
-        )
-        problems.append(f"mlockall failed: {os.strerror(code)}{hint}; keys may be swapped out")
-    for problem in problems:
-        log.warning("%s", problem)
-    return problems
 
 
 def open_service(
@@ -79,7 +49,7 @@ def run_keyd(
     ready_fd: int | None = None,
 ) -> None:
     """Serve keyd in this process until SIGTERM or SIGINT."""
-    harden_process()
+    harden_process(log)
     keystore, audit, service = open_service(keystore_dir, source)
     try:
         trio.run(

@@ -85,6 +85,7 @@ class Mount:
     keyd: Keyd
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    wrapper: tuple[str, ...] = ()  # a command the mount runs under (prlimit, setpriv...)
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None
@@ -95,6 +96,7 @@ class Mount:
             log.flush()
             self.process = subprocess.Popen(
                 [
+                    *self.wrapper,
                     *KMSFS,
                     "mount",
                     "-f",
@@ -239,6 +241,7 @@ class MountFactory:
         mnt: Path | None = None,
         *args: str,
         keyd: Keyd | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> Mount:
         cipher = cipher if cipher is not None else self.init()
         mnt = mnt if mnt is not None else self.root / f"m{uuid.uuid4().hex[:6]}"
@@ -248,6 +251,7 @@ class MountFactory:
             args=tuple(args),
             keyd=keyd or self.keyd,
             log_path=self.root / f"{mnt.name}.log",
+            wrapper=wrapper,
         )
         self.mounts.append(mount)
         mount.start()

@@ -191,6 +191,29 @@ def test_a_failing_prefetch_only_costs_time(tmp_path: Path) -> None:
     assert prefetcher._thread is None
 
 
+def test_buffers_of_closed_readers_are_let_go_beyond_one_window(engine_of) -> None:
+    prefetcher = Prefetcher()
+    engines = [engine_of(os.urandom(12 * MIB)) for _ in range(3)]
+    streams = [Stream(engine) for engine in engines]
+    try:
+        for engine, stream in zip(engines, streams, strict=True):
+            _read_sequentially(prefetcher, stream, engine, 0, 2)
+        assert prefetcher._buffers == 3 * AHEAD_SEGMENTS
+        for stream in streams:
+            prefetcher.forget(stream)  # the files are closed
+        _wait_for(lambda: len(prefetcher._spare) == prefetcher._buffers)  # all given back
+        assert (prefetcher._buffers, len(prefetcher._spare)) == (AHEAD_SEGMENTS, AHEAD_SEGMENTS)
+        # the next reader still finds its window warm
+        stream = Stream(engines[0])
+        streams.append(stream)
+        assert _read_sequentially(prefetcher, stream, engines[0], 0, 2)
+        assert (prefetcher._buffers, len(prefetcher._spare)) == (AHEAD_SEGMENTS, 0)
+    finally:
+        for stream in streams:
+            prefetcher.forget(stream)
+        prefetcher.stop()
+
+
 def test_buffers_are_bounded_for_the_whole_mount(engine_of) -> None:
     prefetcher = Prefetcher(max_buffers=10)
     engines = [engine_of(os.urandom(12 * MIB)) for _ in range(2)]

@@ -1,0 +1,107 @@
+"""The mount's per-file structures are bounded, without a mount (see tests/fs/test_fs_memory.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import trio
+
+from kmsfs.fs.config import FsConfig
+from kmsfs.fs.inodes import GENERATION_SHIFT, InodeTable
+from kmsfs.fs.keys import KeyManager
+from kmsfs.fs.names import NameCipher
+from kmsfs.fs.tree import MAX_WARNED, CipherTree
+
+KEY = bytes(range(32))
+ROOT = pyfuse3.ROOT_INODE
+
+
+def test_a_removed_name_leaves_the_name_cache(tmp_path: Path) -> None:
+    cipher = NameCipher(KEY)
+    directory = bytes(tmp_path)
+    tree = CipherTree(directory, cipher)
+    tree.write_dir_id(directory)
+    entries = [tree.entry(directory, f"file-{n}".encode()) for n in range(50)]
+    for entry in entries:
+        assert cipher.decrypt_name(entry.dir_id, entry.encoded) == entry.name
+    for entry in entries[:40]:
+        tree.drop_name(directory, entry)  # as unlink, rmdir and rename do
+    assert len(cipher._encrypted) == len(cipher._decrypted) == 10
+
+
+def test_name_cache_is_lru_bounded() -> None:
+    cipher = NameCipher(KEY, cache_size=100)
+    for n in range(1000):
+        cipher.encrypt_name(b"D" * 16, f"name-{n}".encode())
+    assert len(cipher._encrypted) == len(cipher._decrypted) == 100
+
+
+def test_a_generation_goes_once_the_kernel_forgets_every_number_of_the_inode(
+    tmp_path: Path,
+) -> None:
+    table = InodeTable(bytes(tmp_path))
+    table.remember(1000, ROOT, b"old")  # the kernel knows backing inode 1000
+    table.unlink(ROOT, b"old", 1000, last_link=True)  # deleted while known
+    reused = table.ino_of(1000)
+    assert reused == (1 << GENERATION_SHIFT) | 1000  # its next owner gets a new number
+    table.remember(reused, ROOT, b"new")
+    table.forget(1000, 1)  # the old owner is forgotten; the new one is still known
+    assert table.ino_of(1000) == reused
+    table.forget(reused, 1)
+    assert table._generations == {}  # nothing per deleted inode stays
+    assert table.ino_of(1000) == 1000
+
+
+def test_generations_do_not_grow_with_create_delete_rounds(tmp_path: Path) -> None:
+    table = InodeTable(bytes(tmp_path))
+    for round_number in range(3):
+        for st_ino in range(2000, 3000):
+            ino = table.ino_of(st_ino)
+            table.remember(ino, ROOT, b"f%d" % st_ino)
+            table.unlink(ROOT, b"f%d" % st_ino, st_ino, last_link=True)
+            table.forget(ino, 1)
+        assert len(table.nodes) == 1 and table._generations == {}, round_number
+
+
+class _FakeKeyd:
+    def __init__(self) -> None:
+        self.decrypts = 0
+
+    async def decrypt(self, wrapped: bytes, encryption_context: dict[str, str]) -> dict:
+        self.decrypts += 1
+        return {"Plaintext": b"k" * 32}
+
+
+def _header(n: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        file_id=n.to_bytes(16, "big"),
+        active_slot=SimpleNamespace(wrapped_key=b"w%d" % n),
+        full_context={},
+    )
+
+
+def test_key_cache_keeps_at_most_its_cap_and_evicts_the_oldest() -> None:
+    keyd = _FakeKeyd()
+    config = FsConfig(filesystem_id="f" * 32, key_arn="arn:aws:kms:x:1:key/k")
+    keys = KeyManager(keyd, config, cache_seconds=60, max_cached_keys=4)
+    for n in range(10):
+        keys.remember(_header(n), b"%032d" % n)
+    keys.remember(_header(6), b"%032d" % 6)  # used again: now the newest
+    assert len(keys._cache) == 4
+
+    async def unwrap_all() -> list[bytes]:
+        return [await keys.unwrap(_header(n)) for n in (6, 7, 8, 9)]
+
+    assert trio.run(unwrap_all) == [b"%032d" % n for n in (6, 7, 8, 9)]
+    assert keyd.decrypts == 0  # all four from the cache
+    trio.run(keys.unwrap, _header(0))
+    assert keyd.decrypts == 1  # evicted: asked keyd again
+
+
+def test_stray_warnings_are_remembered_up_to_a_cap(tmp_path: Path) -> None:
+    tree = CipherTree(bytes(tmp_path), NameCipher(KEY))
+    for n in range(3 * MAX_WARNED):
+        tree._warn(bytes(tmp_path), b"stray-%d" % n, "unknown kmsfs file")
+    assert len(tree._warned) <= MAX_WARNED
