@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol
 
-from kmsfs.errors import Truncated, UsageError
+from kmsfs.errors import FileTooLarge, Truncated, UsageError
 from kmsfs.format.chunks import Buffer, ChunkCodec
 from kmsfs.format.header import Header, create_header, read_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
@@ -46,6 +46,7 @@ from kmsfs.format.offsets import (
     cipher_offset,
     cipher_range,
     ciphertext_size,
+    max_plaintext_size,
     plaintext_size,
 )
 
@@ -109,6 +110,7 @@ class EncryptedFile:
         self._chunk_size = chunk_size
         self._stored_size = chunk_size + CHUNK_OVERHEAD
         self._batch_chunks = max(1, BATCH_BYTES // self._stored_size)
+        self._max_size = max_plaintext_size(chunk_size)
         self._disk_size = disk_size
         self._header_on_disk = disk_size > 0
         self._size = plaintext_size(disk_size, chunk_size)
@@ -302,6 +304,8 @@ class EncryptedFile:
         count = len(source)
         if count == 0:
             return 0
+        if offset + count > self._max_size:
+            raise FileTooLarge(offset + count, self._max_size)
         total = count
         if self._size == 0:
             self._ensure_keys()
@@ -397,6 +401,8 @@ class EncryptedFile:
         self._check_writable()
         if size < 0:
             raise ValueError("negative size")
+        if size > self._max_size:
+            raise FileTooLarge(size, self._max_size)
         old_size = self._size
         if size == old_size:
             self.flush()
