@@ -59,6 +59,10 @@ from kmsfs.format.offsets import (
 
 #: ciphertext bytes per pread/pwrite when a single request is larger than this
 BATCH_BYTES = 8 << 20
+#: a version-1 file (a marker per hole chunk, one write of ~30 µs each) grows by at most
+#: this many hole chunks per write or truncate (16 MiB with 64 KiB chunks), so that no
+#: request holds the mount up for long; past that: FileTooLarge. Version 2 has no limit.
+V1_MAX_HOLE_CHUNKS = 256
 #: scratch buffers up to this size are kept per thread and reused (no page faults)
 _SCRATCH_KEEP = (1 << 20) + (64 << 10)
 
@@ -375,6 +379,7 @@ class EncryptedFile:
             return 0
         if offset + count > self._max_size:
             raise FileTooLarge(offset + count, self._max_size)
+        self._check_hole_count(offset // self._chunk_size, offset + count)
         total = count
         if self._size == 0:
             self._ensure_keys()
@@ -472,6 +477,8 @@ class EncryptedFile:
             raise ValueError("negative size")
         if size > self._max_size:
             raise FileTooLarge(size, self._max_size)
+        if size > self._size:
+            self._check_hole_count(-(-size // self._chunk_size), size)
         old_size = self._size
         if size == old_size:
             self.flush()
@@ -565,6 +572,17 @@ class EncryptedFile:
         self._check_open()
         if not self._writable:
             raise io.UnsupportedOperation("the encrypted file is not open for writing")
+
+    def _check_hole_count(self, hole_end: int, new_size: int) -> None:
+        """Version 1: refuse growth that needs more than V1_MAX_HOLE_CHUNKS hole markers
+        (chunks ``[old chunk count, hole_end)``) before anything changes."""
+        codec = self._codec
+        if codec is None or codec.runs:
+            return
+        old_chunks = -(-self._size // self._chunk_size)
+        if hole_end - old_chunks > V1_MAX_HOLE_CHUNKS:
+            limit = (old_chunks + V1_MAX_HOLE_CHUNKS) * self._chunk_size
+            raise FileTooLarge(new_size, limit)
 
     def _require_codec(self) -> ChunkCodec:
         assert self._codec is not None, "a non-empty file always has keys"
