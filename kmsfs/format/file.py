@@ -192,6 +192,9 @@ class EncryptedFile:
         #: the last hole run found by a read: (disk generation, first index of the run,
         #: first chunk scanned, its marker chunk) — one lookup serves many reads
         self._run_cache = (-1, 0, 0, 0)
+        #: a few chunks known to be data chunks on disk (read or written as such): writing
+        #: them again needs no look at hole runs (only a truncation changes that)
+        self._data_chunks: set[int] = set()
         #: raised after every change to the backing file has finished: ciphertext read
         #: before the last change is stale (see ``cipher_cache``)
         self.disk_generation = 0
@@ -622,14 +625,12 @@ class EncryptedFile:
             return self._tail
         cipher_start, cipher_length = cipher_range(index, index + 1, self._size, self._chunk_size)
         plaintext = bytearray(cipher_length - CHUNK_OVERHEAD)
+        cipher = self._pread(cipher_start, cipher_length)
         self._require_codec().open_into(
-            self._pread(cipher_start, cipher_length),
-            index,
-            memoryview(plaintext),
-            0,
-            tail_index,
-            self._run_lookup,
+            cipher, index, memoryview(plaintext), 0, tail_index, self._run_lookup
         )
+        if cipher[:NONCE_SIZE] != ZERO_NONCE and cipher_length >= CHUNK_OVERHEAD + 8:
+            self._note_data_chunk(index)  # it opened as data (a marker chunk's nonce is zero)
         return plaintext
 
     def _chunk_copy(self, index: int) -> bytearray:
@@ -681,6 +682,7 @@ class EncryptedFile:
         if before is not None:  # the part of a hole run in front keeps a marker of its own
             self._pwrite([before[1]], before[0])
         self._write_sealed(first_index, out)
+        self._note_data_chunk(first_index + len(plaintexts) - 1)
         if after is not None:  # then the part behind the new data gets its own
             self._pwrite([after[1]], after[0])
 
@@ -768,6 +770,8 @@ class EncryptedFile:
     def _run_at(self, index: int) -> tuple[int, int, int, bool] | None:
         """Format 2: ``(first, last, length of last, final)`` of the hole run on disk that
         chunk ``index`` belongs to, or None (a data chunk, beyond the disk, or damaged)."""
+        if index in self._data_chunks:
+            return None
         codec = self._require_codec()
         chunk_size = self._chunk_size
         start = cipher_offset(index, chunk_size)
@@ -822,7 +826,13 @@ class EncryptedFile:
             )
         return before, after
 
+    def _note_data_chunk(self, index: int) -> None:
+        if len(self._data_chunks) >= 64:
+            self._data_chunks.clear()
+        self._data_chunks.add(index)
+
     def _truncate_backing(self, length: int) -> None:
+        self._data_chunks.clear()
         try:
             os.ftruncate(self._fd, length)
         finally:
