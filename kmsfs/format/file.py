@@ -189,9 +189,10 @@ class EncryptedFile:
         self._held_index = -1  # an interior chunk whose newer plaintext is only in memory
         self._held: bytearray | None = None
         self._closed = False
-        #: the last hole run found by a read: (disk generation, first index of the run,
-        #: first chunk scanned, its marker chunk) — one lookup serves many reads
-        self._run_cache = (-1, 0, 0, 0)
+        #: what the last hole-run lookup proved, while the backing file is unchanged:
+        #: (disk generation, z, a, m) — chunks [z, m) are zero on disk and the marker
+        #: chunk m ends the run [a, m]. Reads inside [z, m) need no pread at all.
+        self._known_zeros = (-1, 0, 0, 0)
         #: a few chunks known to be data chunks on disk (read or written as such): writing
         #: them again needs no look at hole runs (only a truncation changes that)
         self._data_chunks: set[int] = set()
@@ -329,6 +330,9 @@ class EncryptedFile:
         tail_index = (size - 1) // chunk_size
         if first == last < tail_index and first != self._held_index:
             # the hot path of small random reads: inside one full chunk on disk
+            if self._zeros_known(first, first + 1):
+                dest[: end - offset] = bytes(end - offset)
+                return end - offset
             stored = self._stored_size
             self._require_codec().open_part(
                 self._pread(HEADER_SIZE + first * stored, stored),
@@ -344,10 +348,14 @@ class EncryptedFile:
         position = first
         while position < disk_end:
             batch_end = min(disk_end, position + self._batch_chunks)
-            cipher_start, cipher_length = cipher_range(position, batch_end, size, chunk_size)
-            cipher = self._pread(cipher_start, cipher_length)
             low = max(offset, position * chunk_size)
             high = min(end, batch_end * chunk_size)
+            if self._zeros_known(position, batch_end):  # inside a hole run already checked
+                dest[low - offset : high - offset] = bytes(high - low)
+                position = batch_end
+                continue
+            cipher_start, cipher_length = cipher_range(position, batch_end, size, chunk_size)
+            cipher = self._pread(cipher_start, cipher_length)
             codec.open_into(
                 cipher, position, dest[low - offset : high - offset],
                 low - position * chunk_size, tail_index, self._run_lookup,
@@ -754,18 +762,23 @@ class EncryptedFile:
 
     def _run_lookup(self, zero_from: int, after: int) -> None:
         """Authenticate all-zero chunks ``[zero_from, after)`` by the run marker behind them."""
-        generation, run_first, scanned, marker = self._run_cache
+        generation, zeros_start, run_first, marker = self._known_zeros
         if (
             generation == self.disk_generation
             and run_first <= zero_from
-            and scanned <= after <= marker
+            and zeros_start <= after <= marker
         ):
             return
         tail_index = (self._size - 1) // self._chunk_size
         found = next_run_marker(self._fd, self._require_codec(), after, self._disk_size, tail_index)
         if found is None or found[1] > zero_from:
             raise CorruptChunk(zero_from, f"chunk {zero_from} is zero outside a hole run")
-        self._run_cache = (self.disk_generation, found[1], after, found[0])
+        self._known_zeros = (self.disk_generation, zero_from, found[1], found[0])
+
+    def _zeros_known(self, first: int, end: int) -> bool:
+        """Whether chunks ``[first, end)`` lie in the hole run the last lookup proved."""
+        generation, zeros_start, _, marker = self._known_zeros
+        return generation == self.disk_generation and zeros_start <= first and end <= marker
 
     def _run_at(self, index: int) -> tuple[int, int, int, bool] | None:
         """Format 2: ``(first, last, length of last, final)`` of the hole run on disk that

@@ -189,6 +189,29 @@ def test_growth_writes_one_marker_whatever_the_gap(provider: FakeKeyProvider) ->
         os.close(fd)
 
 
+def test_reads_inside_a_checked_run_skip_the_disk_until_it_changes(provider) -> None:
+    fd = memfd()
+    try:
+        engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=C)
+        engine.write(0, b"a")
+        engine.truncate(1000 * C)
+        assert engine.read(5 * C, 3 * C) == bytes(3 * C)  # one lookup proves the run
+        reads: list[int] = []
+        real = engine._pread
+        engine._pread = lambda offset, length: (reads.append(offset), real(offset, length))[1]
+        assert engine.read(300 * C + 1, 100 * C) == bytes(100 * C)
+        assert engine.read(900 * C, 5) == bytes(5)
+        assert reads == []
+        engine.write(400 * C, b"new")  # the backing file changes: the proof is void
+        assert engine.read(400 * C, 4) == b"new\0"
+        assert engine.read(300 * C, 4) == bytes(4)
+        assert reads != []
+        engine.close()
+        check_reads(fd, provider, b"a" + bytes(400 * C - 1) + b"new" + bytes(600 * C - 3))
+    finally:
+        os.close(fd)
+
+
 def test_the_largest_file_can_be_made(provider: FakeKeyProvider) -> None:
     from kmsfs.format.offsets import max_plaintext_size
 
