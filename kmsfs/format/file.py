@@ -618,7 +618,22 @@ class EncryptedFile:
             if found is not None:
                 return found
         view = _scratch_view("read", length)
-        got = os.preadv(self._fd, [view], offset)
+        got = 0
+        codec = self._codec
+        if codec is not None and codec.runs and length > self._stored_size:
+            # a batch that starts in the sparse body of a hole run: those bytes are zero
+            # without reading them (ext4 took ~3.6 ms per MiB to read a hole cold here)
+            try:
+                data = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno != errno.ENXIO:
+                    raise
+                data = offset + length  # only holes up to the end of the file
+            got = min(max(0, data - offset), length)
+            if got:
+                view[:got] = bytes(got)
+        if got < length:
+            got += os.preadv(self._fd, [view[got:]], offset + got)
         while got < length:
             more = os.preadv(self._fd, [view[got:]], offset + got)
             if more == 0:

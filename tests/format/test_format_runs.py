@@ -212,6 +212,31 @@ def test_reads_inside_a_checked_run_skip_the_disk_until_it_changes(provider) -> 
         os.close(fd)
 
 
+def test_a_batch_that_starts_in_a_sparse_run_does_not_read_the_hole(provider, monkeypatch) -> None:
+    from kmsfs.format import file as file_module
+
+    fd = memfd()
+    try:
+        engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID)
+        engine.truncate(64 << 20)
+        engine.write((64 << 20) - 5, b"end")
+        engine.close()
+        read_bytes: list[int] = []
+        real = os.preadv
+
+        def preadv(fd: int, buffers: list, offset: int) -> int:
+            read_bytes.append(sum(len(buffer) for buffer in buffers))
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(file_module.os, "preadv", preadv)
+        engine = EncryptedFile.open(fd, key_provider=provider, writable=False)
+        assert engine.read(5 << 20, 1 << 20) == bytes(1 << 20)
+        assert sum(read_bytes) < 64 << 10  # the sparse body is not read (tmpfs and ext4)
+        assert engine.read((64 << 20) - 6, 10) == b"\0end\0\0"
+    finally:
+        os.close(fd)
+
+
 def test_the_largest_file_can_be_made(provider: FakeKeyProvider) -> None:
     from kmsfs.format.offsets import max_plaintext_size
 
