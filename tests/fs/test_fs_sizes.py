@@ -57,6 +57,9 @@ def test_truncate_to_4_gib_allocates_almost_nothing(workdir: Path, shared_mount:
     with open(path, "rb") as handle:
         handle.seek(3 * GIB + 12345)
         assert handle.read(100000) == bytes(100000)
+        handle.seek(GIB - 5)
+        for _ in range(24):  # sequential: the mount's read-ahead helper joins in
+            assert handle.read(1 << 20) == bytes(1 << 20)
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, b"x", 5 * GIB)  # a write past the end: a second gap of 1 GiB
@@ -67,3 +70,19 @@ def test_truncate_to_4_gib_allocates_almost_nothing(workdir: Path, shared_mount:
     with open(path, "rb") as handle:
         handle.seek(5 * GIB - 3)
         assert handle.read() == b"\0\0\0x"
+
+
+def test_the_read_ahead_helper_skips_the_sparse_part_of_a_segment(tmp_path: Path) -> None:
+    from kmsfs.fs.prefetch import _hole_prefix
+
+    path = tmp_path / "sparse"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 4 << 20)
+        os.pwrite(fd, b"x", 2 << 20)
+        assert _hole_prefix(fd, 0, 1 << 20) == 1 << 20
+        assert _hole_prefix(fd, 1 << 20, 2 << 20) == 1 << 20  # up to the data
+        assert _hole_prefix(fd, 2 << 20, 1 << 20) == 0
+        assert _hole_prefix(fd, (2 << 20) + 8192, 1 << 20) == 1 << 20  # holes to the end
+    finally:
+        os.close(fd)
