@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from kmsfs.errors import CorruptChunk, CorruptHeader, FormatError, Truncated
 from kmsfs.format.chunks import FINAL, ChunkCodec
-from kmsfs.format.file import next_run_marker, run_marker_offset
+from kmsfs.format.file import hole_prefix, next_run_marker, run_marker_offset
 from kmsfs.format.header import Header, SlotState, read_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
 from kmsfs.format.offsets import (
@@ -192,7 +192,9 @@ def _scan_chunks(
     for first in range(0, chunk_total, batch):
         end = min(chunk_total, first + batch)
         start = cipher_offset(first, chunk_size)
-        cipher = os.pread(fd, min(disk_size, cipher_offset(end, chunk_size)) - start, start)
+        length = min(disk_size, cipher_offset(end, chunk_size)) - start
+        skipped = hole_prefix(fd, start, length) if codec.runs else 0  # a run's sparse body
+        cipher = bytes(skipped) + os.pread(fd, length - skipped, start + skipped)
         if not after_final:
             try:  # the fast path: the whole batch is fine
                 length = max(0, len(cipher) - (end - first) * CHUNK_OVERHEAD)
