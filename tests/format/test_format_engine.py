@@ -67,12 +67,14 @@ def operations(chunk: int) -> st.SearchStrategy[list[tuple]]:
     )
 
 
-def run_against_model(chunk: int, ops: list[tuple]) -> None:
+def run_against_model(chunk: int, ops: list[tuple], version: int = 2) -> None:
     provider = FakeKeyProvider()
     fd = memfd()
     try:
         model = bytearray()
-        engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=chunk)
+        engine = EncryptedFile.open(
+            fd, key_provider=provider, key_id=KEY_ID, chunk_size=chunk, format_version=version
+        )
         for op in ops:
             kind = op[0]
             if kind == "write":
@@ -120,6 +122,12 @@ def run_against_model(chunk: int, ops: list[tuple]) -> None:
 @given(operations(16))
 def test_engine_matches_bytearray_model_chunk_16(ops: list[tuple]) -> None:
     run_against_model(16, ops)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations(16))
+def test_a_version_1_engine_matches_bytearray_model_chunk_16(ops: list[tuple]) -> None:
+    run_against_model(16, ops, version=1)
 
 
 @settings(max_examples=300, deadline=None)
