@@ -286,5 +286,14 @@ class UnsupportedFormat(FormatError):
         self.version = version
 
 
+class FileTooLarge(KmsfsError):
+    """A write or truncate would take the file past the format's maximum size (EFBIG)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a file of {size} bytes is larger than the maximum of {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class Truncated(FormatError):
     """The file ends before its final chunk: its tail was cut off."""

@@ -667,7 +667,8 @@ def table(args: argparse.Namespace, workdir: str, provider: BenchKeyProvider) ->
             lambda n=random_size: random_ops(path, n, _PROVIDER, ops, write=True, seed=3),
         )
         overhead = CHUNK_OVERHEAD / chunk
-        hole_disk = f"{(10 * GIB // chunk) * 4096 // MIB:,} MiB"  # one 4 KiB page per chunk
+        # format version 1: one 4 KiB page per chunk (version 2: one marker, 8 KiB in all)
+        hole_disk = f"{(10 * GIB // chunk) * 4096 // MIB:,} MiB"
         marker = " <- default" if chunk == DEFAULT_CHUNK_SIZE else ""
         print(
             f"  {human(chunk):>8}{bare:11,.0f}{seal:8,.0f}{opened:8,.0f}{reads:13,.0f}"

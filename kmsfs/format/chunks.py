@@ -9,7 +9,7 @@ a run come from one ``os.urandom`` call. No per-byte Python.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -24,6 +24,15 @@ FINAL = 0x01
 HOLE = 0x02
 _FLAG_BYTE = (b"\x00", b"\x01", b"\x02", b"\x03")
 ZERO_NONCE = bytes(NONCE_SIZE)
+#: format version 2 stores one marker per run of hole chunks (README.md, *Holes*)
+RUNS_VERSION = 2
+#: a v2 marker chunk ends in: first index of the run (u64) ‖ marker (16)
+RUN_TRAILER = 8 + TAG_SIZE
+
+#: ``run_lookup(zero_from, after)``: authenticate chunks ``[zero_from, after)``, which are
+#: all zero, by the first non-zero chunk at or after ``after`` (raise if it is not the
+#: marker of a run that starts at or before ``zero_from``)
+RunLookup = Callable[[int, int], None]
 
 Buffer = Any  # bytes, bytearray, memoryview: anything with the buffer protocol
 
@@ -39,10 +48,14 @@ class ChunkCodec:
         "_file_id",
         "_hole_key",
         "_scratch",
+        "_zeros",
+        "version",
     )
 
-    def __init__(self, keys: FileKeys, chunk_size: int) -> None:
+    def __init__(self, keys: FileKeys, chunk_size: int, version: int = RUNS_VERSION) -> None:
         self.chunk_size = check_chunk_size(chunk_size)
+        #: format version of the file: 1 has a marker per hole chunk, 2 one per run
+        self.version = version
         self.stored_size = chunk_size + CHUNK_OVERHEAD
         #: chunks sealed with this key by this object (see the spec's nonce bound)
         self.seal_count = 0
@@ -51,6 +64,17 @@ class ChunkCodec:
         self._hole_key = keys.hole_key
         #: plaintext of the last chunk opened by :meth:`open_part` (one chunk, reused)
         self._scratch: memoryview | None = None
+        self._zeros = bytes(self.stored_size)
+
+    @property
+    def runs(self) -> bool:
+        """Whether holes are stored as runs with one marker each (format version 2)."""
+        return self.version >= RUNS_VERSION
+
+    def is_zero(self, stored_chunk: Buffer) -> bool:
+        """Whether every byte of a stored chunk (at most one stored chunk long) is zero."""
+        view = memoryview(stored_chunk)
+        return view.tobytes() == self._zeros[: len(view)]
 
     # ------------------------------------------------------------------------ helpers
     def aad(self, chunk_index: int, flags: int) -> bytes:
@@ -62,6 +86,39 @@ class ChunkCodec:
         flags = HOLE | (FINAL if final else 0)
         message = self.aad(chunk_index, flags) + length.to_bytes(4, "big")
         return hmac.digest(self._hole_key, message, "sha256")[:TAG_SIZE]
+
+    def run_marker(self, first_index: int, last_index: int, length: int, final: bool) -> bytes:
+        """The 24-byte trailer of the last chunk of a hole run ``[first_index, last_index]``.
+
+        ``first_index`` (u64) ‖ HMAC-SHA256(hole key, file id ‖ first (u64) ‖ last (u64) ‖
+        flags ‖ length of the last chunk (u32))[:16]; ``length`` is that chunk's plaintext length.
+        """
+        flags = HOLE | (FINAL if final else 0)
+        first = first_index.to_bytes(8, "big")
+        message = (
+            self._file_id
+            + first
+            + last_index.to_bytes(8, "big")
+            + _FLAG_BYTE[flags]
+            + length.to_bytes(4, "big")
+        )
+        return first + hmac.digest(self._hole_key, message, "sha256")[:TAG_SIZE]
+
+    def run_start(self, chunk_index: int, stored_chunk: Buffer, final: bool) -> int | None:
+        """If the stored chunk is a valid run marker chunk ending a run at ``chunk_index``
+        (all zero but its 24-byte trailer), the first index of that run; else None."""
+        view = memoryview(stored_chunk)
+        size = len(view)
+        length = size - CHUNK_OVERHEAD
+        if length <= 0 or not self.is_zero(view[: size - RUN_TRAILER]):
+            return None
+        trailer = bytes(view[size - RUN_TRAILER :])
+        first = int.from_bytes(trailer[:8], "big")
+        if first > chunk_index:
+            return None
+        if hmac.compare_digest(self.run_marker(first, chunk_index, length, final), trailer):
+            return first
+        return None
 
     # -------------------------------------------------------------------------- seal
     def seal_into(
@@ -119,6 +176,8 @@ class ChunkCodec:
         dest: memoryview,
         skip: int,
         final_index: int,
+        run_lookup: RunLookup | None = None,
+        zeros_from: int | None = None,
     ) -> None:
         """Open the run of chunks in ``cipher`` and write part of its plaintext to ``dest``.
 
@@ -128,7 +187,120 @@ class ChunkCodec:
         ``final_index`` must open as final, all others as non-final. Every chunk is
         authenticated before any of its bytes reach ``dest``; on failure ``dest`` is wiped
         and CorruptChunk / Truncated is raised.
+
+        Format 2: all-zero chunks are authenticated by the marker at the end of their run.
+        When a stretch of them reaches the end of ``cipher`` (and the file goes on),
+        ``run_lookup(zero_from, after)`` must authenticate it from the backing file (or
+        raise); without one that is CorruptChunk. ``zeros_from``: chunks ``[zeros_from,
+        first_index)`` before ``cipher`` were all zero and are still to be authenticated
+        by the first non-zero chunk here (streams).
         """
+        if self.version >= RUNS_VERSION:
+            try:
+                self._open_runs(
+                    memoryview(cipher), first_index, dest, skip, final_index, run_lookup, zeros_from
+                )
+            except FormatError:
+                dest[:] = bytes(len(dest))
+                raise
+            return
+        self._open_chunks(cipher, first_index, dest, skip, final_index)
+
+    def _open_runs(
+        self,
+        view: memoryview,
+        first_index: int,
+        dest: memoryview,
+        skip: int,
+        final_index: int,
+        run_lookup: RunLookup | None,
+        zeros_from: int | None,
+    ) -> None:
+        """Format 2: data chunks in spans (the fast loop), hole runs resolved once each."""
+        chunk_size = self.chunk_size
+        stored = self.stored_size
+        total = len(view)
+        count = -(-total // stored)
+        if zeros_from is None and total - (count - 1) * stored >= CHUNK_OVERHEAD + 8:
+            for start in range(0, total, stored):
+                if view[start : start + NONCE_SIZE] == ZERO_NONCE:
+                    break
+            else:  # no zero nonce field, so no hole chunk: all data (the common case)
+                self._open_chunks(view, first_index, dest, skip, final_index)
+                return
+        want_end = skip + len(dest)
+        pending = zeros_from  # first index of all-zero chunks not yet authenticated
+        span = 0  # first j of the current span of data chunks
+
+        def open_span(end_j: int) -> None:
+            if end_j <= span:
+                return
+            plain_low = span * chunk_size
+            cipher_end = min(end_j * stored, total)
+            plain_high = plain_low + cipher_end - span * stored - (end_j - span) * CHUNK_OVERHEAD
+            low = min(max(skip, plain_low), plain_high)
+            high = max(low, min(want_end, plain_high))
+            self._open_chunks(
+                view[span * stored : cipher_end],
+                first_index + span,
+                dest[low - skip : high - skip],
+                low - plain_low,
+                final_index,
+            )
+
+        def zero_fill(from_index: int, to_index: int) -> None:  # chunks [from, to] of cipher
+            low = max(skip, (max(from_index, first_index) - first_index) * chunk_size)
+            end_plain = (to_index - first_index) * chunk_size + min(
+                chunk_size, total - (to_index - first_index) * stored - CHUNK_OVERHEAD
+            )
+            high = min(want_end, end_plain)
+            if high > low:
+                dest[low - skip : high - skip] = bytes(high - low)
+
+        zero_prefix = ZERO_NONCE
+        for j in range(count):
+            start = j * stored
+            index = first_index + j
+            end = min(start + stored, total)
+            short_final = end - start - CHUNK_OVERHEAD < 8
+            if view[start : start + NONCE_SIZE] != zero_prefix and not short_final:
+                if pending is not None:
+                    raise CorruptChunk(pending, f"chunk {pending} is zero outside a hole run")
+                continue  # a data chunk: opened with its span
+            piece = view[start:end]
+            if self.is_zero(piece):
+                open_span(j)
+                span = j + 1
+                if pending is None:
+                    pending = index
+                continue
+            first = self.run_start(index, piece, index == final_index)
+            if first is None:
+                if pending is not None:
+                    raise CorruptChunk(pending, f"chunk {pending} is zero outside a hole run")
+                continue  # not a marker: opened (and failing) as data with its span
+            open_span(j)
+            span = j + 1
+            if pending is not None and first > pending:
+                raise CorruptChunk(pending, f"chunk {pending} is zero outside a hole run")
+            zero_fill(index if pending is None else pending, index)
+            pending = None
+        open_span(count)
+        if pending is not None:
+            if first_index <= final_index < first_index + count or run_lookup is None:
+                raise CorruptChunk(pending, f"chunk {pending} is zero outside a hole run")
+            run_lookup(pending, first_index + count)
+            zero_fill(pending, first_index + count - 1)
+
+    def _open_chunks(
+        self,
+        cipher: Buffer,
+        first_index: int,
+        dest: memoryview,
+        skip: int,
+        final_index: int,
+    ) -> None:
+        """Open data chunks (and format-1 hole chunks): the general loop of open_into."""
         chunk_size = self.chunk_size
         stored = self.stored_size
         total = len(cipher)
@@ -170,7 +342,14 @@ class ChunkCodec:
         for j in range(max(fast_high, fast_low), count):
             self._open_one(view, first_index, j, dest, skip, want_end, final_index)
 
-    def open_part(self, stored_chunk: memoryview, index: int, dest: memoryview, skip: int) -> None:
+    def open_part(
+        self,
+        stored_chunk: memoryview,
+        index: int,
+        dest: memoryview,
+        skip: int,
+        run_lookup: RunLookup | None = None,
+    ) -> None:
         """Open full-length, non-final chunk ``index`` and copy plaintext ``[skip, …)`` to ``dest``.
 
         The shortcut of one small read inside one chunk (the general case is
@@ -178,7 +357,7 @@ class ChunkCodec:
         """
         nonce = stored_chunk[:NONCE_SIZE]
         if nonce == ZERO_NONCE:
-            self.open_into(stored_chunk, index, dest, skip, -1)
+            self.open_into(stored_chunk, index, dest, skip, -1, run_lookup)
             return
         aad = self._file_id + index.to_bytes(8, "big") + b"\x00"
         body = stored_chunk[NONCE_SIZE:]
@@ -219,7 +398,11 @@ class ChunkCodec:
         high = min(plain_start + length, want_end)
         flags = FINAL if index == final_index else 0
         nonce = bytes(view[start : start + NONCE_SIZE])
-        if nonce == ZERO_NONCE and self._is_hole(index, view[start:chunk_end], flags):
+        if (
+            nonce == ZERO_NONCE
+            and self.version < RUNS_VERSION
+            and self._is_hole(index, view[start:chunk_end], flags)
+        ):
             if high > low:
                 dest[low - skip : high - skip] = bytes(high - low)
             return
@@ -254,6 +437,7 @@ class ChunkCodec:
         raise error
 
     def _is_hole(self, chunk_index: int, stored_chunk: memoryview, flags: int) -> bool:
+        """Format 1: whether the stored chunk is a valid hole chunk of its own."""
         length = len(stored_chunk) - CHUNK_OVERHEAD
         body = bytes(stored_chunk[: NONCE_SIZE + length])
         if body != bytes(NONCE_SIZE + length):
@@ -266,7 +450,10 @@ class ChunkCodec:
         view = memoryview(stored_chunk)
         if len(view) <= CHUNK_OVERHEAD:
             return False
-        if bytes(view[:NONCE_SIZE]) == ZERO_NONCE and self._is_hole(chunk_index, view, flags):
+        if self.version >= RUNS_VERSION:
+            if self.run_start(chunk_index, view, bool(flags & FINAL)) is not None:
+                return True  # (an all-zero chunk needs its run: see open_into)
+        elif bytes(view[:NONCE_SIZE]) == ZERO_NONCE and self._is_hole(chunk_index, view, flags):
             return True
         try:
             self._aead.decrypt(

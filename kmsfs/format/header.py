@@ -27,7 +27,10 @@ from kmsfs.format.keys import (
 from kmsfs.format.offsets import HEADER_SIZE, check_chunk_size
 
 MAGIC = b"\x8bKMSFS\r\n"
-FORMAT_VERSION = 1
+#: the version new files get: 2 stores holes as runs with one marker each (README.md)
+FORMAT_VERSION = 2
+#: versions this code reads and writes (a version-1 file keeps a marker per hole chunk)
+SUPPORTED_VERSIONS = (1, 2)
 
 FIXED_SIZE = 576
 CONTEXT_OFFSET = 64
@@ -223,7 +226,7 @@ class Header:
         if len(raw) < 10 or raw[:8] != MAGIC:
             raise CorruptHeader("not a kmsfs file (bad magic)")
         (version,) = struct.unpack_from(">H", raw, 8)
-        if version != FORMAT_VERSION:
+        if version not in SUPPORTED_VERSIONS:
             raise UnsupportedFormat(version)
         if len(raw) < HEADER_SIZE:
             raise CorruptHeader("the file is shorter than its header")
@@ -269,13 +272,20 @@ class Header:
 
 
 def build_header(
-    keys: FileKeys, chunk_size: int, context: Mapping[str, str], wrapped_key: bytes, key_arn: str
+    keys: FileKeys,
+    chunk_size: int,
+    context: Mapping[str, str],
+    wrapped_key: bytes,
+    key_arn: str,
+    format_version: int = FORMAT_VERSION,
 ) -> bytes:
     """The 2048 header bytes of a new file: slot 0 holds the key (generation 1), slot 1 empty."""
     check_chunk_size(chunk_size)
+    if format_version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"cannot write format version {format_version}")
     encoded = encode_context(context)
     fixed = _FIXED.pack(
-        MAGIC, FORMAT_VERSION, len(encoded), chunk_size, keys.file_id, keys.commitment
+        MAGIC, format_version, len(encoded), chunk_size, keys.file_id, keys.commitment
     ) + encoded.ljust(CONTEXT_CAPACITY, b"\0")
     slot = build_slot(keys.header_key, fixed, 1, wrapped_key, key_arn)
     return fixed + slot + _EMPTY_SLOT
@@ -286,8 +296,12 @@ def create_header(
     key_id: str,
     encryption_context: Mapping[str, str] | None,
     chunk_size: int,
+    format_version: int = FORMAT_VERSION,
 ) -> tuple[Header, FileKeys]:
-    """Make a new file id, ask the provider for a data key bound to it, build the header."""
+    """Make a new file id, ask the provider for a data key bound to it, build the header.
+
+    ``format_version`` 1 exists for tests and golden vectors of version-1 files.
+    """
     check_chunk_size(chunk_size)
     stored = dict(encryption_context or {})
     encode_context(stored)  # reject a bad context before asking for a key
@@ -302,7 +316,9 @@ def create_header(
             key_id, full_context(file_id, stored)
         )
     keys = FileKeys.derive(bytes(data_key), file_id)
-    header = Header.parse(build_header(keys, chunk_size, stored, bytes(wrapped_key), key_arn))
+    header = Header.parse(
+        build_header(keys, chunk_size, stored, bytes(wrapped_key), key_arn, format_version)
+    )
     return header, keys
 
 

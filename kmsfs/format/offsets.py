@@ -16,6 +16,9 @@ CHUNK_OVERHEAD = NONCE_SIZE + TAG_SIZE
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 1 << 24
 DEFAULT_CHUNK_SIZE = 1 << 16
+#: the largest backing file the format makes: ext4's limit with 4 KiB blocks ((2^32 - 1)
+#: blocks), so a kmsfs file never fails half-way on the commonest backing filesystem
+MAX_CIPHERTEXT_SIZE = (1 << 44) - (1 << 12)
 
 
 def check_chunk_size(chunk_size: int) -> int:
@@ -55,6 +58,16 @@ def ciphertext_size(plaintext_size: int, chunk_size: int) -> int:
     return (
         HEADER_SIZE + full * (chunk_size + CHUNK_OVERHEAD) + (rest + CHUNK_OVERHEAD if rest else 0)
     )
+
+
+def max_plaintext_size(chunk_size: int) -> int:
+    """The maximum file size: the largest plaintext whose ciphertext fits MAX_CIPHERTEXT_SIZE.
+
+    With 64 KiB chunks that is 16 TiB minus 7.0 GiB (writes and truncates past it raise
+    FileTooLarge, EFBIG at the mountpoint).
+    """
+    full, rest = divmod(MAX_CIPHERTEXT_SIZE - HEADER_SIZE, chunk_size + CHUNK_OVERHEAD)
+    return full * chunk_size + max(0, rest - CHUNK_OVERHEAD)
 
 
 def plaintext_size(ciphertext_size: int, chunk_size: int) -> int:

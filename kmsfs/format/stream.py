@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from kmsfs.errors import CorruptHeader, Truncated
+from kmsfs.errors import CorruptChunk, CorruptHeader, Truncated
 from kmsfs.format.chunks import ChunkCodec
 from kmsfs.format.header import Header, create_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
@@ -93,7 +93,7 @@ def encrypt_stream(
             used_plain = count * chunk_size
         if codec is None:
             header, keys = create_header(key_provider, key_id, encryption_context, chunk_size)
-            codec = ChunkCodec(keys, chunk_size)
+            codec = ChunkCodec(keys, chunk_size, header.version)
             _write_all(dst, header.raw)
         plaintexts = [
             plain_view[j * chunk_size : min((j + 1) * chunk_size, used_plain)] for j in range(count)
@@ -132,7 +132,7 @@ def decrypt_stream(
     keys = unlock_header(header, key_provider, encryption_context)
     chunk_size = header.chunk_size
     stored = chunk_size + CHUNK_OVERHEAD
-    codec = ChunkCodec(keys, chunk_size)
+    codec = ChunkCodec(keys, chunk_size, header.version)
     batch_chunks = max(2, BATCH_BYTES // chunk_size)
     cipher = bytearray(batch_chunks * stored)
     cipher_view = memoryview(cipher)
@@ -140,26 +140,57 @@ def decrypt_stream(
     index = 0
     total = 0
     filled = 0
+    # Format 2: all-zero chunks are authenticated by the marker at the end of their run,
+    # which may come batches later. They are counted, not kept: ``pending`` is the first
+    # of them, and their zeros are written once the marker has been checked.
+    pending: int | None = None
+    deferred: list[int] = []
+
+    def defer(zero_from: int, after: int) -> None:
+        deferred.append(zero_from)  # its bytes are withheld below until authenticated
+
+    def emit(count: int, final_index: int) -> None:
+        """Open ``count`` stored chunks of the batch and write what is authenticated."""
+        nonlocal pending
+        cipher_length = min(filled, count * stored)
+        last_length = cipher_length - (count - 1) * stored - CHUNK_OVERHEAD
+        # a last piece too short to be a chunk is reported by open_into, in order
+        plain_length = (count - 1) * chunk_size + max(0, last_length)
+        deferred.clear()
+        codec.open_into(
+            cipher_view[:cipher_length], index, plain_view[:plain_length], 0, final_index,
+            defer, pending,
+        )  # fmt: skip
+        resolved = deferred[0] if deferred else index + count
+        if pending is not None and resolved >= index:
+            _write_zeros(dst, (index - pending) * chunk_size)
+        if resolved > index:
+            _write_all(dst, plain_view[: min(plain_length, (resolved - index) * chunk_size)])
+        pending = deferred[0] if deferred else None
+
     while True:
         filled, at_eof = _fill(src, cipher_view, filled)
         if at_eof:
             if filled == 0:
+                if pending is not None:
+                    raise CorruptChunk(pending, f"chunk {pending} is zero outside a hole run")
                 raise Truncated("the stream has a header but no chunk")
             count = -(-filled // stored)
+            emit(count, index + count - 1)
             last_length = filled - (count - 1) * stored - CHUNK_OVERHEAD
-            # a last piece too short to be a chunk is reported by open_into, in order
-            plain_length = (count - 1) * chunk_size + max(0, last_length)
-            codec.open_into(
-                cipher_view[:filled], index, plain_view[:plain_length], 0, index + count - 1
-            )
-            _write_all(dst, plain_view[:plain_length])
-            return total + plain_length
+            return total + (count - 1) * chunk_size + max(0, last_length)
         count = batch_chunks - 1  # the last stored chunk may be the final one: hold it
-        codec.open_into(
-            cipher_view[: count * stored], index, plain_view[: count * chunk_size], 0, -1
-        )
-        _write_all(dst, plain_view[: count * chunk_size])
+        emit(count, -1)
         index += count
         total += count * chunk_size
         cipher[:stored] = cipher[count * stored : (count + 1) * stored]
         filled = stored
+
+
+def _write_zeros(dst: BinaryIO, count: int) -> None:
+    """Write ``count`` zero bytes, at most 1 MiB at a time."""
+    zeros = memoryview(bytes(min(count, 1 << 20)))
+    while count > 0:
+        step = min(count, len(zeros))
+        _write_all(dst, zeros[:step])
+        count -= step

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kmsfs.errors import CorruptChunk, CorruptHeader, FormatError, Truncated
 from kmsfs.format.chunks import FINAL, ChunkCodec
+from kmsfs.format.file import hole_prefix, next_run_marker, run_marker_offset
 from kmsfs.format.header import Header, SlotState, read_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
 from kmsfs.format.offsets import (
@@ -162,7 +163,8 @@ def verify(
         report = VerifyReport(
             info=info, authentic_size=info.plaintext_size or 0, warnings=_slot_warnings(header)
         )
-        _scan_chunks(fd, disk_size, header, ChunkCodec(keys, header.chunk_size), report)
+        codec = ChunkCodec(keys, header.chunk_size, header.version)
+        _scan_chunks(fd, disk_size, header, codec, report)
         return report
 
 
@@ -180,15 +182,27 @@ def _scan_chunks(
     batch = max(1, _VERIFY_BATCH_BYTES // stored)
     scratch = memoryview(bytearray(batch * chunk_size))
     after_final = False
+
+    def covered(zero_from: int, after: int) -> bool:
+        """Format 2: whether all-zero chunks from ``zero_from`` end in a run that covers them."""
+        found = next_run_marker(fd, codec, after, disk_size, final_index)
+        return found is not None and found[1] <= zero_from
+
+    def run_lookup(zero_from: int, after: int) -> None:
+        if not covered(zero_from, after):
+            raise CorruptChunk(zero_from)
+
     bad_indexes: list[int] = []
     for first in range(0, chunk_total, batch):
         end = min(chunk_total, first + batch)
         start = cipher_offset(first, chunk_size)
-        cipher = os.pread(fd, min(disk_size, cipher_offset(end, chunk_size)) - start, start)
+        length = min(disk_size, cipher_offset(end, chunk_size)) - start
+        skipped = hole_prefix(fd, start, length) if codec.runs else 0  # a run's sparse body
+        cipher = bytes(skipped) + os.pread(fd, length - skipped, start + skipped)
         if not after_final:
             try:  # the fast path: the whole batch is fine
                 length = max(0, len(cipher) - (end - first) * CHUNK_OVERHEAD)
-                codec.open_into(cipher, first, scratch[:length], 0, final_index)
+                codec.open_into(cipher, first, scratch[:length], 0, final_index, run_lookup)
                 continue
             except FormatError:
                 pass
@@ -200,6 +214,13 @@ def _scan_chunks(
                 continue
             flags = FINAL if index == final_index else 0
             if len(piece) > CHUNK_OVERHEAD and codec.authenticates(index, piece, flags):
+                continue
+            if (
+                codec.runs
+                and index != final_index
+                and codec.is_zero(piece)
+                and covered(index, index + 1)
+            ):
                 continue
             error = codec.diagnose(index, piece, flags)
             short_final = None
@@ -281,7 +302,9 @@ def repair(
     with _opened(path_or_fd, writable=True) as fd:
         header = read_header(fd)
         codec = ChunkCodec(
-            unlock_header(header, key_provider, encryption_context), header.chunk_size
+            unlock_header(header, key_provider, encryption_context),
+            header.chunk_size,
+            header.version,
         )
         chunk_size = header.chunk_size
         keep = report.authentic_size
@@ -293,7 +316,11 @@ def repair(
         start = cipher_offset(last, chunk_size)
         piece = os.pread(fd, keep - last * chunk_size + CHUNK_OVERHEAD, start)
         if not codec.authenticates(last, piece, FINAL):  # else: only cut what follows it
-            plaintext = codec.open_chunk(piece, last, final=False)
+            disk_size = os.fstat(fd).st_size
+            if codec.runs and _keep_runs_before(fd, codec, last, piece, disk_size):
+                plaintext = bytes(len(piece) - CHUNK_OVERHEAD)  # a hole chunk (verify checked it)
+            else:
+                plaintext = codec.open_chunk(piece, last, final=False)
             out = memoryview(bytearray(len(piece)))
             codec.seal_into(out, last, [plaintext], final=True)
             if os.pwrite(fd, out, start) != len(out):
@@ -301,3 +328,20 @@ def repair(
         os.ftruncate(fd, start + len(piece))
         os.fsync(fd)
         return keep
+
+
+def _keep_runs_before(fd: int, codec: ChunkCodec, last: int, piece: bytes, disk_size: int) -> bool:
+    """Format 2: whether chunk ``last`` is a hole chunk; before it becomes the final data
+    chunk, the earlier chunks of its run get a marker at ``last - 1`` (the run's is cut off)."""
+    if codec.is_zero(piece):
+        found = next_run_marker(fd, codec, last + 1, disk_size)
+        first = found[1] if found is not None and found[1] <= last else None
+    else:
+        first = codec.run_start(last, piece, False)
+        if first is None:
+            first = codec.run_start(last, piece, True)
+    if first is not None and first < last:
+        chunk_size = codec.chunk_size
+        trailer = codec.run_marker(first, last - 1, chunk_size, False)
+        os.pwrite(fd, trailer, run_marker_offset(last - 1, chunk_size, chunk_size))
+    return first is not None

@@ -35,6 +35,7 @@ import trio
 
 from kmsfs.errors import (
     CorruptChunk,
+    FileTooLarge,
     FormatError,
     KeydUnavailable,
     KMSError,
@@ -75,6 +76,8 @@ def _errno_of(error: BaseException) -> int:
     """The one place where kmsfs's errors become errno values."""
     if isinstance(error, OSError):
         return error.errno or errno.EIO
+    if isinstance(error, FileTooLarge):
+        return errno.EFBIG
     if isinstance(error, KMSError):
         return errno.EACCES if error.aws_type in _REFUSED_BY_KEY else errno.EIO
     if isinstance(error, (KeydUnavailable, FormatError)):

@@ -33,6 +33,7 @@ order, so a file closed meanwhile is never read through a reused fd.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -300,7 +301,9 @@ class Prefetcher:
             # noted before the read: a write that could overlap it voids the segment
             segment.generation = stream.engine.disk_generation
             view = memoryview(segment.buffer)
-            got = 0
+            got = _hole_prefix(segment.fd, segment.offset, len(view))
+            if got:  # the sparse body of a hole run: zeros without reading (slow on ext4)
+                view[:got] = bytes(got)
             while got < len(view):
                 more = os.preadv(segment.fd, [view[got:]], segment.offset + got)
                 if more <= 0:
@@ -310,3 +313,14 @@ class Prefetcher:
             self.done += 1
         finally:
             segment.done.set()
+
+
+def _hole_prefix(fd: int, offset: int, length: int) -> int:
+    """How many bytes from ``offset`` (at most ``length``) are a hole in the backing file."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as error:
+        if error.errno != errno.ENXIO:
+            raise
+        return length  # only holes up to the end of the file
+    return min(max(0, data - offset), length)

@@ -75,13 +75,13 @@ def _data_key(name: str) -> bytes:
 
 
 def _make(
-    name: str, chunk_size: int, context: dict[str, str], steps, memfd: int
+    name: str, chunk_size: int, context: dict[str, str], steps, memfd: int, version: int
 ) -> GoldenKeyProvider:
     provider = GoldenKeyProvider([_data_key(name)], seed=b"wrap " + name.encode())
     with fixed_randomness(b"rng " + name.encode()):
         engine = EncryptedFile.open(
             memfd, key_provider=provider, key_id="alias/golden",
-            encryption_context=context, chunk_size=chunk_size,
+            encryption_context=context, chunk_size=chunk_size, format_version=version,
         )  # fmt: skip
         for step in steps:
             getattr(engine, step[0])(*step[1:])
@@ -105,11 +105,26 @@ def build_vectors() -> dict[str, dict]:
          b"abc" + bytes(47) + b"XYZ" + bytes(47),
          "data, hole, hole, data, hole, hole and a final hole chunk of 4 bytes"),
     ]  # fmt: skip
+    # format version 2 (hole runs, one marker each); the version-1 vectors above stay
+    specs_v2 = [
+        ("v2-hello", 65536, {}, [("write", 0, b"hello, kmsfs\n")], b"hello, kmsfs\n",
+         "format 2: one short final chunk, default chunk size"),
+        ("v2-holes", 16, {},
+         [("write", 0, b"abc"), ("truncate", 100), ("write", 50, b"XYZ")],
+         b"abc" + bytes(47) + b"XYZ" + bytes(47),
+         "format 2: data, hole run [1, 2], data, final hole run [4, 6] (4 bytes in chunk 6)"),
+        ("v2-split", 16, {"kmsfs:fs-id": "golden-fs"},
+         [("truncate", 200), ("write", 80, b"mid"), ("truncate", 150)],
+         bytes(80) + b"mid" + bytes(67),
+         "format 2: a run split by data (runs [0, 4] and [6, 8], data 5) and shrunk into:"
+         " the final chunk 9 is 6 bytes of sealed zeros"),
+    ]  # fmt: skip
     vectors: dict[str, dict] = {}
-    for name, chunk_size, context, steps, plaintext, description in specs:
+    all_specs = [(spec, 1) for spec in specs] + [(spec, 2) for spec in specs_v2]
+    for (name, chunk_size, context, steps, plaintext, description), version in all_specs:
         fd = os.memfd_create(name)
         try:
-            provider = _make(name, chunk_size, context, steps, fd)
+            provider = _make(name, chunk_size, context, steps, fd, version)
             if name == "three-chunks":
                 vectors[name] = _vector(fd, plaintext, description, chunk_size, name, context)
                 # the same file, rewrapped under the second CMK (slot 1, generation 2)
@@ -139,6 +154,7 @@ def _vector(
         "data_key": _data_key(name).hex(),
         "encryption_context": context,
         "file_id": ciphertext[16:32].hex() if ciphertext else None,
+        "format_version": int.from_bytes(ciphertext[8:10], "big") if ciphertext else None,
         "sha256": hashlib.sha256(ciphertext).hexdigest(),
     }
 
@@ -146,7 +162,7 @@ def _vector(
 def main() -> None:
     GOLDEN_DIR.mkdir(exist_ok=True)
     manifest = {
-        "about": "kmsfs format v1 golden vectors; regenerate with tests/format/make_golden.py",
+        "about": "kmsfs format v1 and v2 golden vectors; regenerate: tests/format/make_golden.py",
         "wrapping_keys": {"tag 1": TEST_WRAPPING_KEY.hex(), "tag 2": SECOND_WRAPPING_KEY.hex()},
         "vectors": {},
     }

@@ -35,7 +35,7 @@ def test_encrypt_decrypt_files_and_inspect(keyd_with_key: Keyd, short_tmp: Path)
 
     info = json.loads(keyd.kmsfs("inspect", "--json", str(cipher)).stdout)
     assert info["PlaintextSize"] == plain.stat().st_size
-    assert info["FormatVersion"] == 1 and info["ChunkSize"] == 65536
+    assert info["FormatVersion"] == 2 and info["ChunkSize"] == 65536
     assert info["KeyArn"].startswith("arn:aws:kms:") and info["KeyVersion"] == 1
     assert info["EncryptionContext"] == "app=x"
     verified = json.loads(keyd.kmsfs("inspect", "--verify", "--json", str(cipher)).stdout)

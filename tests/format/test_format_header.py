@@ -100,7 +100,7 @@ def test_new_header_layout(open_fd, provider: FakeKeyProvider) -> None:
     fd = open_fd()
     make(fd, provider)
     header = read_header(fd)
-    assert header.version == 1 and header.chunk_size == 64
+    assert header.version == 2 and header.chunk_size == 64
     assert header.context == CONTEXT
     assert header.full_context == {**CONTEXT, FILE_ID_CONTEXT_KEY: header.file_id.hex()}
     assert header.active == 0 and header.active_slot.generation == 1

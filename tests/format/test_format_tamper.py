@@ -156,10 +156,10 @@ def test_every_header_field_through_all_readers(
 def test_unsupported_version_carries_the_version(original: tuple[bytes, bytes], provider) -> None:
     _, ciphertext = original
     changed = bytearray(ciphertext)
-    changed[8:10] = (2).to_bytes(2, "big")
+    changed[8:10] = (3).to_bytes(2, "big")
     with pytest.raises(UnsupportedFormat) as caught:
         read_all(provider, bytes(changed))
-    assert caught.value.version == 2
+    assert caught.value.version == 3
 
 
 # ----------------------------------------------------------------------- chunks

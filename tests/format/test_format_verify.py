@@ -42,7 +42,7 @@ def test_inspect_needs_no_key(tmp_path: Path, provider: FakeKeyProvider) -> None
     fd = os.open(path, os.O_RDONLY)
     header = read_header(fd)
     os.close(fd)
-    assert info.format_version == 1 and info.chunk_size == CHUNK
+    assert info.format_version == 2 and info.chunk_size == CHUNK
     assert info.file_id == header.file_id.hex() and len(info.file_id) == 32
     assert info.key_arn == TEST_KEY_ARN
     assert info.encryption_context == {"kmsfs:fs-id": "fs-9"}
