@@ -261,6 +261,10 @@ class EncryptedFile:
         #: a few chunks known to be data chunks on disk (read or written as such): writing
         #: them again needs no look at hole runs (only a truncation changes that)
         self._data_chunks: set[int] = set()
+        #: while one change writes new chunks beyond the old end before it overwrites
+        #: stored ones: the backing file's length before that change, which is where the
+        #: layout of hole runs that the overwrites must keep valid is read from
+        self._layout_end: int | None = None
         #: raised after every change to the backing file has finished: ciphertext read
         #: before the last change is stale (see ``cipher_cache``)
         self.disk_generation = 0
@@ -551,14 +555,18 @@ class EncryptedFile:
         again (:meth:`_settle`, ``repair``)."""
         stored_chunks = max(0, -(-(disk_end - HEADER_SIZE) // self._stored_size))
         overwrites: list[tuple[int, list[Buffer]]] = []
-        for index, plaintexts in runs:
-            split = min(len(plaintexts), max(0, stored_chunks - index))
-            if split < len(plaintexts):
-                self._write_run(index + split, plaintexts[split:], final=False)
-            if split:
-                overwrites.append((index, plaintexts[:split]))
-        for index, plaintexts in overwrites:
-            self._write_run(index, plaintexts, final=False)
+        self._layout_end = disk_end
+        try:
+            for index, plaintexts in runs:
+                split = min(len(plaintexts), max(0, stored_chunks - index))
+                if split < len(plaintexts):
+                    self._write_run(index + split, plaintexts[split:], final=False)
+                if split:
+                    overwrites.append((index, plaintexts[:split]))
+            for index, plaintexts in overwrites:
+                self._write_run(index, plaintexts, final=False)
+        finally:
+            self._layout_end = None
 
     # --------------------------------------------------------------------- truncate
     @_settles_on_failure
@@ -606,13 +614,18 @@ class EncryptedFile:
         # growth past the old tail: holes up to the new final (hole) chunk, written
         # before the old tail loses its final flag
         resealed = self._padded_copy(old_tail) if old_tail >= 0 else None
+        disk_end = self._disk_size
         if self._require_codec().runs:  # one run up to the new final chunk: one marker
             self._write_holes(range(old_tail + 1, new_tail + 1), final_length=new_length)
         else:
             self._write_holes(range(old_tail + 1, new_tail), final_length=None)
             self._write_holes(range(new_tail, new_tail + 1), final_length=new_length)
         if resealed is not None:
-            self._write_run(old_tail, [resealed], final=False)
+            self._layout_end = disk_end
+            try:
+                self._write_run(old_tail, [resealed], final=False)
+            finally:
+                self._layout_end = None
         self._tail = bytearray(new_length)
         self._tail_dirty = False
         self._size = size
@@ -955,8 +968,9 @@ class EncryptedFile:
             return None
         codec = self._require_codec()
         chunk_size = self._chunk_size
+        disk_size = self._disk_size if self._layout_end is None else self._layout_end
         start = cipher_offset(index, chunk_size)
-        slot_length = min(self._stored_size, self._disk_size - start)
+        slot_length = min(self._stored_size, disk_size - start)
         if slot_length <= CHUNK_OVERHEAD:
             return None
         if (
@@ -966,11 +980,11 @@ class EncryptedFile:
             return None  # a data chunk (the common case: 12 bytes read)
         slot = os.pread(self._fd, slot_length, start)
         if codec.is_zero(slot):
-            found = next_run_marker(self._fd, codec, index + 1, self._disk_size)
+            found = next_run_marker(self._fd, codec, index + 1, disk_size)
             if found is None or found[1] > index:
                 return None
             return found[1], found[0], found[2], found[3]
-        disk_last = chunks_on_disk(self._disk_size, chunk_size) - 1
+        disk_last = chunks_on_disk(disk_size, chunk_size) - 1
         for final in (index == disk_last, index != disk_last):
             first = codec.run_start(index, slot, final)
             if first is not None:
@@ -984,7 +998,8 @@ class EncryptedFile:
         last]`` valid: ``(offset, trailer)`` for the part of a run before ``first`` (to be
         written before the data) and for the part after ``last`` (after it)."""
         chunk_size = self._chunk_size
-        disk_chunks = chunks_on_disk(self._disk_size, chunk_size)
+        disk_size = self._disk_size if self._layout_end is None else self._layout_end
+        disk_chunks = chunks_on_disk(disk_size, chunk_size)
         if first >= disk_chunks:
             return None, None
         codec = self._require_codec()
