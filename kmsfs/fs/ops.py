@@ -37,11 +37,11 @@ from kmsfs.errors import (
 from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
 from kmsfs.fs.config import FsConfig
-from kmsfs.fs.inodes import InodeTable, Node
+from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
-from kmsfs.fs.tree import CipherTree, Entry
+from kmsfs.fs.tree import CipherTree, Entry, shown_path
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 
 log = logging.getLogger("kmsfs.mount")
@@ -82,6 +82,7 @@ def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     @functools.wraps(method)
     async def wrapper(self: Operations, *args: Any) -> T:
         self.poller.note_request()
+        self.inodes.trim_dir_fds()  # between requests: no path of a running one is affected
         try:
             return await method(self, *args)
         except Exception as error:
@@ -103,7 +104,7 @@ def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
 class OpenFile:
     """Per-inode state while any handle is open: the backing fd and the engine."""
 
-    __slots__ = ("node", "fd", "engine", "provider", "refs", "path_hint", "stream")
+    __slots__ = ("node", "fd", "engine", "provider", "refs", "stream")
 
     def __init__(
         self,
@@ -111,14 +112,12 @@ class OpenFile:
         fd: int,
         engine: EncryptedFile,
         provider: FileKeyProvider,
-        path_hint: bytes,
     ) -> None:
         self.node = node
         self.fd = fd
         self.engine = engine
         self.provider = provider
         self.refs = 0
-        self.path_hint = path_hint
         self.stream = Stream(engine)  # the sequential reader, for the prefetcher
 
 
@@ -171,8 +170,8 @@ class Operations(pyfuse3.Operations):
         return handle
 
     def _entry_of(self, parent: int, name: bytes) -> tuple[bytes, Entry]:
-        """The parent's backing path and where ``name`` lives (or would) inside it."""
-        directory = self.inodes.path(parent)
+        """A short path of the parent's backing directory and where ``name`` lives in it."""
+        directory = self.inodes.dir_path(parent)
         return directory, self.tree.entry(directory, name, cache_key=parent)
 
     def _child(self, parent: int, name: bytes) -> tuple[bytes, Entry, bytes]:
@@ -183,7 +182,7 @@ class Operations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.ino if node is not None else self.inodes.ino_of(st.st_ino)
         attrs.st_mode = st.st_mode
-        attrs.st_nlink = st.st_nlink
+        attrs.st_nlink = 0 if node is not None and node.dead else st.st_nlink
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_rdev = st.st_rdev
@@ -219,6 +218,8 @@ class Operations(pyfuse3.Operations):
             for handle in self._dir_handles.values():
                 if handle.inode == node.ino:
                     return os.fstat(handle.fd)
+            if node.dead and node.last_stat is not None:
+                return node.last_stat  # the kernel's late requests after the last unlink
             raise
 
     def _entry(self, parent: int, backing: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -268,7 +269,7 @@ class Operations(pyfuse3.Operations):
                     try:
                         header = read_header(fd)
                     except FormatError as error:
-                        log.error("%s: unreadable header: %s", os.fsdecode(path), error)
+                        log.error("%s: unreadable header: %s", shown_path(path), error)
                         raise
                     provider.data_key = await self.keys.unwrap(header)
                 return self._adopt(node, fd, provider, path, writable)
@@ -290,9 +291,9 @@ class Operations(pyfuse3.Operations):
                 writable=writable,
             )
         except FormatError as error:
-            log.error("%s: %s", os.fsdecode(path), error)
+            log.error("%s: %s", shown_path(path), error)
             raise
-        open_file = OpenFile(node, fd, engine, provider, path)
+        open_file = OpenFile(node, fd, engine, provider)
         node.open_file = open_file
         return open_file
 
@@ -308,6 +309,8 @@ class Operations(pyfuse3.Operations):
         node = open_file.node
         try:
             open_file.engine.close()
+            if node.dead:  # what the kernel's late requests for it are answered from
+                node.last_stat = os.fstat(open_file.fd)
         finally:
             self.prefetcher.forget(open_file.stream)
             os.close(open_file.fd)
@@ -318,11 +321,18 @@ class Operations(pyfuse3.Operations):
             self.inodes.drop_if_unused(node)
 
     def _read_error(self, open_file: OpenFile, error: FormatError) -> None:
-        where = os.fsdecode(open_file.path_hint)
+        where = self._describe(open_file.node)
         if isinstance(error, CorruptChunk):
             log.error("%s: chunk %d failed authentication", where, error.chunk_index)
         else:
             log.error("%s: %s", where, error)
+
+    def _describe(self, node: Node) -> str:
+        """The node's backing path, for messages."""
+        try:
+            return shown_path(self.inodes.path(node.ino))
+        except pyfuse3.FUSEError:
+            return f"inode {node.ino} (deleted)"
 
     def close_all(self) -> None:
         """Flush and close every open file (at unmount)."""
@@ -330,7 +340,7 @@ class Operations(pyfuse3.Operations):
             try:
                 self._close_file(open_file)
             except Exception:
-                log.exception("flushing %s at unmount", os.fsdecode(open_file.path_hint))
+                log.exception("flushing %s at unmount", self._describe(open_file.node))
         self._handles.clear()
 
     # ------------------------------------------------------------ attributes
@@ -368,10 +378,14 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr, fields, fh, ctx: pyfuse3.RequestContext):
         node = self.inodes.get(inode)
         open_file = self._handles[fh] if fh is not None else node.open_file
-        target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
+        if open_file is None and node.dead and not node.links:
+            return self._setattr_dead(node, attr, fields)
         if fields.update_size:
             self._check_writable_mount()
             await self._truncate(node, attr.st_size)
+            open_file = self._handles[fh] if fh is not None else node.open_file
+        # after the await: a path names a cached directory descriptor, valid for this step
+        target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
         if fields.update_mode:
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(attr.st_mode))
@@ -397,6 +411,27 @@ class Operations(pyfuse3.Operations):
             else:
                 os.utime(target, ns=times, follow_symlinks=False)
         return self._attrs(self._stat_node(node), node)
+
+    def _setattr_dead(self, node: Node, attr, fields) -> pyfuse3.EntryAttributes:
+        """SETATTR of a file whose last link is gone and that no handle has open.
+
+        The kernel sends one after the last unlink to write back the timestamps it kept
+        (writeback cache); ext4 and gocryptfs accept it, and an error here would be
+        recorded as a writeback error that the next syncfs() reports. Times are applied
+        to the node's last attributes; nothing else can be changed any more.
+        """
+        if node.last_stat is None or fields.update_size or fields.update_mode:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs = self._attrs(node.last_stat, node)
+        if fields.update_atime:
+            attrs.st_atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            attrs.st_mtime_ns = attr.st_mtime_ns
+        if fields.update_ctime:
+            attrs.st_ctime_ns = attr.st_ctime_ns
+        return attrs
 
     async def _truncate(self, node: Node, size: int) -> None:
         open_file = node.open_file
@@ -459,7 +494,9 @@ class Operations(pyfuse3.Operations):
         st = os.lstat(path)
         os.unlink(path)
         self.tree.drop_name(directory, entry)
-        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1)
+        self.inodes.unlink(
+            parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1, last_stat=st
+        )
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -467,19 +504,19 @@ class Operations(pyfuse3.Operations):
         st = os.lstat(path)
         self.tree.remove_dir(path)
         self.tree.drop_name(directory, entry)
-        self.tree.forget_dir(self.inodes.ino_of(st.st_ino))
-        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True)
+        self.tree.forget_dir(self.inodes.current_ino(st.st_ino))
+        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True, last_stat=st)
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
         new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
-        moved = self.inodes.ino_of(os.lstat(old_path).st_ino)
+        moved = self.inodes.current_ino(os.lstat(old_path).st_ino)
         try:
             replaced_st: os.stat_result | None = os.lstat(new_path)
         except FileNotFoundError:
             replaced_st = None
-        replaced = self.inodes.ino_of(replaced_st.st_ino) if replaced_st else None
+        replaced = self.inodes.current_ino(replaced_st.st_ino) if replaced_st else None
         # A directory replaced by a rename must look empty: set its id file aside.
         replaced_dir_id = None
         if (
@@ -511,7 +548,11 @@ class Operations(pyfuse3.Operations):
             self.tree.forget_dir(replaced)
             last_link = stat.S_ISDIR(replaced_st.st_mode) or replaced_st.st_nlink <= 1
             self.inodes.unlink(
-                parent_inode_new, new_entry.backing, replaced_st.st_ino, last_link=last_link
+                parent_inode_new,
+                new_entry.backing,
+                replaced_st.st_ino,
+                last_link=last_link,
+                last_stat=replaced_st,
             )
         self.inodes.move(moved, old, new)
 
@@ -624,7 +665,10 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def readdir(self, fh: int, start_id: int, token) -> None:
         handle = self._dir_handles[fh]
-        directory = self.inodes.path(handle.inode)
+        # the handle's own descriptor: short, and valid as long as the handle
+        directory = (
+            self.inodes.root_path if handle.inode == ROOT else b"/proc/self/fd/%d" % handle.fd
+        )
         if handle.entries is None or start_id == 0:
             entries, _strays = self.tree.list_dir(directory, cache_key=handle.inode)
             handle.entries = sorted(entries, key=lambda entry: entry.name)

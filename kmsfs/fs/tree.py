@@ -30,6 +30,8 @@ from kmsfs.fs.names import (
 
 log = logging.getLogger("kmsfs.mount")
 
+_PROC_FD = b"/proc/self/fd/"
+
 CONFIG_NAME_BYTES = CONFIG_NAME.encode()
 
 
@@ -73,10 +75,10 @@ class CipherTree:
             with open(directory + b"/" + DIRIV_NAME, "rb") as diriv:
                 dir_id = diriv.read(DIR_ID_SIZE + 1)
         except FileNotFoundError:
-            log.error("%s: directory has no %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            log.error("%s: directory has no %s", shown_path(directory), DIRIV_NAME.decode())
             raise OSError(errno.EIO, "directory id missing") from None
         if len(dir_id) != DIR_ID_SIZE:
-            log.error("%s: damaged %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            log.error("%s: damaged %s", shown_path(directory), DIRIV_NAME.decode())
             raise OSError(errno.EIO, "directory id damaged")
         if cache_key is not None:
             self._dir_ids[cache_key] = dir_id
@@ -248,14 +250,10 @@ class CipherTree:
         return directory == self.root and backing == CONFIG_NAME_BYTES
 
     def _warn(self, directory: bytes, backing: bytes, problem: str) -> None:
-        if (directory, backing) not in self._warned:
-            self._warned.add((directory, backing))
-            log.warning(
-                "%s/%s: left out of the listing: %s",
-                os.fsdecode(directory),
-                os.fsdecode(backing),
-                problem,
-            )
+        shown = shown_path(directory)
+        if (shown, backing) not in self._warned:
+            self._warned.add((shown, backing))
+            log.warning("%s/%s: left out of the listing: %s", shown, os.fsdecode(backing), problem)
 
     # --------------------------------------------------------------- symlinks
     def symlink_target(self, stored: bytes) -> bytes:
@@ -283,6 +281,19 @@ class CipherTree:
                 raise OSError(errno.EINVAL, "'..' is not supported in a cipher path")
             current = current + b"/" + self.entry(current, part).backing
         return current
+
+
+def shown_path(path: bytes) -> str:
+    """A path for messages: the mount's short ``/proc/self/fd/N/...`` paths (see
+    ``inodes.py``) shown as the backing path they stand for, while the descriptor is open."""
+    if path.startswith(_PROC_FD):
+        number, _, rest = path[len(_PROC_FD) :].partition(b"/")
+        try:
+            directory = os.readlink(_PROC_FD + number)
+        except OSError:
+            return os.fsdecode(path)
+        return os.fsdecode(directory + b"/" + rest if rest else directory)
+    return os.fsdecode(path)
 
 
 def _is_sidecar(backing: bytes) -> bool:
