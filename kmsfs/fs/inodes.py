@@ -258,6 +258,15 @@ class InodeTable:
             return self.root_path
         return b"/proc/self/fd/%d" % self.dir_fd(ino)
 
+    def entry_at(self, ino: int) -> tuple[int, bytes]:
+        """The inode's entry as (descriptor of its directory, backing name), for ``*at``
+        calls (cheaper than any path); ENOENT once all links are gone. Not for the root."""
+        node = self.nodes.get(ino)
+        if node is None or not node.links:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        parent, name = next(iter(node.links))
+        return self.dir_fd(parent), name
+
     def path(self, ino: int) -> bytes:
         """A short backing path of the inode (any of its links); ENOENT once all are gone."""
         if ino == ROOT:

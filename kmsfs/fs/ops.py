@@ -174,6 +174,11 @@ class Operations(pyfuse3.Operations):
         directory = self.inodes.dir_path(parent)
         return directory, self.tree.entry(directory, name, cache_key=parent)
 
+    def _child_at(self, parent: int, name: bytes) -> tuple[bytes, Entry, int]:
+        """As :meth:`_child`, with the parent's descriptor for ``*at`` calls (hot paths)."""
+        directory, entry = self._entry_of(parent, name)
+        return directory, entry, self.inodes.dir_fd(parent)
+
     def _child(self, parent: int, name: bytes) -> tuple[bytes, Entry, bytes]:
         directory, entry = self._entry_of(parent, name)
         return directory, entry, directory + b"/" + entry.backing
@@ -211,8 +216,11 @@ class Operations(pyfuse3.Operations):
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.open_file is not None:
             return os.fstat(node.open_file.fd)
+        if node.ino == ROOT:
+            return os.lstat(self.inodes.root_path)
         try:
-            return os.lstat(self.inodes.path(node.ino))
+            dir_fd, name = self.inodes.entry_at(node.ino)
+            return os.lstat(name, dir_fd=dir_fd)
         except pyfuse3.FUSEError:
             # a directory removed while open still answers, like on ext4
             for handle in self._dir_handles.values():
@@ -358,12 +366,12 @@ class Operations(pyfuse3.Operations):
             node.lookups += 1
             return self._attrs(st, node)
         try:
-            _, entry, path = self._child(parent_inode, name)
+            _, entry, dir_fd = self._child_at(parent_inode, name)
         except OSError as error:
             if error.errno == errno.EPERM:  # a reserved name: nothing there to see
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             raise
-        return self._entry(parent_inode, entry.backing, os.lstat(path))
+        return self._entry(parent_inode, entry.backing, os.lstat(entry.backing, dir_fd=dir_fd))
 
     async def forget(self, inode_list) -> None:
         for ino, count in inode_list:
@@ -490,9 +498,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
-        directory, entry, path = self._child(parent_inode, name)
-        st = os.lstat(path)
-        os.unlink(path)
+        directory, entry, dir_fd = self._child_at(parent_inode, name)
+        st = os.lstat(entry.backing, dir_fd=dir_fd)
+        os.unlink(entry.backing, dir_fd=dir_fd)
         self.tree.drop_name(directory, entry)
         self.inodes.unlink(
             parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1, last_stat=st
@@ -560,12 +568,13 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._check_writable_mount()
-        directory, entry, path = self._child(parent_inode, name)
+        directory, entry, dir_fd = self._child_at(parent_inode, name)
         with self.tree.naming(directory, entry):
             fd = os.open(
-                path,
+                entry.backing,
                 os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
                 stat.S_IMODE(mode),
+                dir_fd=dir_fd,
             )
         try:
             self._give_to_caller(directory, fd, ctx)
@@ -573,7 +582,11 @@ class Operations(pyfuse3.Operations):
             attrs = self._entry(parent_inode, entry.backing, st)
             # the new, empty file: no key yet (it comes with the first byte)
             open_file = self._adopt(
-                self.inodes.get(attrs.st_ino), fd, FileKeyProvider(), path, True
+                self.inodes.get(attrs.st_ino),
+                fd,
+                FileKeyProvider(),
+                directory + b"/" + entry.backing,
+                True,
             )
         except BaseException:
             os.close(fd)

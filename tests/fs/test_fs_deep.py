@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.helpers import run_as_child
+from kmsfs.fs.inodes import DIR_FD_CACHE
+from tests.fs.helpers import Mount, run_as_child
 
 _libc = ctypes.CDLL(None, use_errno=True)
 NAME_MAX = 255
@@ -194,3 +195,37 @@ def test_paths_near_path_max(workdir: Path, tmp_path: Path, length: int) -> None
     assert all(code == errno.ENAMETOOLONG for label, code in expected if "over" in label)
     got = run_as_child(lambda: _exercise(workdir, length))
     assert got == expected
+
+
+def _deep_chain(base: Path, depth: int) -> list[str]:
+    """A chain of ``depth`` directories, a file in each written bottom-up, read top-down."""
+    os.chdir(base)
+    for _ in range(depth):
+        os.mkdir("x")
+        os.chdir("x")
+    for level in range(depth, 0, -1):
+        with open("f", "w") as file:
+            file.write(str(level))
+        os.chdir("..")
+    contents = []
+    for level in range(1, depth + 1):
+        with open("x/" * level + "f") as file:
+            contents.append(file.read())
+    for level in range(depth, 0, -1):
+        os.unlink("x/" * level + "f")
+        os.rmdir("x/" * level)
+    return contents
+
+
+def test_deeper_than_the_descriptor_cache(shared_mount: Mount, workdir: Path) -> None:
+    """1,500 nested directories: more than the mount keeps descriptors of, so directories
+    are reopened from their nearest cached ancestor (walking up 1,500 levels, iteratively),
+    and the mount's open descriptors stay bounded."""
+    depth = 1500
+    assert run_as_child(lambda: _deep_chain(workdir, depth)) == [
+        str(level) for level in range(1, depth + 1)
+    ]
+    assert os.listdir(workdir) == []
+    assert shared_mount.process is not None
+    open_fds = len(os.listdir(f"/proc/{shared_mount.process.pid}/fd"))
+    assert open_fds < DIR_FD_CACHE + 100
