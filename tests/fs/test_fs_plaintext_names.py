@@ -25,6 +25,12 @@ import pytest
 
 from tests.conftest import Keyd
 from tests.fs.helpers import Mount, MountFactory
+from tests.fs.test_fs_deep import (
+    test_deeper_than_the_descriptor_cache,
+    test_one_name_created_and_unlinked_thousands_of_times,
+    test_paths_near_path_max,
+    test_syncfs_after_unlinking_written_files,
+)
 from tests.fs.test_fs_ops import (
     errno_of,
     test_config_file_hidden_and_untouchable,
@@ -57,6 +63,10 @@ from tests.fs.test_fs_ops import (
 from tests.fs.test_fs_random_ops import test_random_operations_match_a_plain_directory
 
 __all__ = [  # collected again here, with the fixtures below
+    "test_deeper_than_the_descriptor_cache",
+    "test_one_name_created_and_unlinked_thousands_of_times",
+    "test_paths_near_path_max",
+    "test_syncfs_after_unlinking_written_files",
     "test_config_file_hidden_and_untouchable",
     "test_create_write_read_and_stat_match_plaintext",
     "test_hard_links",
