@@ -3,7 +3,8 @@
 A plain ``pytest tests/fs`` runs every mount test with encrypted names (kmsfs's
 default) and, through this module, a representative subset once more with plaintext
 names: the tests of ``test_fs_ops.py`` that make, list, rename, link and remove names,
-and the 10,000-step random-operation test. They are imported here so that pytest
+the 10,000-step random-operation test, and those of ``test_fs_deep.py`` (inode numbers
+under churn, syncfs, paths near PATH_MAX; not the slow one). They are imported here so that pytest
 collects them a second time under this module, where ``shared_mount`` and ``mounts``
 are overridden to give plaintext-names cipher directories (``workdir`` follows
 ``shared_mount``). What only this mode has — ``kmsfs.conf`` as a reserved name at the
