@@ -73,6 +73,7 @@ class InodeTable:
         root.lookups = 1
         self.nodes: dict[int, Node] = {ROOT: root}
         self._fresh: dict[int, int] = {}  # backing number -> fresh FUSE number of its file
+        self._fresh_owner: dict[int, int] = {}  # the reverse: fresh number -> backing number
         self._next_fresh = FRESH_BASE
         self._dir_fds: OrderedDict[int, int] = OrderedDict()  # directory inode -> O_PATH fd
 
@@ -105,15 +106,19 @@ class InodeTable:
             return ino
         ino = self._next_fresh
         self._next_fresh += 1
+        replaced = self._fresh.get(st_ino)
+        if replaced is not None:
+            del self._fresh_owner[replaced]
         self._fresh[st_ino] = ino
+        self._fresh_owner[ino] = st_ino
         return ino
 
     def _backing_number(self, ino: int) -> int:
         if ino >= FRESH_BASE:
-            for st_ino, fresh in self._fresh.items():
-                if fresh == ino:
-                    return st_ino
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            st_ino = self._fresh_owner.get(ino)
+            if st_ino is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return st_ino
         if ino == self.root_st_ino:
             return ROOT
         return ino
@@ -184,6 +189,7 @@ class InodeTable:
             fresh not in self.nodes and self._natural(node.st_ino) not in self.nodes
         ):
             del self._fresh[node.st_ino]
+            del self._fresh_owner[fresh]
 
     def parent_of(self, ino: int) -> int:
         if ino == ROOT:
