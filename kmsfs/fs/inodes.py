@@ -46,7 +46,7 @@ import trio
 ROOT = pyfuse3.ROOT_INODE
 FRESH_BASE = 1 << 63  # fresh FUSE numbers: above anything a backing filesystem uses
 MAX_DEPTH = 1 << 16  # a loop guard for walking up the parents
-DIR_FD_CACHE = 512  # directory descriptors kept open between requests
+DIR_FD_CACHE = 256  # directory descriptors kept open between requests
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

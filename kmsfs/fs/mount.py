@@ -136,7 +136,21 @@ def mount_foreground(
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of data keys
     except (ValueError, OSError):
         log.warning("cannot disable core dumps")
+    _raise_open_file_limit()
     trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+
+
+def _raise_open_file_limit() -> None:
+    """Descriptors: one per open file and up to ``DIR_FD_CACHE`` of directories (see
+    ``inodes.py``); the soft limit (often 1024) goes up to the hard one, as gocryptfs does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open file limit above %d", soft)
 
 
 async def _serve(

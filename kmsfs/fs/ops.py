@@ -9,6 +9,10 @@ All handlers run on the trio thread. Engine calls are synchronous, so the only p
 where two requests interleave are the awaits on keyd (opening a file, giving an empty
 file its first data key); those hold the inode's lock.
 
+Backing entries are reached through the inode table's cached directory descriptors
+(``*at`` calls, or short ``/proc/self/fd/N/name`` paths; see ``inodes.py``), never
+through whole backing paths, which would exceed PATH_MAX long before the plaintext ones.
+
 Errors: every handler goes through :func:`_errno_of` — the one place that maps
 kmsfs's typed errors to errno. Nothing a request does can end the mount.
 """

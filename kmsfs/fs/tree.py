@@ -3,7 +3,9 @@
 With encrypted names (the default) every backing directory holds a ``kmsfs.diriv``
 and entries named as ``kmsfs/fs/names.py`` describes; with ``plaintext_names`` the
 backing tree mirrors the plaintext one and only ``kmsfs.conf`` at the root is reserved.
-All paths here are backing paths, as bytes.
+All paths here are backing paths, as bytes: real ones for the offline tools, short
+``/proc/self/fd/N`` ones for the mount's directories (``inodes.py``: never whole backing
+paths, which exceed PATH_MAX); the cipher directory is always ``root`` itself.
 """
 
 from __future__ import annotations
