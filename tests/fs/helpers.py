@@ -143,6 +143,8 @@ class Mount:
         """
         path = Path(path)
         ino = os.lstat(path).st_ino
+        if ino == 1:  # FUSE's root inode: the mountpoint itself
+            return self.cipher
         if ino < FRESH_INO_BASE:
             return backing_of(self.cipher, ino)
         directory = self.backing(path.parent)
