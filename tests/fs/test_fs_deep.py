@@ -52,7 +52,7 @@ def test_one_name_created_and_unlinked_thousands_of_times(workdir: Path) -> None
 
 @pytest.mark.slow
 def test_one_name_created_and_unlinked_100000_times(workdir: Path) -> None:
-    """The issue's figure (~50 s with plaintext names, ~100 s encrypted, on 2 busy cores)."""
+    """The issue's figure: ~53 s in either naming mode on 2 idle cores, ~50-100 s busy."""
     path = workdir / "f"
     for cycle in range(100_000):
         try:
