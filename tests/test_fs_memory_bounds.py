@@ -9,7 +9,6 @@ import pyfuse3
 import trio
 
 from kmsfs.fs.config import FsConfig
-from kmsfs.fs.inodes import GENERATION_SHIFT, InodeTable
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.tree import MAX_WARNED, CipherTree
@@ -36,33 +35,6 @@ def test_name_cache_is_lru_bounded() -> None:
     for n in range(1000):
         cipher.encrypt_name(b"D" * 16, f"name-{n}".encode())
     assert len(cipher._encrypted) == len(cipher._decrypted) == 100
-
-
-def test_a_generation_goes_once_the_kernel_forgets_every_number_of_the_inode(
-    tmp_path: Path,
-) -> None:
-    table = InodeTable(bytes(tmp_path))
-    table.remember(1000, ROOT, b"old")  # the kernel knows backing inode 1000
-    table.unlink(ROOT, b"old", 1000, last_link=True)  # deleted while known
-    reused = table.ino_of(1000)
-    assert reused == (1 << GENERATION_SHIFT) | 1000  # its next owner gets a new number
-    table.remember(reused, ROOT, b"new")
-    table.forget(1000, 1)  # the old owner is forgotten; the new one is still known
-    assert table.ino_of(1000) == reused
-    table.forget(reused, 1)
-    assert table._generations == {}  # nothing per deleted inode stays
-    assert table.ino_of(1000) == 1000
-
-
-def test_generations_do_not_grow_with_create_delete_rounds(tmp_path: Path) -> None:
-    table = InodeTable(bytes(tmp_path))
-    for round_number in range(3):
-        for st_ino in range(2000, 3000):
-            ino = table.ino_of(st_ino)
-            table.remember(ino, ROOT, b"f%d" % st_ino)
-            table.unlink(ROOT, b"f%d" % st_ino, st_ino, last_link=True)
-            table.forget(ino, 1)
-        assert len(table.nodes) == 1 and table._generations == {}, round_number
 
 
 class _FakeKeyd:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import tracemalloc
@@ -134,7 +135,21 @@ def mount_foreground(
     socket = options.keyd_socket or config.keyd_socket
     os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
     harden_process(log)  # it holds the metadata key and data keys: as keyd does
+    _raise_open_file_limit()
     trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+
+
+def _raise_open_file_limit() -> None:
+    """Descriptors: one per open file and up to ``DIR_FD_CACHE`` of directories (see
+    ``inodes.py``); the soft limit (often 1024) goes up to the hard one, as gocryptfs does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open file limit above %d", soft)
 
 
 async def _serve(
@@ -271,7 +286,7 @@ def memory_counts(operations: Operations) -> dict[str, int]:
     names = operations.tree.names
     return {
         "nodes": len(operations.inodes.nodes),
-        "generations": len(operations.inodes._generations),
+        "fresh_numbers": len(operations.inodes._fresh),
         "handles": len(operations._handles),
         "dir_handles": len(operations._dir_handles),
         "dir_ids": len(operations.tree._dir_ids),

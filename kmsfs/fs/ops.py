@@ -13,6 +13,10 @@ runs in a thread (it touches no engine state).
 A failure to store a file's data (a full disk...) is told to every writer: see
 ``Operations._storing_failed``.
 
+Backing entries are reached through the inode table's cached directory descriptors
+(``*at`` calls, or short ``/proc/self/fd/N/name`` paths; see ``inodes.py``), never
+through whole backing paths, which would exceed PATH_MAX long before the plaintext ones.
+
 Errors: every handler goes through :func:`_errno_of` — the one place that maps
 kmsfs's typed errors to errno. Nothing a request does can end the mount.
 """
@@ -45,11 +49,11 @@ from kmsfs.errors import (
 from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
 from kmsfs.fs.config import FsConfig
-from kmsfs.fs.inodes import InodeTable, Node
+from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
-from kmsfs.fs.tree import CipherTree, Entry
+from kmsfs.fs.tree import CipherTree, Entry, shown_path
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 
 log = logging.getLogger("kmsfs.mount")
@@ -130,6 +134,7 @@ def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     @functools.wraps(method)
     async def wrapper(self: Operations, *args: Any) -> T:
         self.poller.note_request()
+        self.inodes.trim_dir_fds()  # between requests: no path of a running one is affected
         try:
             return await method(self, *args)
         except Exception as error:
@@ -151,16 +156,7 @@ def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
 class OpenFile:
     """Per-inode state while any handle is open: the backing fd and the engine."""
 
-    __slots__ = (
-        "node",
-        "fd",
-        "engine",
-        "provider",
-        "refs",
-        "path_hint",
-        "stream",
-        "write_error",
-    )
+    __slots__ = ("node", "fd", "engine", "provider", "refs", "stream", "write_error")
 
     def __init__(
         self,
@@ -168,14 +164,12 @@ class OpenFile:
         fd: int,
         engine: EncryptedFile,
         provider: FileKeyProvider,
-        path_hint: bytes,
     ) -> None:
         self.node = node
         self.fd = fd
         self.engine = engine
         self.provider = provider
         self.refs = 0
-        self.path_hint = path_hint
         self.stream = Stream(engine)  # the sequential reader, for the prefetcher
         #: errno of a failure to store this file's data: WRITEs are refused until every
         #: handle open for writing at the time is released (see ``_storing_failed``)
@@ -239,9 +233,14 @@ class Operations(pyfuse3.Operations):
         return handle
 
     def _entry_of(self, parent: int, name: bytes) -> tuple[bytes, Entry]:
-        """The parent's backing path and where ``name`` lives (or would) inside it."""
-        directory = self.inodes.path(parent)
+        """A short path of the parent's backing directory and where ``name`` lives in it."""
+        directory = self.inodes.dir_path(parent)
         return directory, self.tree.entry(directory, name, cache_key=parent)
+
+    def _child_at(self, parent: int, name: bytes) -> tuple[bytes, Entry, int]:
+        """As :meth:`_child`, with the parent's descriptor for ``*at`` calls (hot paths)."""
+        directory, entry = self._entry_of(parent, name)
+        return directory, entry, self.inodes.dir_fd(parent)
 
     def _child(self, parent: int, name: bytes) -> tuple[bytes, Entry, bytes]:
         directory, entry = self._entry_of(parent, name)
@@ -251,7 +250,7 @@ class Operations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.ino if node is not None else self.inodes.ino_of(st.st_ino)
         attrs.st_mode = st.st_mode
-        attrs.st_nlink = st.st_nlink
+        attrs.st_nlink = 0 if node is not None and node.dead else st.st_nlink
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_rdev = st.st_rdev
@@ -280,13 +279,18 @@ class Operations(pyfuse3.Operations):
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.open_file is not None:
             return os.fstat(node.open_file.fd)
+        if node.ino == ROOT:
+            return os.lstat(self.inodes.root_path)
         try:
-            return os.lstat(self.inodes.path(node.ino))
+            dir_fd, name = self.inodes.entry_at(node.ino)
+            return os.lstat(name, dir_fd=dir_fd)
         except pyfuse3.FUSEError:
             # a directory removed while open still answers, like on ext4
             for handle in self._dir_handles.values():
                 if handle.inode == node.ino:
                     return os.fstat(handle.fd)
+            if node.dead and node.last_stat is not None:
+                return node.last_stat  # the kernel's late requests after the last unlink
             raise
 
     def _entry(self, parent: int, backing: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -357,7 +361,7 @@ class Operations(pyfuse3.Operations):
                     try:
                         header = read_header(fd)
                     except FormatError as error:
-                        log.error("%s: unreadable header: %s", os.fsdecode(path), error)
+                        log.error("%s: unreadable header: %s", shown_path(path), error)
                         raise
                     provider.data_key = await self.keys.unwrap(header)
                 return self._adopt(node, fd, provider, path, writable)
@@ -379,9 +383,9 @@ class Operations(pyfuse3.Operations):
                 writable=writable,
             )
         except FormatError as error:
-            log.error("%s: %s", os.fsdecode(path), error)
+            log.error("%s: %s", shown_path(path), error)
             raise
-        open_file = OpenFile(node, fd, engine, provider, path)
+        open_file = OpenFile(node, fd, engine, provider)
         node.open_file = open_file
         return open_file
 
@@ -397,6 +401,8 @@ class Operations(pyfuse3.Operations):
         node = open_file.node
         try:
             open_file.engine.close()
+            if node.dead:  # what the kernel's late requests for it are answered from
+                node.last_stat = os.fstat(open_file.fd)
         finally:
             self.prefetcher.forget(open_file.stream)
             os.close(open_file.fd)
@@ -407,11 +413,18 @@ class Operations(pyfuse3.Operations):
             self.inodes.drop_if_unused(node)
 
     def _read_error(self, open_file: OpenFile, error: FormatError) -> None:
-        where = os.fsdecode(open_file.path_hint)
+        where = self._describe(open_file.node)
         if isinstance(error, CorruptChunk):
             log.error("%s: chunk %d failed authentication", where, error.chunk_index)
         else:
             log.error("%s: %s", where, error)
+
+    def _describe(self, node: Node) -> str:
+        """The node's backing path, for messages."""
+        try:
+            return shown_path(self.inodes.path(node.ino))
+        except pyfuse3.FUSEError:
+            return f"inode {node.ino} (deleted)"
 
     def close_all(self) -> None:
         """Flush and close every open file (at unmount)."""
@@ -419,7 +432,7 @@ class Operations(pyfuse3.Operations):
             try:
                 self._close_file(open_file)
             except Exception:
-                log.exception("flushing %s at unmount", os.fsdecode(open_file.path_hint))
+                log.exception("flushing %s at unmount", self._describe(open_file.node))
         self._handles.clear()
 
     # ------------------------------------------------------------ attributes
@@ -437,13 +450,13 @@ class Operations(pyfuse3.Operations):
             node.lookups += 1
             return self._attrs(st, node)
         try:
-            _, entry, path = self._child(parent_inode, name)
+            _, entry, dir_fd = self._child_at(parent_inode, name)
         except OSError as error:
             if error.errno == errno.EPERM:  # a reserved name: nothing there to see
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             raise
         try:
-            st = os.lstat(path)
+            st = os.lstat(entry.backing, dir_fd=dir_fd)
         except FileNotFoundError:
             self.tree.forget_name(entry)  # a name that is not there leaves nothing cached
             raise
@@ -464,10 +477,14 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr, fields, fh, ctx: pyfuse3.RequestContext):
         node = self.inodes.get(inode)
         open_file = self._handles[fh] if fh is not None else node.open_file
-        target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
+        if open_file is None and node.dead and not node.links:
+            return self._setattr_dead(node, attr, fields)
         if fields.update_size:
             self._check_writable_mount()
             await self._truncate(node, attr.st_size)
+            open_file = self._handles[fh] if fh is not None else node.open_file
+        # after the await: a path names a cached directory descriptor, valid for this step
+        target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
         if fields.update_mode:
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(attr.st_mode))
@@ -493,6 +510,27 @@ class Operations(pyfuse3.Operations):
             else:
                 os.utime(target, ns=times, follow_symlinks=False)
         return self._attrs(self._stat_node(node), node)
+
+    def _setattr_dead(self, node: Node, attr, fields) -> pyfuse3.EntryAttributes:
+        """SETATTR of a file whose last link is gone and that no handle has open.
+
+        The kernel sends one after the last unlink to write back the timestamps it kept
+        (writeback cache); ext4 and gocryptfs accept it, and an error here would be
+        recorded as a writeback error that the next syncfs() reports. Times are applied
+        to the node's last attributes; nothing else can be changed any more.
+        """
+        if node.last_stat is None or fields.update_size or fields.update_mode:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs = self._attrs(node.last_stat, node)
+        if fields.update_atime:
+            attrs.st_atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            attrs.st_mtime_ns = attr.st_mtime_ns
+        if fields.update_ctime:
+            attrs.st_ctime_ns = attr.st_ctime_ns
+        return attrs
 
     async def _truncate(self, node: Node, size: int) -> None:
         open_file = node.open_file
@@ -551,11 +589,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
-        directory, entry, path = self._child(parent_inode, name)
-        st = os.lstat(path)
-        os.unlink(path)
+        directory, entry, dir_fd = self._child_at(parent_inode, name)
+        st = os.lstat(entry.backing, dir_fd=dir_fd)
+        os.unlink(entry.backing, dir_fd=dir_fd)
         self.tree.drop_name(directory, entry)
-        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1)
+        self.inodes.unlink(
+            parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1, last_stat=st
+        )
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -563,19 +603,19 @@ class Operations(pyfuse3.Operations):
         st = os.lstat(path)
         self.tree.remove_dir(path)
         self.tree.drop_name(directory, entry)
-        self.tree.forget_dir(self.inodes.ino_of(st.st_ino))
-        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True)
+        self.tree.forget_dir(self.inodes.current_ino(st.st_ino))
+        self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True, last_stat=st)
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
         new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
-        moved = self.inodes.ino_of(os.lstat(old_path).st_ino)
+        moved = self.inodes.current_ino(os.lstat(old_path).st_ino)
         try:
             replaced_st: os.stat_result | None = os.lstat(new_path)
         except FileNotFoundError:
             replaced_st = None
-        replaced = self.inodes.ino_of(replaced_st.st_ino) if replaced_st else None
+        replaced = self.inodes.current_ino(replaced_st.st_ino) if replaced_st else None
         # A directory replaced by a rename must look empty: set its id file aside.
         replaced_dir_id = None
         if (
@@ -607,7 +647,11 @@ class Operations(pyfuse3.Operations):
             self.tree.forget_dir(replaced)
             last_link = stat.S_ISDIR(replaced_st.st_mode) or replaced_st.st_nlink <= 1
             self.inodes.unlink(
-                parent_inode_new, new_entry.backing, replaced_st.st_ino, last_link=last_link
+                parent_inode_new,
+                new_entry.backing,
+                replaced_st.st_ino,
+                last_link=last_link,
+                last_stat=replaced_st,
             )
         self.inodes.move(moved, old, new)
 
@@ -615,12 +659,13 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._check_writable_mount()
-        directory, entry, path = self._child(parent_inode, name)
+        directory, entry, dir_fd = self._child_at(parent_inode, name)
         with self.tree.naming(directory, entry):
             fd = os.open(
-                path,
+                entry.backing,
                 os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
                 self._mode_to_make(stat.S_IMODE(mode), ctx),
+                dir_fd=dir_fd,
             )
         try:
             self._give_to_caller(directory, fd, ctx, mode)
@@ -628,7 +673,11 @@ class Operations(pyfuse3.Operations):
             attrs = self._entry(parent_inode, entry.backing, st)
             # the new, empty file: no key yet (it comes with the first byte)
             open_file = self._adopt(
-                self.inodes.get(attrs.st_ino), fd, FileKeyProvider(), path, True
+                self.inodes.get(attrs.st_ino),
+                fd,
+                FileKeyProvider(),
+                directory + b"/" + entry.backing,
+                True,
             )
         except BaseException:
             os.close(fd)
@@ -789,7 +838,7 @@ class Operations(pyfuse3.Operations):
             log.error(
                 "%s: storing data failed (%s); its writers get the error from fsync and "
                 "close, the file keeps what is stored (%d bytes)%s",
-                os.fsdecode(open_file.path_hint),
+                self._describe(open_file.node),
                 os.strerror(code),
                 engine.size,
                 "; its end is damaged: run kmsfs fsck --repair" if engine.damaged else "",
@@ -871,7 +920,10 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def readdir(self, fh: int, start_id: int, token) -> None:
         handle = self._dir_handles[fh]
-        directory = self.inodes.path(handle.inode)
+        # the handle's own descriptor: short, and valid as long as the handle
+        directory = (
+            self.inodes.root_path if handle.inode == ROOT else b"/proc/self/fd/%d" % handle.fd
+        )
         if handle.entries is None or start_id == 0:
             entries, _strays = self.tree.list_dir(directory, cache_key=handle.inode)
             handle.entries = sorted(entries, key=lambda entry: entry.name)

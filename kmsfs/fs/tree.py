@@ -3,7 +3,9 @@
 With encrypted names (the default) every backing directory holds a ``kmsfs.diriv``
 and entries named as ``kmsfs/fs/names.py`` describes; with ``plaintext_names`` the
 backing tree mirrors the plaintext one and only ``kmsfs.conf`` at the root is reserved.
-All paths here are backing paths, as bytes.
+All paths here are backing paths, as bytes: real ones for the offline tools, short
+``/proc/self/fd/N`` ones for the mount's directories (``inodes.py``: never whole backing
+paths, which exceed PATH_MAX); the cipher directory is always ``root`` itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from kmsfs.fs.names import (
 )
 
 log = logging.getLogger("kmsfs.mount")
+
+_PROC_FD = b"/proc/self/fd/"
 
 CONFIG_NAME_BYTES = CONFIG_NAME.encode()
 #: stray entries remembered so each is warned about once (then warnings may repeat)
@@ -76,10 +80,10 @@ class CipherTree:
             with open(directory + b"/" + DIRIV_NAME, "rb") as diriv:
                 dir_id = diriv.read(DIR_ID_SIZE + 1)
         except FileNotFoundError:
-            log.error("%s: directory has no %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            log.error("%s: directory has no %s", shown_path(directory), DIRIV_NAME.decode())
             raise OSError(errno.EIO, "directory id missing") from None
         if len(dir_id) != DIR_ID_SIZE:
-            log.error("%s: damaged %s", os.fsdecode(directory), DIRIV_NAME.decode())
+            log.error("%s: damaged %s", shown_path(directory), DIRIV_NAME.decode())
             raise OSError(errno.EIO, "directory id damaged")
         if cache_key is not None:
             self._dir_ids[cache_key] = dir_id
@@ -258,16 +262,12 @@ class CipherTree:
         return directory == self.root and backing == CONFIG_NAME_BYTES
 
     def _warn(self, directory: bytes, backing: bytes, problem: str) -> None:
-        if (directory, backing) not in self._warned:
+        shown = shown_path(directory)
+        if (shown, backing) not in self._warned:
             if len(self._warned) >= MAX_WARNED:
                 self._warned.clear()
-            self._warned.add((directory, backing))
-            log.warning(
-                "%s/%s: left out of the listing: %s",
-                os.fsdecode(directory),
-                os.fsdecode(backing),
-                problem,
-            )
+            self._warned.add((shown, backing))
+            log.warning("%s/%s: left out of the listing: %s", shown, os.fsdecode(backing), problem)
 
     # --------------------------------------------------------------- symlinks
     def symlink_target(self, stored: bytes) -> bytes:
@@ -295,6 +295,19 @@ class CipherTree:
                 raise OSError(errno.EINVAL, "'..' is not supported in a cipher path")
             current = current + b"/" + self.entry(current, part).backing
         return current
+
+
+def shown_path(path: bytes) -> str:
+    """A path for messages: the mount's short ``/proc/self/fd/N/...`` paths (see
+    ``inodes.py``) shown as the backing path they stand for, while the descriptor is open."""
+    if path.startswith(_PROC_FD):
+        number, _, rest = path[len(_PROC_FD) :].partition(b"/")
+        try:
+            directory = os.readlink(_PROC_FD + number)
+        except OSError:
+            return os.fsdecode(path)
+        return os.fsdecode(directory + b"/" + rest if rest else directory)
+    return os.fsdecode(path)
 
 
 def _is_sidecar(backing: bytes) -> bool:

@@ -27,7 +27,7 @@ from tests.conftest import KMSFS, Keyd, run_kmsfs
 
 MOUNT_TIMEOUT = 30.0
 PLAINTEXT_NAMES_ENV = "KMSFS_TEST_PLAINTEXT_NAMES"
-BACKING_INO_MASK = (1 << 56) - 1  # kmsfs/fs/inodes.py: GENERATION_SHIFT
+FRESH_INO_BASE = 1 << 63  # kmsfs/fs/inodes.py: FRESH_BASE
 CHUNK = 1 << 16
 HEADER_SIZE = 2048
 CHUNK_OVERHEAD = 28
@@ -137,11 +137,27 @@ class Mount:
     def backing(self, path: Path | str) -> Path:
         """The backing entry of a path at the mountpoint, found by inode number.
 
-        Inode numbers at the mountpoint are those of the backing filesystem (with a
-        generation in the top byte when a backing number was reused while the kernel still
-        knew its previous owner), so this works whatever the backing names are.
+        Inode numbers at the mountpoint are those of the backing filesystem, so this works
+        whatever the backing names are — unless a backing number was reused while the
+        kernel still knew its previous owner: then the mount gave a fresh number (2**63 and
+        up), and the entry is the one in the parent's backing directory that no other name
+        there accounts for.
         """
-        return backing_of(self.cipher, os.lstat(path).st_ino & BACKING_INO_MASK)
+        path = Path(path)
+        ino = os.lstat(path).st_ino
+        if ino == 1:  # FUSE's root inode: the mountpoint itself
+            return self.cipher
+        if ino < FRESH_INO_BASE:
+            return backing_of(self.cipher, ino)
+        directory = self.backing(path.parent)
+        known = {os.lstat(entry).st_ino for entry in path.parent.iterdir()}
+        candidates = [
+            entry
+            for entry in directory.iterdir()
+            if entry.lstat().st_ino not in known and not _is_internal(entry.name)
+        ]
+        assert len(candidates) == 1, f"{path}: cannot tell its backing entry: {candidates}"
+        return candidates[0]
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -191,6 +207,13 @@ class Mount:
         code = self.process.wait(timeout=30)
         assert code == 0, f"mount exited {code}:\n{self.log()}"
         assert not is_mounted(self.mnt)
+
+
+def _is_internal(backing_name: str) -> bool:
+    """kmsfs's own files in a backing directory (not entries at the mountpoint)."""
+    if backing_name.startswith("kmsfs.longname."):
+        return backing_name.endswith(".name")
+    return backing_name.startswith("kmsfs.")
 
 
 def backing_of(cipher: Path, ino: int) -> Path:

@@ -3,7 +3,8 @@
 A plain ``pytest tests/fs`` runs every mount test with encrypted names (kmsfs's
 default) and, through this module, a representative subset once more with plaintext
 names: the tests of ``test_fs_ops.py`` that make, list, rename, link and remove names,
-and the 10,000-step random-operation test. They are imported here so that pytest
+the 10,000-step random-operation test, and those of ``test_fs_deep.py`` (inode numbers
+under churn, syncfs, paths near PATH_MAX; not the slow one). They are imported here so that pytest
 collects them a second time under this module, where ``shared_mount`` and ``mounts``
 are overridden to give plaintext-names cipher directories (``workdir`` follows
 ``shared_mount``). What only this mode has — ``kmsfs.conf`` as a reserved name at the
@@ -25,6 +26,12 @@ import pytest
 
 from tests.conftest import Keyd
 from tests.fs.helpers import Mount, MountFactory
+from tests.fs.test_fs_deep import (
+    test_deeper_than_the_descriptor_cache,
+    test_one_name_created_and_unlinked_thousands_of_times,
+    test_paths_near_path_max,
+    test_syncfs_after_unlinking_written_files,
+)
 from tests.fs.test_fs_ops import (
     errno_of,
     test_config_file_hidden_and_untouchable,
@@ -57,6 +64,10 @@ from tests.fs.test_fs_ops import (
 from tests.fs.test_fs_random_ops import test_random_operations_match_a_plain_directory
 
 __all__ = [  # collected again here, with the fixtures below
+    "test_deeper_than_the_descriptor_cache",
+    "test_one_name_created_and_unlinked_thousands_of_times",
+    "test_paths_near_path_max",
+    "test_syncfs_after_unlinking_written_files",
     "test_config_file_hidden_and_untouchable",
     "test_create_write_read_and_stat_match_plaintext",
     "test_hard_links",
