@@ -766,7 +766,7 @@ class Operations(pyfuse3.Operations):
         except FormatError as error:
             self._read_error(open_file, error)
             raise
-        except OSError as error:
+        except (OSError, FileTooLarge) as error:  # not stored: every writer is told
             self._storing_failed(open_file, error)
             raise
 
@@ -823,7 +823,7 @@ class Operations(pyfuse3.Operations):
         if code:
             raise pyfuse3.FUSEError(code)
 
-    def _storing_failed(self, open_file: OpenFile, error: OSError) -> None:
+    def _storing_failed(self, open_file: OpenFile, error: OSError | FileTooLarge) -> None:
         """Storing the file's data failed (a full disk, EIO...): tell every writer.
 
         The engine is back to what the backing file holds. Every handle open for writing

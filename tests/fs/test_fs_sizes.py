@@ -42,8 +42,11 @@ def test_a_write_past_the_maximum_reports_efbig(workdir: Path, shared_mount: Mou
             os.close(fd)
         except OSError as error:  # a write-back error may surface here again
             assert error.errno == errno.EFBIG
-    # (the kernel may keep showing the size it cached for the failed write-back a while)
     assert os.stat(shared_mount.backing(path)).st_size == 0
+    # the writer was told; the file then shows what is stored (not the size the kernel
+    # cached for the refused write-back), as after a full disk
+    assert os.stat(path).st_size == 0
+    assert path.read_bytes() == b""
 
 
 def test_truncate_to_4_gib_allocates_almost_nothing(workdir: Path, shared_mount: Mount) -> None:
