@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import trio
 
@@ -32,6 +33,7 @@ def test_fsync_of_the_backing_file_does_not_hold_up_other_requests(monkeypatch) 
     off the trio thread (on it, this would deadlock and the deadline fail the test)."""
     operations = Operations.__new__(Operations)  # only what FSYNC touches
     operations.poller = BusyPoller(0)
+    operations.inodes = SimpleNamespace(trim_dir_fds=lambda: None)  # every handler calls it
     operations._handles = {1: _OpenFile()}
     operations._write_errors = {}
     other_request_ran = threading.Event()
