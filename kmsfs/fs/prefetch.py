@@ -33,7 +33,6 @@ order, so a file closed meanwhile is never read through a reused fd.
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -41,6 +40,7 @@ import queue
 import threading
 from typing import Any
 
+from kmsfs.format.file import hole_prefix
 from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE, cipher_offset
 
 log = logging.getLogger("kmsfs.mount")
@@ -301,7 +301,7 @@ class Prefetcher:
             # noted before the read: a write that could overlap it voids the segment
             segment.generation = stream.engine.disk_generation
             view = memoryview(segment.buffer)
-            got = _hole_prefix(segment.fd, segment.offset, len(view))
+            got = hole_prefix(segment.fd, segment.offset, len(view))
             if got:  # the sparse body of a hole run: zeros without reading (slow on ext4)
                 view[:got] = bytes(got)
             while got < len(view):
@@ -313,14 +313,3 @@ class Prefetcher:
             self.done += 1
         finally:
             segment.done.set()
-
-
-def _hole_prefix(fd: int, offset: int, length: int) -> int:
-    """How many bytes from ``offset`` (at most ``length``) are a hole in the backing file."""
-    try:
-        data = os.lseek(fd, offset, os.SEEK_DATA)
-    except OSError as error:
-        if error.errno != errno.ENXIO:
-            raise
-        return length  # only holes up to the end of the file
-    return min(max(0, data - offset), length)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.helpers import Mount
+from tests.fs.helpers import Mount, MountFactory
 
 GIB = 1 << 30
 
@@ -29,8 +29,11 @@ def test_huge_truncate_is_efbig(workdir: Path) -> None:
     assert path.read_bytes() == b"data"
 
 
-def test_a_write_past_the_maximum_reports_efbig(workdir: Path, shared_mount: Mount) -> None:
-    path = workdir / "far"
+def test_a_write_past_the_maximum_reports_efbig(mounts: MountFactory) -> None:
+    # a mount of its own: the refused write-back is a filesystem-wide write error that a
+    # later syncfs() on the same mount may report, as on any filesystem
+    mount = mounts.mount(mounts.init())
+    path = mount.mnt / "far"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         with pytest.raises(OSError) as caught:
@@ -42,7 +45,7 @@ def test_a_write_past_the_maximum_reports_efbig(workdir: Path, shared_mount: Mou
             os.close(fd)
         except OSError as error:  # a write-back error may surface here again
             assert error.errno == errno.EFBIG
-    assert os.stat(shared_mount.backing(path)).st_size == 0
+    assert os.stat(mount.backing(path)).st_size == 0
     # the writer was told; the file then shows what is stored (not the size the kernel
     # cached for the refused write-back), as after a full disk
     assert os.stat(path).st_size == 0
@@ -75,17 +78,17 @@ def test_truncate_to_4_gib_allocates_almost_nothing(workdir: Path, shared_mount:
         assert handle.read() == b"\0\0\0x"
 
 
-def test_the_read_ahead_helper_skips_the_sparse_part_of_a_segment(tmp_path: Path) -> None:
-    from kmsfs.fs.prefetch import _hole_prefix
+def test_hole_prefix_finds_the_sparse_part_of_a_range(tmp_path: Path) -> None:
+    from kmsfs.format.file import hole_prefix
 
     path = tmp_path / "sparse"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, 4 << 20)
         os.pwrite(fd, b"x", 2 << 20)
-        assert _hole_prefix(fd, 0, 1 << 20) == 1 << 20
-        assert _hole_prefix(fd, 1 << 20, 2 << 20) == 1 << 20  # up to the data
-        assert _hole_prefix(fd, 2 << 20, 1 << 20) == 0
-        assert _hole_prefix(fd, (2 << 20) + 8192, 1 << 20) == 1 << 20  # holes to the end
+        assert hole_prefix(fd, 0, 1 << 20) == 1 << 20
+        assert hole_prefix(fd, 1 << 20, 2 << 20) == 1 << 20  # up to the data
+        assert hole_prefix(fd, 2 << 20, 1 << 20) == 0
+        assert hole_prefix(fd, (2 << 20) + 8192, 1 << 20) == 1 << 20  # holes to the end
     finally:
         os.close(fd)
