@@ -51,6 +51,7 @@ from kmsfs.format.header import read_header
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
+from kmsfs.fs.names import NameError_
 from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
 from kmsfs.fs.tree import CipherTree, Entry, shown_path
@@ -99,32 +100,43 @@ def _invalidate_inode(ino: int) -> None:
         log.debug("invalidating inode %d: %s", ino, os.strerror(error.errno or 0))
 
 
-def _kernel_truncate(mountpoint: bytes, ino: int, size: int, own_threads: set[int]) -> None:
+def _kernel_truncate(
+    mountpoint: bytes, ino: int, size: int, own_threads: set[int], path: bytes | None = None
+) -> None:
     """ftruncate inode ``ino`` of the FUSE mount to ``size``, through the kernel.
 
     The file is opened by its FUSE file handle (node id, generation 0: what the kernel's
-    fuse_encode_fh makes of our inodes), which needs CAP_DAC_READ_SEARCH. The kernel sends
-    OPEN, SETATTR (size), FLUSH and RELEASE to this filesystem, sets its size and drops its
-    pages past it. Call from a thread, never from the trio thread; the thread's id is in
-    ``own_threads`` meanwhile (the FUSE requests it causes carry it as their pid).
+    fuse_encode_fh makes of our inodes), which needs CAP_DAC_READ_SEARCH; or, given
+    ``path`` (its path at the mountpoint, for a mount without that capability), by path,
+    and truncated only if it is still inode ``ino``. The kernel sends OPEN, SETATTR (size),
+    FLUSH and RELEASE to this filesystem, sets its size and drops its pages past it. Call
+    from a thread, never from the trio thread; the thread's id is in ``own_threads``
+    meanwhile (the FUSE requests it causes carry it as their pid).
     """
     thread = threading.get_native_id()
     own_threads.add(thread)
-    handle = ctypes.create_string_buffer(
-        struct.pack("=Ii3I", 12, 0x81, ino >> 32, ino & 0xFFFFFFFF, 0), 20
-    )
-    mount_fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = _libc.open_by_handle_at(mount_fd, handle, os.O_WRONLY | os.O_CLOEXEC)
-        if fd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        else:
+            handle = ctypes.create_string_buffer(
+                struct.pack("=Ii3I", 12, 0x81, ino >> 32, ino & 0xFFFFFFFF, 0), 20
+            )
+            mount_fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = _libc.open_by_handle_at(mount_fd, handle, os.O_WRONLY | os.O_CLOEXEC)
+            finally:
+                os.close(mount_fd)
+            if fd < 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
         try:
+            if os.fstat(fd).st_ino != ino:  # renamed over meanwhile: not that file any more
+                raise OSError(errno.ESTALE, "the path names another file now")
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
     finally:
-        os.close(mount_fd)
         own_threads.discard(thread)
 
 
@@ -878,9 +890,11 @@ class Operations(pyfuse3.Operations):
     async def _set_kernel_size(self, ino: int) -> None:
         """With the write-back cache the kernel owns a file's size and ignores GETATTR's:
         after a failed write it keeps the size of what was not stored. A truncate through
-        the mount to the stored size is the one way to correct it."""
+        the mount to the stored size is the one way to correct it: by file handle where the
+        mount may (CAP_DAC_READ_SEARCH, as root), else by the file's path at the mountpoint
+        (a user's own mount: the user's own files)."""
         node = self.inodes.nodes.get(ino)
-        if node is None or self.mountpoint is None or not self._kernel_truncate_works:
+        if node is None or self.mountpoint is None:
             return
         try:
             if node.open_file is not None:
@@ -888,26 +902,60 @@ class Operations(pyfuse3.Operations):
             else:
                 stored = os.stat(self.inodes.path(ino)).st_size
                 size = plaintext_size(stored, self.config.chunk_size)
-            await trio.to_thread.run_sync(
-                _kernel_truncate,
-                self.mountpoint,
-                ino,
-                size,
-                self._own_threads,
-                abandon_on_cancel=True,
-            )
-        except OSError as error:
-            if error.errno in (errno.ESTALE, errno.ENOENT):  # gone, or the kernel forgot it
+            if self._kernel_truncate_works:
+                try:
+                    await self._truncate_through_kernel(ino, size, None)
+                    return
+                except OSError as error:
+                    if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self._kernel_truncate_works = False
+                    log.info(
+                        "cannot reopen files by handle (%s): sizes after a failed write are "
+                        "corrected through paths at the mountpoint",
+                        os.strerror(error.errno or 0),
+                    )
+            await self._truncate_through_kernel(ino, size, self._mount_path(ino))
+        except (OSError, NameError_) as error:
+            code = error.errno if isinstance(error, OSError) else None
+            if code in (errno.ESTALE, errno.ENOENT):  # gone, or the kernel forgot it
                 log.debug("inode %d: no size to correct", ino)
                 return
-            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            self._kernel_truncate_works = False
             log.warning(
-                "cannot reopen files by handle (%s): after a failed write the kernel shows "
-                "a file's old size until it forgets the file",
-                os.strerror(error.errno or 0),
+                "%s: cannot correct the size the kernel shows after a failed write (%s): "
+                "it shows the old size, zeros past what was stored, until it forgets the file",
+                self._describe(node),
+                os.strerror(code) if code else error,
             )
+
+    async def _truncate_through_kernel(self, ino: int, size: int, path: bytes | None) -> None:
+        assert self.mountpoint is not None
+        await trio.to_thread.run_sync(
+            _kernel_truncate,
+            self.mountpoint,
+            ino,
+            size,
+            self._own_threads,
+            path,
+            abandon_on_cancel=True,
+        )
+
+    def _mount_path(self, ino: int) -> bytes:
+        """A path of inode ``ino`` at the mountpoint (its plaintext names), for the mount's
+        own calls through the kernel. ENOENT once a link on the way is gone."""
+        assert self.mountpoint is not None
+        names: list[bytes] = []
+        while ino != ROOT:
+            node = self.inodes.nodes.get(ino)
+            if node is None or not node.links or len(names) > 4096:
+                raise OSError(errno.ENOENT, "no path at the mountpoint")
+            parent, backing = next(iter(node.links))
+            if self.tree.encrypted:
+                directory = self.inodes.dir_path(parent)
+                backing = self.tree.decrypt_entry(directory, backing, cache_key=parent)
+            names.append(backing)
+            ino = parent
+        return b"/".join([self.mountpoint, *reversed(names)])
 
     # ----------------------------------------------------------- directories
     @_handler

@@ -266,6 +266,33 @@ def test_an_unbounded_writer_is_told(tmpfs: Path, mounts: MountFactory) -> None:
     assert (mount.mnt / "after").read_bytes() == pattern(3, 5 * MIB)
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop a capability")
+@pytest.mark.parametrize("names", ["encrypted", "plaintext"])
+def test_a_mount_that_cannot_open_by_handle_corrects_sizes_by_path(
+    tmpfs: Path, mounts: MountFactory, names: str
+) -> None:
+    """A mount without CAP_DAC_READ_SEARCH (a user's own mount) cannot reopen a file by
+    its handle to set the size the kernel shows after a failed write: it goes through the
+    file's path at the mountpoint (plaintext names decrypted on the way) instead."""
+    cipher = tmpfs / "cipher"
+    plaintext = ["--plaintext-names"] if names == "plaintext" else []
+    mounts.keyd.kmsfs("init", str(cipher), "--key", "alias/fs", *plaintext)
+    no_handles = (
+        "setpriv",
+        "--inh-caps=-dac_read_search",
+        "--bounding-set=-dac_read_search",
+        "--",
+    )
+    mount = mounts.mount(cipher, None, wrapper=no_handles)
+    (mount.mnt / "a directory").mkdir()
+    path = mount.mnt / "a directory" / "big"
+    told = unbounded_writer(path, "kmsfs", lambda: backing_size(mount.backing(path))())
+    print(told.line())
+    assert (told.fsync1, told.fsync2, told.close) == ("ENOSPC", "ENOSPC", "ENOSPC")
+    assert told.size_after == told.readable_after == told.stored, mount.log()
+    assert "corrected through paths at the mountpoint" in mount.log()
+
+
 def gocryptfs_stored(cipher: Path) -> int:
     """Plaintext bytes of the one file in a gocryptfs cipher directory (18-byte header,
     4096-byte blocks stored with a 16-byte nonce and a 16-byte tag)."""
