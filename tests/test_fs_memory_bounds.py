@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyfuse3
 import trio
 
 from kmsfs.fs.config import FsConfig
@@ -14,7 +13,6 @@ from kmsfs.fs.names import NameCipher
 from kmsfs.fs.tree import MAX_WARNED, CipherTree
 
 KEY = bytes(range(32))
-ROOT = pyfuse3.ROOT_INODE
 
 
 def test_a_removed_name_leaves_the_name_cache(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -16,6 +17,16 @@ TEST_WRAPPING_KEY = bytes(range(100, 132))
 TEST_KEY_ID = "alias/test"
 TEST_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000001"
 OTHER_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000002"
+
+
+def memfd() -> int:
+    """An anonymous in-memory file for a backing file (closed by the caller)."""
+    return os.memfd_create("kmsfs-test", os.MFD_CLOEXEC)
+
+
+def pattern(seed: int, length: int) -> bytes:
+    """``length`` reproducible pseudo-random bytes."""
+    return random.Random(seed).randbytes(length)
 
 
 def _context_bytes(context: dict[str, str]) -> bytes:

@@ -182,8 +182,8 @@ def test_a_killed_decrypt_leaves_no_plaintext(keyd_with_key: Keyd, short_tmp: Pa
     )
     try:
         _wait_for_output(process, 32 << 20)
-        process.send_signal(signal.SIGKILL)
     finally:
+        process.send_signal(signal.SIGKILL)  # also when the wait failed: nothing left running
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     assert os.listdir(out_dir) == []

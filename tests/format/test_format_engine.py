@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable
 
 import pytest
-from format_testkit import FakeKeyProvider
+from format_testkit import TEST_KEY_ID, FakeKeyProvider, memfd, pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,15 +23,7 @@ from kmsfs.format.offsets import (
 )
 from kmsfs.format.tools import verify
 
-KEY_ID = "alias/test"
-
-
-def memfd() -> int:
-    return os.memfd_create("kmsfs-test", os.MFD_CLOEXEC)
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
+KEY_ID = TEST_KEY_ID
 
 
 def disk_size(fd: int) -> int:

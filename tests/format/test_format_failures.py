@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from format_testkit import FakeKeyProvider
+from format_testkit import TEST_KEY_ID, FakeKeyProvider, memfd, pattern
 
 from kmsfs.format import file as file_module
 from kmsfs.format.file import EncryptedFile
 from kmsfs.format.offsets import ciphertext_size
 from kmsfs.format.tools import repair, verify
 
-KEY_ID = "alias/test"
+KEY_ID = TEST_KEY_ID
 CHUNK = 64
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
-
-
-def memfd() -> int:
-    return os.memfd_create("kmsfs-failures", os.MFD_CLOEXEC)
 
 
 def stored_content(fd: int, provider: FakeKeyProvider) -> bytes:

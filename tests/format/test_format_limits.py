@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from format_testkit import FakeKeyProvider
+from format_testkit import TEST_KEY_ID, FakeKeyProvider, memfd
 
 from kmsfs.errors import FileTooLarge
 from kmsfs.format.file import EncryptedFile
@@ -16,11 +16,7 @@ from kmsfs.format.offsets import (
     max_plaintext_size,
 )
 
-KEY_ID = "alias/test"
-
-
-def memfd() -> int:
-    return os.memfd_create("kmsfs-limits", os.MFD_CLOEXEC)
+KEY_ID = TEST_KEY_ID
 
 
 @pytest.mark.parametrize("chunk_size", [16, 4096, DEFAULT_CHUNK_SIZE, 1 << 24])

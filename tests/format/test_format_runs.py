@@ -7,7 +7,7 @@ import os
 import random
 
 import pytest
-from format_testkit import FakeKeyProvider
+from format_testkit import TEST_KEY_ID, FakeKeyProvider, memfd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,13 +18,9 @@ from kmsfs.format.file import EncryptedFile
 from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE, cipher_offset, ciphertext_size
 from kmsfs.format.tools import repair, verify
 
-KEY_ID = "alias/test"
+KEY_ID = TEST_KEY_ID
 C = 16  # chunk size of most tests here
 S = C + CHUNK_OVERHEAD
-
-
-def memfd() -> int:
-    return os.memfd_create("kmsfs-runs", os.MFD_CLOEXEC)
 
 
 def layout(fd: int, chunk_size: int = C) -> list[str]:

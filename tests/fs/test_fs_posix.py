@@ -35,7 +35,6 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-SETID = stat.S_ISUID | stat.S_ISGID
 
 
 class _Timespec(ctypes.Structure):
