@@ -260,9 +260,12 @@ class InodeTable:
 
     def dir_path(self, ino: int) -> bytes:
         """A short path of directory ``ino`` to put entry names under (never to stat)."""
-        if ino == ROOT:
-            return self.root_path
-        return b"/proc/self/fd/%d" % self.dir_fd(ino)
+        return self.dir_at(ino)[0]
+
+    def dir_at(self, ino: int) -> tuple[bytes, int]:
+        """:meth:`dir_path` and :meth:`dir_fd` of directory ``ino`` at once."""
+        fd = self.dir_fd(ino)
+        return (self.root_path if ino == ROOT else b"/proc/self/fd/%d" % fd), fd
 
     def entry_at(self, ino: int) -> tuple[int, bytes]:
         """The inode's entry as (descriptor of its directory, backing name), for ``*at``

@@ -143,11 +143,10 @@ def _raise_open_file_limit() -> None:
     """Descriptors: one per open file and up to ``DIR_FD_CACHE`` of directories (see
     ``inodes.py``); the soft limit (often 1024) goes up to the hard one, as gocryptfs does."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             log.warning("cannot raise the open file limit above %d", soft)
 
@@ -212,6 +211,7 @@ async def _serve(
             operations.prefetcher.stop()
             keys.forget_all()
             pyfuse3.close(unmount=unmount)
+            operations.inodes.close()
             session.uninstall()
             if waiter is not None:
                 log.info("requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow)
@@ -327,7 +327,10 @@ async def _report_memory_on_signal(operations: Operations) -> None:
     """SIGUSR1 logs :func:`memory_report` (for tests and for finding what memory holds)."""
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
         async for _ in signals:
-            log.info("memory: %s", memory_report(operations))
+            try:
+                log.info("memory: %s", memory_report(operations))
+            except Exception:  # a report must never end the mount
+                log.exception("memory report")
 
 
 def unmount(mountpoint: Path) -> None:

@@ -251,8 +251,8 @@ class Operations(pyfuse3.Operations):
 
     def _child_at(self, parent: int, name: bytes) -> tuple[bytes, Entry, int]:
         """As :meth:`_child`, with the parent's descriptor for ``*at`` calls (hot paths)."""
-        directory, entry = self._entry_of(parent, name)
-        return directory, entry, self.inodes.dir_fd(parent)
+        directory, dir_fd = self.inodes.dir_at(parent)
+        return directory, self.tree.entry(directory, name, cache_key=parent), dir_fd
 
     def _child(self, parent: int, name: bytes) -> tuple[bytes, Entry, bytes]:
         directory, entry = self._entry_of(parent, name)
@@ -435,8 +435,8 @@ class Operations(pyfuse3.Operations):
         """The node's backing path, for messages."""
         try:
             return shown_path(self.inodes.path(node.ino))
-        except pyfuse3.FUSEError:
-            return f"inode {node.ino} (deleted)"
+        except (pyfuse3.FUSEError, OSError):  # gone, or its directory cannot be opened now
+            return f"inode {node.ino} (no backing path now)"
 
     def close_all(self) -> None:
         """Flush and close every open file (at unmount)."""
@@ -897,11 +897,7 @@ class Operations(pyfuse3.Operations):
         if node is None or self.mountpoint is None:
             return
         try:
-            if node.open_file is not None:
-                size = node.open_file.engine.size
-            else:
-                stored = os.stat(self.inodes.path(ino)).st_size
-                size = plaintext_size(stored, self.config.chunk_size)
+            size = self._attrs(self._stat_node(node), node).st_size  # what GETATTR says
             if self._kernel_truncate_works:
                 try:
                     await self._truncate_through_kernel(ino, size, None)
@@ -916,8 +912,8 @@ class Operations(pyfuse3.Operations):
                         os.strerror(error.errno or 0),
                     )
             await self._truncate_through_kernel(ino, size, self._mount_path(ino))
-        except (OSError, NameError_) as error:
-            code = error.errno if isinstance(error, OSError) else None
+        except (OSError, NameError_, pyfuse3.FUSEError) as error:
+            code = error.errno if isinstance(error, (OSError, pyfuse3.FUSEError)) else None
             if code in (errno.ESTALE, errno.ENOENT):  # gone, or the kernel forgot it
                 log.debug("inode %d: no size to correct", ino)
                 return
