@@ -98,6 +98,21 @@ def _reserve_space(fd: int, offset: int, length: int) -> bool:
     raise OSError(code, os.strerror(code))
 
 
+def _may_need_blocks(fd: int, offset: int, length: int, disk_size: int) -> bool:
+    """Whether overwriting ``[offset, offset + length)`` may need new blocks: it reaches
+    past the end, or a hole lies in it (a sparse hole run). Writes wholly beyond the end
+    need no reservation (a failure there changes no stored byte); rewriting allocated
+    blocks in place needs none on ext4, xfs or tmpfs (one lseek instead of a fallocate)."""
+    if offset >= disk_size:
+        return False
+    if offset + length > disk_size:
+        return True
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE) < offset + length
+    except OSError:
+        return True
+
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -796,7 +811,8 @@ class EncryptedFile:
         if before is not None:  # the part of a hole run in front keeps a marker of its own
             self._pwrite([before[1]], before[0])
         self._write_sealed(first_index, out)
-        self._note_data_chunk(first_index + len(plaintexts) - 1)
+        for index in range(first_index, first_index + len(plaintexts)):
+            self._note_data_chunk(index)
         if after is not None:  # then the part behind the new data gets its own
             self._pwrite([after[1]], after[0])
 
@@ -1023,8 +1039,8 @@ class EncryptedFile:
         return before, after
 
     def _note_data_chunk(self, index: int) -> None:
-        if len(self._data_chunks) >= 64:
-            self._data_chunks.clear()
+        if len(self._data_chunks) >= 64 and index not in self._data_chunks:
+            self._data_chunks.pop()  # any one: the set only saves a look at the disk
         self._data_chunks.add(index)
 
     def _truncate_backing(self, length: int) -> None:
@@ -1038,7 +1054,7 @@ class EncryptedFile:
     def _pwrite(self, buffers: list[Buffer], offset: int) -> None:
         total = sum(len(buffer) for buffer in buffers)
         try:
-            if offset < self._disk_size and self._can_reserve:
+            if self._can_reserve and _may_need_blocks(self._fd, offset, total, self._disk_size):
                 # an overwrite of stored chunks: allocate first, so that a full disk fails
                 # here, before any byte changed, and not halfway through a chunk
                 self._can_reserve = _reserve_space(self._fd, offset, total)
