@@ -483,6 +483,8 @@ def _output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
+    if target.is_dir():  # refused before any work, not after the whole input
+        raise UsageError(f"cannot write {path}: it is a directory")
     directory = target.parent
     mode = 0o666 & ~_umask()
     temporary: Path | None = None
@@ -507,9 +509,11 @@ def _output(path: str) -> Iterator[BinaryIO]:
         if temporary is not None:
             os.chmod(temporary, mode)
             os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # e.g. a full disk, or the name taken meanwhile
+            raise UsageError(f"cannot write {path}: {error.strerror}") from None
         raise
 
 

@@ -219,3 +219,21 @@ def test_decrypt_without_o_tmpfile_cleans_up_after_a_killed_run(
     assert code == 0
     assert out.read_bytes() == plain.read_bytes()
     assert sorted(os.listdir(out.parent)) == sorted(["back", alive.name])
+
+
+def test_an_output_that_is_a_directory_is_one_clear_line(
+    keyd_with_key: Keyd, short_tmp: Path
+) -> None:
+    plain, sealed, directory = short_tmp / "p", short_tmp / "s", short_tmp / "d"
+    plain.write_bytes(b"some data")
+    directory.mkdir()
+    result = keyd_with_key.kmsfs(
+        "encrypt", "--key", "alias/files", str(plain), str(directory), check=False
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr.decode()
+    assert "is a directory" in result.stderr.decode()
+    keyd_with_key.kmsfs("encrypt", "--key", "alias/files", str(plain), str(sealed))
+    result = keyd_with_key.kmsfs("decrypt", str(sealed), str(directory), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr.decode()
+    assert os.listdir(directory) == []
