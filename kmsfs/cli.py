@@ -797,6 +797,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv += ["-o", option]
     if args.keyd_socket:
         argv += ["--keyd-socket", args.keyd_socket]
+    if args.keyd_uid:
+        argv += ["--keyd-uid", args.keyd_uid]
     if args.debug:
         argv.append("--debug")
     log_path = Path(args.log_file) if args.log_file else _state_dir() / "mount.log"
@@ -832,10 +834,38 @@ def _context_option(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--context", action="append", metavar="KEY=VALUE", help=help_text)
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+KEYD_HINT_HELP = (
+    "keyd's socket (default: $KMSFS_KEYD_SOCKET, else the per-user default if it exists, "
+    "else the hint in kmsfs.conf; whichever it is must pass the ownership checks)"
+)
+
+
+def _keyd_options(
+    parser: argparse.ArgumentParser,
+    socket_help: str = "keyd's socket (default: $KMSFS_KEYD_SOCKET or the per-user default)",
+) -> None:
+    parser.add_argument("--keyd-socket", help=socket_help)
     parser.add_argument(
-        "--keyd-socket", help="keyd's socket (default: $KMSFS_KEYD_SOCKET or the per-user default)"
+        "--keyd-uid",
+        metavar="USER",
+        help="also trust a keyd run by this user (a system keyd's service account; "
+        "default: $KMSFS_KEYD_UID). Otherwise only one run by you or root is trusted",
     )
+
+
+def _export_keyd_uid(args: argparse.Namespace) -> None:
+    """--keyd-uid reaches every client of this process (and a detached mount) as the
+    environment variable the clients read."""
+    value = getattr(args, "keyd_uid", None)
+    if value:
+        from kmsfs.kms.trust import KEYD_UID_ENV, named_keyd_uids
+
+        named_keyd_uids(value)  # an unknown user is a usage error, now
+        os.environ[KEYD_UID_ENV] = value
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    _keyd_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -850,14 +880,14 @@ def build_parser() -> argparse.ArgumentParser:
     encrypt_file.add_argument("--key", required=True, help="key id, ARN or alias/NAME")
     _context_option(encrypt_file, "encryption context pair (repeatable)")
     encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
-    encrypt_file.add_argument("--keyd-socket", help="keyd's socket")
+    _keyd_options(encrypt_file)
     encrypt_file.set_defaults(func=cmd_encrypt)
 
     decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
     decrypt_file.add_argument("src")
     decrypt_file.add_argument("dst")
     _context_option(decrypt_file, "require this encryption context pair")
-    decrypt_file.add_argument("--keyd-socket", help="keyd's socket")
+    _keyd_options(decrypt_file)
     decrypt_file.add_argument(
         "--cipherdir",
         help="SRC is a path inside this cipher directory as seen at the mountpoint",
@@ -868,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("cipherdir")
     ls.add_argument("path", nargs="?", help="a directory, as seen at the mountpoint")
     ls.add_argument("-R", "--recursive", action="store_true")
-    ls.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    _keyd_options(ls, KEYD_HINT_HELP)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
 
@@ -882,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(an interrupted append, a last chunk that is not final or is torn) back to its "
         "last consistent length",
     )
-    fsck_parser.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    _keyd_options(fsck_parser, KEYD_HINT_HELP)
     fsck_parser.set_defaults(func=cmd_fsck)
 
     inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
@@ -891,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="authenticate every chunk (needs keyd)"
     )
     _context_option(inspect_file, "require this encryption context pair")
-    inspect_file.add_argument("--keyd-socket", help="keyd's socket")
+    _keyd_options(inspect_file)
     inspect_file.add_argument("--json", action="store_true", help="print JSON")
     inspect_file.set_defaults(func=cmd_inspect)
 
@@ -899,7 +929,11 @@ def build_parser() -> argparse.ArgumentParser:
     init_fs = commands.add_parser("init", help="make an empty directory a cipher directory")
     init_fs.add_argument("cipherdir", help="where the ciphertext will live")
     init_fs.add_argument("--key", required=True, help="the CMK: key id, ARN or alias/NAME")
-    init_fs.add_argument("--keyd-socket", help="keyd's socket (recorded in kmsfs.conf)")
+    _keyd_options(
+        init_fs,
+        "keyd's socket (recorded in kmsfs.conf as a hint for later mounts; "
+        "default: $KMSFS_KEYD_SOCKET or the per-user default)",
+    )
     init_fs.add_argument(
         "--chunk-size",
         type=int,
@@ -924,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help="ro, rw, allow_other (comma-separated)",
     )
-    mount.add_argument("--keyd-socket", help="keyd's socket (default: from kmsfs.conf)")
+    _keyd_options(mount, KEYD_HINT_HELP)
     mount.add_argument("--debug", action="store_true", help="log debug messages")
     mount.add_argument(
         "--key-cache-seconds",
@@ -1067,6 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is cmd_alias and args.action != "list" and not args.name:
         parser.error("alias create/update/delete need an alias name")
     try:
+        _export_keyd_uid(args)
         args.func(args)
     except KmsfsError as exc:
         print(f"kmsfs: error: {exc}", file=sys.stderr)

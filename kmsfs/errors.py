@@ -221,6 +221,10 @@ class KeydUnavailable(KmsfsError):
     exit_code = 4
 
 
+class KeydUntrusted(KeydUnavailable):
+    """The socket's path or the process answering on it belongs to an unexpected user."""
+
+
 # ---------------------------------------------------------------------- keystore
 class KeystoreError(KmsfsError):
     """The keystore cannot be created, opened or unsealed."""

@@ -13,6 +13,12 @@ keyd restarted): either it is found closed before the request is sent, or it clo
 without sending a single byte of the response. A request on a fresh connection is
 never retried.
 
+Trust. Before connecting, each client checks who controls the socket's path, and
+after connecting, before sending anything, who listens on it (``SO_PEERCRED``): see
+:mod:`kmsfs.kms.trust`. A keyd run by anyone but the client's own user, root or a
+service account named with ``keyd_uid`` / ``KMSFS_KEYD_UID`` raises
+:class:`kmsfs.errors.KeydUntrusted`, also for a socket named explicitly.
+
 Failures. An error body raises the matching :class:`kmsfs.errors.KMSError` subclass.
 A missing socket, a refused or lost connection, or no answer within ``timeout``
 seconds raises :class:`kmsfs.errors.KeydUnavailable` with a one-line message naming
@@ -48,6 +54,7 @@ from kmsfs.kms.protocol import (
     keyd_unavailable,
     target_header,
 )
+from kmsfs.kms.trust import check_peer, check_socket_path, expected_keyd_uids
 
 __all__ = ["AsyncKMSClient", "KMSClient", "KMSOperations"]
 
@@ -171,10 +178,16 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
     """keyd client for trio code: one keep-alive connection, callers take turns."""
 
     def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 10.0,
+        keyd_uid: str | int | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self.timeout = timeout
+        #: uids a keyd may run as (see kmsfs.kms.trust)
+        self.expected_uids = expected_keyd_uids(keyd_uid)
         self._lock = trio.Lock()
         self._stream: trio.SocketStream | None = None
         self._h11: h11.Connection | None = None
@@ -240,10 +253,18 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _connect(self) -> None:
+        # a few lstat() calls: cheap enough to make inside trio, once per connection
+        resolved = check_socket_path(self.socket_path, self.expected_uids)
         try:
-            self._stream = await trio.open_unix_socket(os.fspath(self.socket_path))
+            stream = await trio.open_unix_socket(os.fspath(resolved))
         except OSError as exc:
             raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
+        try:
+            check_peer(stream.socket, self.socket_path, self.expected_uids)  # type: ignore[arg-type]
+        except BaseException:
+            stream.socket.close()
+            raise
+        self._stream = stream
         self._h11 = h11.Connection(h11.CLIENT)
 
     async def _exchange(self, operation: str, body: bytes) -> tuple[int, bytes]:
@@ -310,16 +331,19 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
 class _UnixHTTPConnection(http.client.HTTPConnection):
     """``http.client`` over an AF_UNIX stream socket, sending each request in one write."""
 
-    def __init__(self, socket_path: Path, timeout: float) -> None:
+    def __init__(self, socket_path: Path, timeout: float, expected_uids: frozenset[int]) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
+        self.expected_uids = expected_uids
         self._pending_body: bytes | None = None
 
     def connect(self) -> None:
+        resolved = check_socket_path(self.socket_path, self.expected_uids)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
-            sock.connect(os.fspath(self.socket_path))
+            sock.connect(os.fspath(resolved))
+            check_peer(sock, self.socket_path, self.expected_uids)
         except BaseException:
             sock.close()
             raise
@@ -350,11 +374,17 @@ class KMSClient(KMSOperations[dict[str, Any]]):
     """
 
     def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 10.0,
+        keyd_uid: str | int | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self.timeout = timeout
-        self._connection = _UnixHTTPConnection(self.socket_path, timeout)
+        #: uids a keyd may run as (see kmsfs.kms.trust)
+        self.expected_uids = expected_keyd_uids(keyd_uid)
+        self._connection = _UnixHTTPConnection(self.socket_path, timeout, self.expected_uids)
 
     def __enter__(self) -> Self:
         return self

@@ -32,7 +32,11 @@ def default_socket_path() -> Path:
     """``/run/kmsfs/keyd.sock`` for root, else ``$XDG_RUNTIME_DIR/kmsfs/keyd.sock``.
 
     Without ``XDG_RUNTIME_DIR`` a non-root user falls back to ``/tmp/kmsfs-<uid>/``,
-    a directory keyd creates with mode 0700.
+    a directory keyd creates with mode 0700. Anyone can create that name in ``/tmp``
+    first, so it is no more than a name: keyd refuses a directory it does not own and
+    every client checks the directory, the socket and the peer before it trusts them
+    (:mod:`kmsfs.kms.trust`; ssh-agent's ``/tmp/ssh-*`` directories are trusted the
+    same way).
     """
     if os.geteuid() == 0:
         return Path("/run/kmsfs/keyd.sock")
