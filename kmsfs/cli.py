@@ -577,14 +577,18 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
     context = parse_pairs(args.context, "--context")
     source = args.src
     if args.cipherdir:
+        from kmsfs.fs.config import keyd_endpoint
         from kmsfs.fs.offline import open_tree
 
         config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
         source = os.fsdecode(tree.resolve(args.src))
         context = {**config.file_context, **context}
+        keyd_socket = str(keyd_endpoint(args.keyd_socket, config))
+    else:
+        keyd_socket = args.keyd_socket
     with _input(source) as src, _output(args.dst) as dst:
         decrypt_stream(
-            src, dst, key_provider=KeydDataKeyProvider(args.keyd_socket), encryption_context=context
+            src, dst, key_provider=KeydDataKeyProvider(keyd_socket), encryption_context=context
         )
 
 
@@ -661,11 +665,12 @@ _REPAIRED = "repaired: "
 def cmd_fsck(args: argparse.Namespace) -> None:
     from kmsfs.errors import FormatError, Truncated
     from kmsfs.format import repair, verify
+    from kmsfs.fs.config import keyd_endpoint
     from kmsfs.fs.offline import fsck, open_tree
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
-    provider = KeydDataKeyProvider(args.keyd_socket or config.keyd_socket)
+    provider = KeydDataKeyProvider(str(keyd_endpoint(args.keyd_socket, config)))
 
     def verify_file(backing: bytes) -> str | None:
         report = verify(backing, key_provider=provider, encryption_context=config.file_context)
@@ -719,8 +724,38 @@ def cmd_init(args: argparse.Namespace) -> None:
         keyd_socket=args.keyd_socket,
         chunk_size=args.chunk_size,
         plaintext_names=args.plaintext_names,
+        keyd_uid=args.keyd_uid,
     )
     print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
+
+
+def cmd_seal(args: argparse.Namespace) -> None:
+    """Seal a kmsfs.conf made before configs were authenticated, once its owner agrees."""
+    from kmsfs.fs.offline import describe_settings, seal_cipherdir
+
+    def confirm(config) -> bool:
+        print(f"{args.cipherdir}/kmsfs.conf is not sealed. Its settings:")
+        print_record(dict(describe_settings(config)))
+        if config.plaintext_names:
+            print(
+                "WARNING: names are stored in plaintext. If you did not choose that, do not seal."
+            )
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise UsageError("not sealed: check the settings above, then run again with --yes")
+        return input("Are these the settings you chose? Seal them [y/N] ").strip().lower() in (
+            "y",
+            "yes",
+        )
+
+    config, sealed_now = seal_cipherdir(
+        Path(args.cipherdir), args.keyd_socket, keyd_uid=args.keyd_uid, confirm=confirm
+    )
+    if sealed_now:
+        print(f"sealed {args.cipherdir}/kmsfs.conf (filesystem {config.filesystem_id})")
+    else:
+        print(f"{args.cipherdir}/kmsfs.conf is sealed and authentic; nothing to do")
 
 
 def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
@@ -765,6 +800,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         read_only=read_only,
         allow_other=allow_other,
         keyd_socket=args.keyd_socket,
+        keyd_uid=args.keyd_uid,
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
     )
@@ -946,6 +982,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave file names and symlink targets unencrypted",
     )
     init_fs.set_defaults(func=cmd_init)
+
+    seal = commands.add_parser(
+        "seal", help="authenticate the settings of a kmsfs.conf made by an older kmsfs"
+    )
+    seal.add_argument("cipherdir")
+    seal.add_argument("--yes", action="store_true", help="seal without asking")
+    _keyd_options(seal, KEYD_HINT_HELP)
+    seal.set_defaults(func=cmd_seal)
 
     mount = commands.add_parser("mount", help="mount a cipher directory")
     mount.add_argument("cipherdir")

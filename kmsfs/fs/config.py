@@ -1,47 +1,92 @@
 """``kmsfs.conf``: what a cipher directory is, in one small JSON file at its root.
 
-It holds no secret. Fields (version 1)::
+It holds no secret. Fields (version 2)::
 
     {
-      "config_version": 1,
+      "config_version": 2,
       "format_version": 1,                 # the file format of kmsfs/format/README.md
       "filesystem_id": "<32 hex digits>",  # bound into every file's encryption context
       "key_arn": "arn:aws:kms:...:key/<uuid>",   # the CMK that wraps every data key
       "chunk_size": 65536,
       "plaintext_names": false,            # names and symlink targets encrypted (default)
-      "keyd_socket": "/run/kmsfs/keyd.sock",     # or null: the client's default
+      "keyd_socket": "/run/kmsfs/keyd.sock",     # or null; only ever a hint (see below)
       "created": "2026-11-29T05:00:00Z",
       "metadata_key": {                    # a data key for the filesystem's own metadata
         "wrapped": "<base64 CiphertextBlob>",    # (names, symlinks, xattrs), wrapped by keyd
-        "context": {"kmsfs:fs-id": ..., "kmsfs:purpose": "metadata"}
-      }
+        "context": {"kmsfs:fs-id": ..., "kmsfs:purpose": "metadata"},
+        "commitment": "<base64, 32 bytes>"       # HKDF(metadata key, "kmsfs.conf commitment")
+      },
+      "mac": "<base64 HMAC-SHA256>"        # over every other field, see below
     }
+
+Sealing. Whoever can write the cipher directory can write this file, so nothing in it
+is used before it is authenticated (a flipped ``plaintext_names`` sent new names to disk
+in plaintext; a ``keyd_socket`` of the attacker's choosing handed the mount all-zero
+keys). The metadata key is unwrapped first (Decrypt with the config's encryption
+context and ``KeyId`` = ``key_arn``, through a keyd the mounting user chose: see
+:func:`keyd_endpoint`), then two values derived from it with HKDF-SHA256 are checked
+with ``hmac.compare_digest``:
+
+- the **key commitment** (info ``kmsfs.conf commitment``): the unwrapped key is the one
+  the file was sealed with (as a file header's commitment, after the AWS Encryption SDK);
+- the **MAC** (info ``kmsfs.conf mac``): HMAC-SHA256 over :data:`SEAL_LABEL` and the
+  canonical JSON (sorted keys, no spaces, ASCII) of every field above but ``mac`` as this
+  kmsfs reads them, unknown extra fields included.
+
+Version 1 files (made before sealing existed) have neither: they are refused until
+their owner has looked at the settings and sealed them (``kmsfs seal CIPHERDIR``).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.format import DEFAULT_CHUNK_SIZE
+from kmsfs.kms.paths import SOCKET_ENV, default_socket_path
 
 CONFIG_NAME = "kmsfs.conf"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+#: the version of unsealed configs, read only to be sealed (``kmsfs seal``)
+UNSEALED_CONFIG_VERSION = 1
 FORMAT_VERSION = 1
 FS_ID_CONTEXT_KEY = "kmsfs:fs-id"
 PURPOSE_CONTEXT_KEY = "kmsfs:purpose"
+SEAL_LABEL = b"kmsfs.conf seal v2\n"
+_COMMITMENT_INFO = b"kmsfs.conf commitment"
+_MAC_INFO = b"kmsfs.conf mac"
+_FS_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class ConfigError(KmsfsError):
     """kmsfs.conf is missing, unreadable or not one this kmsfs understands."""
 
     exit_code = 8
+
+
+class ConfigNotSealed(ConfigError):
+    """kmsfs.conf predates sealing (version 1): its owner must check and seal it."""
+
+
+class ConfigTampered(ConfigError):
+    """kmsfs.conf failed authentication: a field, its MAC or its wrapped key was changed."""
+
+
+def _derive(metadata_key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(metadata_key)
 
 
 @dataclass
@@ -55,6 +100,11 @@ class FsConfig:
     plaintext_names: bool = False
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    config_version: int = CONFIG_VERSION
+    metadata_key_commitment: bytes = b""
+    mac: bytes = b""
+    #: where it was read from (for messages)
+    source: Path | None = field(default=None, compare=False)
 
     @property
     def file_context(self) -> dict[str, str]:
@@ -65,9 +115,20 @@ class FsConfig:
     def metadata_key_context(self) -> dict[str, str]:
         return {FS_ID_CONTEXT_KEY: self.filesystem_id, PURPOSE_CONTEXT_KEY: "metadata"}
 
-    def to_json(self) -> str:
-        document = {
-            "config_version": CONFIG_VERSION,
+    @property
+    def sealed(self) -> bool:
+        return self.config_version == CONFIG_VERSION
+
+    def _document(self) -> dict[str, Any]:
+        """Every field but the MAC, as written (and as authenticated)."""
+        metadata_key: dict[str, Any] = {
+            "wrapped": base64.b64encode(self.metadata_key_wrapped).decode(),
+            "context": self.metadata_key_context,
+        }
+        if self.sealed:
+            metadata_key["commitment"] = base64.b64encode(self.metadata_key_commitment).decode()
+        return {
+            "config_version": self.config_version,
             "format_version": self.format_version,
             "filesystem_id": self.filesystem_id,
             "key_arn": self.key_arn,
@@ -75,21 +136,63 @@ class FsConfig:
             "plaintext_names": self.plaintext_names,
             "keyd_socket": self.keyd_socket,
             "created": self.created,
-            "metadata_key": {
-                "wrapped": base64.b64encode(self.metadata_key_wrapped).decode(),
-                "context": self.metadata_key_context,
-            },
+            "metadata_key": metadata_key,
             **self.extra,
         }
+
+    def _mac(self, metadata_key: bytes) -> bytes:
+        canonical = json.dumps(
+            self._document(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+        return hmac.new(
+            _derive(metadata_key, _MAC_INFO), SEAL_LABEL + canonical, hashlib.sha256
+        ).digest()
+
+    def seal(self, metadata_key: bytes) -> None:
+        """Make this a sealed (version 2) config under ``metadata_key`` (the unwrapped key
+        of ``metadata_key_wrapped``); ``created`` is set now if empty."""
+        if not self.created:
+            self.created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.config_version = CONFIG_VERSION
+        self.metadata_key_commitment = _derive(metadata_key, _COMMITMENT_INFO)
+        self.mac = self._mac(metadata_key)
+
+    def verify(self, metadata_key: bytes) -> None:
+        """Check the key commitment and the MAC; :class:`ConfigTampered` if either fails."""
+        where = self.source or CONFIG_NAME
+        if not self.sealed:
+            raise ConfigNotSealed(unsealed_message(where))
+        if not hmac.compare_digest(
+            _derive(metadata_key, _COMMITMENT_INFO), self.metadata_key_commitment
+        ):
+            raise ConfigTampered(
+                f"{where} failed authentication: the metadata key keyd unwrapped is not the "
+                "one it was sealed with (its wrapped key or key was replaced); refusing it"
+            )
+        if not hmac.compare_digest(self._mac(metadata_key), self.mac):
+            raise ConfigTampered(
+                f"{where} failed authentication: its settings were changed after it was "
+                "sealed; refusing it (restore kmsfs.conf from a backup)"
+            )
+
+    def to_json(self) -> str:
+        document = self._document()
+        if self.sealed:
+            document["mac"] = base64.b64encode(self.mac).decode()
         return json.dumps(document, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> FsConfig:
         try:
             document = json.loads(text)
-            if document.get("config_version") != CONFIG_VERSION:
+            if not isinstance(document, dict):
+                raise ConfigError(f"{where} is not a valid kmsfs.conf (not a JSON object)")
+            version = document.get("config_version")
+            if version not in (CONFIG_VERSION, UNSEALED_CONFIG_VERSION) or isinstance(
+                version, bool
+            ):
                 raise ConfigError(
-                    f"{where}: config version {document.get('config_version')!r} is not "
+                    f"{where}: config version {version!r} is not "
                     f"one this kmsfs reads ({CONFIG_VERSION})"
                 )
             if document.get("format_version") != FORMAT_VERSION:
@@ -107,28 +210,104 @@ class FsConfig:
                 "keyd_socket",
                 "created",
                 "metadata_key",
+                "mac",
             }
-            return cls(
-                filesystem_id=str(document["filesystem_id"]),
-                key_arn=str(document["key_arn"]),
-                chunk_size=int(document["chunk_size"]),
-                plaintext_names=bool(document.get("plaintext_names", False)),
-                keyd_socket=document.get("keyd_socket"),
+            filesystem_id = document["filesystem_id"]
+            chunk_size = document["chunk_size"]
+            plaintext_names = document.get("plaintext_names", False)
+            keyd_socket = document.get("keyd_socket")
+            metadata_key = document["metadata_key"]
+            if not isinstance(filesystem_id, str) or not _FS_ID.fullmatch(filesystem_id):
+                raise ValueError("filesystem_id is not 32 hex digits")
+            if not isinstance(document["key_arn"], str):
+                raise ValueError("key_arn is not a string")
+            if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+                raise ValueError("chunk_size is not a whole number")
+            if not isinstance(plaintext_names, bool):
+                raise ValueError("plaintext_names is not true or false")
+            if keyd_socket is not None and not isinstance(keyd_socket, str):
+                raise ValueError("keyd_socket is not a string")
+            if not isinstance(metadata_key, dict):
+                raise ValueError("metadata_key is not an object")
+            config = cls(
+                filesystem_id=filesystem_id,
+                key_arn=document["key_arn"],
+                chunk_size=chunk_size,
+                plaintext_names=plaintext_names,
+                keyd_socket=keyd_socket,
                 created=str(document.get("created", "")),
-                metadata_key_wrapped=base64.b64decode(document["metadata_key"]["wrapped"]),
+                metadata_key_wrapped=base64.b64decode(metadata_key["wrapped"], validate=True),
                 extra={k: v for k, v in document.items() if k not in known},
+                config_version=version,
+                source=where,
             )
+            if version == CONFIG_VERSION:
+                config.metadata_key_commitment = base64.b64decode(
+                    metadata_key["commitment"], validate=True
+                )
+                config.mac = base64.b64decode(document["mac"], validate=True)
+            return config
         except ConfigError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise ConfigError(f"{where} is not a valid kmsfs.conf ({exc})") from None
+
+
+def unwrap_refused(config: FsConfig, error: KmsfsError) -> KmsfsError:
+    """What a keyd's refusal to unwrap the metadata key means for the config.
+
+    InvalidCiphertextException (the blob or its context, i.e. ``filesystem_id``, was
+    changed) and IncorrectKeyException (``key_arn`` names another CMK than the blob's)
+    are a config that fails authentication; anything else is keyd's answer as it is.
+    """
+    if getattr(error, "aws_type", None) in (
+        "InvalidCiphertextException",
+        "IncorrectKeyException",
+    ):
+        return ConfigTampered(
+            f"{config.source or CONFIG_NAME} failed authentication: keyd does not unwrap its "
+            f"metadata key under its key_arn and filesystem_id ({error}); refusing it"
+        )
+    return error
+
+
+def unsealed_message(where: Path | str) -> str:
+    return (
+        f"{where} is not sealed (it was made before kmsfs authenticated its settings): "
+        f"check its settings and seal them with 'kmsfs seal {Path(where).parent}'"
+    )
+
+
+def keyd_endpoint(explicit: str | os.PathLike[str] | None, config: FsConfig) -> Path:
+    """The keyd socket to unwrap ``config``'s keys with, chosen by the mounting user.
+
+    The command line, then ``$KMSFS_KEYD_SOCKET``, then the user's default socket if
+    something is there; only then the socket kmsfs.conf names, which is a hint: it is
+    not authenticated before a keyd has unwrapped the metadata key, and the client
+    checks it as any other (:mod:`kmsfs.kms.trust`), so it can only ever name a keyd
+    run by the user, root or a service account the user trusts.
+    """
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(SOCKET_ENV)
+    if from_env:
+        return Path(from_env)
+    default = default_socket_path()
+    hint = config.keyd_socket
+    if hint and os.path.isabs(hint) and not os.path.lexists(default):
+        return Path(hint)
+    return default
 
 
 def config_path(cipherdir: Path) -> Path:
     return Path(cipherdir) / CONFIG_NAME
 
 
-def load_config(cipherdir: Path) -> FsConfig:
+def load_config(cipherdir: Path, *, allow_unsealed: bool = False) -> FsConfig:
+    """Read and parse kmsfs.conf (not yet authenticated: see :meth:`FsConfig.verify`).
+
+    An unsealed (version 1) config is refused unless ``allow_unsealed`` (``kmsfs seal``).
+    """
     path = config_path(cipherdir)
     if not Path(cipherdir).is_dir():
         raise UsageError(f"cipher directory {cipherdir} does not exist")
@@ -141,15 +320,19 @@ def load_config(cipherdir: Path) -> FsConfig:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    return FsConfig.from_json(text, path)
+    config = FsConfig.from_json(text, path)
+    if not config.sealed and not allow_unsealed:
+        raise ConfigNotSealed(unsealed_message(path))
+    return config
 
 
 def write_new_config(cipherdir: Path, config: FsConfig) -> None:
-    """Write kmsfs.conf into an empty cipher directory (atomically, fsync'ed)."""
+    """Write kmsfs.conf (new, or replacing the old one: atomically, fsync'ed)."""
     if not config.created:
         config.created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     path = config_path(cipherdir)
     temporary = path.with_name(CONFIG_NAME + ".tmp")
+    temporary.unlink(missing_ok=True)  # left by an interrupted write
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, config.to_json().encode())

@@ -16,11 +16,17 @@ import pyfuse3
 import trio
 
 from kmsfs.background import report_ready
-from kmsfs.errors import KeydUnavailable, KMSError, KmsfsError, UsageError
+from kmsfs.errors import KeydUnavailable, KeydUntrusted, KMSError, KmsfsError, UsageError
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
-from kmsfs.fs.config import FsConfig, load_config, write_new_config
+from kmsfs.fs.config import (
+    FsConfig,
+    keyd_endpoint,
+    load_config,
+    unwrap_refused,
+    write_new_config,
+)
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
@@ -52,6 +58,7 @@ def init_cipherdir(
     keyd_socket: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     plaintext_names: bool = False,
+    keyd_uid: str | None = None,
 ) -> FsConfig:
     """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``."""
     try:
@@ -64,7 +71,7 @@ def init_cipherdir(
             raise UsageError(f"{cipherdir} is not a directory")
         if any(cipherdir.iterdir()):
             raise UsageError(f"{cipherdir} is not empty: kmsfs init needs an empty directory")
-    with KMSClient(keyd_socket) as client:
+    with KMSClient(keyd_socket, keyd_uid=keyd_uid) as client:
         try:
             metadata = client.describe_key(key)["KeyMetadata"]
         except KMSError as error:
@@ -79,10 +86,12 @@ def init_cipherdir(
             keyd_socket=str(keyd_socket) if keyd_socket else None,
             plaintext_names=plaintext_names,
         )
-        wrapped = client.generate_data_key_without_plaintext(
+        # with its plaintext, to seal the config (see kmsfs/fs/config.py)
+        metadata_key = client.generate_data_key(
             config.key_arn, encryption_context=config.metadata_key_context
-        )["CiphertextBlob"]
-    config.metadata_key_wrapped = wrapped
+        )
+    config.metadata_key_wrapped = metadata_key["CiphertextBlob"]
+    config.seal(metadata_key["Plaintext"])
     cipherdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not plaintext_names:
         CipherTree(os.fsencode(cipherdir), None).write_dir_id(os.fsencode(cipherdir))
@@ -101,6 +110,8 @@ class MountOptions:
     read_only: bool = False
     allow_other: bool = False
     keyd_socket: str | None = None
+    #: a service account whose keyd is trusted too (kmsfs.kms.trust; else $KMSFS_KEYD_UID)
+    keyd_uid: str | None = None
     debug: bool = False
     key_cache_seconds: float = 60.0
     busy_poll_seconds: float = DEFAULT_WINDOW
@@ -132,7 +143,8 @@ def mount_foreground(
     """Mount and serve until unmounted (fusermount3 -u) or signalled (SIGTERM, SIGINT)."""
     config = load_config(cipherdir)
     check_mountpoint(mountpoint)
-    socket = options.keyd_socket or config.keyd_socket
+    # not from kmsfs.conf unless the user named none: see keyd_endpoint
+    socket = keyd_endpoint(options.keyd_socket, config)
     os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
     harden_process(log)  # it holds the metadata key and data keys: as keyd does
     _raise_open_file_limit()
@@ -156,17 +168,27 @@ async def _serve(
     mountpoint: Path,
     config: FsConfig,
     options: MountOptions,
-    socket: str | None,
+    socket: Path,
     ready_fd: int | None,
 ) -> None:
-    async with AsyncKMSClient(socket) as client:
+    async with AsyncKMSClient(socket, keyd_uid=options.keyd_uid) as client:
         try:
+            # The metadata key first, with the CMK kmsfs.conf names, and the config
+            # authenticated with it before anything else in it is used.
+            try:
+                metadata_key = (
+                    await client.decrypt(
+                        config.metadata_key_wrapped,
+                        encryption_context=config.metadata_key_context,
+                        key_id=config.key_arn,
+                    )
+                )["Plaintext"]
+            except KMSError as error:
+                raise unwrap_refused(config, error) from None
+            config.verify(metadata_key)
             _require_enabled_key((await client.describe_key(config.key_arn))["KeyMetadata"])
-            metadata_key = (
-                await client.decrypt(
-                    config.metadata_key_wrapped, encryption_context=config.metadata_key_context
-                )
-            )["Plaintext"]
+        except KeydUntrusted:
+            raise
         except KeydUnavailable as error:
             raise MountError(f"cannot reach keyd: {error}") from None
         except KMSError as error:

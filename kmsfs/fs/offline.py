@@ -8,30 +8,106 @@ ids, and with ``--verify`` every chunk of every file).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmsfs.errors import FormatError, KmsfsError
-from kmsfs.fs.config import FsConfig, load_config
+from kmsfs.errors import FormatError, KMSError, KmsfsError, UsageError
+from kmsfs.fs.config import (
+    FsConfig,
+    keyd_endpoint,
+    load_config,
+    unwrap_refused,
+    write_new_config,
+)
 from kmsfs.fs.names import LONGNAME_SUFFIX, NameCipher, is_internal, is_longname
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.kms.client import KMSClient
 
 
-def open_tree(cipherdir: Path, keyd_socket: str | None = None) -> tuple[FsConfig, CipherTree]:
-    """The cipher directory's config and tree, with the name key unwrapped through keyd."""
+def unlock_config(client: KMSClient, config: FsConfig) -> bytes:
+    """Unwrap the metadata key with the config's CMK, authenticate the config; the key.
+
+    Nothing else of ``config`` may be used before this returns.
+    """
+    try:
+        metadata_key = client.decrypt(
+            config.metadata_key_wrapped,
+            encryption_context=config.metadata_key_context,
+            key_id=config.key_arn,
+        )["Plaintext"]
+    except KMSError as error:
+        raise unwrap_refused(config, error) from None
+    config.verify(metadata_key)
+    return metadata_key
+
+
+def open_tree(
+    cipherdir: Path, keyd_socket: str | None = None, *, keyd_uid: str | None = None
+) -> tuple[FsConfig, CipherTree]:
+    """The cipher directory's authenticated config and its tree (names decrypted unless the
+    config says they are plaintext), through the keyd :func:`keyd_endpoint` chooses."""
     config = load_config(cipherdir)
     root = os.fsencode(Path(cipherdir).resolve())
+    with KMSClient(keyd_endpoint(keyd_socket, config), keyd_uid=keyd_uid) as client:
+        metadata_key = unlock_config(client, config)
     if config.plaintext_names:
         return config, CipherTree(root, None)
-    with KMSClient(keyd_socket or config.keyd_socket) as client:
-        metadata_key = client.decrypt(
-            config.metadata_key_wrapped, encryption_context=config.metadata_key_context
-        )["Plaintext"]
     return config, CipherTree(root, NameCipher(metadata_key))
+
+
+def describe_settings(config: FsConfig) -> list[tuple[str, str]]:
+    """The settings a seal vouches for, as (name, value) lines for a person to check."""
+    names = (
+        "PLAINTEXT (names and symlink targets are stored unencrypted)"
+        if config.plaintext_names
+        else "encrypted"
+    )
+    return [
+        ("FilesystemId", config.filesystem_id),
+        ("KeyArn", config.key_arn),
+        ("ChunkSize", str(config.chunk_size)),
+        ("Names", names),
+        ("KeydSocketHint", config.keyd_socket or "-"),
+        ("Created", config.created or "-"),
+        *((name, json.dumps(value)) for name, value in sorted(config.extra.items())),
+    ]
+
+
+def seal_cipherdir(
+    cipherdir: Path,
+    keyd_socket: str | None = None,
+    *,
+    keyd_uid: str | None = None,
+    confirm: Callable[[FsConfig], bool],
+) -> tuple[FsConfig, bool]:
+    """Seal an unsealed (version 1) kmsfs.conf after ``confirm(config)`` says yes.
+
+    Returns the config and whether it was sealed now (False: it already was, and is
+    authentic). The metadata key is unwrapped with the config's CMK first, so a config
+    whose wrapped key or key ARN was changed is refused here too.
+    """
+    config = load_config(cipherdir, allow_unsealed=True)
+    with KMSClient(keyd_endpoint(keyd_socket, config), keyd_uid=keyd_uid) as client:
+        if config.sealed:
+            unlock_config(client, config)
+            return config, False
+        try:
+            metadata_key = client.decrypt(
+                config.metadata_key_wrapped,
+                encryption_context=config.metadata_key_context,
+                key_id=config.key_arn,
+            )["Plaintext"]
+        except KMSError as error:
+            raise unwrap_refused(config, error) from None
+    if not confirm(config):
+        raise UsageError(f"{cipherdir}: kmsfs.conf left unsealed")
+    config.seal(metadata_key)
+    write_new_config(Path(cipherdir), config)
+    return config, True
 
 
 @dataclass(frozen=True)
