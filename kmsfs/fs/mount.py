@@ -212,7 +212,9 @@ async def _serve(
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
         waiter = session.install()
-        log.info("mounted %s on %s", cipherdir, mountpoint)
+        log.info(
+            "mounted %s on %s (key %s, keyd %s)", cipherdir, mountpoint, config.key_arn, socket
+        )
         signalled: list[int] = []
         unmount = True
         try:
