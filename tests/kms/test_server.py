@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import pytest
 import trio
 
-from kmsfs.errors import UsageError
+from kmsfs.errors import KeydUntrusted, UsageError
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.client import KMSClient
 from kmsfs.kms.server import KeydAlreadyRunning, ServerLimits, serve
@@ -534,7 +534,10 @@ def test_socket_in_a_sticky_shared_directory(start_keyd: Any, short_tmp: Path) -
     sticky.mkdir()
     sticky.chmod(0o1777)  # like /tmp: others cannot remove or rename our socket
     keyd = start_keyd(socket_path=sticky / "keyd.sock")
-    assert_serves(keyd.socket_path)
+    # but anyone may take a free name there first: clients trust no socket whose own
+    # directory others can write (kmsfs/kms/trust.py)
+    with pytest.raises(KeydUntrusted, match="writable by other users"):
+        assert_serves(keyd.socket_path)
 
 
 def test_socket_mode_is_configurable(start_keyd: Any, short_tmp: Path) -> None:
