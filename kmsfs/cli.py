@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -163,17 +162,22 @@ def cmd_keyd_stop(args: argparse.Namespace) -> None:
     """Ask the keyd on a socket to stop (SIGTERM to the socket's peer) and wait."""
     from kmsfs.errors import KeydUnavailable
     from kmsfs.kms.paths import resolve_socket_path
+    from kmsfs.kms.trust import check_peer, check_socket_path, expected_keyd_uids, peer_credentials
 
     socket_path = resolve_socket_path(args.socket)
+    # the same checks as every client: signal only a keyd run by us, root or the named
+    # service account, found through a path nobody else controls
+    expected = expected_keyd_uids()
+    resolved = check_socket_path(socket_path, expected)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(socket_path))
-        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        probe.connect(str(resolved))
+        check_peer(probe, socket_path, expected)
+        pid = peer_credentials(probe)[0]
     except OSError as exc:
         raise KeydUnavailable(f"no keyd on {socket_path}: {exc.strerror}") from None
     finally:
         probe.close()
-    pid = struct.unpack("3i", creds)[0]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

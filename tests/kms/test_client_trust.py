@@ -414,3 +414,19 @@ def test_real_keyd_in_a_private_directory_is_trusted(keyd: Any) -> None:
     assert not directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     with KMSClient(keyd.socket_path) as client:
         assert client.call("Echo", {"KeyId": "k"}) == {"Params": {"KeyId": "k"}}
+
+
+def test_keyd_stop_signals_only_a_trusted_keyd(
+    shared_tmp: Path, fake_keyd: Callable[..., FakeKeyd]
+) -> None:
+    """`kmsfs keyd stop` sent SIGTERM to whatever process answered on the socket; it now
+    makes the clients' checks first, so another user's keyd is refused and left running."""
+    path = shared_tmp / "theirs" / "keyd.sock"
+    fake = fake_keyd(path)
+    env = {k: v for k, v in os.environ.items() if k not in (KEYD_UID_ENV, SOCKET_ENV)}
+    result = run_kmsfs("keyd", "stop", "--socket", str(path), env=env, check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4, lines
+    assert len(lines) == 1 and f"owned by uid {NOBODY} (nobody)" in lines[0], lines
+    assert fake.process.poll() is None, "keyd stop killed another user's process"
+    assert fake.finish() == 0
