@@ -191,8 +191,8 @@ def verify(
                 header.chunk_size,
                 CorruptChunk(
                     index,
-                    f"chunk {index} was being rewritten in place when the writer stopped; "
-                    "its copy after the end of the file puts it back (repair)",
+                    "a rewrite in place was interrupted here; the copy of what was "
+                    "there, after the end of the file, puts it back (repair)",
                 ),
             )
         return report

@@ -250,7 +250,7 @@ def test_verify_tells_an_interrupted_rewrite_and_repair_restores_the_old_chunk(
     assert UNDO_MAGIC in os.pread(fd, 1 << 20, 0)
     report = verify(fd, key_provider=provider)
     assert not report.ok and report.interrupted_rewrite == 2
-    assert report.first_bad_chunk == 2 and "rewritten in place" in str(report.error)
+    assert report.first_bad_chunk == 2 and "rewrite in place" in str(report.error)
     assert repair(fd, key_provider=provider) == len(old)
     assert content_of(fd, provider) == old
     os.close(fd)
@@ -330,3 +330,57 @@ def test_a_repair_killed_half_way_can_be_run_again(
         assert repair(fd, key_provider=provider) == 5 * C
         assert content_of(fd, provider) == expected
         os.close(fd)
+
+
+def test_fsck_repair_puts_back_a_torn_chunk_and_cuts_a_bad_end_only_when_forced(
+    live_keyd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kmsfs fsck --repair`` on a cipher directory: a file whose rewrite of chunk 1 was
+    killed half-way gets chunk 1 back, byte for byte, in one pass; a last chunk that fails
+    authentication (no copy of it anywhere: tampering, or a torn write of data never
+    fsync'd) is reported and left alone unless ``--force`` is given."""
+    from kmsfs.fs.config import load_config
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    keyd = live_keyd
+    keyd.kmsfs("keys", "create", "--alias", "alias/fs")
+    cipher = keyd.socket.parent / "cipher"
+    keyd.kmsfs("init", str(cipher), "--key", "alias/fs", "--plaintext-names")
+    config = load_config(cipher)
+    keys = KeydDataKeyProvider(str(keyd.socket))
+    old = pattern(30, 3 * 65536 + 100)
+
+    def stored(name: str) -> tuple[int, EncryptedFile]:
+        fd = os.open(cipher / name, os.O_RDWR | os.O_CREAT, 0o600)
+        engine = EncryptedFile.open(
+            fd, key_provider=keys, key_id=config.key_arn, encryption_context=config.file_context
+        )
+        engine.write(0, old)
+        engine.fsync()
+        return fd, engine
+
+    fd, engine = stored("rewritten")
+    with syscalls(monkeypatch, Killer(2, 30_000)), pytest.raises(Killed):
+        engine.write(65536 + 10, b"new bytes")
+        engine.flush()
+    os.close(fd)
+    fd, _ = stored("tampered")
+    end = os.fstat(fd).st_size
+    os.pwrite(fd, bytes([os.pread(fd, 1, end - 5)[0] ^ 1]), end - 5)
+    os.close(fd)
+
+    result = keyd.kmsfs("fsck", str(cipher), "--repair", check=False)
+    lines = {line.split(" ")[0]: line for line in result.stdout.decode().splitlines()}
+    assert result.returncode != 0, result
+    assert "repaired: chunk 1 put back from its copy, 196708 bytes" in lines["rewritten"]
+    assert "repaired" not in lines["tampered"] and "--force" in lines["tampered"]
+    reader = EncryptedFile.open(os.open(cipher / "rewritten", os.O_RDONLY), key_provider=keys)
+    assert reader.read(0, 1 << 20) == old
+    os.close(reader.fd)
+
+    result = keyd.kmsfs("fsck", str(cipher), "--repair", "--force", check=False)
+    assert result.returncode == 0, result.stdout
+    assert (
+        b"tampered (/tampered): repaired: cut back to its last consistent length, 196608"
+        in result.stdout
+    )
