@@ -1018,7 +1018,9 @@ class EncryptedFile:
         before = after = None
         if codec.runs and self._header_on_disk:
             before, after = self._split_runs(first_index, first_index + len(plaintexts) - 1)
-        if before is not None:  # the part of a hole run in front keeps a marker of its own
+        # the part of a hole run in front keeps a marker of its own (unless it has it
+        # already: _write_hole_run wrote it when this is the old tail of a final run)
+        if before is not None and os.pread(self._fd, len(before[1]), before[0]) != before[1]:
             self._overwrite([before[1]], before[0])
         self._write_sealed(first_index, out, final)
         for index in range(first_index, first_index + len(plaintexts)):
@@ -1199,8 +1201,9 @@ class EncryptedFile:
 
         Only the 24-byte trailer of chunk ``last`` is written; its last chunk has
         ``final_length`` bytes and the final flag when that is given. If the old tail, the
-        chunk before ``first``, ends a hole run, the rest of that run gets a marker first:
-        the old tail is then re-sealed as data (README.md, *Holes*).
+        chunk before ``first``, ends a hole run, the rest of that run gets a marker first
+        (so that those chunks read even if the file then stops growing): the old tail is
+        then re-sealed as data (README.md, *Holes*), whose split finds that marker there.
         """
         codec = self._require_codec()
         chunk_size = self._chunk_size
