@@ -683,15 +683,27 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         where = f"chunk {report.first_bad_chunk}: " if report.first_bad_chunk is not None else ""
         problem = f"{where}{report.error}"
         # what an interrupted write leaves at the end of a file, and nothing else
-        ends_badly = (
+        interrupted = (
             isinstance(report.error, Truncated)
             or report.interrupted_append
-            or (report.first_bad_chunk is not None and report.first_bad_chunk == report.chunks - 1)
+            or report.interrupted_rewrite is not None
         )
-        if not args.repair or not ends_badly:
-            return problem
+        # a last chunk that fails: a torn write of data nobody fsync'd, or tampering
+        torn_end = (
+            report.first_bad_chunk is not None and report.first_bad_chunk == report.chunks - 1
+        )
+        if not args.repair or not (interrupted or (torn_end and args.force)):
+            hint = "; --repair --force cuts it off" if torn_end and not interrupted else ""
+            return problem + hint
         before = report.info.plaintext_size
-        size = repair(backing, key_provider=provider, encryption_context=config.file_context)
+        size = repair(
+            backing, key_provider=provider, encryption_context=config.file_context, report=report
+        )
+        if report.interrupted_rewrite is not None:
+            return (
+                f"{_REPAIRED}chunk {report.interrupted_rewrite} put back from its copy, "
+                f"{size} bytes ({problem})"
+            )
         return (
             f"{_REPAIRED}cut back to its last consistent length, {size} bytes "
             f"(the backing file said {before}; {problem})"
@@ -948,9 +960,15 @@ def build_parser() -> argparse.ArgumentParser:
     fsck_parser.add_argument(
         "--repair",
         action="store_true",
-        help="verify, and cut each file that an interrupted write left without a sound end "
-        "(an interrupted append, a last chunk that is not final or is torn) back to its "
-        "last consistent length",
+        help="verify, and bring back each file that an interrupted write left without a "
+        "sound end (an interrupted rewrite in place, an interrupted append, a last chunk "
+        "that is not final) to its last consistent state",
+    )
+    fsck_parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --repair: also cut off a last chunk that fails authentication (a torn "
+        "write of data that was never fsync'd, or tampering)",
     )
     _keyd_options(fsck_parser, KEYD_HINT_HELP)
     fsck_parser.set_defaults(func=cmd_fsck)

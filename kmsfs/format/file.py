@@ -31,8 +31,10 @@ import errno
 import functools
 import io
 import os
+import struct
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -50,6 +52,7 @@ from kmsfs.format.offsets import (
     CHUNK_OVERHEAD,
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
+    MAX_CIPHERTEXT_SIZE,
     NONCE_SIZE,
     TAG_SIZE,
     check_chunk_size,
@@ -179,15 +182,11 @@ def hole_prefix(fd: int, offset: int, length: int) -> int:
     return min(max(0, data - offset), length)
 
 
-def next_run_marker(
-    fd: int, codec: ChunkCodec, position: int, disk_size: int, final_index: int | None = None
-) -> tuple[int, int, int, bool] | None:
-    """Format 2: the first non-zero chunk at or after ``position``, if it ends a hole run.
+def first_data_chunk(
+    fd: int, codec: ChunkCodec, position: int, disk_size: int
+) -> tuple[int, bytes] | None:
+    """The first chunk at or after ``position`` that is not all zero: (index, stored slot).
 
-    Returns ``(its index, first index of the run, its plaintext length, final)``, or None
-    when that chunk is not a valid run marker or no non-zero chunk follows. The chunk with
-    index ``final_index`` must carry the final flag and no other may (None: the last chunk
-    on disk should, but either is accepted — for writers working out what is there).
     The zero chunks in between are skipped with ``SEEK_DATA`` (sparse, never written);
     where the filesystem reports everything as data, chunk by chunk.
     """
@@ -207,19 +206,207 @@ def next_run_marker(
             return None
         start = cipher_offset(index, chunk_size)
         slot = os.pread(fd, min(stored, disk_size - start), start)
-        if codec.is_zero(slot):
-            position = index + 1
-            continue
-        if final_index is not None:
-            finals: tuple[bool, ...] = (index == final_index,)
-        else:
-            finals = (index == disk_chunks - 1, index != disk_chunks - 1)
-        for final in finals:
-            first = codec.run_start(index, slot, final)
-            if first is not None:
-                return index, first, len(slot) - CHUNK_OVERHEAD, final
-        return None
+        if not codec.is_zero(slot):
+            return index, slot
+        position = index + 1
     return None
+
+
+def next_run_marker(
+    fd: int, codec: ChunkCodec, position: int, disk_size: int, final_index: int | None = None
+) -> tuple[int, int, int, bool] | None:
+    """Format 2: the first non-zero chunk at or after ``position``, if it ends a hole run.
+
+    Returns ``(its index, first index of the run, its plaintext length, final)``, or None
+    when that chunk is not a valid run marker or no non-zero chunk follows. The chunk with
+    index ``final_index`` must carry the final flag and no other may (None: the last chunk
+    on disk should, but either is accepted — for writers working out what is there).
+    """
+    found = first_data_chunk(fd, codec, position, disk_size)
+    if found is None:
+        return None
+    index, slot = found
+    if final_index is not None:
+        finals: tuple[bool, ...] = (index == final_index,)
+    else:
+        disk_last = chunks_on_disk(disk_size, codec.chunk_size) - 1
+        finals = (index == disk_last, index != disk_last)
+    for final in finals:
+        first = codec.run_start(index, slot, final)
+        if first is not None:
+            return index, first, len(slot) - CHUNK_OVERHEAD, final
+    return None
+
+
+# ------------------------------------------------------------------ undo records
+#: the trailer of an undo record (README.md, *Crashes*): magic ‖ index of the first chunk
+#: copied (u64) ‖ length of the copy (u64) ‖ the backing file's length before it (u64)
+UNDO_MAGIC = b"\x8bKMSUNDO"
+_UNDO_TRAILER = struct.Struct(">8sQQQ")
+UNDO_TRAILER_SIZE = _UNDO_TRAILER.size
+#: the longest copy an undo record holds (one batch of chunks, with room to spare)
+_UNDO_MAX_PIECE = 2 * BATCH_BYTES + (16 << 20)
+
+
+@dataclass(frozen=True)
+class UndoRecord:
+    """A verbatim copy of stored chunks that were about to be rewritten in place."""
+
+    offset: int  #: where the copy starts: a chunk slot boundary after the file's data
+    first_index: int  #: the chunk the copy's first bytes belong to
+    piece: bytes  #: the stored bytes of chunks ``first_index ...`` before the rewrite
+    restore_length: int  #: the backing file's length when the copy was written
+
+
+def undo_record_position(disk_size: int, end: int, chunk_size: int) -> int:
+    """Where an undo record goes: the first chunk slot after ``disk_size`` and ``end``."""
+    return cipher_offset(chunks_on_disk(max(disk_size, end), chunk_size), chunk_size)
+
+
+def write_undo_record(
+    fd: int, position: int, first_index: int, piece: Buffer, restore_length: int
+) -> None:
+    """Write ``piece ‖ trailer`` at ``position`` (beyond the end: nothing stored changes).
+
+    One ``pwrite``; the trailer comes last, so a write cut short by a kill leaves no
+    trailer (a piece without one is cut off like any data after the final chunk). Zeros
+    the piece starts with (a hole run's marker chunk, its sparse body) are not written:
+    past the end of the file they read as zeros anyway.
+    """
+    trailer = _UNDO_TRAILER.pack(UNDO_MAGIC, first_index, len(piece), restore_length)
+    data = bytes(piece) + trailer
+    skip = len(data) - len(data.lstrip(b"\0")) if data[0] == 0 else 0
+    record = memoryview(data)[skip:]
+    position += skip
+    while record:
+        written = os.pwrite(fd, record, position)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write of an undo record")
+        record = record[written:]
+        position += written
+
+
+def find_undo_record(fd: int, disk_size: int, codec: ChunkCodec) -> UndoRecord | None:
+    """The undo record at the end of the backing file, if there is a sound one.
+
+    Sound: the trailer's fields fit the file, and every chunk of the copy opens as the
+    chunk of that index (data, non-final or final, or a hole marker) or is all zeros (the
+    sparse body of a hole run, which only its marker authenticates).
+    """
+    if disk_size < HEADER_SIZE + UNDO_TRAILER_SIZE + 1:
+        return None
+    magic, first, length, restore = _UNDO_TRAILER.unpack(
+        os.pread(fd, UNDO_TRAILER_SIZE, disk_size - UNDO_TRAILER_SIZE)
+    )
+    offset = disk_size - UNDO_TRAILER_SIZE - length
+    stored = codec.stored_size
+    if (
+        magic != UNDO_MAGIC
+        or not 0 < length <= _UNDO_MAX_PIECE
+        or offset < HEADER_SIZE
+        or (offset - HEADER_SIZE) % stored
+        or first >= (offset - HEADER_SIZE) // stored
+        or not cipher_offset(first, codec.chunk_size) + length <= restore <= offset
+    ):
+        return None
+    piece = os.pread(fd, length, offset)
+    view = memoryview(piece)
+    for start in range(0, length, stored):
+        part = view[start : start + stored]
+        index = first + start // stored
+        if len(part) <= CHUNK_OVERHEAD:
+            return None
+        last_part = start + stored >= length
+        if not (
+            codec.is_zero(part)
+            or codec.authenticates(index, part, 0)
+            or (last_part and codec.authenticates(index, part, FINAL))
+        ):
+            return None
+    return UndoRecord(offset, first, piece, restore)
+
+
+def restore_undo_record(fd: int, record: UndoRecord, chunk_size: int) -> None:
+    """Put the copied chunks back in place, then cut the file to its length before the copy
+    (in that order: a repair killed half-way finds the record again).
+
+    A copy ending with a short chunk (the old final chunk) was followed by nothing up to
+    the next chunk slot: the zeros there are put back too (the rewrite may have filled
+    them), so that chunks written after that slot read as an interrupted append.
+    """
+    position = cipher_offset(record.first_index, chunk_size)
+    stored = chunk_size + CHUNK_OVERHEAD
+    slots_end = position + -(-len(record.piece) // stored) * stored
+    gap = max(0, min(slots_end, record.restore_length) - position - len(record.piece))
+    data = record.piece + bytes(gap)
+    if os.pread(fd, len(data), position) != data:
+        rest = memoryview(data)
+        while rest:
+            written = os.pwrite(fd, rest, position)
+            if written <= 0:
+                raise OSError(errno.EIO, "short write restoring an undo record")
+            rest = rest[written:]
+            position += written
+    os.ftruncate(fd, record.restore_length)
+
+
+def seal_last_chunk_final(
+    fd: int, codec: ChunkCodec, index: int, piece: Buffer, disk_size: int
+) -> bool:
+    """Make stored chunk ``index`` (``piece``: its stored bytes) the file's final chunk and
+    cut the backing file (``disk_size`` bytes long) right after it.
+
+    A non-final data chunk is re-sealed as final in place, after an undo record of it (a
+    kill tearing the re-seal loses nothing: ``repair`` puts it back); a hole-run marker
+    chunk, or a zero chunk inside a run, gets a final run marker (format 2; one 24-byte
+    write); a format-1 hole chunk a final hole marker. Returns False, changing nothing,
+    when the piece opens neither way (torn, or not this file's). The one implementation
+    behind ``repair`` and the engine's recovery after a failed write.
+    """
+    view = memoryview(piece)
+    chunk_size = codec.chunk_size
+    start = cipher_offset(index, chunk_size)
+    end = start + len(view)
+    length = len(view) - CHUNK_OVERHEAD
+    out: Buffer | None = None
+    position = start
+    if length <= 0:
+        return False
+    if codec.authenticates(index, view, FINAL):
+        pass  # only what follows it is cut
+    elif codec.runs and codec.is_zero(view):
+        found = next_run_marker(fd, codec, index + 1, disk_size)
+        if found is None or found[1] > index:
+            return False
+        out = codec.run_marker(found[1], index, length, True)  # the run now ends here
+        position = run_marker_offset(index, length, chunk_size)
+    elif codec.runs and (first := codec.run_start(index, view, False)) is not None:
+        out = codec.run_marker(first, index, length, True)
+        position = run_marker_offset(index, length, chunk_size)
+    elif (
+        not codec.runs
+        and codec.authenticates(index, view, 0)
+        and codec.is_zero(view[: NONCE_SIZE + length])
+    ):
+        out = codec.hole_marker(index, length, True)  # a format-1 hole chunk
+        position = start + NONCE_SIZE + length
+    elif codec.authenticates(index, view, 0):
+        plaintext = codec.open_chunk(view, index, final=False)
+        out = memoryview(bytearray(len(view)))
+        codec.seal_into(out, index, [plaintext], True)
+        record_at = undo_record_position(disk_size, end, chunk_size)
+        if record_at + len(view) + UNDO_TRAILER_SIZE <= MAX_CIPHERTEXT_SIZE:
+            try:
+                write_undo_record(fd, record_at, index, view, disk_size)
+            except OSError:  # no room for the copy (a full disk): re-sealed without one
+                os.ftruncate(fd, disk_size)
+    else:
+        return False
+    if out is not None and os.pwrite(fd, out, position) != len(out):
+        raise OSError(errno.EIO, "short write sealing the last stored chunk")
+    if os.fstat(fd).st_size != end:
+        os.ftruncate(fd, end)
+    return True
 
 
 class CipherCache(Protocol):
@@ -269,6 +456,13 @@ class EncryptedFile:
         #: a failed change could not leave the backing file consistent: needs ``repair``
         self.damaged = False
         self._can_reserve = True  # fallocate works on the backing filesystem
+        #: plaintext bytes before this offset may be durable (fsync'd by someone): a chunk
+        #: holding any of them is copied to an undo record before it is rewritten in place.
+        #: Unknown at open, so all of them; raised by ``mark_durable``, lowered by a
+        #: truncate that cut the rest off (README.md, *Crashes*)
+        self._durable_end = self._size
+        #: an undo record is on disk and the chunks it copies may be torn: keep it
+        self._undo_pending = False
         #: what the last hole-run lookup proved, while the backing file is unchanged:
         #: (disk generation, z, a, m) — chunks [z, m) are zero on disk and the marker
         #: chunk m ends the run [a, m]. Reads inside [z, m) need no pread at all.
@@ -608,6 +802,7 @@ class EncryptedFile:
             self._tail = None
             self._tail_dirty = False
             self._size = 0
+            self._durable_end = 0
             return
         if old_size == 0:
             self._ensure_keys()
@@ -625,6 +820,7 @@ class EncryptedFile:
             self._tail_dirty = True
             self._size = size
             self.flush()
+            self._durable_end = min(self._durable_end, size)  # the rest is cut off
             return
         # growth past the old tail: holes up to the new final (hole) chunk, written
         # before the old tail loses its final flag
@@ -665,7 +861,21 @@ class EncryptedFile:
     def fsync(self) -> None:
         """flush, then fsync the backing file."""
         self.flush()
+        size = self._size
         os.fsync(self._fd)
+        self.mark_durable(size)
+
+    def mark_durable(self, size: int) -> None:
+        """The backing file was fsync'd after a ``flush`` at plaintext size ``size``.
+
+        Whoever fsyncs the backing fd itself (the mount does, in a thread) says so here:
+        from then on a rewrite in place of a chunk before ``size`` first copies the chunk to
+        an undo record (a kill tearing the rewrite loses nothing; README.md, *Crashes*).
+        Chunks written after the last fsync and wholly past its size are rewritten
+        without a copy. Telling the engine nothing keeps it safe: what the file held when
+        it was opened always counts as durable.
+        """
+        self._durable_end = max(self._durable_end, size)
 
     def close(self) -> None:
         """Flush. The backing fd stays open: it belongs to the caller."""
@@ -808,17 +1018,19 @@ class EncryptedFile:
         before = after = None
         if codec.runs and self._header_on_disk:
             before, after = self._split_runs(first_index, first_index + len(plaintexts) - 1)
-        if before is not None:  # the part of a hole run in front keeps a marker of its own
-            self._pwrite([before[1]], before[0])
-        self._write_sealed(first_index, out)
+        # the part of a hole run in front keeps a marker of its own (unless it has it
+        # already: _write_hole_run wrote it when this is the old tail of a final run)
+        if before is not None and os.pread(self._fd, len(before[1]), before[0]) != before[1]:
+            self._overwrite([before[1]], before[0])
+        self._write_sealed(first_index, out, final)
         for index in range(first_index, first_index + len(plaintexts)):
             self._note_data_chunk(index)
         if after is not None:  # then the part behind the new data gets its own
-            self._pwrite([after[1]], after[0])
+            self._overwrite([after[1]], after[0])
 
-    def _write_sealed(self, first_index: int, out: memoryview) -> None:
+    def _write_sealed(self, first_index: int, out: memoryview, final: bool) -> None:
         if self._header_on_disk:
-            self._pwrite([out], cipher_offset(first_index, self._chunk_size))
+            self._overwrite([out], cipher_offset(first_index, self._chunk_size), final)
         elif first_index == 0:
             assert self._header is not None
             self._pwrite([self._header.raw, out], 0)
@@ -826,6 +1038,78 @@ class EncryptedFile:
         else:
             self._write_header()
             self._pwrite([out], cipher_offset(first_index, self._chunk_size))
+
+    def _overwrite(self, buffers: list[Buffer], offset: int, final: bool = False) -> None:
+        """``pwrite`` that may overwrite stored bytes: where those belong to chunks that
+        may hold durable data, their stored bytes are first copied into an undo record after
+        the end of the backing file, and the record is cut off again after the write (a
+        ``final`` chunk ends the file: the cut is then right after it). A kill at any
+        point leaves a file that ``repair`` brings back to before or after the write."""
+        length = sum(len(buffer) for buffer in buffers)
+        copied = self._write_undo_copy(offset, length)
+        if copied is None:
+            self._pwrite(buffers, offset)
+            return
+        piece_offset, piece, restore_length = copied
+        try:
+            self._pwrite(buffers, offset)
+            if final:
+                self._truncate_backing(offset + length)
+            else:
+                end = max(restore_length, offset + length)
+                os.ftruncate(self._fd, end)
+                self._disk_size = end
+                self.disk_generation += 1
+        except OSError:  # the copied bytes are put back before the error goes on
+            try:
+                rest = piece
+                position = piece_offset
+                while rest:
+                    written = os.pwrite(self._fd, rest, position)
+                    if written <= 0:
+                        raise OSError(errno.EIO, "short write putting chunks back") from None
+                    rest = rest[written:]
+                    position += written
+            except OSError:
+                self._undo_pending = True  # the record stays for repair
+            raise
+
+    def _write_undo_copy(self, offset: int, length: int) -> tuple[int, memoryview, int] | None:
+        """Before ``[offset, offset + length)`` is overwritten: if the stored chunks it
+        reaches may hold durable data, copy them (whole) into an undo record after the end
+        of the backing file; return where they start, their bytes and the file's length
+        before the record (what ``repair`` cuts back to after it put them back), else None."""
+        layout_end = self._disk_size if self._layout_end is None else self._layout_end
+        if offset >= layout_end:
+            return None  # nothing stored there yet: appends
+        chunk_size = self._chunk_size
+        stored = self._stored_size
+        first_index = (offset - HEADER_SIZE) // stored
+        durable_end = self._durable_end
+        if durable_end <= first_index * chunk_size:
+            return None  # chunks written since the last fsync, past its size
+        # the stored chunks the write reaches (all of each), up to the last durable one
+        end_index = min(
+            -(-(offset + length - HEADER_SIZE) // stored), -(-durable_end // chunk_size)
+        )
+        piece_offset = cipher_offset(first_index, chunk_size)
+        piece_end = min(layout_end, cipher_offset(end_index, chunk_size))
+        restore_length = self._disk_size
+        position = undo_record_position(restore_length, offset + length, chunk_size)
+        if position + piece_end - piece_offset + UNDO_TRAILER_SIZE > MAX_CIPHERTEXT_SIZE:
+            return None  # no room after a file of the maximum size: written unprotected
+        piece = _scratch_view("undo", piece_end - piece_offset)
+        got = 0
+        while got < len(piece):
+            more = os.preadv(self._fd, [piece[got:]], piece_offset + got)
+            if more == 0:
+                raise OSError(errno.EIO, "the backing file is shorter than its chunks")
+            got += more
+        try:
+            write_undo_record(self._fd, position, first_index, piece, restore_length)
+        finally:
+            self.disk_generation += 1
+        return piece_offset, piece, restore_length
 
     def _write_holes(self, indexes: range, final_length: int | None) -> None:
         """Write the markers of hole chunks (the zero bodies stay sparse)."""
@@ -878,6 +1162,9 @@ class EncryptedFile:
         self._tail_dirty = False
         self.disk_generation += 1
         try:
+            if self._undo_pending:  # chunks may be torn: their copy at the end must stay
+                self.damaged = True
+                return
             disk_size = os.fstat(fd).st_size
             keep = min(disk_size, disk_end)
             if keep <= HEADER_SIZE:  # a header without chunks: the file is empty again
@@ -904,39 +1191,19 @@ class EncryptedFile:
 
         Returns whether the file now ends with an authentic final chunk.
         """
-        stored = self._stored_size
-        last = -(-(disk_size - HEADER_SIZE) // stored) - 1
+        last = chunks_on_disk(disk_size, self._chunk_size) - 1
         start = cipher_offset(last, self._chunk_size)
         piece = os.pread(self._fd, disk_size - start, start)
-        codec = self._require_codec()
-        if codec.authenticates(last, piece, FINAL):
-            return True
-        if not codec.authenticates(last, piece, 0):
-            return False  # torn, or not ours
-        length = len(piece) - CHUNK_OVERHEAD
-        run_first = codec.run_start(last, piece, False) if codec.runs else None
-        if run_first is not None:  # the end of a hole run (format 2): its marker, now final
-            out: Buffer = codec.run_marker(run_first, last, length, True)
-            position = run_marker_offset(last, length, self._chunk_size)
-        elif not codec.runs and piece[: NONCE_SIZE + length] == bytes(NONCE_SIZE + length):
-            out = codec.hole_marker(last, length, True)  # a format-1 hole chunk
-            position = start + NONCE_SIZE + length
-        else:
-            plaintext = codec.open_chunk(piece, last, final=False)
-            out = memoryview(bytearray(len(piece)))
-            codec.seal_into(out, last, [plaintext], True)
-            position = start
-        if os.pwrite(self._fd, out, position) != len(out):
-            raise OSError(errno.EIO, "short write sealing the last stored chunk")
-        return True
+        return seal_last_chunk_final(self._fd, self._require_codec(), last, piece, disk_size)
 
     def _write_hole_run(self, first: int, last: int, final_length: int | None) -> None:
         """Format 2: chunks ``[first, last]`` (past the old tail) become one hole run.
 
         Only the 24-byte trailer of chunk ``last`` is written; its last chunk has
         ``final_length`` bytes and the final flag when that is given. If the old tail, the
-        chunk before ``first``, ends a hole run, the rest of that run gets a marker first:
-        the old tail is then re-sealed as data (README.md, *Holes*).
+        chunk before ``first``, ends a hole run, the rest of that run gets a marker first
+        (so that those chunks read even if the file then stops growing): the old tail is
+        then re-sealed as data (README.md, *Holes*), whose split finds that marker there.
         """
         codec = self._require_codec()
         chunk_size = self._chunk_size
@@ -944,7 +1211,7 @@ class EncryptedFile:
         if old_tail >= 0 and old_tail == (self._size - 1) // chunk_size:
             run = self._run_at(old_tail)
             if run is not None and run[0] < old_tail:
-                self._pwrite(
+                self._overwrite(
                     [codec.run_marker(run[0], old_tail - 1, chunk_size, False)],
                     run_marker_offset(old_tail - 1, chunk_size, chunk_size),
                 )
@@ -952,7 +1219,7 @@ class EncryptedFile:
         if self._disk_size > start:  # hole bodies must read as zeros: nothing stale there
             self._truncate_backing(start)
         length = chunk_size if final_length is None else final_length
-        self._pwrite(
+        self._overwrite(
             [codec.run_marker(first, last, length, final_length is not None)],
             run_marker_offset(last, length, chunk_size),
         )

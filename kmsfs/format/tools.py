@@ -4,12 +4,13 @@
 authenticates every chunk in batches (bounded memory), and reports the first bad chunk
 by index and byte offsets, the last bad chunk and how many fail, and how much of the file
 is an authentic prefix — what is needed to tell a crash from an attack (README.md,
-*Crashes*). ``repair`` keeps that authentic prefix and re-seals its last chunk as final.
+*Crashes*). ``repair`` first puts back the chunks of an undo record (what a rewrite in
+place killed half-way leaves), then keeps the authentic prefix and re-seals its last
+chunk as final.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,7 +18,14 @@ from dataclasses import dataclass, field
 
 from kmsfs.errors import CorruptChunk, CorruptHeader, FormatError, Truncated
 from kmsfs.format.chunks import FINAL, ChunkCodec
-from kmsfs.format.file import hole_prefix, next_run_marker, run_marker_offset
+from kmsfs.format.file import (
+    find_undo_record,
+    first_data_chunk,
+    hole_prefix,
+    next_run_marker,
+    restore_undo_record,
+    seal_last_chunk_final,
+)
 from kmsfs.format.header import Header, SlotState, read_header, unlock_header
 from kmsfs.format.keys import DataKeyProvider
 from kmsfs.format.offsets import (
@@ -67,6 +75,9 @@ class VerifyReport:
     #: a final chunk before the end: what an append interrupted before it re-sealed the
     #: old final chunk leaves (``repair`` restores the file before the append)
     interrupted_append: bool = False
+    #: the first chunk of an undo record at the end: a rewrite in place of that chunk (and
+    #: maybe the next ones) was interrupted (``repair`` puts the copied chunks back)
+    interrupted_rewrite: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -164,7 +175,26 @@ def verify(
             info=info, authentic_size=info.plaintext_size or 0, warnings=_slot_warnings(header)
         )
         codec = ChunkCodec(keys, header.chunk_size, header.version)
-        _scan_chunks(fd, disk_size, header, codec, report)
+        undo = find_undo_record(fd, disk_size, codec)
+        if undo is None:
+            _scan_chunks(fd, disk_size, header, codec, report)
+            return report
+        # the file as it was when the copy was made, with the chunks being rewritten
+        _scan_chunks(fd, undo.restore_length, header, codec, report)
+        index = undo.first_index
+        report.interrupted_rewrite = index
+        if report.first_bad_chunk is None or report.first_bad_chunk >= index:
+            report.error = None
+            _record(
+                report,
+                index,
+                header.chunk_size,
+                CorruptChunk(
+                    index,
+                    "a rewrite in place was interrupted here; the copy of what was "
+                    "there, after the end of the file, puts it back (repair)",
+                ),
+            )
         return report
 
 
@@ -193,6 +223,7 @@ def _scan_chunks(
             raise CorruptChunk(zero_from)
 
     bad_indexes: list[int] = []
+    final_run_end = 0  # zero chunks before this lie in a final run followed by more data
     for first in range(0, chunk_total, batch):
         end = min(chunk_total, first + batch)
         start = cipher_offset(first, chunk_size)
@@ -219,9 +250,13 @@ def _scan_chunks(
                 codec.runs
                 and index != final_index
                 and codec.is_zero(piece)
-                and covered(index, index + 1)
+                and (
+                    index < final_run_end
+                    or covered(index, index + 1)
+                    or (final_run_end := _final_run_end(fd, codec, index, disk_size)) > index
+                )
             ):
-                continue
+                continue  # (data after a final run is reported at its marker chunk)
             error = codec.diagnose(index, piece, flags)
             short_final = None
             if isinstance(error, CorruptChunk) and error.chunk_index == index and not flags:
@@ -250,6 +285,22 @@ def _scan_chunks(
 
 
 _AFTER = "data after the final chunk %d"
+
+
+def _final_run_end(fd: int, codec: ChunkCodec, index: int, disk_size: int) -> int:
+    """Format 2: if zero chunk ``index`` lies in a run whose marker chunk is final but not
+    the last on disk (an interrupted append after a final hole run), that marker's index;
+    else 0."""
+    found = first_data_chunk(fd, codec, index + 1, disk_size)
+    if found is None:
+        return 0
+    marker, slot = found
+    first = codec.run_start(marker, slot, True)
+    if first is None:  # a short final marker chunk, zeros up to the next slot
+        length = _short_final_length(codec, marker, memoryview(slot))
+        if length is not None:
+            first = codec.run_start(marker, slot[: length + CHUNK_OVERHEAD], True)
+    return marker if first is not None and first <= index else 0
 
 
 def _short_final_length(codec: ChunkCodec, index: int, piece: memoryview) -> int | None:
@@ -283,17 +334,25 @@ def repair(
     *,
     key_provider: DataKeyProvider,
     encryption_context: Mapping[str, str] | None = None,
+    report: VerifyReport | None = None,
 ) -> int:
-    """Cut the file after its authentic prefix and re-seal the prefix's last chunk as final.
+    """Undo an interrupted rewrite, cut the file after its authentic prefix and re-seal the
+    prefix's last chunk as final.
 
     For a file whose tail a crash or a failed write left cut or torn (``verify`` says so):
-    an interrupted append (the old final chunk followed by chunks that cannot belong to
-    the file) is cut back to the old final chunk, exactly the file before the append; a
-    file whose last chunk is not final gets that chunk re-sealed as final. Returns the new
-    plaintext size; a sound file is left alone. A bad header cannot be repaired (raises).
-    Everything after the first bad chunk is dropped, even chunks that authenticate.
+    an undo record at the end (a rewrite in place that was interrupted) is put back first,
+    which restores every chunk it copied byte for byte; then an interrupted append (the
+    old final chunk followed by chunks that cannot belong to the file) is cut back to the
+    old final chunk, exactly the file before the append; a file whose last chunk is not
+    final gets that chunk re-sealed as final. Returns the new plaintext size; a sound file
+    is left alone. A bad header cannot be repaired (raises). Everything after the first
+    bad chunk is dropped, even chunks that authenticate. ``report``: what ``verify`` just
+    said about this file (saves reading it again).
     """
-    report = verify(path_or_fd, key_provider=key_provider, encryption_context=encryption_context)
+    if report is None or report.interrupted_rewrite is not None:
+        report = verify(
+            path_or_fd, key_provider=key_provider, encryption_context=encryption_context
+        )
     if report.ok:
         return report.info.plaintext_size or 0
     if report.first_bad_chunk is None or isinstance(report.error, CorruptHeader):
@@ -307,6 +366,17 @@ def repair(
             header.version,
         )
         chunk_size = header.chunk_size
+        if report.interrupted_rewrite is not None:
+            undo = find_undo_record(fd, os.fstat(fd).st_size, codec)
+            assert undo is not None, "verify found it"
+            restore_undo_record(fd, undo, chunk_size)
+            os.fsync(fd)
+            report = verify(fd, key_provider=key_provider, encryption_context=encryption_context)
+            if report.ok:
+                return report.info.plaintext_size or 0
+            if report.first_bad_chunk is None:
+                assert report.error is not None
+                raise report.error
         keep = report.authentic_size
         if keep == 0:
             os.ftruncate(fd, 0)
@@ -315,33 +385,7 @@ def repair(
         last = (keep - 1) // chunk_size
         start = cipher_offset(last, chunk_size)
         piece = os.pread(fd, keep - last * chunk_size + CHUNK_OVERHEAD, start)
-        if not codec.authenticates(last, piece, FINAL):  # else: only cut what follows it
-            disk_size = os.fstat(fd).st_size
-            if codec.runs and _keep_runs_before(fd, codec, last, piece, disk_size):
-                plaintext = bytes(len(piece) - CHUNK_OVERHEAD)  # a hole chunk (verify checked it)
-            else:
-                plaintext = codec.open_chunk(piece, last, final=False)
-            out = memoryview(bytearray(len(piece)))
-            codec.seal_into(out, last, [plaintext], final=True)
-            if os.pwrite(fd, out, start) != len(out):
-                raise OSError(errno.ENOSPC, "short write sealing the last chunk")
-        os.ftruncate(fd, start + len(piece))
+        if not seal_last_chunk_final(fd, codec, last, piece, os.fstat(fd).st_size):
+            raise CorruptChunk(last, f"chunk {last} cannot be sealed as final")
         os.fsync(fd)
         return keep
-
-
-def _keep_runs_before(fd: int, codec: ChunkCodec, last: int, piece: bytes, disk_size: int) -> bool:
-    """Format 2: whether chunk ``last`` is a hole chunk; before it becomes the final data
-    chunk, the earlier chunks of its run get a marker at ``last - 1`` (the run's is cut off)."""
-    if codec.is_zero(piece):
-        found = next_run_marker(fd, codec, last + 1, disk_size)
-        first = found[1] if found is not None and found[1] <= last else None
-    else:
-        first = codec.run_start(last, piece, False)
-        if first is None:
-            first = codec.run_start(last, piece, True)
-    if first is not None and first < last:
-        chunk_size = codec.chunk_size
-        trailer = codec.run_marker(first, last - 1, chunk_size, False)
-        os.pwrite(fd, trailer, run_marker_offset(last - 1, chunk_size, chunk_size))
-    return first is not None

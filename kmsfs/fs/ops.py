@@ -805,9 +805,11 @@ class Operations(pyfuse3.Operations):
         open_file = self._handles[fh]
         try:
             open_file.engine.flush()
+            size = open_file.engine.size
             # the long part, off the trio thread: other requests go on meanwhile (the
             # handle keeps the fd open until its RELEASE, which cannot come before this)
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, open_file.fd)
+            open_file.engine.mark_durable(size)  # its rewrites in place now keep a copy
         except OSError as error:
             self._storing_failed(open_file, error)
             raise

@@ -575,3 +575,35 @@ def test_random_writes_and_truncates_with_big_gaps_match_a_model(steps: list[tup
                 os.pwrite(fd, original[start : start + length], start)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("grow", ["write", "truncate"])
+def test_the_rest_of_a_final_run_gets_its_marker_once(
+    grow: str, provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Growing a file that ends in a hole run [a, t]: chunks a … t−1 get their marker at
+    t − 1 once (before the old tail t is re-sealed as data), not once more by the split."""
+    fd = memfd()
+    engine = EncryptedFile.open(fd, key_provider=provider, key_id=KEY_ID, chunk_size=C)
+    engine.write(0, b"x" * 5)
+    engine.truncate(6 * C)  # run [1, 5], final
+    engine.flush()
+    at = cipher_offset(4, C) + C + CHUNK_OVERHEAD - 24  # the trailer of chunk 4
+    offsets: list[int] = []
+    real_pwritev = os.pwritev
+
+    def pwritev(fd: int, buffers: list, offset: int) -> int:
+        offsets.append(offset)
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(fmt.file.os, "pwritev", pwritev)
+    if grow == "write":
+        engine.write(9 * C + 3, b"far")
+    else:
+        engine.truncate(9 * C + 3)
+    engine.flush()
+    monkeypatch.undo()
+    assert offsets.count(at) == 1
+    assert layout(fd)[:6] == ["D", "Z", "Z", "Z", "M1", "D"]
+    assert verify(fd, key_provider=provider).ok
+    os.close(fd)

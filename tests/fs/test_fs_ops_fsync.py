@@ -14,8 +14,14 @@ from kmsfs.fs.polling import BusyPoller
 
 
 class _Engine:
+    size = 7
+    marked: list[int] = []
+
     def flush(self) -> None:
         pass
+
+    def mark_durable(self, size: int) -> None:
+        self.marked.append(size)
 
     def fsync(self) -> None:  # what EncryptedFile.fsync does
         self.flush()
@@ -41,6 +47,7 @@ def test_fsync_of_the_backing_file_does_not_hold_up_other_requests(monkeypatch) 
 
     def slow_fsync(fd: int) -> None:
         assert other_request_ran.wait(timeout=10), "no other request ran during the fsync"
+        assert not _Engine.marked  # only what an fsync that returned covered is durable
         synced.append(fd)
 
     monkeypatch.setattr(ops_module.os, "fsync", slow_fsync)
@@ -57,3 +64,4 @@ def test_fsync_of_the_backing_file_does_not_hold_up_other_requests(monkeypatch) 
 
     trio.run(main)
     assert synced == [12345]
+    assert _Engine.marked == [7]  # the engine was told: its rewrites of it keep a copy
