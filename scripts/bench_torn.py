@@ -1,6 +1,6 @@
 """Timing of rewrites in place with undo records (README.md, *Crashes*, Cost); not a test.
 
-    .venv/bin/python tests/format/bench_torn.py [REPO] [seq|rand|append|append-fsync ...]
+    .venv/bin/python scripts/bench_torn.py [REPO] [seq|rand|append|append-fsync ...]
 
 REPO (default: this checkout) is where ``kmsfs`` is imported from, so that two versions
 can be compared on the same machine. Engine only, in-memory keys, files under /tmp;
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parents[2]))
+sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parents[1]))
 
 from kmsfs.format.bench import BenchKeyProvider  # noqa: E402
 from kmsfs.format.file import EncryptedFile  # noqa: E402
