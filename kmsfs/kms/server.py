@@ -19,7 +19,6 @@ Nothing from a request body is ever logged: it may hold plaintext.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import socket
@@ -45,6 +44,7 @@ from kmsfs.kms.protocol import (
     CONTENT_TYPE,
     REQUEST_ID_HEADER,
     TARGET_PREFIX,
+    decode_request_body,
     encode_error_body,
     encode_response_body,
 )
@@ -451,14 +451,7 @@ class _Connection:
         operation = ""
         try:
             operation = self._operation(request)
-            try:
-                params = json.loads(body) if body else {}
-            except (ValueError, RecursionError):
-                params = None
-            if type(params) is not dict:
-                return self._error_bytes(
-                    400, "SerializationException", "the body is not a JSON object", request_id
-                )
+            params = decode_request_body(body)
             result = self.service.handle(operation, params, self.caller, request_id)
             payload = encode_response_body(result)
         except _HTTPError as error:
