@@ -480,6 +480,60 @@ def test_fd_exhaustion_keeps_keyd_alive_and_serving(keyd_factory: Callable[..., 
     assert "Traceback" not in keyd.log()
 
 
+_CONNECTOR = """
+import json, os, select, socket, sys, time
+sys.stdin.readline()
+socks = []
+for _ in range(int(sys.argv[2])):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    socks.append(sock)
+answers = {}
+deadline = time.monotonic() + 5
+while len(answers) < len(socks) and time.monotonic() < deadline:
+    readable, _, _ = select.select([s for s in socks if s.fileno() not in answers], [], [], 0.2)
+    for sock in readable:
+        answers[sock.fileno()] = sock.recv(4096).decode("latin-1")
+print(json.dumps([answers.get(sock.fileno(), "") for sock in socks]))
+"""
+
+
+def test_accept_at_the_fd_limit_answers_503(start_keyd: Any) -> None:
+    """Descriptors run out below the connection cap (other files, a lower limit): the
+    waiting clients are told 503 instead of hanging in the backlog, and keyd serves on."""
+    keyd = start_keyd()  # in this process: the limit below applies to it
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _CONNECTOR, os.fspath(keyd.socket_path), "20"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 6, hard))
+        try:
+            assert helper.stdin is not None
+            helper.stdin.write("go\n")
+            helper.stdin.flush()
+            output, _ = helper.communicate(timeout=60)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    answers = json.loads(output)
+    refused = [a for a in answers if a.startswith("HTTP/1.1 503")]
+    assert refused, answers
+    assert all("out of file descriptors" in a for a in refused)
+    assert answers[0] == ""  # the first clients were accepted and wait, idle
+    deadline = time.monotonic() + 10  # the helper's connections close as it exits
+    while call(keyd.socket_path, "ListKeys")[0] != 200:
+        assert time.monotonic() < deadline, "keyd did not serve again"
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------ a full keystore disk
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
