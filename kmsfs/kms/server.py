@@ -64,6 +64,8 @@ _RECEIVE_SIZE = 64 * 1024
 #: after an error response that ends a connection, how long and how much to keep reading
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1024 * 1024
+#: what a refused connection (503/429) may still send before it is closed
+_REJECT_DRAIN_BYTES = 64 * 1024
 _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
@@ -412,6 +414,16 @@ class _Server:
             try:
                 with trio.move_on_after(wait):
                     await _send_all(sock, data)
+                    # Read (and drop) what the client still sends, briefly: closing with
+                    # its request unread would make its send fail (EPIPE) before it reads
+                    # our answer.
+                    sock.shutdown(socket.SHUT_WR)
+                    budget = _REJECT_DRAIN_BYTES
+                    while budget > 0:
+                        received = await sock.recv(_RECEIVE_SIZE)
+                        if not received:
+                            break
+                        budget -= len(received)
             except OSError as exc:
                 logger.debug("keyd: rejected connection vanished: %s", exc.strerror or exc)
 

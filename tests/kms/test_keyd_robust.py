@@ -102,6 +102,20 @@ def call(path: Path, operation: str, **params: Any) -> tuple[int, str, dict[str,
     return call_raw(path, operation, json.dumps(params))
 
 
+def wait_until_served(path: Path) -> None:
+    """ListKeys until it succeeds: connections that were refused (503, closed at once,
+    possibly before our request was sent: EPIPE) take a moment to go away."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if call(path, "ListKeys")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "keyd did not serve again"
+        time.sleep(0.05)
+
+
 def audit_events(keystore: Path) -> list[dict[str, Any]]:
     lines = (keystore / "audit.log").read_bytes().splitlines()
     return [json.loads(line) for line in lines]
@@ -404,14 +418,7 @@ def test_per_uid_quota_answers_429(start_keyd: Any) -> None:
     finally:
         for sock in held:
             sock.close()
-    # the quota counts open connections only
-    deadline = time.monotonic() + 10
-    while True:
-        status, _, _ = call(keyd.socket_path, "ListKeys")
-        if status == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert status == 200
+    wait_until_served(keyd.socket_path)  # the quota counts open connections only
 
 
 def _start_with_fd_limit(keyd: Keyd, limit: int) -> None:
@@ -471,10 +478,7 @@ def test_fd_exhaustion_keeps_keyd_alive_and_serving(keyd_factory: Callable[..., 
     finally:
         for sock in idle:
             sock.close()
-    deadline = time.monotonic() + 10
-    while call(keyd.socket, "ListKeys")[0] != 200:
-        assert time.monotonic() < deadline, "keyd did not serve again"
-        time.sleep(0.05)
+    wait_until_served(keyd.socket)
     assert keyd.process.poll() is None
     keyd.stop()
     assert "Traceback" not in keyd.log()
@@ -528,10 +532,7 @@ def test_accept_at_the_fd_limit_answers_503(start_keyd: Any) -> None:
     assert refused, answers
     assert all("out of file descriptors" in a for a in refused)
     assert answers[0] == ""  # the first clients were accepted and wait, idle
-    deadline = time.monotonic() + 10  # the helper's connections close as it exits
-    while call(keyd.socket_path, "ListKeys")[0] != 200:
-        assert time.monotonic() < deadline, "keyd did not serve again"
-        time.sleep(0.05)
+    wait_until_served(keyd.socket_path)  # the helper's connections close as it exits
 
 
 # ------------------------------------------------------------ a full keystore disk
