@@ -161,6 +161,19 @@ class KMSInternalException(KMSError):
     status = 500
 
 
+class StorageUnavailableException(KMSInternalException):
+    """keyd cannot write the audit record an operation needs, or commit its change to
+    the keystore (a full disk, an I/O error), so it refused the operation.
+
+    AWS's type (``KMSInternalException``: "an internal exception occurred; the request
+    can be retried") with HTTP 503: nothing was changed or done, and the condition
+    (a full disk, an I/O error) is expected to pass, so clients retry instead of
+    treating it as a bug.
+    """
+
+    status = 503
+
+
 class DependencyTimeoutException(KMSError):
     """The key service did not answer in time."""
 

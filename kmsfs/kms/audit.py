@@ -251,9 +251,34 @@ class AuditLog:
             while written < len(data):
                 written += os.write(self._fd, data[written:])
         except OSError as exc:
-            if written:
+            # Part of the line reached the file (ENOSPC in the middle of it): cut it
+            # off again, so the log still ends with a whole line and accepts the next
+            # append once there is space. Only if that fails is the log broken.
+            if written and not self._cut_partial_line(written):
                 self._broken = True
             raise AuditError(f"cannot write audit log {self._path}: {exc.strerror}") from exc
+
+    def _cut_partial_line(self, written: int) -> bool:
+        """Remove the last ``written`` bytes (a partial line); caller holds ``_lock``."""
+        try:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+        except OSError:
+            return False
+        return True
+
+    def datasync(self) -> None:
+        """Flush the lines appended so far to disk (``fdatasync``), without the head.
+
+        The key service calls it after the record of a state change and before the
+        change commits. Raises :class:`AuditError` if the flush fails.
+        """
+        with self._lock:
+            if self._closed:
+                raise AuditError("audit log is closed")
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise AuditError(f"cannot sync audit log {self._path}: {exc.strerror}") from exc
 
     def _maybe_write_head(self) -> None:
         if not self._head_lock.acquire(blocking=False):

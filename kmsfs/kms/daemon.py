@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
 import trio
 
 from kmsfs.background import report_ready
+from kmsfs.errors import AuditError
 from kmsfs.hardening import harden_process
 from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
@@ -50,6 +52,7 @@ def run_keyd(
 ) -> None:
     """Serve keyd in this process until SIGTERM or SIGINT."""
     harden_process(log)
+    raise_fd_limit()
     keystore, audit, service = open_service(keystore_dir, source)
     try:
         trio.run(
@@ -95,7 +98,44 @@ async def _serve_until_signalled(
                 break
 
 
+#: the soft RLIMIT_NOFILE keyd asks for when the hard limit is unlimited
+FD_LIMIT_WANTED = 65536
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (where allowed); returns the soft
+    limit now in force. The server keeps its connection cap below it
+    (:func:`kmsfs.kms.server.effective_max_connections`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.info("keyd: cannot raise the file descriptor limit from %d: %s", soft, exc)
+    return soft
+
+
 async def _sync_audit_periodically(audit: AuditLog) -> None:
+    """Flush the audit log and rewrite its head every second, for as long as keyd runs.
+
+    A failing sync (no space left, out of file descriptors, an I/O error) is logged
+    once and retried: it never ends keyd. Records of state changes do not wait for
+    it (the key service flushes those before the change commits).
+    """
+    failing: str | None = None
     while True:
         await trio.sleep(AUDIT_SYNC_INTERVAL)
-        await trio.to_thread.run_sync(audit.sync)
+        try:
+            await trio.to_thread.run_sync(audit.sync)
+        except (AuditError, OSError, RuntimeError) as exc:
+            # RuntimeError: no thread could be started (out of memory or threads)
+            reason = str(exc)
+            if failing is None:
+                log.warning("keyd: %s; will retry every %g s", reason, AUDIT_SYNC_INTERVAL)
+            failing = reason
+        else:
+            if failing is not None:
+                log.warning("keyd: audit log synced again")
+                failing = None

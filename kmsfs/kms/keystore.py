@@ -262,6 +262,7 @@ class Keystore:
         self._db = db
         self._root = AESGCM(root_key)
         self.scrub_pending = False
+        self._savepoints = 0  # names nested transactions (savepoints) uniquely
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -394,7 +395,26 @@ class Keystore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic change: committed when the block ends, rolled back if it raises."""
+        """One atomic change: committed when the block ends, rolled back if it raises.
+
+        Nested blocks are savepoints of the outer transaction: their changes commit
+        only when the outermost block does (the key service wraps each state-changing
+        operation in one, so that the change commits only after its audit record was
+        written).
+        """
+        if self._db.in_transaction:
+            self._savepoints += 1
+            name = f"nested{self._savepoints}"
+            self._db.execute(f"SAVEPOINT {name}")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
+                raise
+            else:
+                self._db.execute(f"RELEASE {name}")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

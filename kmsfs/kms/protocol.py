@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kmsfs.errors import KeydUnavailable, KMSError, KMSInternalException, kms_error_from_type
+from kmsfs.errors import (
+    KeydUnavailable,
+    KMSError,
+    KMSInternalException,
+    SerializationException,
+    kms_error_from_type,
+)
 
 TARGET_PREFIX = "TrentService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -56,6 +62,49 @@ def encode_response_body(result: Mapping[str, Any]) -> bytes:
 def encode_error_body(aws_type: str, message: str) -> bytes:
     """The JSON body of an error response."""
     return _RESPONSE_ENCODER.encode({"__type": aws_type, "message": message}).encode("utf-8")
+
+
+class _NotJSON(ValueError):
+    """A number JSON does not have (NaN, Infinity) or that a double cannot hold."""
+
+
+def _refuse_constant(name: str) -> float:
+    # NaN, Infinity and -Infinity are Python's extensions, not JSON (RFC 8259 section 6)
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999 overflows a double
+        raise _NotJSON("a number is out of range")
+    return value
+
+
+_REQUEST_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def decode_request_body(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body (an empty body is ``{}``).
+
+    Raises :class:`SerializationException` (400, as AWS answers a body it cannot
+    deserialize) for anything that is not one strict JSON object: invalid UTF-8,
+    syntax errors, trailing data, nesting too deep for the parser, ``NaN``/
+    ``Infinity``/``-Infinity`` (which Python's json module would accept) and numbers
+    that overflow a double (``1e999``, which would silently become infinity).
+    Integers longer than Python's digit limit are refused the same way.
+    """
+    if not body:
+        return {}
+    try:
+        text = body.decode("utf-8")  # strict: raw UTF-8 encoded surrogates are refused here
+        document = _REQUEST_DECODER.decode(text)  # whitespace around is fine, data not
+    except _NotJSON as exc:
+        raise SerializationException(f"the body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError):
+        raise SerializationException("the body is not valid JSON") from None
+    if type(document) is not dict:
+        raise SerializationException("the body is not a JSON object")
+    return document
 
 
 def target_header(operation: str) -> str:

@@ -9,19 +9,24 @@ would cost more than the call). This module is the one place that maps
 Protection against misbehaving clients (all in :class:`ServerLimits`): a body limit
 (413), a header size and count limit (431), a per-request read deadline (408, against
 slow-loris clients), an idle keep-alive timeout (quiet close), a send deadline for
-clients that stop reading, and a cap on concurrent connections (503). Malformed HTTP
-gets a 400 and the connection is closed; no client can stop the daemon or harm
-another connection.
+clients that stop reading, a cap on concurrent connections (503) kept below the
+process's file descriptor limit, and a per-uid quota (429). Malformed HTTP gets a 400
+and the connection is closed; no client can stop the daemon or harm another
+connection. Should descriptors run out anyway (other files, another limit), accept()
+failing with EMFILE/ENFILE does not stop the daemon: a spare descriptor kept for this
+is given up for a moment to accept the waiting client and answer it 503, so it is
+told instead of hanging in the backlog, and open connections are served on.
 
 Nothing from a request body is ever logged: it may hold plaintext.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
-import json
 import logging
 import os
+import resource
 import socket
 import stat
 import struct
@@ -45,6 +50,7 @@ from kmsfs.kms.protocol import (
     CONTENT_TYPE,
     REQUEST_ID_HEADER,
     TARGET_PREFIX,
+    decode_request_body,
     encode_error_body,
     encode_response_body,
 )
@@ -58,6 +64,8 @@ _RECEIVE_SIZE = 64 * 1024
 #: after an error response that ends a connection, how long and how much to keep reading
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1024 * 1024
+#: what a refused connection (503/429) may still send before it is closed
+_REJECT_DRAIN_BYTES = 64 * 1024
 _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
@@ -90,13 +98,35 @@ class ServerLimits:
     request_read_timeout: float = 10.0
     #: seconds a response may take to be accepted by the client's socket
     send_timeout: float = 10.0
-    #: connections served at once; more are answered 503 and closed
+    #: connections served at once; more are answered 503 and closed. serve() lowers
+    #: it to stay below the file descriptor limit (see effective_max_connections)
     max_connections: int = 1024
+    #: connections one uid (peer credentials) may hold at once; more are answered
+    #: 429 ThrottlingException, so one user cannot take every connection
+    max_connections_per_uid: int = 256
     #: listen() backlog
     backlog: int = 128
 
 
 DEFAULT_LIMITS = ServerLimits()
+
+#: descriptors kept free for keyd's own files (keystore, WAL, audit log and head,
+#: SQLite's temporary files, the spare descriptor, trio's wake-up pipes) on top of
+#: those already open when serve() starts
+FD_HEADROOM = 32
+
+
+def effective_max_connections(limits: ServerLimits) -> int:
+    """The connection cap: ``limits.max_connections``, lowered so that every served
+    connection still leaves :data:`FD_HEADROOM` descriptors under RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    return max(1, min(limits.max_connections, soft - open_now - FD_HEADROOM))
 
 
 # ------------------------------------------------------------------------- serve()
@@ -122,11 +152,13 @@ async def serve(
     await _remove_stale_socket(socket_path)
     listener = await _bind(socket_path, socket_mode, limits.backlog)
     identity: tuple[int, int] | None = None
+    server: _Server | None = None
     try:
         bound = os.stat(socket_path)
         identity = (bound.st_dev, bound.st_ino)
         _run_maintenance(service)
         server = _Server(service, limits)
+        logger.debug("keyd serves at most %d connections", server.max_connections)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_maintenance_loop, service, maintenance_interval)
             nursery.start_soon(server.accept_loop, listener, nursery)
@@ -134,6 +166,8 @@ async def serve(
             task_status.started(socket_path)
     finally:
         listener.close()
+        if server is not None:
+            server.close()
         _unlink_if_ours(socket_path, identity)
 
 
@@ -268,49 +302,136 @@ class _Server:
     def __init__(self, service: KeyServiceLike, limits: ServerLimits) -> None:
         self.service = service
         self.limits = limits
+        self.max_connections = effective_max_connections(limits)
         self.active_connections = 0
+        self.connections_by_uid: collections.Counter[int] = collections.Counter()
+        #: a descriptor held in reserve, given up to accept-and-refuse at the fd limit
+        self._spare_fd: int | None = _open_spare_fd()
+        self._at_fd_limit = False
+
+    def close(self) -> None:
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             try:
                 sock, _ = await listener.accept()
             except OSError as exc:
-                # Out of file descriptors or memory: back off instead of spinning or dying.
-                logger.warning("keyd accept failed: %s", exc.strerror or exc)
-                await trio.sleep(0.1)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    await self._refuse_at_fd_limit(listener, nursery)
+                else:
+                    # Out of memory or buffers: back off instead of spinning or dying.
+                    logger.warning("keyd accept failed: %s", exc.strerror or exc)
+                    await trio.sleep(0.1)
                 continue
-            if self.active_connections >= self.limits.max_connections:
-                nursery.start_soon(self._reject_busy, sock)
-            else:
-                self.active_connections += 1
-                nursery.start_soon(self._serve_connection, sock)
-
-    async def _reject_busy(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            conn = h11.Connection(h11.SERVER)
-            data = _error_response(
-                conn,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "ServiceUnavailableException",
-                "keyd is serving too many connections; try again",
-                str(uuid.uuid4()),
-                close=True,
-            )
+            if self._at_fd_limit:
+                self._at_fd_limit = False
+                logger.warning("keyd: file descriptors available again; accepting connections")
             try:
-                with trio.move_on_after(1.0):
-                    await _send_all(sock, data)
-            except OSError as exc:
-                logger.debug("keyd: rejected connection vanished: %s", exc.strerror or exc)
-
-    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
-        peer = "pid ?"
-        try:
-            with sock:
                 pid, uid, gid = _PEERCRED.unpack(
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
                 )
-                peer = f"pid {pid}"
-                connection = _Connection(self, sock, Caller(uid=uid, gid=gid, pid=pid))
+            except OSError as exc:
+                logger.debug("keyd: no peer credentials: %s", exc.strerror or exc)
+                sock.close()
+                continue
+            if self.active_connections >= self.max_connections:
+                nursery.start_soon(
+                    self._reject,
+                    sock,
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableException",
+                    "keyd is serving too many connections; try again",
+                )
+            elif self.connections_by_uid[uid] >= self.limits.max_connections_per_uid:
+                # AWS's name for "this caller asks too much" (its SDKs retry it with
+                # backoff), with HTTP's status for a per-client limit.
+                nursery.start_soon(
+                    self._reject,
+                    sock,
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    "ThrottlingException",
+                    f"uid {uid} holds {self.limits.max_connections_per_uid} connections to "
+                    "keyd already; close some or try again",
+                )
+            else:
+                self.active_connections += 1
+                self.connections_by_uid[uid] += 1
+                nursery.start_soon(self._serve_connection, sock, Caller(uid=uid, gid=gid, pid=pid))
+
+    async def _refuse_at_fd_limit(
+        self, listener: trio.socket.SocketType, nursery: trio.Nursery
+    ) -> None:
+        """accept() failed for want of descriptors: answer the waiting client 503.
+
+        Gives up the spare descriptor, accepts one client with it, answers and closes
+        it, and takes the spare back. Without a spare (it could not be taken back),
+        waits a little: the client waits in the backlog until descriptors free up.
+        """
+        if not self._at_fd_limit:
+            self._at_fd_limit = True
+            logger.warning(
+                "keyd: out of file descriptors; refusing new connections (503) while "
+                "serving open ones"
+            )
+        if self._spare_fd is None:
+            self._spare_fd = _open_spare_fd()
+            await trio.sleep(0.1)
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            with trio.move_on_after(0.5):
+                sock, _ = await listener.accept()
+                await self._reject(
+                    sock,
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableException",
+                    "keyd is out of file descriptors; try again",
+                    wait=0.2,
+                )
+        except OSError as exc:
+            logger.debug("keyd: accept at the fd limit failed: %s", exc.strerror or exc)
+        finally:
+            self._spare_fd = _open_spare_fd()
+        if self._spare_fd is None:
+            await trio.sleep(0.1)
+
+    async def _reject(
+        self,
+        sock: trio.socket.SocketType,
+        status: int,
+        aws_type: str,
+        message: str,
+        *,
+        wait: float = 1.0,
+    ) -> None:
+        with sock:
+            conn = h11.Connection(h11.SERVER)
+            data = _error_response(conn, status, aws_type, message, str(uuid.uuid4()), close=True)
+            try:
+                with trio.move_on_after(wait):
+                    await _send_all(sock, data)
+                    # Read (and drop) what the client still sends, briefly: closing with
+                    # its request unread would make its send fail (EPIPE) before it reads
+                    # our answer.
+                    sock.shutdown(socket.SHUT_WR)
+                    budget = _REJECT_DRAIN_BYTES
+                    while budget > 0:
+                        received = await sock.recv(_RECEIVE_SIZE)
+                        if not received:
+                            break
+                        budget -= len(received)
+            except OSError as exc:
+                logger.debug("keyd: rejected connection vanished: %s", exc.strerror or exc)
+
+    async def _serve_connection(self, sock: trio.socket.SocketType, caller: Caller) -> None:
+        peer = f"pid {caller.pid}"
+        try:
+            with sock:
+                connection = _Connection(self, sock, caller)
                 await connection.run()
         except OSError as exc:
             logger.debug("keyd connection from %s lost: %s", peer, exc.strerror or exc)
@@ -321,6 +442,16 @@ class _Server:
             logger.exception("keyd connection from %s failed unexpectedly", peer)
         finally:
             self.active_connections -= 1
+            self.connections_by_uid[caller.uid] -= 1
+            if not self.connections_by_uid[caller.uid]:
+                del self.connections_by_uid[caller.uid]
+
+
+def _open_spare_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class _Connection:
@@ -451,14 +582,7 @@ class _Connection:
         operation = ""
         try:
             operation = self._operation(request)
-            try:
-                params = json.loads(body) if body else {}
-            except (ValueError, RecursionError):
-                params = None
-            if type(params) is not dict:
-                return self._error_bytes(
-                    400, "SerializationException", "the body is not a JSON object", request_id
-                )
+            params = decode_request_body(body)
             result = self.service.handle(operation, params, self.caller, request_id)
             payload = encode_response_body(result)
         except _HTTPError as error:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import logging
 import os
 import re
+import sqlite3
 import struct
 import time
 import uuid
@@ -39,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsfs.errors import (
     AlreadyExistsException,
+    AuditError,
     DisabledException,
     DryRunOperationException,
     IncorrectKeyException,
@@ -50,6 +53,8 @@ from kmsfs.errors import (
     KMSInternalException,
     KMSInvalidStateException,
     NotFoundException,
+    SerializationException,
+    StorageUnavailableException,
     TagException,
     UnknownOperationException,
     UnsupportedOperationException,
@@ -57,6 +62,8 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
+
+log = logging.getLogger("kmsfs.keyd")
 
 DAY = 86400.0
 BLOB_VERSION = 1
@@ -131,6 +138,231 @@ _AUDITED_FIELDS = {
     "NextRotationDate",
     "DryRun",
 }
+
+# ------------------------------------------------------------ request members
+# The members of every operation and their JSON types, from the AWS KMS API reference.
+# Kinds: "string", "integer", "boolean", "blob" (a base64 string), "context" (a map of
+# strings to strings), "strings" (a list of strings), "tags" (a list of {TagKey,
+# TagValue} strings), "recipient" (the Nitro Enclaves structure, refused later).
+#
+# A member of the wrong JSON type is refused with 400 SerializationException before
+# the operation runs, as AWS's JSON 1.1 services answer a value they cannot
+# deserialize into the member's type ("STRING_VALUE can not be converted to an
+# Integer", "Start of structure or map found where not expected"). Range, length,
+# pattern and enum problems stay ValidationException (as AWS's constraint checks are).
+# JSON null counts as absent, as in AWS.
+#
+# Unknown members are ignored, as AWS's services do (forward compatibility: an SDK
+# newer than the service may send members the service does not know). They never
+# reach the operation or the audit log, and their strings are still checked for lone
+# surrogates (see _check_text), like every string in the request.
+_STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
+_CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
+_CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
+_PAGING = {"Limit": _INTEGER, "Marker": _STRING}
+REQUEST_MEMBERS: dict[str, dict[str, str]] = {
+    "CreateKey": {
+        "Description": _STRING,
+        "KeySpec": _STRING,
+        "CustomerMasterKeySpec": _STRING,
+        "KeyUsage": _STRING,
+        "Origin": _STRING,
+        "MultiRegion": _BOOLEAN,
+        "Policy": _STRING,
+        "Tags": _TAGS,
+        "BypassPolicyLockoutSafetyCheck": _BOOLEAN,
+        "CustomKeyStoreId": _STRING,
+        "XksKeyId": _STRING,
+        "DryRun": _BOOLEAN,
+    },
+    "DescribeKey": {"KeyId": _STRING, "GrantTokens": _STRINGS},
+    "ListKeys": {**_PAGING},
+    "EnableKey": {"KeyId": _STRING},
+    "DisableKey": {"KeyId": _STRING},
+    "ScheduleKeyDeletion": {"KeyId": _STRING, "PendingWindowInDays": _INTEGER},
+    "CancelKeyDeletion": {"KeyId": _STRING},
+    "EnableKeyRotation": {"KeyId": _STRING, "RotationPeriodInDays": _INTEGER},
+    "DisableKeyRotation": {"KeyId": _STRING},
+    "GetKeyRotationStatus": {"KeyId": _STRING},
+    "RotateKeyOnDemand": {"KeyId": _STRING},
+    "ListKeyRotations": {"KeyId": _STRING, **_PAGING},
+    "Encrypt": {
+        "KeyId": _STRING,
+        "Plaintext": _BLOB,
+        "EncryptionContext": _CONTEXT,
+        "EncryptionAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "Decrypt": {
+        "CiphertextBlob": _BLOB,
+        "EncryptionContext": _CONTEXT,
+        "KeyId": _STRING,
+        "EncryptionAlgorithm": _STRING,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "ReEncrypt": {
+        "CiphertextBlob": _BLOB,
+        "SourceEncryptionContext": _CONTEXT,
+        "SourceKeyId": _STRING,
+        "DestinationKeyId": _STRING,
+        "DestinationEncryptionContext": _CONTEXT,
+        "SourceEncryptionAlgorithm": _STRING,
+        "DestinationEncryptionAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKey": {
+        "KeyId": _STRING,
+        "EncryptionContext": _CONTEXT,
+        "NumberOfBytes": _INTEGER,
+        "KeySpec": _STRING,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKeyWithoutPlaintext": {
+        "KeyId": _STRING,
+        "EncryptionContext": _CONTEXT,
+        "NumberOfBytes": _INTEGER,
+        "KeySpec": _STRING,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateRandom": {
+        "NumberOfBytes": _INTEGER,
+        "CustomKeyStoreId": _STRING,
+        "Recipient": _RECIPIENT,
+    },
+    "CreateAlias": {"AliasName": _STRING, "TargetKeyId": _STRING},
+    "UpdateAlias": {"AliasName": _STRING, "TargetKeyId": _STRING},
+    "DeleteAlias": {"AliasName": _STRING},
+    "ListAliases": {"KeyId": _STRING, **_PAGING},
+    "TagResource": {"KeyId": _STRING, "Tags": _TAGS},
+    "UntagResource": {"KeyId": _STRING, "TagKeys": _STRINGS},
+    "ListResourceTags": {"KeyId": _STRING, **_PAGING},
+}
+
+# What an operation does, which decides what happens when its audit record cannot be
+# written (a full disk, an I/O error):
+# - a state change runs in one keystore transaction that commits only after its audit
+#   record was written and flushed to disk; without the record it is rolled back and
+#   refused (AuditUnavailableException, 503).
+# - key use (anything that opens or seals with a CMK's material) is refused the same
+#   way: its answer is dropped, never sent unaudited.
+# - everything else (Describe*, List*, Get*, GenerateRandom, and every refused request)
+#   changes nothing and uses no key: it is answered even if its record cannot be
+#   written, and keyd writes an "AuditGap" record counting such requests as soon as the
+#   log accepts records again. (CloudTrail logs these read events too, but AWS does not
+#   refuse them when delivery fails; refusing them would make a full disk take down
+#   every mount's DescribeKey at start-up for no safety gain.)
+STATE_CHANGING_OPERATIONS = frozenset(
+    {
+        "CreateKey",
+        "EnableKey",
+        "DisableKey",
+        "ScheduleKeyDeletion",
+        "CancelKeyDeletion",
+        "EnableKeyRotation",
+        "DisableKeyRotation",
+        "RotateKeyOnDemand",
+        "CreateAlias",
+        "UpdateAlias",
+        "DeleteAlias",
+        "TagResource",
+        "UntagResource",
+    }
+)
+KEY_USE_OPERATIONS = frozenset(
+    {"Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"}
+)
+_JSON_TYPE_NAMES = {
+    str: "STRING_VALUE",
+    int: "NUMBER_VALUE",
+    float: "NUMBER_VALUE",
+    bool: "BOOLEAN_VALUE",
+    list: "START_ARRAY",
+    dict: "START_OBJECT",
+}
+_KIND_NAMES = {
+    _STRING: "a String",
+    _INTEGER: "an Integer",
+    _BOOLEAN: "a Boolean",
+    _BLOB: "a Blob (base64 String)",
+    _CONTEXT: "a Map of Strings",
+    _STRINGS: "a List of Strings",
+    _TAGS: "a List of Tags",
+    _RECIPIENT: "a RecipientInfo structure",
+}
+
+
+def _wrong_type(path: str, value: object, kind: str) -> SerializationException:
+    found = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+    return SerializationException(
+        f"{found} at '{path}' can not be converted to {_KIND_NAMES[kind]}"
+    )
+
+
+def _is_string_map(value: object) -> bool:
+    return type(value) is dict and all(type(item) is str for item in value.values())
+
+
+def _check_member(path: str, value: object, kind: str) -> None:
+    """Raise SerializationException unless ``value`` has the JSON type of ``kind``."""
+    ok: bool
+    if kind in (_STRING, _BLOB):
+        ok = type(value) is str
+    elif kind == _INTEGER:
+        ok = type(value) is int  # not bool, not float (1.0 is not an Integer)
+    elif kind == _BOOLEAN:
+        ok = type(value) is bool
+    elif kind == _CONTEXT:
+        ok = _is_string_map(value)
+    elif kind == _STRINGS:
+        ok = type(value) is list and all(type(item) is str for item in value)
+    elif kind == _TAGS:
+        ok = type(value) is list and all(
+            type(tag) is dict
+            and all(type(tag.get(name)) in (str, type(None)) for name in ("TagKey", "TagValue"))
+            for tag in value
+        )
+    elif kind == _RECIPIENT:
+        ok = type(value) is dict
+    else:  # pragma: no cover - a typo in REQUEST_MEMBERS
+        raise AssertionError(f"unknown member kind {kind!r}")
+    if not ok:
+        raise _wrong_type(path, value, kind)
+
+
+def _check_text(params: dict[str, Any]) -> None:
+    """Refuse a lone surrogate in any string (member name or value) of the request.
+
+    JSON's "\\ud800" escape decodes to a string that no UTF-8 encoder (SQLite, the
+    audit log's readers) accepts. AWS answers ValidationException for text that is
+    not valid Unicode. Iterative: the parser allows deeper nesting than recursion here
+    would survive.
+    """
+    pending: list[tuple[str, object]] = [(name, value) for name, value in params.items()]
+    for name in params:
+        _require_utf8(name, "a member name")
+    while pending:
+        member, value = pending.pop()
+        if type(value) is str:
+            _require_utf8(value, member)
+        elif type(value) is dict:
+            for key, item in value.items():
+                _require_utf8(key, member)
+                pending.append((member, item))
+        elif type(value) is list:
+            pending.extend((member, item) for item in value)
+
+
+def check_request(operation: str, params: dict[str, Any]) -> None:
+    """Check every member's JSON type, and every string's text, before anything runs."""
+    _check_text(params)
+    members = REQUEST_MEMBERS.get(operation, {})
+    for name, kind in members.items():
+        value = params.get(name)
+        if value is not None:
+            _check_member(_camel(name), value, kind)
 
 
 class AuditSink(Protocol):
@@ -285,6 +517,11 @@ class KeyService:
         self.region = keystore.meta("region")
         self.account = keystore.meta("account")
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: requests answered while the audit log could not be written (see _record)
+        self._unaudited = 0
+        self._unaudited_since = 0.0
+        self._unaudited_until = 0.0
+        self._audit_problem: str | None = None
         self._operations: dict[str, Callable[[dict[str, Any], Caller], dict[str, Any]]] = {
             name: getattr(self, "_op_" + name) for name in self.operation_names()
         }
@@ -297,29 +534,148 @@ class KeyService:
     def handle(
         self, operation: str, params: dict[str, Any], caller: Caller, request_id: str
     ) -> dict[str, Any]:
-        """Run one operation and audit it, whatever its outcome."""
+        """Run one operation and audit it, whatever its outcome.
+
+        The whole request is checked (every member's type, every string's text)
+        before anything runs. A state change (:data:`STATE_CHANGING_OPERATIONS`) runs
+        in one keystore transaction that commits only after its audit record was
+        written and flushed: if the record cannot be written the change is rolled back
+        and :class:`StorageUnavailableException` (503) raised. Key use
+        (:data:`KEY_USE_OPERATIONS`) is refused the same way. Other requests, and
+        refusals, are answered even if their record cannot be written; the log then
+        gets an ``AuditGap`` record counting them as soon as it accepts records again.
+
+        If COMMIT itself fails after the record was written (the disk filled up in
+        between), the request is answered with an error and a second record with the
+        same request id and the error follows the first (when the log accepts it).
+        """
         started = self.clock()
         response: dict[str, Any] | None = None
         error: KMSError | None = None
+        recorded = False
         try:
             method = self._operations.get(operation)
             if method is None:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
-            response = method(params, caller)
+            check_request(operation, params)
+            if operation in STATE_CHANGING_OPERATIONS:
+                with self.keystore.transaction():
+                    response = method(params, caller)
+                    self._record(
+                        self._audit_event(
+                            operation, params, caller, request_id, started, response, None
+                        ),
+                        durable=True,
+                    )
+                    recorded = True
+            else:
+                response = method(params, caller)
+                if operation in KEY_USE_OPERATIONS:
+                    self._record(
+                        self._audit_event(
+                            operation, params, caller, request_id, started, response, None
+                        ),
+                        durable=False,
+                    )
+                    recorded = True
             return response
         except KMSError as exc:
             error = exc
             raise
+        except sqlite3.OperationalError as exc:
+            # COMMIT (or a write) failed: a full disk, an I/O error. Rolled back.
+            error = StorageUnavailableException(
+                f"keyd could not write its keystore ({exc}); nothing was changed"
+            )
+            log.warning("keyd: %s refused: keystore write failed: %s", operation, exc)
+            raise error from exc
         except Exception as exc:
             error = KMSInternalException("internal error")
+            log.exception("keyd: internal error in %s (request id %s)", operation, request_id)
             raise error from exc
         finally:
-            if self.audit is not None:
-                self.audit.append(
+            if error is not None or not recorded:
+                self._record_best_effort(
                     self._audit_event(
-                        operation, params, caller, request_id, started, response, error
+                        operation,
+                        params,
+                        caller,
+                        request_id,
+                        started,
+                        response if error is None else None,
+                        error,
                     )
                 )
+
+    # ------------------------------------------------------------ audit writing
+    def _record(self, event: dict[str, Any], *, durable: bool) -> None:
+        """Write one audit record, after a pending ``AuditGap`` record if there is one.
+
+        ``durable``: also flush the log to disk (``fdatasync``) before returning, so
+        the record of a state change is on disk before the change commits (SQLite
+        commits with synchronous=FULL). Raises :class:`StorageUnavailableException`
+        if the record cannot be written.
+        """
+        if self.audit is None:
+            return
+        try:
+            if self._unaudited:
+                self.audit.append(self._gap_event())
+                log.warning(
+                    "keyd: audit log writable again; %d request(s) were answered without "
+                    "a record (an AuditGap record says so)",
+                    self._unaudited,
+                )
+                self._unaudited = 0
+                self._audit_problem = None
+            try:
+                self.audit.append(event)
+            except AuditError as exc:
+                if isinstance(exc.__cause__, OSError):
+                    raise
+                # the event itself could not be encoded (too large): keep its outline
+                event = {**event, "requestParameters": {"omitted": str(exc)[:200]}}
+                self.audit.append(event)
+            if durable:
+                datasync = getattr(self.audit, "datasync", None)
+                if datasync is not None:
+                    datasync()
+        except (AuditError, OSError) as exc:
+            reason = _storage_reason(exc)
+            if self._audit_problem is None:
+                log.warning(
+                    "keyd: cannot write the audit log (%s): refusing state changes and "
+                    "key use until it can",
+                    reason,
+                )
+            self._audit_problem = reason
+            raise StorageUnavailableException(
+                f"keyd cannot write its audit log ({reason}); the request was refused and "
+                "nothing was changed. Retry when the keystore's filesystem has space."
+            ) from exc
+
+    def _record_best_effort(self, event: dict[str, Any]) -> None:
+        """Record a request that changed nothing and used no key; count it if impossible."""
+        try:
+            self._record(event, durable=False)
+        except StorageUnavailableException:
+            if not self._unaudited:
+                self._unaudited_since = self.clock()
+            self._unaudited += 1
+            self._unaudited_until = self.clock()
+
+    def _gap_event(self) -> dict[str, Any]:
+        event = self._service_event("AuditGap", None)
+        event["readOnly"] = True
+        event["additionalEventData"] = {
+            "unauditedRequests": self._unaudited,
+            "firstUnauditedTime": _iso(self._unaudited_since),
+            "lastUnauditedTime": _iso(self._unaudited_until),
+            "reason": self._audit_problem or "unknown",
+            "note": "read-only or refused requests answered while the audit log could "
+            "not be written; no state change and no key use happened unaudited",
+        }
+        return event
 
     def run_maintenance(self) -> dict[str, list[str]]:
         """Destroy keys whose deletion window has ended and rotate keys that are due.
@@ -330,26 +686,30 @@ class KeyService:
         deleted: list[str] = []
         rotated: list[str] = []
         for key in self.keystore.list_keys():
-            if key.key_state == "PendingDeletion" and key.deletion_date is not None:
-                if key.deletion_date <= now:
-                    with self.keystore.transaction() as db:
-                        self.keystore.destroy_key(db, key.key_id, now)
-                    self._forget_ciphers(key.key_id)
-                    deleted.append(key.key_id)
-            elif (
-                key.key_state == "Enabled"
-                and key.rotation_enabled
-                and key.next_rotation_date is not None
-                and key.next_rotation_date <= now
-            ):
-                self._add_version(key, "AUTOMATIC", now)
-                rotated.append(key.key_id)
+            # Each change commits together with its audit record, or not at all (then
+            # it is retried at the next pass: the key stays pending or due).
+            try:
+                if key.key_state == "PendingDeletion" and key.deletion_date is not None:
+                    if key.deletion_date <= now:
+                        with self.keystore.transaction() as db:
+                            self.keystore.destroy_key(db, key.key_id, now)
+                            self._record(self._service_event("DeleteKey", key.key_id), durable=True)
+                        self._forget_ciphers(key.key_id)
+                        deleted.append(key.key_id)
+                elif (
+                    key.key_state == "Enabled"
+                    and key.rotation_enabled
+                    and key.next_rotation_date is not None
+                    and key.next_rotation_date <= now
+                ):
+                    with self.keystore.transaction():
+                        self._add_version(key, "AUTOMATIC", now)
+                        self._record(self._service_event("RotateKey", key.key_id), durable=True)
+                    rotated.append(key.key_id)
+            except (StorageUnavailableException, sqlite3.OperationalError) as exc:
+                log.warning("keyd maintenance of key %s postponed: %s", key.key_id, exc)
         if deleted or self.keystore.scrub_pending:
             self.keystore.scrub()
-        for key_id in deleted + rotated:
-            event = self._service_event("DeleteKey" if key_id in deleted else "RotateKey", key_id)
-            if self.audit is not None:
-                self.audit.append(event)
         return {"deleted": deleted, "rotated": rotated}
 
     # --------------------------------------------------------------- helpers
@@ -913,7 +1273,9 @@ class KeyService:
             "eventSource": "kms.amazonaws.com",
             "eventName": operation,
             "awsRegion": self.region,
-            "requestParameters": _safe_fields(params) if isinstance(params, dict) else None,
+            "requestParameters": (
+                _safe_request_fields(operation, params) if isinstance(params, dict) else None
+            ),
             "responseElements": _safe_fields(response) if response else None,
             "requestID": request_id,
             "eventID": str(uuid.uuid4()),
@@ -931,30 +1293,61 @@ class KeyService:
             event["errorMessage"] = error.message
         return event
 
-    def _service_event(self, name: str, key_id: str) -> dict[str, Any]:
-        """An event keyd itself causes (deletion at the end of the window, auto-rotation)."""
+    def _service_event(self, name: str, key_id: str | None) -> dict[str, Any]:
+        """An event keyd itself causes (deletion at the end of the window, auto-rotation,
+        a gap in the log)."""
         now = self.clock()
-        return {
+        event: dict[str, Any] = {
             "eventVersion": "1.08",
             "userIdentity": {"type": "AWSService", "invokedBy": "keyd"},
             "eventTime": _iso(now),
             "eventSource": "kms.amazonaws.com",
             "eventName": name,
             "awsRegion": self.region,
-            "requestParameters": {"keyId": self.arn(key_id)},
+            "requestParameters": {"keyId": self.arn(key_id)} if key_id else None,
             "responseElements": None,
             "eventID": str(uuid.uuid4()),
             "readOnly": False,
-            "resources": [
-                {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": self.arn(key_id)}
-            ],
-            "eventType": "AwsServiceEvent",
-            "recipientAccountId": self.account,
         }
+        if key_id:
+            event["resources"] = [
+                {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": self.arn(key_id)}
+            ]
+        event["eventType"] = "AwsServiceEvent"
+        event["recipientAccountId"] = self.account
+        return event
 
 
 def _safe_fields(values: dict[str, Any]) -> dict[str, Any]:
     return {_camel(name): value for name, value in values.items() if name in _AUDITED_FIELDS}
+
+
+def _safe_request_fields(operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The audited members of a request: members of this operation only (unknown ones
+    are ignored, see REQUEST_MEMBERS), and of the right type (a wrongly typed value,
+    which may nest a thousand levels deep, is recorded by its type name only)."""
+    members = REQUEST_MEMBERS.get(operation, {})
+    fields: dict[str, Any] = {}
+    for name, value in params.items():
+        kind = members.get(name)
+        if kind is None or name not in _AUDITED_FIELDS or value is None:
+            continue
+        try:
+            _check_member(name, value, kind)
+        except SerializationException:
+            value = "<" + _JSON_TYPE_NAMES.get(type(value), type(value).__name__) + ">"
+        fields[_camel(name)] = value
+    return fields
+
+
+def _storage_reason(exc: BaseException) -> str:
+    """A short reason for a failed write: the OS error's text, else the message."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return os.strerror(cause.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _key_arn_of(response: dict[str, Any] | None) -> str | None:

@@ -32,6 +32,7 @@ from kmsfs.errors import (
     KMSInternalException,
     KMSInvalidStateException,
     NotFoundException,
+    SerializationException,
     TagException,
     UnknownOperationException,
     UnsupportedOperationException,
@@ -203,7 +204,7 @@ def test_create_key_description_limits(kms: Harness) -> None:
     kms.create_key(Description="d" * 8192)
     with pytest.raises(ValidationException):
         kms.call("CreateKey", Description="d" * 8193)
-    with pytest.raises(ValidationException):
+    with pytest.raises(SerializationException):  # a wrong JSON type, as AWS answers it
         kms.call("CreateKey", Description=5)
 
 
@@ -225,7 +226,7 @@ def test_create_key_description_limits(kms: Harness) -> None:
         ({"Tags": [{"TagKey": "aws:owner", "TagValue": "x"}]}, TagException),
         ({"Tags": [{"TagKey": "", "TagValue": "x"}]}, ValidationException),
         ({"Tags": [{"TagKey": "k"}]}, ValidationException),
-        ({"Tags": ["k=v"]}, ValidationException),
+        ({"Tags": ["k=v"]}, SerializationException),
         ({"Tags": [{"TagKey": f"k{i}", "TagValue": "v"} for i in range(51)]}, TagException),
     ],
 )
@@ -269,9 +270,19 @@ def test_describe_key_arn_of_other_region_or_account(kms: Harness) -> None:
             kms.call("DescribeKey", KeyId=arn)
 
 
-@pytest.mark.parametrize("params", [{}, {"KeyId": ""}, {"KeyId": 7}, {"KeyId": None}])
-def test_describe_key_requires_key_id(kms: Harness, params: dict[str, Any]) -> None:
-    with pytest.raises(ValidationException):
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({}, ValidationException),
+        ({"KeyId": ""}, ValidationException),
+        ({"KeyId": 7}, SerializationException),
+        ({"KeyId": None}, ValidationException),
+    ],
+)
+def test_describe_key_requires_key_id(
+    kms: Harness, params: dict[str, Any], error: type[KMSError]
+) -> None:
+    with pytest.raises(error):
         kms.call("DescribeKey", **params)
 
 
@@ -310,9 +321,12 @@ def test_list_keys_limit_bounds(kms: Harness) -> None:
         kms.create_key()
     assert len(kms.call("ListKeys", Limit=1)["Keys"]) == 1
     assert len(kms.call("ListKeys", Limit=1000)["Keys"]) == 2
-    for bad in (0, 1001, -1, "3", True):
+    for bad in (0, 1001, -1):
         with pytest.raises(ValidationException):
             kms.call("ListKeys", Limit=bad)
+    for wrong_type in ("3", True, 3.0):
+        with pytest.raises(SerializationException):
+            kms.call("ListKeys", Limit=wrong_type)
 
 
 @pytest.mark.parametrize(
@@ -397,7 +411,8 @@ def test_schedule_key_deletion_window_accepted(kms: Harness, days: int) -> None:
 @pytest.mark.parametrize("days", [6, 31, 0, -7, 365, "7", 7.0, True])
 def test_schedule_key_deletion_window_rejected(kms: Harness, days: Any) -> None:
     key_id = kms.create_key()
-    with pytest.raises(ValidationException):
+    error = ValidationException if type(days) is int else SerializationException
+    with pytest.raises(error):
         kms.call("ScheduleKeyDeletion", KeyId=key_id, PendingWindowInDays=days)
     assert kms.describe(key_id)["KeyState"] == "Enabled"
 
@@ -579,7 +594,8 @@ def test_key_rotation_status_and_period(kms: Harness) -> None:
 @pytest.mark.parametrize("days", [89, 2561, 0, -1, "365", 365.0, True])
 def test_enable_key_rotation_period_rejected(kms: Harness, days: Any) -> None:
     key_id = kms.create_key()
-    with pytest.raises(ValidationException):
+    error = ValidationException if type(days) is int else SerializationException
+    with pytest.raises(error):
         kms.call("EnableKeyRotation", KeyId=key_id, RotationPeriodInDays=days)
     assert kms.call("GetKeyRotationStatus", KeyId=key_id)["KeyRotationEnabled"] is False
 
@@ -738,14 +754,14 @@ def test_encrypt_is_randomised(kms: Harness) -> None:
         ({"Plaintext": b64(b"x" * 4097)}, ValidationException),
         ({"Plaintext": None}, ValidationException),
         ({"Plaintext": "not base64!"}, ValidationException),
-        ({"Plaintext": 12}, ValidationException),
+        ({"Plaintext": 12}, SerializationException),
         (
             {"Plaintext": b64(b"x"), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
             InvalidKeyUsageException,
         ),
         ({"Plaintext": b64(b"x"), "EncryptionAlgorithm": "AES_GCM"}, ValidationException),
-        ({"Plaintext": b64(b"x"), "EncryptionContext": "a=b"}, ValidationException),
-        ({"Plaintext": b64(b"x"), "EncryptionContext": {"a": 1}}, ValidationException),
+        ({"Plaintext": b64(b"x"), "EncryptionContext": "a=b"}, SerializationException),
+        ({"Plaintext": b64(b"x"), "EncryptionContext": {"a": 1}}, SerializationException),
         ({"Plaintext": b64(b"x"), "EncryptionContext": {"": "v"}}, ValidationException),
         ({"Plaintext": b64(b"x"), "DryRun": True}, DryRunOperationException),
     ],
@@ -1122,11 +1138,11 @@ def test_generate_data_keys_differ(kms: Harness) -> None:
         ({"NumberOfBytes": 0}, ValidationException),
         ({"NumberOfBytes": 1025}, ValidationException),
         ({"NumberOfBytes": -1}, ValidationException),
-        ({"NumberOfBytes": "32"}, ValidationException),
-        ({"NumberOfBytes": True}, ValidationException),
+        ({"NumberOfBytes": "32"}, SerializationException),
+        ({"NumberOfBytes": True}, SerializationException),
         ({"KeySpec": "AES_512"}, ValidationException),
         ({"KeySpec": "aes_256"}, ValidationException),
-        ({"KeySpec": "AES_256", "EncryptionContext": ["a"]}, ValidationException),
+        ({"KeySpec": "AES_256", "EncryptionContext": ["a"]}, SerializationException),
         ({"KeySpec": "AES_256", "DryRun": True}, DryRunOperationException),
     ],
 )
@@ -1152,7 +1168,7 @@ def test_generate_random(kms: Harness, count: int) -> None:
     [
         ({"NumberOfBytes": 0}, ValidationException),
         ({"NumberOfBytes": 1025}, ValidationException),
-        ({"NumberOfBytes": "8"}, ValidationException),
+        ({"NumberOfBytes": "8"}, SerializationException),
         ({}, ValidationException),
         ({"NumberOfBytes": 8, "CustomKeyStoreId": "cks-1"}, UnsupportedOperationException),
     ],
@@ -1343,7 +1359,7 @@ def test_tag_untag_list(kms: Harness) -> None:
         ({"Tags": [{"TagKey": "k" * 129, "TagValue": "v"}]}, ValidationException),
         ({"Tags": [{"TagKey": "k", "TagValue": "v" * 257}]}, ValidationException),
         ({"Tags": [{"TagKey": "k", "TagValue": None}]}, ValidationException),
-        ({"Tags": {"TagKey": "k", "TagValue": "v"}}, ValidationException),
+        ({"Tags": {"TagKey": "k", "TagValue": "v"}}, SerializationException),
     ],
 )
 def test_tag_resource_rejects(kms: Harness, params: dict[str, Any], error: type[KMSError]) -> None:
@@ -1369,7 +1385,8 @@ def test_tag_count_limit_is_atomic(kms: Harness) -> None:
 @pytest.mark.parametrize("tag_keys", [[], None, "a", [1]])
 def test_untag_resource_rejects(kms: Harness, tag_keys: Any) -> None:
     key_id = kms.create_key()
-    with pytest.raises(ValidationException):
+    error = ValidationException if tag_keys in ([], None) else SerializationException
+    with pytest.raises(error):
         kms.call("UntagResource", KeyId=key_id, TagKeys=tag_keys)
 
 
