@@ -280,9 +280,16 @@ class Operations(pyfuse3.Operations):
         directory, entry = self._entry_of(parent, name)
         return directory, entry, directory + b"/" + entry.backing
 
-    def _attrs(self, st: os.stat_result, node: Node | None = None) -> pyfuse3.EntryAttributes:
+    def _attrs(
+        self, st: os.stat_result, node: Node | None = None, ino: int | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """The FUSE attributes of backing entry ``st``: inode number ``node``'s, else
+        ``ino`` (the caller's ino_of), else looked up."""
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = node.ino if node is not None else self.inodes.ino_of(st.st_ino)
+        if node is not None:
+            attrs.st_ino = node.ino
+        else:
+            attrs.st_ino = ino if ino is not None else self.inodes.ino_of(st.st_ino)
         attrs.st_mode = st.st_mode
         attrs.st_nlink = 0 if node is not None and node.dead else st.st_nlink
         attrs.st_uid = st.st_uid
@@ -1094,17 +1101,36 @@ class Operations(pyfuse3.Operations):
         if handle.entries is None or start_id == 0:
             entries, _strays = self.tree.list_dir(directory, cache_key=handle.inode)
             handle.entries = sorted(entries, key=lambda entry: entry.name)
-        for index in range(start_id, len(handle.entries)):
+        # positions: 0 is '.', 1 is '..' (what getdents shows on ext4 and gocryptfs; the
+        # kernel takes no reference to either, so neither counts as a lookup), then the
+        # entries; each reply names the position after it
+        for position in range(start_id, 2):
+            name = (b".", b"..")[position]
+            if not pyfuse3.readdir_reply(token, name, self._dot_attrs(handle, name), position + 1):
+                return
+        for index in range(max(start_id, 2) - 2, len(handle.entries)):
             entry = handle.entries[index]
             try:
                 st = os.lstat(entry.backing, dir_fd=handle.fd)
             except FileNotFoundError:
                 continue
             ino = self.inodes.ino_of(st.st_ino)
-            node = self.inodes.nodes.get(ino)
-            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(st, node), index + 1):
+            attrs = self._attrs(st, self.inodes.nodes.get(ino), ino)
+            if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):
                 return
             self.inodes.remember(ino, handle.inode, entry.backing)
+
+    def _dot_attrs(self, handle: DirHandle, name: bytes) -> pyfuse3.EntryAttributes:
+        """The attributes of an open directory's '.' or '..' (its parent; its own at the
+        root, and once it was removed: its parent is then unknown)."""
+        node = self.inodes.nodes.get(handle.inode)
+        if name == b".." and node is not None:
+            try:
+                parent = self.inodes.get(self.inodes.parent_of(handle.inode))
+                return self._attrs(self._stat_node(parent), parent)
+            except (pyfuse3.FUSEError, OSError):
+                pass  # removed, or its parent just now: '..' is shown as the directory itself
+        return self._attrs(os.fstat(handle.fd), node, handle.inode)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

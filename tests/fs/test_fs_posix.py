@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -579,3 +580,32 @@ def test_ctime_moves_with_every_change_and_not_with_reads(place: Path) -> None:
     assert not changes(lambda: os.stat(path))
     assert not changes(lambda: os.listdir(place), place)
     assert not changes(lambda: os.readlink(place / "l"), place / "l")
+
+
+# ------------------------------------------------------------ . and .. in readdir
+def listed_with_inodes(path: Path) -> list[tuple[str, int]]:
+    """What getdents(2) returns for ``path`` (ls -a -i, unsorted): (name, d_ino) pairs."""
+    listed = subprocess.run(
+        ["ls", "-a", "-i", "-1", "-U", str(path)], capture_output=True, text=True, check=True
+    )
+    pairs = [line.split(maxsplit=1) for line in listed.stdout.splitlines()]
+    return [(name, int(ino)) for ino, name in pairs]
+
+
+def test_a_listing_has_dot_and_dot_dot(place: Path) -> None:
+    """getdents returns '.' and '..' with their inode numbers, as on ext4 and gocryptfs
+    (``ls -a`` showed neither; os.listdir leaves them out anyway)."""
+    (place / "sub").mkdir()
+    (place / "file").write_bytes(b"x")
+    for directory, parent in ((place, place.parent), (place / "sub", place)):
+        listed = listed_with_inodes(directory)
+        expected = [(".", os.stat(directory).st_ino), ("..", os.stat(parent).st_ino)]
+        expected += [(name, os.lstat(directory / name).st_ino) for name in os.listdir(directory)]
+        assert sorted(listed) == sorted(expected)  # in any order (ext4's is its hash order)
+    # a second listing through the same descriptor, and one that starts over
+    fd = os.open(place, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert sorted(os.listdir(fd)) == ["file", "sub"]
+        assert sorted(os.listdir(fd)) == ["file", "sub"]
+    finally:
+        os.close(fd)
