@@ -609,3 +609,59 @@ def test_a_listing_has_dot_and_dot_dot(place: Path) -> None:
         assert sorted(os.listdir(fd)) == ["file", "sub"]
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------ unlinked files
+def test_an_unlinked_file_still_open_takes_chmod_chown_times_and_truncate(place: Path) -> None:
+    """fchmod, fchown, futimens and ftruncate of an open file whose last link is gone
+    change it, as on ext4 (gocryptfs answers ENOENT to the first three)."""
+    path = place / "f"
+    path.write_bytes(b"data")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.unlink(path)
+        os.fchmod(fd, 0o600)
+        os.fchown(fd, OTHER, GROUP)
+        os.utime(fd, ns=(5, 6))
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_nlink) == (
+            0o600,
+            OTHER,
+            GROUP,
+            0,
+        )
+        assert (st.st_atime_ns, st.st_mtime_ns) == (5, 6)
+        os.ftruncate(fd, 2)
+        assert os.fstat(fd).st_size == 2
+        assert os.pread(fd, 10, 0) == b"da"
+    finally:
+        os.close(fd)
+
+
+def test_an_unlinked_file_open_nowhere(place: Path, posix_mount: Mount) -> None:
+    """Reached only through an O_PATH descriptor (which opens no FUSE handle), an unlinked
+    file is still changed by chmod, chown and truncate on ext4. kmsfs has no descriptor of
+    the backing file any more, whose name is gone: ENOENT, as gocryptfs answers. Its
+    attributes can still be read."""
+    path = place / "f"
+    path.write_bytes(b"data")
+    before = os.stat(path)
+    fd = os.open(path, os.O_PATH)
+    try:
+        os.unlink(path)
+        through = f"/proc/self/fd/{fd}"
+        outcomes = [
+            outcome(lambda: os.chmod(through, 0o600)),
+            outcome(lambda: os.chown(through, OTHER, GROUP)),
+            outcome(lambda: os.truncate(through, 2)),
+        ]
+        st = os.stat(through)
+        assert st.st_nlink == 0
+        if isinstance(posix_mount, Mount):
+            assert outcomes == ["ENOENT"] * 3
+            assert (st.st_mode, st.st_uid, st.st_size) == (before.st_mode, before.st_uid, 4)
+        else:
+            assert outcomes == ["ok"] * 3
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size) == (0o600, OTHER, 2)
+    finally:
+        os.close(fd)
