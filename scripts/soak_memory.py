@@ -7,7 +7,9 @@ directories, set xattrs, unlink, symlink, read, stat); then ``rm -rf``, sync,
 ``drop_caches`` (so the kernel forgets every inode), ``--idle`` seconds idle and
 ``drop_caches`` again. Prints the mount's RSS (``/proc/PID/status`` VmRSS) at the end of
 each round's load and after the idle time, and the mount's own memory report (SIGUSR1:
-its per-file structures' sizes). Everything is unmounted, stopped and removed at the end.
+its per-file structures' sizes). Everything is unmounted, stopped and removed at the end,
+also after Ctrl-C or any failure (keyd and the mount run in their own sessions, so a
+terminal's Ctrl-C reaches only this script and its load processes; they are stopped first).
 
 ``--no-lock`` runs the mount without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0 (so it does
 not lock its memory); ``--trace`` sets PYTHONTRACEMALLOC=1 in the mount (slower; its
@@ -95,6 +97,51 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("2\n")
 
 
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as info:
+        return any(line.split()[4] == str(path) for line in info)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``process`` to end; SIGTERM, then SIGKILL, past ``timeout``."""
+    for send in (None, process.terminate, process.kill):
+        if send is not None:
+            send()
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def clean_up(
+    base: Path,
+    mnt: Path,
+    workers: list[Process],
+    mount: subprocess.Popen[bytes] | None,
+    keyd: subprocess.Popen[bytes] | None,
+) -> None:
+    """Stop the load, unmount, stop the mount and keyd, remove ``base``: whatever state
+    the run is in. A second Ctrl-C does not interrupt it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join(15)
+    if is_mounted(mnt):
+        result = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        if result.returncode != 0 and is_mounted(mnt):
+            print(f"unmounting {mnt}: {result.stderr.decode().strip()}; lazily", file=sys.stderr)
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    if mount is not None:
+        stop(mount, 30)
+    if is_mounted(mnt):  # the mount process died without its kernel mount going
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    if keyd is not None:
+        stop(keyd, 15)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -114,7 +161,9 @@ def main() -> None:
     mount_env = {**env, **({"PYTHONTRACEMALLOC": "1"} if args.trace else {})}
     mnt, log_path = base / "mnt", base / "mount.log"
     mnt.mkdir()
+    print(f"working in {base}", flush=True)
     keyd = mount = None
+    workers: list[Process] = []
     try:
         keystore = ["--keystore", str(base / "ks")]
         root_key = ["--root-key-file", str(base / "rk")]
@@ -126,7 +175,7 @@ def main() -> None:
         with open(base / "keyd.log", "wb") as keyd_log:
             keyd = subprocess.Popen(
                 [*KMSFS, "keyd", "serve", *keystore, "--socket", str(base / "s.sock"), *root_key],
-                env=env, stdout=keyd_log, stderr=subprocess.STDOUT,
+                env=env, stdout=keyd_log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         while not (base / "s.sock").exists():
             if keyd.poll() is not None:
@@ -139,6 +188,7 @@ def main() -> None:
             mount = subprocess.Popen(
                 [*wrapper, *KMSFS, "mount", "-f", str(base / "c"), str(mnt)],
                 env=mount_env, stdout=mount_log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )  # fmt: skip
         while not os.path.ismount(mnt):
             if mount.poll() is not None:
@@ -149,14 +199,15 @@ def main() -> None:
             work = mnt / f"round{round_number}"
             work.mkdir()
             started = time.monotonic()
-            workers = [
+            workers += [
                 Process(target=load, args=(work, round_number * 100 + i, args.ops))
                 for i in range(args.procs)
             ]
-            for worker in workers:
+            for worker in workers[-args.procs :]:
                 worker.start()
             for worker in workers:
                 worker.join()
+            workers.clear()
             entries = sum(len(f) + len(d) for _, d, f in os.walk(work))
             loaded = rss_mib(mount.pid)
             subprocess.run(["rm", "-rf", str(work)], check=True)
@@ -171,18 +222,11 @@ def main() -> None:
                 f"  mount's report: {memory_line(mount, log_path)}",
                 flush=True,
             )
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
-        if mount is not None:
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-            try:
-                mount.wait(30)
-            except subprocess.TimeoutExpired:
-                mount.kill()
-                mount.wait()
-        if keyd is not None:
-            keyd.terminate()
-            keyd.wait(15)
-        shutil.rmtree(base, ignore_errors=True)
+        clean_up(base, mnt, workers, mount, keyd)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,37 @@ def test_key_cache_keeps_at_most_its_cap_and_evicts_the_oldest() -> None:
     assert keyd.decrypts == 0  # all four from the cache
     trio.run(keys.unwrap, _header(0))
     assert keyd.decrypts == 1  # evicted: asked keyd again
+
+
+def test_a_stray_known_already_costs_no_readlink(tmp_path: Path, monkeypatch) -> None:
+    """The mount lists through /proc/self/fd/N paths, shown in messages as the path they
+    stand for (a readlink): worked out once per listing that warns, not per stray, and
+    not at all for strays warned about before (it was a readlink per stray per listing)."""
+    tree = CipherTree(bytes(tmp_path), NameCipher(KEY))
+    directory = tmp_path / "d"
+    directory.mkdir()
+    tree.write_dir_id(bytes(directory))
+    for n in range(20):
+        (directory / f"stray-{n}").write_bytes(b"")  # names that do not decrypt
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        proc_path = b"/proc/self/fd/%d" % fd
+        calls: list[object] = []
+        readlink = os.readlink
+
+        def counted(path, *args, **kwargs):
+            calls.append(path)
+            return readlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "readlink", counted)
+        entries, strays = tree.list_dir(proc_path, cache_key=7)
+        assert (entries, len(strays)) == ([], 20)
+        assert len(calls) == 1
+        entries, strays = tree.list_dir(proc_path, cache_key=7)
+        assert (entries, len(strays)) == ([], 20)
+        assert len(calls) == 1
+    finally:
+        os.close(fd)
 
 
 def test_stray_warnings_are_remembered_up_to_a_cap(tmp_path: Path) -> None:

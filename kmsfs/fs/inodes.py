@@ -51,7 +51,17 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Node:
-    __slots__ = ("ino", "st_ino", "links", "lookups", "open_file", "lock", "dead", "last_stat")
+    __slots__ = (
+        "ino",
+        "st_ino",
+        "links",
+        "lookups",
+        "open_file",
+        "lock",
+        "dead",
+        "last_stat",
+        "cache_stale",
+    )
 
     def __init__(self, ino: int, st_ino: int) -> None:
         self.ino = ino
@@ -62,6 +72,9 @@ class Node:
         self.lock = trio.Lock()  # serialises opening (a keyd round trip) per inode
         self.dead = False  # the backing inode's last link is gone (its number may be reused)
         self.last_stat: os.stat_result | None = None  # of a dead node: its last attributes
+        #: the file was open with direct_io (written past the kernel's page cache): the
+        #: next open without it drops the cache (kmsfs.fs.ops: Operations._open_mode)
+        self.cache_stale = False
 
 
 class InodeTable:

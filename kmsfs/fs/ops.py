@@ -11,7 +11,9 @@ file its first data key; those hold the inode's lock) and fsync, whose backing-f
 runs in a thread (it touches no engine state).
 
 A failure to store a file's data (a full disk...) is told to every writer: see
-``Operations._storing_failed``.
+``Operations._storing_failed``. While the backing filesystem is short of space, files are
+opened with direct_io so that write() itself returns ENOSPC/EDQUOT: see
+``Operations._open_mode``.
 
 Backing entries are reached through the inode table's cached directory descriptors
 (``*at`` calls, or short ``/proc/self/fd/N/name`` paths; see ``inodes.py``), never
@@ -60,6 +62,11 @@ from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 log = logging.getLogger("kmsfs.mount")
 
 ATTR_TIMEOUT = 1.0
+#: free space on the backing filesystem (for unprivileged users, statvfs f_bavail) below
+#: which a file opened for writing bypasses the kernel's write-back cache: 8 x libfuse's
+#: max_write of 1 MiB (one write() becomes at most 1 MiB WRITE requests)
+LOW_SPACE = 8 << 20
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 ENTRY_TIMEOUT = 1.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -168,7 +175,16 @@ def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
 class OpenFile:
     """Per-inode state while any handle is open: the backing fd and the engine."""
 
-    __slots__ = ("node", "fd", "engine", "provider", "refs", "stream", "write_error")
+    __slots__ = (
+        "node",
+        "fd",
+        "engine",
+        "provider",
+        "refs",
+        "direct_handles",
+        "stream",
+        "write_error",
+    )
 
     def __init__(
         self,
@@ -182,6 +198,7 @@ class OpenFile:
         self.engine = engine
         self.provider = provider
         self.refs = 0
+        self.direct_handles = 0  # of the refs, handles opened with direct_io
         self.stream = Stream(engine)  # the sequential reader, for the prefetcher
         #: errno of a failure to store this file's data: WRITEs are refused until every
         #: handle open for writing at the time is released (see ``_storing_failed``)
@@ -227,6 +244,11 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._writers: set[int] = set()  # handles open for writing
         self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
+        self._direct: set[int] = set()  # handles opened with direct_io
+        #: ENOSPC or EDQUOT once storing data failed with it (0: not short of space), and
+        #: the free space then; see _short_of_space
+        self._space_error = 0
+        self._free_at_space_error = 0
         self._invalidating: dict[int, trio.Event] = {}  # inodes a thread is invalidating
         self._invalidate_again: set[int] = set()
         #: where the kernel shows this filesystem (set by the mount; see _kernel_truncate)
@@ -258,9 +280,16 @@ class Operations(pyfuse3.Operations):
         directory, entry = self._entry_of(parent, name)
         return directory, entry, directory + b"/" + entry.backing
 
-    def _attrs(self, st: os.stat_result, node: Node | None = None) -> pyfuse3.EntryAttributes:
+    def _attrs(
+        self, st: os.stat_result, node: Node | None = None, ino: int | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """The FUSE attributes of backing entry ``st``: inode number ``node``'s, else
+        ``ino`` (the caller's ino_of), else looked up."""
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = node.ino if node is not None else self.inodes.ino_of(st.st_ino)
+        if node is not None:
+            attrs.st_ino = node.ino
+        else:
+            attrs.st_ino = ino if ino is not None else self.inodes.ino_of(st.st_ino)
         attrs.st_mode = st.st_mode
         attrs.st_nlink = 0 if node is not None and node.dead else st.st_nlink
         attrs.st_uid = st.st_uid
@@ -694,11 +723,7 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        open_file.refs += 1
-        handle = self._new_handle()
-        self._handles[handle] = open_file
-        self._note_writer(handle, flags, ctx)
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True), attrs
+        return self._new_file_handle(open_file, flags, ctx), attrs
 
     @_handler
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
@@ -715,11 +740,97 @@ class Operations(pyfuse3.Operations):
             # instead of truncating first.
             open_file.engine.truncate(0)
             self._clear_set_id_after_truncate(open_file.fd, ctx)
+        return self._new_file_handle(open_file, flags, ctx)
+
+    def _new_file_handle(
+        self, open_file: OpenFile, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        direct_io, keep_cache = self._open_mode(open_file, flags)
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
+        if direct_io:
+            open_file.direct_handles += 1
+            self._direct.add(handle)
         self._note_writer(handle, flags, ctx)
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        return pyfuse3.FileInfo(fh=handle, direct_io=direct_io, keep_cache=keep_cache)
+
+    def _open_mode(self, open_file: OpenFile, flags: int) -> tuple[bool, bool]:
+        """(direct_io, keep_cache) for a new handle of ``open_file``.
+
+        With the write-back cache, write() returns once the kernel's pages are dirty, and
+        a full disk is only told at fsync and close. While the backing filesystem is
+        short of space, a file opened for writing gets direct_io instead: every write()
+        becomes a WRITE request answered after the engine stored it, so write() itself
+        returns ENOSPC/EDQUOT — what ext4 and gocryptfs (which has no write-back cache)
+        do. The cost, while short of space only: no caching of that file, and its
+        MAP_SHARED mmap() fails with ENODEV (the kernel refuses shared mappings of direct_io
+        files unless FUSE_DIRECT_IO_ALLOW_MMAP, which libfuse 3.14 cannot ask for).
+
+        One file is either all direct_io or all cached while any handle is open. Kernels
+        with Bernd Schubert's 2025 fix ("fuse: ... flush dirty pages" before direct I/O,
+        in 6.18 here) write another handle's dirty pages back before a direct_io read or
+        write and drop the cached pages a direct_io write covers; older ones do not, and
+        a direct_io handle would read past another handle's dirty pages, or have its
+        write overwritten by their later write-back. So a file already open keeps its
+        mode (a writer of a file open in cached mode is told at fsync and close, as
+        before), and the first cached handle after direct_io ones drops the file's cached
+        pages (keep_cache=False): they may predate those writes.
+        """
+        node = open_file.node
+        if open_file.direct_handles:
+            return True, True
+        if (
+            open_file.refs == 0
+            and flags & (os.O_WRONLY | os.O_RDWR)
+            and not self.read_only
+            and self._short_of_space()
+        ):
+            node.cache_stale = True
+            return True, True
+        if open_file.refs == 0 and node.cache_stale:
+            node.cache_stale = False
+            return False, False
+        return False, True
+
+    def _short_of_space(self) -> bool:
+        """Whether new writers should bypass the write-back cache (see _open_mode).
+
+        One fstatvfs of the cipher directory (under a microsecond here). Short of space:
+        less than LOW_SPACE free; or, since storing data failed with ENOSPC or EDQUOT,
+        until LOW_SPACE more than then is free (a quota, or a filesystem whose statvfs
+        shows room it cannot give, is not visible in statvfs: only its change is).
+        """
+        try:
+            st = os.statvfs(self.inodes.root_fd)
+        except OSError as error:
+            log.debug("statvfs of the cipher directory: %s", os.strerror(error.errno or 0))
+            return bool(self._space_error)
+        free = st.f_bavail * st.f_frsize
+        if self._space_error:
+            if free < self._free_at_space_error + LOW_SPACE:
+                return True
+            log.info("the cipher directory's filesystem has room again: writes are cached")
+            self._space_error = 0
+        return free < LOW_SPACE
+
+    def _space_failed(self, code: int) -> None:
+        """Storing data failed with ENOSPC or EDQUOT: new writers get direct_io."""
+        try:
+            st = os.statvfs(self.inodes.root_fd)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        if not self._space_error:
+            log.warning(
+                "%s storing data: files opened for writing bypass the write-back cache "
+                "until more space is free",
+                os.strerror(code),
+            )
+            self._free_at_space_error = free
+        else:
+            self._free_at_space_error = min(self._free_at_space_error, free)
+        self._space_error = code
 
     def _clear_set_id_after_truncate(self, fd: int, ctx: pyfuse3.RequestContext) -> None:
         """What truncate(2) does, and the kernel leaves to us for open(O_TRUNC).
@@ -773,13 +884,27 @@ class Operations(pyfuse3.Operations):
             self._storing_failed(open_file, refused)
             raise refused
         await self._ensure_file_key(open_file)
+        engine = open_file.engine
+        direct = fh in self._direct
+        size_before = engine.size
         try:
-            return open_file.engine.write(off, buf)
+            written = engine.write(off, buf)
+            if direct:
+                # the write() of a direct_io handle returns this count: it must be stored,
+                # not held in the engine's memory (its tail chunk) where a later failure
+                # would drop it
+                engine.flush()
+            return written
         except FormatError as error:
             self._read_error(open_file, error)
             raise
         except (OSError, FileTooLarge) as error:  # not stored: every writer is told
             self._storing_failed(open_file, error)
+            # what of an append was stored (the engine is back to what the backing file
+            # holds) is a short write: the application is told exactly what it has
+            stored = engine.size - off
+            if direct and off >= size_before and stored > 0 and not engine.damaged:
+                return min(len(buf), stored)
             raise
 
     @_handler
@@ -818,6 +943,9 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         open_file = self._handles.pop(fh)
         self._writers.discard(fh)
+        if fh in self._direct:
+            self._direct.discard(fh)
+            open_file.direct_handles -= 1
         if self._write_errors.pop(fh, None) and not any(
             self._handles.get(other) is open_file for other in self._write_errors
         ):
@@ -847,6 +975,8 @@ class Operations(pyfuse3.Operations):
         file is dropped from a thread. Logged once per inode until the writers are gone.
         """
         code = _errno_of(error)
+        if code in _SPACE_ERRNOS:
+            self._space_failed(code)
         if not open_file.write_error:
             engine = open_file.engine
             log.error(
@@ -973,17 +1103,36 @@ class Operations(pyfuse3.Operations):
         if handle.entries is None or start_id == 0:
             entries, _strays = self.tree.list_dir(directory, cache_key=handle.inode)
             handle.entries = sorted(entries, key=lambda entry: entry.name)
-        for index in range(start_id, len(handle.entries)):
+        # positions: 0 is '.', 1 is '..' (what getdents shows on ext4 and gocryptfs; the
+        # kernel takes no reference to either, so neither counts as a lookup), then the
+        # entries; each reply names the position after it
+        for position in range(start_id, 2):
+            name = (b".", b"..")[position]
+            if not pyfuse3.readdir_reply(token, name, self._dot_attrs(handle, name), position + 1):
+                return
+        for index in range(max(start_id, 2) - 2, len(handle.entries)):
             entry = handle.entries[index]
             try:
                 st = os.lstat(entry.backing, dir_fd=handle.fd)
             except FileNotFoundError:
                 continue
             ino = self.inodes.ino_of(st.st_ino)
-            node = self.inodes.nodes.get(ino)
-            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(st, node), index + 1):
+            attrs = self._attrs(st, self.inodes.nodes.get(ino), ino)
+            if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):
                 return
             self.inodes.remember(ino, handle.inode, entry.backing)
+
+    def _dot_attrs(self, handle: DirHandle, name: bytes) -> pyfuse3.EntryAttributes:
+        """The attributes of an open directory's '.' or '..' (its parent; its own at the
+        root, and once it was removed: its parent is then unknown)."""
+        node = self.inodes.nodes.get(handle.inode)
+        if name == b".." and node is not None:
+            try:
+                parent = self.inodes.get(self.inodes.parent_of(handle.inode))
+                return self._attrs(self._stat_node(parent), parent)
+            except (pyfuse3.FUSEError, OSError):
+                pass  # removed, or its parent just now: '..' is shown as the directory itself
+        return self._attrs(os.fstat(handle.fd), node, handle.inode)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

@@ -63,7 +63,8 @@ class CipherTree:
         self.root = root
         self.names = names
         self._dir_ids: dict[Hashable, bytes] = {}
-        self._warned: set[tuple[bytes, bytes]] = set()
+        #: strays warned about: (the directory's cache key, or its path; backing name)
+        self._warned: set[tuple[Hashable, bytes]] = set()
 
     @property
     def encrypted(self) -> bool:
@@ -236,6 +237,7 @@ class CipherTree:
         """The plaintext entries of a backing directory, and the strays in it."""
         entries: list[Entry] = []
         strays: list[Stray] = []
+        shown: list[str] = []  # the directory as messages show it, worked out once
         for backing in os.listdir(directory):
             if self.names is None:
                 if not self.is_hidden(directory, backing):
@@ -244,13 +246,13 @@ class CipherTree:
             if is_internal(backing) and not is_longname(backing):
                 if not self._known_internal(directory, backing):
                     strays.append(Stray(directory, backing, "unknown kmsfs file"))
-                    self._warn(directory, backing, "unknown kmsfs file")
+                    self._warn(directory, backing, "unknown kmsfs file", cache_key, shown)
                 continue
             try:
                 name = self.decrypt_entry(directory, backing, cache_key)
             except NameError_ as error:
                 strays.append(Stray(directory, backing, str(error)))
-                self._warn(directory, backing, str(error))
+                self._warn(directory, backing, str(error), cache_key, shown)
                 continue
             encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
             entries.append(Entry(name, backing, encoded))
@@ -261,13 +263,28 @@ class CipherTree:
             return True
         return directory == self.root and backing == CONFIG_NAME_BYTES
 
-    def _warn(self, directory: bytes, backing: bytes, problem: str) -> None:
-        shown = shown_path(directory)
-        if (shown, backing) not in self._warned:
-            if len(self._warned) >= MAX_WARNED:
-                self._warned.clear()
-            self._warned.add((shown, backing))
-            log.warning("%s/%s: left out of the listing: %s", shown, os.fsdecode(backing), problem)
+    def _warn(
+        self,
+        directory: bytes,
+        backing: bytes,
+        problem: str,
+        cache_key: Hashable | None = None,
+        shown: list[str] | None = None,
+    ) -> None:
+        """Log a stray once (until MAX_WARNED others were). Known ones cost a set lookup:
+        the directory's shown path (a readlink of the mount's /proc/self/fd paths) is
+        worked out only to log, once per listing (``shown`` carries it)."""
+        key = (directory if cache_key is None else cache_key, backing)
+        if key in self._warned:
+            return
+        if len(self._warned) >= MAX_WARNED:
+            self._warned.clear()
+        self._warned.add(key)
+        if shown is None:
+            shown = []
+        if not shown:
+            shown.append(shown_path(directory))
+        log.warning("%s/%s: left out of the listing: %s", shown[0], os.fsdecode(backing), problem)
 
     # --------------------------------------------------------------- symlinks
     def symlink_target(self, stored: bytes) -> bytes:

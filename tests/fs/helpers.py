@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -322,17 +323,35 @@ def run_as_child(function: Callable[[], object], *, uid: int | None = None, time
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
     deadline = time.monotonic() + timeout
+
+    def kill_child() -> None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"child did not finish within {timeout} s: killed")
+
+    # the result is read with the deadline too: a hung child never closes the pipe
+    chunks: list[bytes] = []
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                kill_child()
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+    data = b"".join(chunks)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("child did not finish")
+            kill_child()
         time.sleep(0.01)
     assert data, f"child exited with status {status} and no result"
     outcome = pickle.loads(data)
