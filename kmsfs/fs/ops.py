@@ -546,7 +546,7 @@ class Operations(pyfuse3.Operations):
             )
             if isinstance(target, int):
                 if open_file is not None:
-                    open_file.engine.flush()  # a later flush must not move mtime again
+                    self._store(open_file)  # a later flush must not move mtime again
                 os.utime(target, ns=times)
             else:
                 os.utime(target, ns=times, follow_symlinks=False)
@@ -584,7 +584,12 @@ class Operations(pyfuse3.Operations):
         try:
             if size > 0:
                 await self._ensure_file_key(open_file)
-            open_file.engine.truncate(size)
+            try:
+                open_file.engine.truncate(size)
+            except OSError as error:
+                # what the engine held (written, not yet stored) is dropped with it
+                self._storing_failed(open_file, error)
+                raise
         finally:
             if temporary and open_file.refs == 0:
                 self._close_file(open_file)
@@ -918,11 +923,7 @@ class Operations(pyfuse3.Operations):
                 with trio.move_on_after(30):
                     await event.wait()
             self._raise_write_error(fh)
-        try:
-            open_file.engine.flush()
-        except OSError as error:
-            self._storing_failed(open_file, error)
-            raise
+        self._store(open_file)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -959,6 +960,15 @@ class Operations(pyfuse3.Operations):
         # (not the mount's own opens, see _kernel_truncate: it must not be told to wait)
         if flags & (os.O_WRONLY | os.O_RDWR) and ctx.pid not in self._own_threads:
             self._writers.add(fh)
+
+    def _store(self, open_file: OpenFile) -> None:
+        """The engine's flush for a request other than FLUSH/FSYNC (SETATTR of times, sent
+        by the kernel's writeback too): a failure tells every writer, as theirs would."""
+        try:
+            open_file.engine.flush()
+        except OSError as error:
+            self._storing_failed(open_file, error)
+            raise
 
     def _raise_write_error(self, fh: int) -> None:
         code = self._write_errors.get(fh)

@@ -243,8 +243,11 @@ def test_a_writer_opened_on_a_full_disk_is_told_by_write(
 ) -> None:
     """Opened while the backing filesystem is full, a file bypasses the write-back cache
     (direct_io): write() itself returns ENOSPC, as on ext4 and gocryptfs, and nothing of
-    it is shown as stored; fsync and close tell as well. An overwrite in place needs no
-    new space and succeeds. With room again, new handles write through the cache again."""
+    it is shown as stored; fsync and close tell as well. An overwrite in place of
+    fsync'd data is refused too: its undo record (the old chunk, kept past the end of the
+    file while the chunk is rewritten, format README *Crashes*) needs room, and without it
+    a kill could tear fsync'd data (ext4 and gocryptfs accept the overwrite, unprotected).
+    With room again, the overwrite works and new handles write through the cache again."""
     mount = kmsfs_on(tmpfs, mounts, names)
     kept = pattern(21, 3 * MIB + 5)
     with open(mount.mnt / "kept", "wb") as stream:
@@ -267,25 +270,22 @@ def test_a_writer_opened_on_a_full_disk_is_told_by_write(
     assert backing_size(mount.backing(mount.mnt / "new"))() == 0
     assert os.stat(mount.mnt / "kept").st_size == len(kept)
     assert (mount.mnt / "kept").read_bytes() == kept
-    # an overwrite in place takes no new blocks: stored at write(), read back through
-    # a handle opened before it and one opened after
-    reader = os.open(mount.mnt / "kept", os.O_RDONLY)
+    # an overwrite in place of fsync'd data is refused at write() and changes nothing
+    fd = os.open(mount.mnt / "kept", os.O_RDWR)
     try:
-        assert os.pread(reader, 4096, MIB) == kept[MIB : MIB + 4096]
-        fd = os.open(mount.mnt / "kept", os.O_WRONLY)
-        try:
-            assert os.pwrite(fd, pattern(23, 70_000), MIB + 1000) == 70_000
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        kept = kept[: MIB + 1000] + pattern(23, 70_000) + kept[MIB + 71_000 :]
-        assert os.pread(reader, 80_000, MIB) == kept[MIB : MIB + 80_000]
+        assert outcome(os.pwrite, fd, pattern(23, 70_000), MIB + 1000) == "ENOSPC"
+        assert os.pread(fd, 80_000, MIB) == kept[MIB : MIB + 80_000]
     finally:
-        os.close(reader)
+        outcome(os.close, fd)
     assert (mount.mnt / "kept").read_bytes() == kept
     assert "files opened for writing bypass the write-back cache" in mount.log()
 
     (tmpfs / "filler").unlink()
+    with open(mount.mnt / "kept", "r+b") as stream:
+        stream.seek(MIB + 1000)
+        stream.write(pattern(23, 70_000))
+        os.fsync(stream.fileno())
+    kept = kept[: MIB + 1000] + pattern(23, 70_000) + kept[MIB + 71_000 :]
     with open(mount.mnt / "new", "r+b") as stream:
         stream.write(pattern(24, 3 * MIB))
         os.fsync(stream.fileno())
@@ -330,7 +330,9 @@ def test_a_file_open_with_the_cache_keeps_it_on_a_full_disk(
     """A handle opened on the full disk while the file is open in cached mode is cached
     too, and reads the other handle's dirty pages. (A direct_io handle would read the
     backing file past them on kernels without the 2025 fix that writes dirty pages back
-    before direct I/O; on 6.18 this passes either way.)"""
+    before direct I/O; on 6.18 this passes either way.) Storing the overwrite of fsync'd
+    data then fails (its undo record needs room): fsync and close tell, the file shows
+    what is stored, and with room again the same overwrite is stored."""
     mount = kmsfs_on(tmpfs, mounts)
     old = pattern(31, 2 * MIB)
     with open(mount.mnt / "f", "wb") as stream:
@@ -345,10 +347,20 @@ def test_a_file_open_with_the_cache_keeps_it_on_a_full_disk(
         try:
             assert os.pread(second, 65536, 0) == head
         finally:
-            os.close(second)
-        os.fsync(writer)  # in place: no new blocks needed
+            told = [outcome(os.close, second)]
+        told.append(outcome(os.fsync, writer))
     finally:
-        os.close(writer)
+        told.append(outcome(os.close, writer))
+    # every handle open for writing is told, the writer too: the kernel's write-back of
+    # the dirty page at the first close ended in a SETATTR (times) whose flush failed;
+    # the writer's fsync returned 0 and its data was gone
+    assert told == ["ENOSPC", "ENOSPC", "ENOSPC"]
+    assert mount.log().count("storing data failed") == 1
+    assert (mount.mnt / "f").read_bytes() == old
+    (tmpfs / "filler").unlink()
+    with open(mount.mnt / "f", "r+b") as stream:
+        stream.write(head)
+        os.fsync(stream.fileno())
     assert (mount.mnt / "f").read_bytes() == head + old[65536:]
 
 
