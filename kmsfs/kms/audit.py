@@ -286,8 +286,11 @@ def _capped_body(event: Mapping[str, Any]) -> str:
     """The JSON text of *event*, capped. An event that encodes to at most
     MAX_VALUE_BYTES holds nothing to cut, and is encoded once (the usual case: a
     GenerateDataKey event is about 900 bytes)."""
-    body = _ENCODER.encode(dict(event))
-    if len(body) <= MAX_VALUE_BYTES:
+    try:
+        body = _ENCODER.encode(dict(event))
+    except RecursionError:  # nested deeper than Python recurses: cap_event cuts it
+        body = None
+    if body is not None and len(body) <= MAX_VALUE_BYTES:
         return body
     return _ENCODER.encode(cap_event(event))
 
@@ -295,7 +298,7 @@ def _capped_body(event: Mapping[str, Any]) -> str:
 def _encoded_size_or_zero(value: Any) -> int:
     try:
         return _encoded_size(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return 0  # not JSON: append() refuses the event with a clear error
 
 

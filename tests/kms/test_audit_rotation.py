@@ -98,6 +98,7 @@ HOSTILE: dict[str, Any] = {
     "two huge keys with the same start": {"k" * 100_000 + "1": "a", "k" * 100_000 + "2": "b"},
     "a long list": ["t" * 50] * 5000,
     "deep nesting": _deep(500),
+    "nesting deeper than Python recurses": _deep(5000),
     "a huge number": 10**4000,
     "many long values": {f"k{i}": "v" * 5000 for i in range(60)},
 }
