@@ -96,7 +96,8 @@ the records it held missing; a rotated file edited, or two swapped, as a broken 
 in the file where the chain breaks.
 
 Verifying a log keyd is appending to is safe (the head is read first, so it cannot be
-ahead of what is read next; a rotation while reading is noticed and the check redone),
+ahead of what is read next; the log is opened before the rotated files are listed, so
+a rotation meanwhile shows it among them, and it is read once, through the open file),
 but a reader may rarely catch the last line half-written
 (a page-spanning write becomes visible page by page); ``verify`` then reports that line
 as truncated. Run it again, or verify after ``sync``/stopping keyd.
@@ -947,26 +948,33 @@ _Label = Callable[[int], str]
 
 
 class _SetReader:
-    """The lines of a log's files, one stream; maps a position in it back to a file."""
+    """The lines of a log's files, one stream; maps a position in it back to a file.
 
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
+    The rotated files are read by name (they never change); the log itself through
+    *current*, opened before the rotated files were listed (None: it is missing).
+    """
+
+    def __init__(self, rotated: list[Path], path: Path, current: BinaryIO | None) -> None:
+        self.files = [*rotated, path]
+        self.current = current
         self.offsets: list[int] = []  # lines before each file that was started
         self.total = 0
 
     def lines(self) -> Iterator[tuple[bytes, str]]:
-        for path in self.files:
+        for path in self.files[:-1]:
             self.offsets.append(self.total)
-            try:
-                f = open(path, "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
-                continue  # the log itself after a rotation, or a file moved meanwhile
-            except OSError as exc:
-                raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from exc
-            with f:
-                for item in _read_lines(f):
-                    self.total += 1
-                    yield item
+            f = _open_log_file(path, required=False)
+            if f is not None:  # else moved away meanwhile: its lines are missing
+                with f:
+                    yield from self._count(f)
+        self.offsets.append(self.total)
+        if self.current is not None:
+            yield from self._count(self.current)
+
+    def _count(self, f: BinaryIO) -> Iterator[tuple[bytes, str]]:
+        for item in _read_lines(f):
+            self.total += 1
+            yield item
 
     def locate(self, pos: int) -> tuple[Path, int]:
         """(file, line within it) of position *pos*; past the end: in the last file."""
@@ -993,23 +1001,20 @@ def verify(path: Path, *, require_head: bool = False) -> VerifyReport:
     file cannot be read (or there is neither log, rotated file nor head).
     """
     path = Path(path)
-    for _attempt in range(3):
-        report, rotated = _verify_once(path, require_head)
-        # a rotation while reading makes the set read inconsistent: read it again
-        if report.ok or rotated_files(path) == rotated:
-            break
-    return report
-
-
-def _verify_once(path: Path, require_head: bool) -> tuple[VerifyReport, list[Path]]:
     # The head is read before the log: it is only ever rewritten after the log was
     # flushed, so a keyd appending meanwhile can make it fall behind, never ahead.
+    # The log is opened before the rotated files are listed: a rotation meanwhile
+    # shows the open log among them, and it is read once, through the open file.
     head, head_problem = _read_head(head_path(path))
-    rotated = rotated_files(path)
-    if not rotated and head is None and head_problem is None and not os.path.lexists(path):
-        raise AuditError(f"no audit log at {path}")
-    reader = _SetReader([*rotated, path])
-    return _check_chain(reader, head, head_problem, require_head, path), rotated
+    current, rotated = _history(path, required=False)
+    try:
+        if current is None and not rotated and head is None and head_problem is None:
+            raise AuditError(f"no audit log at {path}")
+        reader = _SetReader(rotated, path, current)
+        return _check_chain(reader, head, head_problem, require_head, path)
+    finally:
+        if current is not None:
+            current.close()
 
 
 def _check_chain(
@@ -1328,14 +1333,15 @@ def _open_log_file(path: Path, *, required: bool) -> BinaryIO | None:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from exc
 
 
-def _history(path: Path) -> tuple[BinaryIO | None, list[Path]]:
-    """The log opened (None if it is missing but rotated files exist) and its rotated
-    files, oldest first, without the one the open log has become if it was rotated
-    meanwhile (the log is opened first, so no line falls between the two)."""
+def _history(path: Path, *, required: bool = True) -> tuple[BinaryIO | None, list[Path]]:
+    """The log opened (None if it is missing) and its rotated files, oldest first,
+    without the one the open log has become if it was rotated meanwhile (the log is
+    opened first, so no line falls between the two). *required*: raise if there is
+    neither."""
     current = _open_log_file(path, required=False)
     try:
         rotated = rotated_files(path)
-        if current is None and not rotated:
+        if required and current is None and not rotated:
             raise AuditError(f"cannot read audit log {path}: no such file")
         if current is not None:
             own = os.fstat(current.fileno())
