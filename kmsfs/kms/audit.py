@@ -263,7 +263,11 @@ def cap_event(event: Mapping[str, Any]) -> dict[str, Any]:
     JSON types are passed through for :meth:`AuditLog.append` to refuse.
     """
     omitted: list[str] = []
-    capped = _cap_mapping(event, "", 0, omitted)
+    return _finish_cap(_cap_mapping(event, "", 0, omitted), omitted)
+
+
+def _finish_cap(capped: dict[str, Any], omitted: list[str]) -> dict[str, Any]:
+    """The section and event budgets, and the omitted marks, on a walked event."""
     if _encoded_size_or_zero(capped) > MAX_SECTION_BYTES:  # else no section can be larger
         for section in _SECTIONS:
             value = capped.get(section)
@@ -293,7 +297,11 @@ def _capped_body(event: Mapping[str, Any]) -> str:
         body = None
     if body is not None and len(body) <= MAX_VALUE_BYTES:
         return body
-    return _ENCODER.encode(cap_event(event))
+    omitted: list[str] = []
+    capped = _cap_mapping(event, "", 0, omitted)
+    if not omitted and body is not None and len(body) <= MAX_SECTION_BYTES:
+        return body  # nothing cut, and too small for a section to be over its budget
+    return _ENCODER.encode(_finish_cap(capped, omitted))
 
 
 def _encoded_size_or_zero(value: Any) -> int:
