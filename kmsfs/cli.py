@@ -74,11 +74,9 @@ def parse_pairs(pairs: Iterable[str] | None, what: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- passphrase
 def _read_secret_file(path: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise KeystoreError(f"cannot read passphrase file {path}: {exc.strerror}") from None
-    return data.rstrip(b"\r\n")
+    from kmsfs.kms.keystore import read_passphrase_file
+
+    return read_passphrase_file(path)
 
 
 def root_key_source(args: argparse.Namespace, *, confirm: bool = False):
@@ -196,7 +194,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> None:
     from kmsfs.kms.paths import resolve_keystore_dir
 
     path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
-    if not path.exists():
+    if not path.exists() and not audit.rotated_files(path):
         raise KeystoreError(f"no audit log at {path}")
     events = audit.tail(path, args.lines, follow=args.follow, key=args.key, event_name=args.event)
     try:
@@ -216,15 +214,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     from kmsfs.kms.paths import resolve_keystore_dir
 
     path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
-    if not path.exists():
+    if not path.exists() and not audit.rotated_files(path):
         raise KeystoreError(f"no audit log at {path}")
     report = audit.verify(path)
     if not report.ok:
+        where = f" line {report.first_bad_line}:" if report.first_bad_line is not None else ""
         raise AuditTampered(
-            f"audit log {path}: line {report.first_bad_line}: {report.problem}",
+            f"audit log {report.file or path}:{where} {report.problem}",
             report.first_bad_line or 0,
         )
-    print(f"audit log {path}: {report.lines} lines, chain intact")
+    files = f" in {report.files} files (rotated ones included)" if report.files > 1 else ""
+    print(f"audit log {path}: {report.lines} lines{files}, chain intact")
 
 
 # ---------------------------------------------------------------------- keys
@@ -605,6 +605,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         info = inspect(args.file)
     except FileNotFoundError:
         raise UsageError(f"{args.file} does not exist") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
     named = blob_key_version(info.wrapped_key) if info.wrapped_key else None
     record: dict[str, Any] = {
         "File": args.file,
@@ -622,11 +624,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         record["SizeProblem"] = info.size_problem
     report = None
     if args.verify:
-        report = verify(
-            args.file,
-            key_provider=KeydDataKeyProvider(args.keyd_socket),
-            encryption_context=parse_pairs(args.context, "--context"),
-        )
+        try:
+            report = verify(
+                args.file,
+                key_provider=KeydDataKeyProvider(args.keyd_socket),
+                encryption_context=parse_pairs(args.context, "--context"),
+            )
+        except OSError as error:  # e.g. removed or made unreadable since inspect()
+            raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
         record["Chunks"] = report.chunks
         record["Verified"] = "ok" if report.ok else "FAILED"
         for warning in report.warnings:
@@ -1159,6 +1164,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_errors(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaf_errors(error)
+        else:
+            yield error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Library warnings are for daemons' logs; a command reports through its own output.
     logging.getLogger("kmsfs").addHandler(logging.NullHandler())
@@ -1172,6 +1185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KmsfsError as exc:
         print(f"kmsfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # trio wraps what fails while a nursery starts (keyd serve: a live socket) in a
+        # group: one line for the first kmsfs error, if kmsfs errors are all it holds
+        errors = list(_leaf_errors(group))
+        if not all(isinstance(error, KmsfsError) for error in errors):
+            raise
+        first = errors[0]
+        assert isinstance(first, KmsfsError)
+        print(f"kmsfs: error: {first}", file=sys.stderr)
+        return first.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -571,24 +571,66 @@ def _connect(db_path: Path) -> sqlite3.Connection:
 
 
 def check_keystore_permissions(path: Path) -> None:
-    """Refuse a keystore directory or database that other users may change."""
+    """Refuse a keystore directory, or anything in it, that is not this user's or that
+    group or others may read, write or search: the database (sealed key material:
+    a copy allows an offline passphrase search), the audit log and its rotated files,
+    keyd's log. As ssh refuses a private key other users can read, keyd refuses to
+    start; ``keyd init`` and keyd create everything with mode 0700 / 0600.
+    """
     try:
         items = [path, *sorted(path.iterdir())]
     except FileNotFoundError:
         raise KeystoreNotFound(f"no keystore at {path}") from None
+    except OSError as exc:
+        raise KeystoreError(f"cannot read keystore {path}: {exc.strerror}") from None
     for item in items:
         try:
             info = item.lstat()
         except FileNotFoundError:
             continue
         mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o022:
+        if mode & 0o077:
+            private = "700" if stat.S_ISDIR(info.st_mode) else "600"
             raise KeystoreInsecure(
-                f"refusing keystore {path}: {item} has mode {mode:04o} and is writable by "
-                "group or others; run 'chmod go-w' on it"
+                f"refusing keystore {path}: {item} has mode {mode:04o} and is "
+                f"{_access_by_others(mode)} by group or others; run 'chmod {private} {item}'"
             )
         if info.st_uid != os.geteuid():
             raise KeystoreInsecure(
                 f"refusing keystore {path}: {item} belongs to uid {info.st_uid}, "
                 f"not to this user (uid {os.geteuid()})"
             )
+
+
+def _access_by_others(mode: int) -> str:
+    if mode & 0o022:
+        return "writable"
+    if mode & 0o044:
+        return "readable"
+    return "searchable" if mode & 0o011 else "accessible"
+
+
+def read_passphrase_file(path: str | os.PathLike[str]) -> bytes:
+    """The passphrase in a file (its trailing newline removed), refusing a regular file
+    that group or others may read or write -- as ssh refuses such a private key.
+    A pipe (``--passphrase-file <(pass show kmsfs)``) or a device is read as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KeystoreError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISREG(info.st_mode) and mode & 0o077:
+            raise KeystoreInsecure(
+                f"passphrase file {path} has mode {mode:04o} and is "
+                f"{_access_by_others(mode)} by group or others; run 'chmod 600 {path}'"
+            )
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise KeystoreError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).rstrip(b"\r\n")

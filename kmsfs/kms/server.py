@@ -182,10 +182,17 @@ def _prepare_directory(directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         pass
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the socket directory {directory}: {exc.strerror}"
+        ) from None
     else:
         os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
         return
-    info = os.stat(directory)
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        raise UsageError(f"cannot use the socket directory {directory}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{directory} exists and is not a directory")
     if info.st_uid not in (os.geteuid(), 0):
@@ -205,8 +212,16 @@ async def _remove_stale_socket(socket_path: Path) -> None:
         existing = os.lstat(socket_path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise UsageError(f"cannot check {socket_path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(existing.st_mode):
         raise UsageError(f"{socket_path} exists and is not a socket; refusing to replace it")
+    owner = "" if existing.st_uid == os.geteuid() else f" (owned by uid {existing.st_uid})"
+    alive = KeydAlreadyRunning(
+        f"another keyd is listening on {socket_path}{owner}; stop it or choose another --socket"
+        if not owner
+        else f"another process is listening on {socket_path}{owner}; choose another --socket"
+    )
     probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with trio.fail_after(2.0):
@@ -214,15 +229,16 @@ async def _remove_stale_socket(socket_path: Path) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # nobody listens there: a leftover of a keyd that did not exit cleanly
     except BlockingIOError:  # backlog full: very much alive
-        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
+        raise alive from None
     except trio.TooSlowError:
-        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
+        raise alive from None
     except OSError as exc:
         raise UsageError(
-            f"cannot check the existing socket {socket_path}: {os.strerror(exc.errno or 0)}"
+            f"cannot check the existing socket {socket_path}{owner}: "
+            f"{os.strerror(exc.errno or 0)}; remove it or choose another --socket"
         ) from None
     else:
-        raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}")
+        raise alive
     finally:
         probe.close()
     try:
@@ -230,6 +246,11 @@ async def _remove_stale_socket(socket_path: Path) -> None:
         logger.info("removed stale socket %s", socket_path)
     except FileNotFoundError:
         pass
+    except OSError as exc:  # e.g. another user's socket in a sticky directory
+        raise UsageError(
+            f"cannot remove the stale socket {socket_path}{owner}: {exc.strerror}; "
+            "remove it or choose another --socket"
+        ) from None
 
 
 async def _bind(socket_path: Path, socket_mode: int, backlog: int) -> trio.socket.SocketType:
@@ -243,9 +264,12 @@ async def _bind(socket_path: Path, socket_mode: int, backlog: int) -> trio.socke
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise KeydAlreadyRunning(f"another keyd is listening on {socket_path}") from None
-            raise
-        os.chmod(socket_path, socket_mode)
-        listener.listen(backlog)
+            raise UsageError(f"cannot listen on {socket_path}: {exc.strerror}") from None
+        try:
+            os.chmod(socket_path, socket_mode)
+            listener.listen(backlog)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {socket_path}: {exc.strerror}") from None
     except BaseException:
         listener.close()
         raise

@@ -282,6 +282,8 @@ def test_passphrase_keystore_and_wrong_passphrase(keyd_factory) -> None:
     good.write_text("correct horse battery staple\n")
     bad = keyd.workdir / "bad"
     bad.write_text("wrong\n")
+    good.chmod(0o600)  # readable by others is refused (tests/kms/test_permissions.py)
+    bad.chmod(0o600)
     keyd.kmsfs("keyd", "init", "--keystore", str(keyd.keystore), "--passphrase-file", str(good))
     failed = keyd.kmsfs(
         *keyd.serve_args("--passphrase-file", str(bad), root_key=False), check=False
