@@ -594,8 +594,11 @@ class AuditLog:
             # Part of the line reached the file (ENOSPC in the middle of it): cut it
             # off again, so the log still ends with a whole line and accepts the next
             # append once there is space. Only if that fails is the log broken.
-            if written and not self._cut_partial_line(written):
-                self._broken = True
+            if written:
+                if self._cut_partial_line(written):
+                    written = 0
+                else:
+                    self._broken = True
             raise AuditError(f"cannot write audit log {self._path}: {exc.strerror}") from exc
         finally:
             self._current.size += written
@@ -670,7 +673,7 @@ class AuditLog:
     def _cut_partial_line(self, written: int) -> bool:
         """Remove the last ``written`` bytes (a partial line); caller holds ``_lock``."""
         try:
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            os.ftruncate(self._current.fd, os.fstat(self._current.fd).st_size - written)
         except OSError:
             return False
         return True
@@ -685,7 +688,7 @@ class AuditLog:
             if self._closed:
                 raise AuditError("audit log is closed")
             try:
-                os.fdatasync(self._fd)
+                os.fdatasync(self._current.fd)
             except OSError as exc:
                 raise AuditError(f"cannot sync audit log {self._path}: {exc.strerror}") from exc
 
