@@ -22,6 +22,7 @@ from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
 from kmsfs.kms.server import serve
 from kmsfs.kms.service import KeyService
+from kmsfs.systemd import Notifier
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -49,8 +50,15 @@ def run_keyd(
     socket_mode: int = 0o600,
     maintenance_interval: float = 60.0,
     ready_fd: int | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
-    """Serve keyd in this process until SIGTERM or SIGINT."""
+    """Serve keyd in this process until SIGTERM or SIGINT.
+
+    Under systemd (``Type=notify``: ``$NOTIFY_SOCKET`` set) it sends ``READY=1`` once
+    the socket listens and ``STOPPING=1`` when a signal starts the shutdown.
+    """
+    if notifier is None:
+        notifier = Notifier.from_environment()
     harden_process(log)
     raise_fd_limit()
     keystore, audit, service = open_service(keystore_dir, source)
@@ -63,6 +71,7 @@ def run_keyd(
             socket_mode,
             maintenance_interval,
             ready_fd,
+            notifier,
         )
     finally:
         audit.close()
@@ -77,6 +86,7 @@ async def _serve_until_signalled(
     socket_mode: int,
     maintenance_interval: float,
     ready_fd: int | None,
+    notifier: Notifier,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -92,8 +102,10 @@ async def _serve_until_signalled(
             nursery.start_soon(_sync_audit_periodically, audit)
             log.info("keyd listening on %s (pid %d)", socket_path, os.getpid())
             report_ready(ready_fd)
+            notifier.ready(f"serving on {socket_path}")
             async for signum in signals:
                 log.info("keyd received %s, shutting down", signal.Signals(signum).name)
+                notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
 
