@@ -20,6 +20,7 @@ from kmsfs.errors import AuditError
 from kmsfs.hardening import harden_process
 from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
+from kmsfs.kms.paths import remember_keyd_socket
 from kmsfs.kms.server import serve
 from kmsfs.kms.service import KeyService
 from kmsfs.systemd import Notifier
@@ -101,6 +102,7 @@ async def _serve_until_signalled(
             )
             nursery.start_soon(_sync_audit_periodically, audit)
             log.info("keyd listening on %s (pid %d)", socket_path, os.getpid())
+            _remember_socket(socket_path)
             report_ready(ready_fd)
             notifier.ready(f"serving on {socket_path}")
             async for signum in signals:
@@ -108,6 +110,15 @@ async def _serve_until_signalled(
                 notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _remember_socket(socket_path: Path) -> None:
+    """Name a non-default socket in the per-user config, for clients in new shells."""
+    written, what = remember_keyd_socket(socket_path)
+    if written is not None:
+        log.info("keyd: %s (clients in new shells find keyd there)", what)
+    else:
+        log.debug("keyd: per-user config left as it is: %s", what)
 
 
 #: the soft RLIMIT_NOFILE keyd asks for when the hard limit is unlimited
