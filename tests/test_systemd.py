@@ -123,3 +123,54 @@ def test_keyd_serve_reports_ready_and_stopping(live_keyd: Keyd, manager) -> None
             process.wait()
         assert process.stderr is not None
         process.stderr.close()
+
+
+# ------------------------------------------------- passphrase sources (--extpass)
+def test_extpass_takes_stdout_without_one_trailing_newline() -> None:
+    from kmsfs.kms.daemon import extpass_argv, passphrase_from_command
+
+    assert passphrase_from_command(["printf", "secret\\n\\n"]) == b"secret\n"
+    assert passphrase_from_command(extpass_argv(["printf 'two words\\n'"])) == b"two words"
+    # several values: the command and its arguments as they are (gocryptfs -extpass)
+    assert extpass_argv(["echo", "a b"]) == ["echo", "a b"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sh", "-c", "echo secret-word; exit 3"], "sh exited with status 3; no passphrase"),
+        (["sh", "-c", "kill -9 $$"], "sh was killed by signal 9"),
+        (["true"], "true printed no passphrase"),
+        (["head", "-c", "5000", "/dev/zero"], "head printed more than 2048 bytes"),
+        (["/nonexistent/askpass"], "cannot run /nonexistent/askpass"),
+    ],
+)
+def test_extpass_failures_are_clear_and_never_show_the_output(argv, message) -> None:
+    from kmsfs.errors import KeystoreError
+    from kmsfs.kms.daemon import passphrase_from_command
+
+    with pytest.raises(KeystoreError) as caught:
+        passphrase_from_command(argv)
+    assert message in str(caught.value)
+    assert "secret-word" not in str(caught.value)
+
+
+def test_credentials_are_read_from_the_credentials_directory(short_tmp, monkeypatch) -> None:
+    from kmsfs.errors import KeystoreInsecure, UsageError
+    from kmsfs.kms.daemon import source_from_credential
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(UsageError, match="LoadCredential=kmsfs-passphrase"):
+        source_from_credential("kmsfs-passphrase", root_key=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(short_tmp))
+    credential = short_tmp / "kmsfs-passphrase"
+    credential.write_bytes(b"correct horse\n")
+    credential.chmod(0o400)  # as systemd makes it
+    assert source_from_credential("kmsfs-passphrase", root_key=False).passphrase == b"correct horse"
+    credential.chmod(0o644)  # a passphrase others can read is refused, as everywhere
+    with pytest.raises(KeystoreInsecure, match="chmod 600"):
+        source_from_credential("kmsfs-passphrase", root_key=False)
+    with pytest.raises(UsageError, match="not a plain file name"):
+        source_from_credential("../etc/shadow", root_key=False)
+    key = source_from_credential("kmsfs-root-key", root_key=True)
+    assert key.key_file == short_tmp / "kmsfs-root-key"
