@@ -151,10 +151,20 @@ def quote_exec_word(word: str) -> str:
 
 
 def quote_value(text: str) -> str:
-    """A path in a setting such as ``LoadCredential=``: specifiers escaped."""
-    if any(ch in text for ch in "\n\\"):
-        raise ValueError(f"cannot put {text!r} in a unit file")
+    """A path as a whole setting's value (``LoadCredential=ID:PATH``): specifiers
+    escaped; whitespace, quotes and backslashes refused (no quoting there to rely on)."""
+    if any(ch.isspace() or ch in "\\\"'" for ch in text):
+        raise ValueError(f"{text!r}: a path with blanks, quotes or backslashes cannot go there")
     return text.replace("%", "%%")
+
+
+def quote_list_item(text: str) -> str:
+    """A path in a space-separated list (``RequiresMountsFor=``): specifiers escaped,
+    double-quoted if it holds blanks or quotes."""
+    escaped = text.replace("%", "%%")
+    if escaped and _PLAIN_WORD.fullmatch(escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ def keyd_service_unit(unit: KeydUnit) -> str:
     if not unit.user:
         # the keystore may live on any local filesystem; mounts that need keyd are
         # ordered after it by x-systemd.requires= in their fstab line
-        lines.append("RequiresMountsFor=" + quote_value(str(unit.keystore)))
+        lines.append("RequiresMountsFor=" + quote_list_item(str(unit.keystore)))
     lines += [
         "",
         "[Service]",

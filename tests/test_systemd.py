@@ -7,15 +7,26 @@ No systemd is needed: a datagram socket of the test stands in for the service ma
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kmsfs.systemd import Notifier
+from kmsfs.systemd import (
+    PASSPHRASE_CREDENTIAL,
+    ROOT_KEY_CREDENTIAL,
+    KeydUnit,
+    Notifier,
+    fstab_line,
+    keyd_service_unit,
+    quote_exec_word,
+)
 from tests.conftest import KMSFS, Keyd
 
 #: the longest a test waits for keyd to report (a deadline, not a measurement)
@@ -174,3 +185,77 @@ def test_credentials_are_read_from_the_credentials_directory(short_tmp, monkeypa
         source_from_credential("../etc/shadow", root_key=False)
     key = source_from_credential("kmsfs-root-key", root_key=True)
     assert key.key_file == short_tmp / "kmsfs-root-key"
+
+
+# ---------------------------------------------------------------------- units
+def exec_start_argv(unit_text: str) -> list[str]:
+    """ExecStart= split as systemd splits it (quotes, C escapes), %% and $$ unescaped."""
+    lines = [line for line in unit_text.splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 1, unit_text
+    words = shlex.split(lines[0].removeprefix("ExecStart="))
+    return [word.replace("%%", "%").replace("$$", "$") for word in words]
+
+
+def credentials(unit_text: str) -> dict[str, str]:
+    pairs = [
+        line.removeprefix("LoadCredential=").split(":", 1)
+        for line in unit_text.splitlines()
+        if line.startswith("LoadCredential=")
+    ]
+    return {name: path.replace("%%", "%") for name, path in pairs}
+
+
+@pytest.mark.parametrize(
+    "word", ["plain", "/a b/c", "100%", "$HOME", 'say "hi"', "back\\slash", "it's"]
+)
+def test_exec_words_survive_systemd_quoting(word: str) -> None:
+    assert exec_start_argv(f"ExecStart={quote_exec_word(word)}") == [word]
+
+
+def system_unit(passphrase_from: str, secret: Path | None, keystore: Path) -> KeydUnit:
+    return KeydUnit(
+        kmsfs_command=[sys.executable, "-m", "kmsfs.cli"],
+        keystore=keystore,
+        passphrase_from=passphrase_from,  # type: ignore[arg-type]
+        secret_file=secret,
+    )
+
+
+def test_the_unit_is_type_notify_with_the_secret_as_a_credential(short_tmp: Path) -> None:
+    text = keyd_service_unit(
+        system_unit("credential", short_tmp / "passphrase", short_tmp / "key store%")
+    )
+    assert "\nType=notify\n" in text and "\nNotifyAccess=main\n" in text
+    assert credentials(text) == {PASSPHRASE_CREDENTIAL: str(short_tmp / "passphrase")}
+    argv = exec_start_argv(text)
+    assert argv[-2:] == ["--passphrase-credential", PASSPHRASE_CREDENTIAL]
+    assert argv[argv.index("--keystore") + 1] == str(short_tmp / "key store%")
+    root_key = keyd_service_unit(system_unit("root-key-file", short_tmp / "root.key", short_tmp))
+    assert credentials(root_key) == {ROOT_KEY_CREDENTIAL: str(short_tmp / "root.key")}
+    ask = keyd_service_unit(system_unit("ask-password", None, short_tmp))
+    assert "LoadCredential" not in ask and "TimeoutStartSec=infinity" in ask
+    extpass = exec_start_argv(ask)[-1]
+    assert shlex.split(extpass)[0] == "systemd-ask-password"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize("passphrase_from", ["credential", "root-key-file", "ask-password"])
+def test_systemd_analyze_verify_finds_nothing_to_say(passphrase_from: str, short_tmp: Path) -> None:
+    secret = None if passphrase_from == "ask-password" else short_tmp / "secret"
+    unit = system_unit(passphrase_from, secret, short_tmp / "key store")
+    path = short_tmp / "kmsfs-keyd.service"
+    path.write_text(keyd_service_unit(unit))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=120
+    )
+    complaints = [line for line in result.stderr.splitlines() if "kmsfs-keyd" in line]
+    assert result.returncode == 0 and not complaints, result.stderr
+
+
+def test_the_fstab_line_requires_keyd_and_follows_fstab_5() -> None:
+    line = fstab_line("/srv/private enc", "/home/me/Private")
+    assert line == (
+        "/srv/private\\040enc /home/me/Private fuse.kmsfs "
+        "defaults,x-systemd.requires=kmsfs-keyd.service,_netdev 0 0"
+    )
+    assert len(line.split()) == 6
