@@ -1,0 +1,51 @@
+"""The ``kmsfs`` command: parse, call, print.
+
+Every failure ends as one line on stderr (``kmsfs: error: ...``) and a non-zero
+exit status taken from the error's type (see ``kmsfs.errors``): 2 usage,
+3 refused by the key service, 4 keyd unreachable, 5 keystore, 6 audit, 7 format.
+
+One module per command group, each holding its parsers (``add_parsers``) and handlers:
+``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
+``keyd`` (keyd ...), ``keys`` (keys ...). ``errors`` maps exceptions to exit statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kmsfs.cli import fs, keyd, keys, tools
+from kmsfs.cli.common import export_keyd_uid
+from kmsfs.cli.errors import run_reporting_errors
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (tools, fs, keyd, keys):
+        group.add_parsers(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Library warnings are for daemons' logs; a command reports through its own output.
+    logging.getLogger("kmsfs").addHandler(logging.NullHandler())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args = getattr(args, "check_args", None)
+    if check_args is not None and (problem := check_args(args)):
+        parser.error(problem)
+
+    def command() -> None:
+        export_keyd_uid(args)
+        args.func(args)
+
+    return run_reporting_errors(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
