@@ -23,8 +23,19 @@ from kmsfs.cli.errors import run_reporting_errors
 __all__ = ["build_parser", "main"]
 
 
+def _installed_version() -> str:
+    """The version pip installed (package metadata), or the source tree's if not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kmsfs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (tools, fs, keyd, keys):
         group.add_parsers(commands)
