@@ -1,8 +1,7 @@
 """The ``kmsfs`` command: parse, call, print.
 
 Every failure ends as one line on stderr (``kmsfs: error: ...``) and a non-zero
-exit status taken from the error's type (see ``kmsfs.errors``): 2 usage,
-3 refused by the key service, 4 keyd unreachable, 5 keystore, 6 audit, 7 format.
+exit status taken from the error's type (the table: ``kmsfs.cli.errors.EXIT_STATUSES``).
 
 One module per command group, each holding its parsers (``add_parsers``) and handlers:
 ``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 
 from kmsfs.cli import fs, keyd, keys, tools
 from kmsfs.cli.common import export_keyd_uid
-from kmsfs.cli.errors import run_reporting_errors
+from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -34,7 +33,12 @@ def _installed_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kmsfs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kmsfs",
+        description=__doc__.splitlines()[0],
+        epilog=exit_status_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (tools, fs, keyd, keys):
