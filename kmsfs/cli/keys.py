@@ -37,6 +37,21 @@ def _all_pages(client, operation: str, params: dict[str, Any], field: str) -> li
             return items
 
 
+def _is_alias(name: str) -> bool:
+    """``alias/NAME`` or an alias ARN (``arn:aws:kms:REGION:ACCOUNT:alias/NAME``)."""
+    return name.startswith("alias/") or (name.startswith("arn:") and ":alias/" in name)
+
+
+def _key_id(client, name: str) -> str:
+    """The key id ``name`` stands for. AWS KMS's TagResource, UntagResource,
+    ListResourceTags and an alias's TargetKeyId take only a key id or key ARN; our
+    commands accept an alias wherever a key is named, so it is resolved here first
+    (DescribeKey, as the aws CLI user would)."""
+    if not _is_alias(name):
+        return name
+    return client.call("DescribeKey", {"KeyId": name})["KeyMetadata"]["KeyId"]
+
+
 def _key_row(metadata: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
     return {
         "KeyId": metadata["KeyId"],
@@ -234,21 +249,23 @@ def cmd_alias(args: argparse.Namespace) -> None:
             if not args.key:
                 raise UsageError(f"alias {args.action} needs --key")
             operation = "CreateAlias" if args.action == "create" else "UpdateAlias"
-            client.call(operation, {"AliasName": args.name, "TargetKeyId": args.key})
+            target = _key_id(client, args.key)
+            client.call(operation, {"AliasName": args.name, "TargetKeyId": target})
         else:
             client.call("DeleteAlias", {"AliasName": args.name})
     print(f"{args.name}: {args.action}d")
 
 
 def cmd_tags(args: argparse.Namespace) -> None:
+    pairs = parse_pairs(args.pairs, "a tag") if args.action == "add" else {}
     with _client(args) as client:
+        key_id = _key_id(client, args.key)
         if args.action == "add":
-            pairs = parse_pairs(args.pairs, "a tag")
             tags = [{"TagKey": k, "TagValue": v} for k, v in pairs.items()]
-            client.call("TagResource", {"KeyId": args.key, "Tags": tags})
+            client.call("TagResource", {"KeyId": key_id, "Tags": tags})
         elif args.action == "remove":
-            client.call("UntagResource", {"KeyId": args.key, "TagKeys": args.pairs})
-        tags = _all_pages(client, "ListResourceTags", {"KeyId": args.key}, "Tags")
+            client.call("UntagResource", {"KeyId": key_id, "TagKeys": args.pairs})
+        tags = _all_pages(client, "ListResourceTags", {"KeyId": key_id}, "Tags")
     if args.json:
         print_json(tags)
     else:
@@ -314,7 +331,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     client_options(alias)
     alias.add_argument("action", choices=["create", "update", "delete", "list"])
     alias.add_argument("name", nargs="?", help="alias/NAME")
-    alias.add_argument("--key", help="target key id or ARN")
+    alias.add_argument("--key", help="target key: key id, ARN or alias/NAME")
     alias.set_defaults(func=cmd_alias, check_args=_check_alias_args)
     tags = key_command("tags", "list/add/remove tags", cmd_tags)
     tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
