@@ -27,7 +27,7 @@ from kmsfs.systemd import (
     keyd_service_unit,
     quote_exec_word,
 )
-from tests.conftest import KMSFS, Keyd
+from tests.conftest import KMSFS, Keyd, run_kmsfs
 
 #: the longest a test waits for keyd to report (a deadline, not a measurement)
 DEADLINE = 60.0
@@ -259,3 +259,104 @@ def test_the_fstab_line_requires_keyd_and_follows_fstab_5() -> None:
         "defaults,x-systemd.requires=kmsfs-keyd.service,_netdev 0 0"
     )
     assert len(line.split()) == 6
+
+
+# ------------------------------------ the unit's ExecStart, booted as systemd would
+def boot_exec_start(units: str, short_tmp: Path, address: str) -> subprocess.Popen[bytes]:
+    """Start ExecStart as systemd does for this unit: LoadCredential= files copied into a
+    private credentials directory (0400 files in a 0500 directory), NOTIFY_SOCKET and
+    CREDENTIALS_DIRECTORY set, a small environment, no terminal."""
+    directory = short_tmp / "credentials"
+    directory.mkdir()
+    for name, source in credentials(units).items():
+        shutil.copyfile(source, directory / name)
+        (directory / name).chmod(0o400)
+    directory.chmod(0o500)
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": str(short_tmp),
+        "XDG_CONFIG_HOME": os.environ["XDG_CONFIG_HOME"],
+        "NOTIFY_SOCKET": address,
+        "CREDENTIALS_DIRECTORY": str(directory),
+    }
+    log = open(short_tmp / "unit.log", "wb")  # noqa: SIM115 - closed with the process
+    with log:
+        return subprocess.Popen(
+            exec_start_argv(units), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+
+
+@pytest.mark.parametrize("secret", ["root-key-file", "passphrase-file"])
+def test_the_units_exec_start_boots_as_systemd_would(
+    secret: str, keyd_factory, manager, short_tmp: Path
+) -> None:
+    address, fake = manager
+    keyd: Keyd = keyd_factory()
+    if secret == "root-key-file":
+        keyd.init()
+        secret_args = ["--root-key-file", str(keyd.root_key)]
+    else:
+        passphrase = keyd.workdir / "passphrase"
+        passphrase.write_bytes(b"correct horse battery staple\n")
+        passphrase.chmod(0o600)
+        secret_args = ["--passphrase-file", str(passphrase)]
+        run_kmsfs("keyd", "init", "--keystore", str(keyd.keystore), *secret_args)
+    units = run_kmsfs(
+        "systemd-units",
+        "--keystore",
+        str(keyd.keystore),
+        "--socket",
+        str(keyd.socket),
+        *secret_args,
+    ).stdout.decode()
+    assert "\nType=notify\n" in units
+    assert "KillSignal" not in units  # systemd's default: SIGTERM to the main process
+    assert "x-systemd.requires=kmsfs-keyd.service" in units  # the fstab line, as a comment
+    process = boot_exec_start(units, short_tmp, address)
+    try:
+        assert fake.wait_for("READY", process)["READY"] == "1"
+        with keyd.client() as client:
+            assert "Keys" in client.call("ListKeys", {})
+        process.send_signal(signal.SIGTERM)
+        assert fake.wait_for("STOPPING", process)["STOPPING"] == "1"
+        assert process.wait(timeout=DEADLINE) == 0
+        assert not keyd.socket.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_systemd_units_install_writes_a_user_unit_once(short_tmp: Path) -> None:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(short_tmp / "config")}
+    args = ["systemd-units", "--user", "--install", "--keystore", str(short_tmp / "ks")]
+    first = run_kmsfs(*args, env=env)
+    unit = short_tmp / "config" / "systemd" / "user" / "kmsfs-keyd.service"
+    assert unit.exists() and "systemctl --user" in first.stdout.decode()
+    assert "WantedBy=default.target" in unit.read_text()
+    run_kmsfs(*args, env=env)  # the same unit again: fine
+    other = run_kmsfs(*args[:-1], str(short_tmp / "other"), env=env, check=False)
+    assert other.returncode == 2 and b"--force" in other.stderr
+    run_kmsfs(*args[:-1], str(short_tmp / "other"), "--force", env=env)
+    assert str(short_tmp / "other") in unit.read_text()
+
+
+def test_keyd_serve_extpass(keyd_factory, short_tmp: Path) -> None:
+    keyd: Keyd = keyd_factory()
+    passphrase = keyd.workdir / "passphrase"
+    passphrase.write_bytes(b"from a command\n")
+    passphrase.chmod(0o600)
+    run_kmsfs(
+        "keyd", "init", "--keystore", str(keyd.keystore), "--passphrase-file", str(passphrase)
+    )
+    failing = run_kmsfs(
+        *keyd.serve_args(root_key=False), "--extpass", "sh -c 'exit 7'", check=False
+    )
+    assert failing.returncode == 5
+    assert failing.stderr.decode().strip() == (
+        "kmsfs: error: --extpass: sh exited with status 7; no passphrase"
+    )
+    keyd.start("--extpass", f"cat {passphrase}", root_key=False)
+    with keyd.client() as client:
+        assert "Keys" in client.call("ListKeys", {})
