@@ -46,6 +46,16 @@ def _leaf_errors(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield error
 
 
+def missing_module_message(exc: ImportError) -> str:
+    name = (exc.name or "").split(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and name:
+        how = f"pip install {name}"
+        if name == "pyfuse3":  # built against the system's libfuse3
+            how += ", after apt install fuse3 libfuse3-dev pkg-config"
+        return f"this command needs the Python module {name}, which is not installed ({how})"
+    return f"a Python module cannot be loaded: {exc}"
+
+
 def run_reporting_errors(command: Callable[[], None]) -> int:
     """Run ``command``; return 0, or print one line for its error and return its status."""
     try:
@@ -63,6 +73,11 @@ def run_reporting_errors(command: Callable[[], None]) -> int:
         assert isinstance(first, KmsfsError)
         print(f"{ERROR_PREFIX}{first}", file=sys.stderr)
         return first.exit_code
+    except ImportError as exc:
+        # a dependency missing or unloadable (pip install --no-deps, no libfuse3.so):
+        # what is missing and how to get it, not a traceback
+        print(f"{ERROR_PREFIX}{missing_module_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
