@@ -204,6 +204,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from kmsfs.format import inspect, verify
     from kmsfs.kms.datakeys import KeydDataKeyProvider, blob_key_version
 
+    if os.path.isdir(args.file) and os.path.exists(os.path.join(args.file, "kmsfs.conf")):
+        # a cipher directory has no header to show: describe it as `kmsfs info` does
+        from kmsfs.cli.fs import print_info
+
+        print_info(args.file, args.keyd_socket, keyd_uid=args.keyd_uid, as_json=args.json)
+        return
     try:
         info = inspect(args.file)
     except FileNotFoundError:
@@ -286,7 +292,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     _force_option(decrypt_file)
     decrypt_file.set_defaults(func=cmd_decrypt)
-    inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
+    inspect_file = commands.add_parser(
+        "inspect", help="show a ciphertext file's header (a cipher directory: as info)"
+    )
     inspect_file.add_argument("file")
     inspect_file.add_argument(
         "--verify", action="store_true", help="authenticate every chunk (needs keyd)"
