@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
     KEYD_HINT_HELP,
@@ -26,7 +28,19 @@ def cmd_ls(args: argparse.Namespace) -> None:
     from kmsfs.fs.offline import list_entries, open_tree
 
     _config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
-    listed = list(list_entries(tree, args.path or "", recursive=args.recursive))
+    entries = list_entries(tree, args.path or "", recursive=args.recursive)
+    if not args.recursive:
+        listed = list(entries)
+    else:  # a big tree takes a while: a bar over the entries the backing tree holds
+        from kmsfs.fs.offline import count_backing
+
+        counts = count_backing(Path(args.cipherdir))
+        total = None if args.path else counts.files + counts.directories + counts.symlinks
+        with progress.bar(args, total=total, what="ls", unit="entries") as shown:
+            listed = []
+            for item in entries:
+                listed.append(item)
+                shown.update(1)
     if args.json:
         print_json([item.__dict__ for item in listed])
     else:
@@ -43,7 +57,7 @@ def cmd_fsck(args: argparse.Namespace) -> None:
     from kmsfs.errors import FormatError, Truncated
     from kmsfs.format import repair, verify
     from kmsfs.fs.config import keyd_endpoint
-    from kmsfs.fs.offline import fsck, open_tree
+    from kmsfs.fs.offline import count_backing, fsck, open_tree
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
@@ -83,7 +97,17 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         )
 
     checking = args.verify or args.repair
-    problems = list(fsck(tree, verify_file=verify_file if checking else None))
+    total = count_backing(Path(args.cipherdir)).backing_bytes if checking else None
+    with progress.bar(args, total=total, what="fsck", enabled=checking) as shown:
+
+        def verify_with_progress(backing: bytes) -> str | None:
+            try:
+                return verify_file(backing)
+            finally:
+                with contextlib.suppress(OSError):
+                    shown.update(os.stat(backing).st_size)
+
+        problems = list(fsck(tree, verify_file=verify_with_progress if checking else None))
     for problem in problems:
         shown = f" ({problem.plain})" if problem.plain else ""
         print(f"{problem.backing}{shown}: {problem.problem}")
@@ -292,6 +316,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("-R", "--recursive", action="store_true")
     keyd_options(ls, KEYD_HINT_HELP)
     ls.add_argument("--json", action="store_true")
+    progress.add_progress_options(ls)
     ls.set_defaults(func=cmd_ls)
 
     fsck_parser = commands.add_parser("fsck", help="check a cipher directory, unmounted")
@@ -311,6 +336,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "write of data that was never fsync'd, or tampering)",
     )
     keyd_options(fsck_parser, KEYD_HINT_HELP)
+    progress.add_progress_options(fsck_parser)
     fsck_parser.set_defaults(func=cmd_fsck)
     info = commands.add_parser(
         "info", help="describe a cipher directory: settings, its key's state, file count"

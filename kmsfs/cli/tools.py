@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
     context_option,
@@ -166,9 +167,13 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     context = parse_pairs(args.context, "--context")
-    with _input(args.src) as src, _output(args.dst, force=args.force) as dst:
+    with (
+        _input(args.src) as src,
+        _output(args.dst, force=args.force) as dst,
+        progress.bar(args, total=progress.stream_size(src), what="encrypt") as shown,
+    ):
         encrypt_stream(
-            src,
+            progress.CountingReader(src, shown),
             dst,
             key_provider=KeydDataKeyProvider(args.keyd_socket),
             key_id=args.key,
@@ -193,9 +198,16 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
         keyd_socket = str(keyd_endpoint(args.keyd_socket, config))
     else:
         keyd_socket = args.keyd_socket
-    with _input(source) as src, _output(args.dst, force=args.force) as dst:
+    with (
+        _input(source) as src,
+        _output(args.dst, force=args.force) as dst,
+        progress.bar(args, total=progress.stream_size(src), what="decrypt") as shown,
+    ):
         decrypt_stream(
-            src, dst, key_provider=KeydDataKeyProvider(keyd_socket), encryption_context=context
+            progress.CountingReader(src, shown),
+            dst,
+            key_provider=KeydDataKeyProvider(keyd_socket),
+            encryption_context=context,
         )
 
 
@@ -279,6 +291,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
     keyd_options(encrypt_file)
     _force_option(encrypt_file)
+    progress.add_progress_options(encrypt_file)
     encrypt_file.set_defaults(func=cmd_encrypt)
 
     decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
@@ -291,6 +304,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="SRC is a path inside this cipher directory as seen at the mountpoint",
     )
     _force_option(decrypt_file)
+    progress.add_progress_options(decrypt_file)
     decrypt_file.set_defaults(func=cmd_decrypt)
     inspect_file = commands.add_parser(
         "inspect", help="show a ciphertext file's header (a cipher directory: as info)"
