@@ -5,7 +5,8 @@ exit status taken from the error's type (the table: ``kmsfs.cli.errors.EXIT_STAT
 
 One module per command group, each holding its parsers (``add_parsers``) and handlers:
 ``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
-``keyd`` (keyd ...), ``keys`` (keys ...), ``systemd`` (systemd-units). ``errors`` maps
+``keyd`` (keyd ...), ``keys`` (keys ...), ``systemd`` (systemd-units), ``meta``
+(completion, man). ``errors`` maps
 exceptions to exit statuses.
 """
 
@@ -16,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kmsfs.cli import fs, keyd, keys, systemd, tools
+from kmsfs.cli import fs, keyd, keys, meta, systemd, tools
 from kmsfs.cli.common import export_keyd_uid
 from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
 
@@ -36,13 +37,14 @@ def _installed_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kmsfs",
-        description=__doc__.splitlines()[0],
+        description="kmsfs: a transparently encrypting filesystem with its own "
+        "AWS-KMS-compatible key daemon (keyd).",
         epilog=exit_status_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (tools, fs, keyd, keys, systemd):
+    for group in (tools, fs, keyd, keys, systemd, meta):
         group.add_parsers(commands)
     return parser
 

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from kmsfs.errors import UsageError
@@ -114,3 +114,15 @@ def export_keyd_uid(args: argparse.Namespace) -> None:
 def client_options(parser: argparse.ArgumentParser) -> None:
     keyd_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def walk_commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[list[str], argparse.ArgumentParser]]:
+    """Every (sub)command's parser with its path of names (the top level's is ``[]``);
+    what completion, the man page and the no-traceback test walk."""
+    yield list(path), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk_commands(sub, (*path, name))

@@ -7,6 +7,7 @@ and copied in the README (a test keeps the three and every error type in step).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -46,6 +47,30 @@ def _leaf_errors(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield error
 
 
+def missing_module_message(exc: ImportError) -> str:
+    name = (exc.name or "").split(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and name:
+        how = f"pip install {name}"
+        if name == "pyfuse3":  # built against the system's libfuse3
+            how += ", after apt install fuse3 libfuse3-dev pkg-config"
+        return f"this command needs the Python module {name}, which is not installed ({how})"
+    return f"a Python module cannot be loaded: {exc}"
+
+
+#: what a path the user named can be: missing, not theirs, not the kind expected (status 2)
+_PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def os_error_message(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    where = os.fsdecode(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"
+
+
 def run_reporting_errors(command: Callable[[], None]) -> int:
     """Run ``command``; return 0, or print one line for its error and return its status."""
     try:
@@ -63,8 +88,18 @@ def run_reporting_errors(command: Callable[[], None]) -> int:
         assert isinstance(first, KmsfsError)
         print(f"{ERROR_PREFIX}{first}", file=sys.stderr)
         return first.exit_code
+    except ImportError as exc:
+        # a dependency missing or unloadable (pip install --no-deps, no libfuse3.so):
+        # what is missing and how to get it, not a traceback
+        print(f"{ERROR_PREFIX}{missing_module_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # a system call the command made on the user's behalf failed (most often a path
+        # the user named that is not there or not theirs to read): the call's own words
+        print(f"{ERROR_PREFIX}{os_error_message(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _PATH_ERRORS) and exc.filename is not None else 1
     return 0

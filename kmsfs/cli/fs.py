@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
     KEYD_HINT_HELP,
@@ -25,7 +28,19 @@ def cmd_ls(args: argparse.Namespace) -> None:
     from kmsfs.fs.offline import list_entries, open_tree
 
     _config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
-    listed = list(list_entries(tree, args.path or "", recursive=args.recursive))
+    entries = list_entries(tree, args.path or "", recursive=args.recursive)
+    if not args.recursive:
+        listed = list(entries)
+    else:  # a big tree takes a while: a bar over the entries the backing tree holds
+        from kmsfs.fs.offline import count_backing
+
+        counts = count_backing(Path(args.cipherdir))
+        total = None if args.path else counts.files + counts.directories + counts.symlinks
+        with progress.bar(args, total=total, what="ls", unit="entries") as shown:
+            listed = []
+            for item in entries:
+                listed.append(item)
+                shown.update(1)
     if args.json:
         print_json([item.__dict__ for item in listed])
     else:
@@ -42,7 +57,7 @@ def cmd_fsck(args: argparse.Namespace) -> None:
     from kmsfs.errors import FormatError, Truncated
     from kmsfs.format import repair, verify
     from kmsfs.fs.config import keyd_endpoint
-    from kmsfs.fs.offline import fsck, open_tree
+    from kmsfs.fs.offline import count_backing, fsck, open_tree
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
@@ -82,7 +97,17 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         )
 
     checking = args.verify or args.repair
-    problems = list(fsck(tree, verify_file=verify_file if checking else None))
+    total = count_backing(Path(args.cipherdir)).backing_bytes if checking else None
+    with progress.bar(args, total=total, what="fsck", enabled=checking) as shown:
+
+        def verify_with_progress(backing: bytes) -> str | None:
+            try:
+                return verify_file(backing)
+            finally:
+                with contextlib.suppress(OSError):
+                    shown.update(os.stat(backing).st_size)
+
+        problems = list(fsck(tree, verify_file=verify_with_progress if checking else None))
     for problem in problems:
         shown = f" ({problem.plain})" if problem.plain else ""
         print(f"{problem.backing}{shown}: {problem.problem}")
@@ -95,6 +120,70 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         + (f"{repaired} file(s) repaired, no other problems" if repaired else "no problems found")
         + (" (all files verified)" if checking else "")
     )
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """What ``gocryptfs -info`` shows, for a cipher directory: its settings as kmsfs.conf
+    records them, the CMK's state in keyd (and whether the config is authentic), and what
+    it holds. Without keyd it says so and still prints the rest."""
+    print_info(args.cipherdir, args.keyd_socket, keyd_uid=args.keyd_uid, as_json=args.json)
+
+
+def print_info(
+    cipherdir: str, keyd_socket: str | None, *, keyd_uid: str | None, as_json: bool
+) -> None:
+    from kmsfs.errors import KeydUnavailable, KMSError
+    from kmsfs.fs.config import ConfigError, keyd_endpoint, load_config
+    from kmsfs.fs.offline import count_backing, describe_settings, unlock_config
+    from kmsfs.kms.client import KMSClient
+
+    config = load_config(Path(cipherdir), allow_unsealed=True)
+    record: dict[str, Any] = {"CipherDir": cipherdir}
+    settings = dict(describe_settings(config))
+    record["FormatVersion"] = config.format_version
+    record["ConfigVersion"] = config.config_version
+    record["ChunkSize"] = config.chunk_size
+    record["KeyArn"] = config.key_arn
+    key_state = authenticated = "not checked"
+    socket_path = keyd_endpoint(keyd_socket, config)
+    tampered: ConfigError | None = None
+    try:
+        with KMSClient(socket_path, keyd_uid=keyd_uid) as client:
+            try:
+                key_state = client.describe_key(config.key_arn)["KeyMetadata"]["KeyState"]
+            except KMSError as error:
+                key_state = f"unknown ({error})"
+            if not config.sealed:
+                authenticated = "no: not sealed (kmsfs seal)"
+            elif key_state != "Enabled":
+                authenticated = "not checked (the key is not enabled)"
+            else:
+                try:
+                    unlock_config(client, config)  # one audited Decrypt of the metadata key
+                    authenticated = "yes"
+                except ConfigError as error:
+                    authenticated = "NO"
+                    tampered = error
+    except KeydUnavailable as error:
+        key_state = f"unknown (keyd unreachable: {error})"
+        authenticated = "not checked (no keyd)"
+    record["KeyState"] = key_state
+    record["Authenticated"] = authenticated
+    record["Names"] = settings["Names"]
+    record["FilesystemId"] = config.filesystem_id
+    record["Created"] = config.created or "-"
+    record["KeydSocketHint"] = config.keyd_socket or "-"
+    counts = count_backing(Path(cipherdir))
+    record["Files"] = counts.files
+    record["Directories"] = counts.directories
+    record["Symlinks"] = counts.symlinks
+    record["BackingBytes"] = counts.backing_bytes
+    if as_json:
+        print_json(record)
+    else:
+        print_record(record)
+    if tampered is not None:
+        raise tampered
 
 
 # ------------------------------------------------------------------ the mount
@@ -227,6 +316,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("-R", "--recursive", action="store_true")
     keyd_options(ls, KEYD_HINT_HELP)
     ls.add_argument("--json", action="store_true")
+    progress.add_progress_options(ls)
     ls.set_defaults(func=cmd_ls)
 
     fsck_parser = commands.add_parser("fsck", help="check a cipher directory, unmounted")
@@ -246,7 +336,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "write of data that was never fsync'd, or tampering)",
     )
     keyd_options(fsck_parser, KEYD_HINT_HELP)
+    progress.add_progress_options(fsck_parser)
     fsck_parser.set_defaults(func=cmd_fsck)
+    info = commands.add_parser(
+        "info", help="describe a cipher directory: settings, its key's state, file count"
+    )
+    info.add_argument("cipherdir")
+    keyd_options(info, KEYD_HINT_HELP)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
     init_fs = commands.add_parser("init", help="make an empty directory a cipher directory")
     init_fs.add_argument("cipherdir", help="where the ciphertext will live")
     init_fs.add_argument("--key", required=True, help="the CMK: key id, ARN or alias/NAME")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
     context_option,
@@ -40,13 +41,18 @@ _PART_SUFFIX = ".kmsfs-part"
 
 
 @contextlib.contextmanager
-def _output(path: str) -> Iterator[BinaryIO]:
+def _output(path: str, *, force: bool = False) -> Iterator[BinaryIO]:
     """stdout for '-', else a new file that appears as ``path`` only when complete.
 
     The content goes to an unnamed file (O_TMPFILE) that is linked in at the end, so a
     killed command leaves no plaintext behind. Where the filesystem has no O_TMPFILE it goes
     to ``.NAME.PID.kmsfs-part``; such files of processes that are gone are removed on the
     next run for the same name.
+
+    An existing ``path`` is replaced only with ``force`` (as ``gpg --yes``; ``openssl enc``
+    and ``age`` would overwrite it silently), checked before any work and again when the
+    file is linked in. A device or a FIFO (``/dev/null``, a named pipe) is written into,
+    as ``cp`` does, never replaced.
     """
     if path == "-":
         yield sys.stdout.buffer
@@ -55,6 +61,12 @@ def _output(path: str) -> Iterator[BinaryIO]:
     target = Path(path)
     if target.is_dir():  # refused before any work, not after the whole input
         raise UsageError(f"cannot write {path}: it is a directory")
+    if target.exists() and not target.is_file():
+        with _special_output(path) as stream:
+            yield stream
+        return
+    if not force and os.path.lexists(target):
+        raise UsageError(_EXISTS.format(path=path))
     directory = target.parent
     mode = 0o666 & ~_umask()
     temporary: Path | None = None
@@ -75,21 +87,45 @@ def _output(path: str) -> Iterator[BinaryIO]:
             stream.flush()
             os.fsync(stream.fileno())
             if temporary is None:
-                temporary = _link_unnamed(stream.fileno(), target)
+                temporary = _link_unnamed(stream.fileno(), target, force=force)
         if temporary is not None:
             os.chmod(temporary, mode)
-            os.replace(temporary, target)
+            if force:
+                os.replace(temporary, target)
+            else:  # link() refuses an existing name, where rename() would replace it
+                os.link(temporary, target)
+                temporary.unlink()
     except BaseException as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):  # e.g. a full disk, or the name taken meanwhile
+        if isinstance(error, FileExistsError):  # created while we worked
+            raise UsageError(_EXISTS.format(path=path)) from None
+        if isinstance(error, OSError):  # e.g. a full disk
             raise UsageError(f"cannot write {path}: {error.strerror}") from None
         raise
 
 
-def _link_unnamed(fd: int, target: Path) -> Path | None:
-    """Give the O_TMPFILE ``fd`` the name ``target``, or a temporary name beside it when
-    ``target`` exists (returned: the caller renames it over ``target``)."""
+_EXISTS = "{path} exists; add --force to replace it"
+
+
+@contextlib.contextmanager
+def _special_output(path: str) -> Iterator[BinaryIO]:
+    """Write into a device or FIFO that exists at ``path`` (no temporary file, no rename)."""
+    try:
+        stream = open(path, "wb")  # noqa: SIM115
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with stream:
+            yield stream
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+
+
+def _link_unnamed(fd: int, target: Path, *, force: bool) -> Path | None:
+    """Give the O_TMPFILE ``fd`` the name ``target``. When ``target`` exists: with
+    ``force`` link it under a temporary name beside it (returned: the caller renames it
+    over ``target``), else FileExistsError."""
     source = f"/proc/self/fd/{fd}"
     # a directory fd makes os.link call linkat (AT_SYMLINK_FOLLOW), not link()
     directory = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -98,6 +134,8 @@ def _link_unnamed(fd: int, target: Path) -> Path | None:
             os.link(source, target.name, dst_dir_fd=directory, follow_symlinks=True)
             return None
         except FileExistsError:
+            if not force:
+                raise
             temporary = target.parent / f".{target.name}.{os.getpid()}{_PART_SUFFIX}"
             temporary.unlink(missing_ok=True)
             os.link(source, temporary.name, dst_dir_fd=directory, follow_symlinks=True)
@@ -129,9 +167,13 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     context = parse_pairs(args.context, "--context")
-    with _input(args.src) as src, _output(args.dst) as dst:
+    with (
+        _input(args.src) as src,
+        _output(args.dst, force=args.force) as dst,
+        progress.bar(args, total=progress.stream_size(src), what="encrypt") as shown,
+    ):
         encrypt_stream(
-            src,
+            progress.CountingReader(src, shown),
             dst,
             key_provider=KeydDataKeyProvider(args.keyd_socket),
             key_id=args.key,
@@ -156,9 +198,16 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
         keyd_socket = str(keyd_endpoint(args.keyd_socket, config))
     else:
         keyd_socket = args.keyd_socket
-    with _input(source) as src, _output(args.dst) as dst:
+    with (
+        _input(source) as src,
+        _output(args.dst, force=args.force) as dst,
+        progress.bar(args, total=progress.stream_size(src), what="decrypt") as shown,
+    ):
         decrypt_stream(
-            src, dst, key_provider=KeydDataKeyProvider(keyd_socket), encryption_context=context
+            progress.CountingReader(src, shown),
+            dst,
+            key_provider=KeydDataKeyProvider(keyd_socket),
+            encryption_context=context,
         )
 
 
@@ -167,6 +216,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from kmsfs.format import inspect, verify
     from kmsfs.kms.datakeys import KeydDataKeyProvider, blob_key_version
 
+    if os.path.isdir(args.file) and os.path.exists(os.path.join(args.file, "kmsfs.conf")):
+        # a cipher directory has no header to show: describe it as `kmsfs info` does
+        from kmsfs.cli.fs import print_info
+
+        print_info(args.file, args.keyd_socket, keyd_uid=args.keyd_uid, as_json=args.json)
+        return
     try:
         info = inspect(args.file)
     except FileNotFoundError:
@@ -221,6 +276,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------- parser
+def _force_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f", "--force", action="store_true", help="replace DST if it exists (refused otherwise)"
+    )
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     encrypt_file = commands.add_parser("encrypt", help="encrypt a file or a pipe (- for stdio)")
     encrypt_file.add_argument("src")
@@ -229,6 +290,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     context_option(encrypt_file, "encryption context pair (repeatable)")
     encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
     keyd_options(encrypt_file)
+    _force_option(encrypt_file)
+    progress.add_progress_options(encrypt_file)
     encrypt_file.set_defaults(func=cmd_encrypt)
 
     decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
@@ -240,8 +303,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--cipherdir",
         help="SRC is a path inside this cipher directory as seen at the mountpoint",
     )
+    _force_option(decrypt_file)
+    progress.add_progress_options(decrypt_file)
     decrypt_file.set_defaults(func=cmd_decrypt)
-    inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
+    inspect_file = commands.add_parser(
+        "inspect", help="show a ciphertext file's header (a cipher directory: as info)"
+    )
     inspect_file.add_argument("file")
     inspect_file.add_argument(
         "--verify", action="store_true", help="authenticate every chunk (needs keyd)"

@@ -23,7 +23,12 @@ from kmsfs.fs.config import (
     unwrap_refused,
     write_new_config,
 )
-from kmsfs.fs.names import LONGNAME_SUFFIX, NameCipher, is_internal, is_longname
+from kmsfs.fs.names import (
+    LONGNAME_SUFFIX,
+    NameCipher,
+    is_internal,
+    is_longname,
+)
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.kms.client import KMSClient
 
@@ -75,6 +80,45 @@ def describe_settings(config: FsConfig) -> list[tuple[str, str]]:
         ("Created", config.created or "-"),
         *((name, json.dumps(value)) for name, value in sorted(config.extra.items())),
     ]
+
+
+@dataclass
+class BackingCounts:
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    backing_bytes: int = 0
+
+
+def count_backing(cipherdir: Path) -> BackingCounts:
+    """What a cipher directory holds, from the backing tree alone (no key needed):
+    kmsfs's own entries (kmsfs.conf, directory ids, long-name sidecars) not counted."""
+    counts = BackingCounts()
+    for directory, subdirs, files in os.walk(os.fsencode(cipherdir)):
+        subdirs[:] = [name for name in subdirs if _counted(name)]
+        counts.directories += len(subdirs)
+        for name in files:
+            if not _counted(name):
+                continue
+            try:
+                info = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue  # removed while counting
+            if stat.S_ISLNK(info.st_mode):
+                counts.symlinks += 1
+            else:
+                counts.files += 1
+                counts.backing_bytes += info.st_size
+        for name in subdirs:  # os.walk lists a symlink to a directory among the dirs
+            if os.path.islink(os.path.join(directory, name)):
+                counts.directories -= 1
+                counts.symlinks += 1
+    return counts
+
+
+def _counted(backing_name: bytes) -> bool:
+    """A user's entry: not kmsfs's own, except a long name's stand-in (kmsfs.longname.*)."""
+    return not is_internal(backing_name) or is_longname(backing_name)
 
 
 def seal_cipherdir(
