@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import re
 import resource
 import signal
+import stat
 import subprocess
 import tracemalloc
 import uuid
@@ -116,11 +120,21 @@ class MountOptions:
     key_cache_seconds: float = 60.0
     busy_poll_seconds: float = DEFAULT_WINDOW
     max_dirty_ratio: int = DEFAULT_MAX_DIRTY_RATIO
+    #: mount over a directory that has files (hiding them while mounted), as FUSE's
+    #: old ``-o nonempty`` did; refused otherwise
+    nonempty: bool = False
 
 
-def fuse_options(options: MountOptions) -> set[str]:
+def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[str]:
+    """The options for pyfuse3.init.
+
+    fsname is the cipher directory, as gocryptfs does: /proc/self/mountinfo (and so
+    ``mount``, ``df``, ``findmnt``) shows what is mounted, ``mount -a`` sees that an
+    fstab line is mounted already, and a dead mount can be recognised as ours.
+    """
+    fsname = "kmsfs" if cipherdir is None else _escape_option(str(cipherdir))
     # default_permissions: the kernel checks owner, group, mode and sticky bit as on ext4.
-    chosen = {"fsname=kmsfs", "subtype=kmsfs", "default_permissions"}
+    chosen = {f"fsname={fsname}", "subtype=kmsfs", "default_permissions"}
     if options.read_only:
         chosen.add("ro")
     if options.allow_other:
@@ -128,13 +142,171 @@ def fuse_options(options: MountOptions) -> set[str]:
     return chosen
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    if not mountpoint.exists():
-        raise UsageError(f"mountpoint {mountpoint} does not exist")
-    if not mountpoint.is_dir():
+def _escape_option(value: str) -> str:
+    """libfuse splits -o at commas and takes a backslash as an escape."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+# ------------------------------------------------------------ mountpoint checks
+@dataclass
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_mountinfo(raw: bytes) -> str:
+    # the kernel writes space, tab, newline and backslash as \ooo (octal)
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+
+
+def mount_entries() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            try:
+                separator = fields.index(b"-", 6)
+            except ValueError:
+                continue
+            if len(fields) < separator + 3:
+                continue
+            entries.append(
+                MountEntry(
+                    _unescape_mountinfo(fields[4]),
+                    _unescape_mountinfo(fields[separator + 1]),
+                    _unescape_mountinfo(fields[separator + 2]),
+                )
+            )
+    return entries
+
+
+def mounted_at(mountpoint: Path) -> MountEntry | None:
+    """The topmost mount at ``mountpoint`` (the one a path lookup sees), if any."""
+    found = [entry for entry in mount_entries() if entry.mountpoint == str(mountpoint)]
+    return found[-1] if found else None
+
+
+def kmsfs_mounts_of(cipherdir: Path) -> list[str]:
+    """Where ``cipherdir`` is mounted by kmsfs now (fsname is the cipher directory)."""
+    return [
+        entry.mountpoint
+        for entry in mount_entries()
+        if entry.fstype == "fuse.kmsfs" and entry.source == str(cipherdir)
+    ]
+
+
+def lock_cipherdir(cipherdir: Path) -> int | None:
+    """Hold an exclusive flock on the cipher directory itself for the mount's lifetime.
+
+    Two mounts of one cipher directory would each cache names, sizes and file content
+    (the kernel's write-back cache, the engine's held chunks) and overwrite each other's
+    changes. A flock belongs to the open file: it goes when the process ends, however it
+    ends, so a killed mount leaves no stale lock. Returns the descriptor to keep open;
+    None where the filesystem cannot lock (some network filesystems): then a warning.
+    """
+    try:
+        fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MountError(f"cannot open {cipherdir}: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        where = kmsfs_mounts_of(cipherdir)
+        raise MountError(
+            f"{cipherdir} is already mounted"
+            + (f" on {where[0]}" if where else " by another kmsfs process")
+            + ": one mount at a time (unmount it first)"
+        ) from None
+    except OSError as error:
+        os.close(fd)
+        log.warning(
+            "cannot lock %s (%s): nothing stops a second mount of it", cipherdir, error.strerror
+        )
+        return None
+    return fd
+
+
+def check_mountpoint(
+    mountpoint: Path, options: MountOptions | None = None, *, cipherdir: Path | None = None
+) -> bool:
+    """Make ``mountpoint`` ready for a mount; True when this created it.
+
+    - missing: created with its parents, as ``mount --mkdir`` does (mode 0755 less the
+      umask);
+    - a dead mount (ENOTCONN: its process was killed): unmounted (lazily) when it is
+      provably ours — a ``fuse.kmsfs`` mount of this ``cipherdir``, whose lock the caller
+      holds — otherwise one line saying to run ``kmsfs umount --lazy``;
+    - a live mountpoint, a non-directory: refused;
+    - a directory with files: refused unless ``nonempty``, since the mount would hide
+      them (gocryptfs and FUSE refuse it too, unless ``-nonempty``/``-o nonempty``).
+    """
+    options = options or MountOptions()
+    try:
+        status = os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            os.statvfs(mountpoint)  # a stat may come from the kernel's cache; statfs cannot
+    except FileNotFoundError:
+        try:
+            mountpoint.mkdir(mode=0o755, parents=True)
+        except OSError as error:
+            raise UsageError(f"cannot create mountpoint {mountpoint}: {error.strerror}") from None
+        log.info("created the mountpoint %s", mountpoint)
+        return True
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise UsageError(f"cannot use mountpoint {mountpoint}: {error.strerror}") from None
+        _clear_dead_mount(mountpoint, cipherdir)
+        return check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+    if not stat.S_ISDIR(status.st_mode):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mountpoint")
+    entry = mounted_at(mountpoint) if os.path.ismount(mountpoint) else None
+    if entry is not None:
+        if (
+            cipherdir is not None
+            and entry.fstype == "fuse.kmsfs"
+            and entry.source == str(cipherdir)
+        ):
+            raise UsageError(f"{cipherdir} is already mounted on {mountpoint}")
+        raise UsageError(f"{mountpoint} is already a mountpoint ({entry.fstype} {entry.source})")
+    if not options.nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                has_files = next(entries, None) is not None
+        except OSError as error:
+            raise UsageError(f"cannot read mountpoint {mountpoint}: {error.strerror}") from None
+        if has_files:
+            raise UsageError(
+                f"mountpoint {mountpoint} is not empty: the mount would hide its files "
+                "(use -o nonempty or --nonempty to mount over them anyway)"
+            )
+    return False
+
+
+def _clear_dead_mount(mountpoint: Path, cipherdir: Path | None) -> None:
+    """``mountpoint`` answers ENOTCONN: its FUSE process is gone, the mount stayed."""
+    entry = mounted_at(mountpoint)
+    ours = (
+        cipherdir is not None
+        and entry is not None
+        and entry.fstype == "fuse.kmsfs"
+        and entry.source == str(cipherdir)
+    )
+    if not ours:
+        what = f" ({entry.fstype} {entry.source})" if entry is not None else ""
+        raise MountError(
+            f"{mountpoint} is a dead mount{what}: its process ended without unmounting "
+            f"(transport endpoint is not connected); run: kmsfs umount --lazy {mountpoint}"
+        )
+    unmount(mountpoint, lazy=True)
+    log.warning(
+        "%s was a dead mount of %s (its process ended without unmounting): unmounted it",
+        mountpoint,
+        cipherdir,
+    )
 
 
 def mount_foreground(
@@ -142,13 +314,30 @@ def mount_foreground(
 ) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or signalled (SIGTERM, SIGINT)."""
     config = load_config(cipherdir)
-    check_mountpoint(mountpoint)
-    # not from kmsfs.conf unless the user named none: see keyd_endpoint
-    socket = keyd_endpoint(options.keyd_socket, config)
-    os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
-    harden_process(log)  # it holds the metadata key and data keys: as keyd does
-    _raise_open_file_limit()
-    trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+    lock_fd = lock_cipherdir(cipherdir)
+    try:
+        check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+        # not from kmsfs.conf unless the user named none: see keyd_endpoint
+        socket = keyd_endpoint(options.keyd_socket, config)
+        os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
+        harden_process(log)  # it holds the metadata key and data keys: as keyd does
+        _raise_open_file_limit()
+        trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def check_mount(cipherdir: Path, mountpoint: Path, options: MountOptions) -> bool:
+    """What mount_foreground checks first, for a detached mount's parent to say at once
+    (the child checks again, holding the lock); True when the mountpoint was created."""
+    load_config(cipherdir)
+    lock_fd = lock_cipherdir(cipherdir)
+    try:
+        return check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def _raise_open_file_limit() -> None:
@@ -208,7 +397,7 @@ async def _serve(
         )
         operations.mountpoint = os.fsencode(mountpoint)
         try:
-            pyfuse3.init(operations, str(mountpoint), fuse_options(options))
+            pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
         waiter = session.install()
@@ -357,9 +546,13 @@ async def _report_memory_on_signal(operations: Operations) -> None:
                 log.exception("memory report")
 
 
-def unmount(mountpoint: Path) -> None:
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """fusermount3 -u (``lazy``: -uz, which also clears a dead mount that is busy)."""
     result = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+        ["fusermount3", "-uz" if lazy else "-u", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
