@@ -33,6 +33,7 @@ from kmsfs.fs.config import (
 )
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
+from kmsfs.fs.notify import sd_notify
 from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
@@ -408,6 +409,7 @@ async def _serve(
         unmount = True
         try:
             report_ready(ready_fd)
+            sd_notify(f"READY=1\nSTATUS=mounted {cipherdir} on {mountpoint}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
                 nursery.start_soon(operations.poller.run)
@@ -420,6 +422,7 @@ async def _serve(
                 unmount = bool(signalled)
                 nursery.cancel_scope.cancel()
         finally:
+            sd_notify("STOPPING=1")
             operations.close_all()
             operations.prefetcher.stop()
             keys.forget_all()
