@@ -10,6 +10,7 @@ from pathlib import Path
 from kmsfs.errors import KmsfsError
 
 READY = b"R"
+ERROR_PREFIX = "kmsfs: error: "  # how kmsfs.cli.errors starts a failure's line
 
 
 def report_ready(ready_fd: int | None) -> None:
@@ -24,8 +25,9 @@ def start_detached(
 ) -> int:
     """Run ``kmsfs <argv> --ready-fd N`` in its own session, logging to ``log_path``.
 
-    Returns the child's pid once it has called :func:`report_ready`; raises with the
-    last line of its log if it exits first. A passphrase reaches the child through a
+    Returns the child's pid once it has called :func:`report_ready`; raises
+    :class:`DetachedStartFailed` (the child's exit status, the last line of its log) if
+    it exits first. A passphrase reaches the child through a
     pipe (``--passphrase-fd``), never through argv or the environment.
     """
     ready_read, ready_write = os.pipe()
@@ -59,8 +61,23 @@ def start_detached(
     if answer == READY:
         return child.pid
     code = child.wait()
-    last_line = _last_line(log_path)
-    raise KmsfsError(f"{what} did not start (exit status {code}): {last_line}")
+    raise DetachedStartFailed(what, code, _last_line(log_path))
+
+
+class DetachedStartFailed(KmsfsError):
+    """A detached command exited before it was ready. The parent exits with the child's
+    status (128+N if a signal N killed it), so scripts see the real reason, and repeats
+    its one-line error."""
+
+    def __init__(self, what: str, child_status: int, last_line: str) -> None:
+        if child_status < 0:
+            reason = f"killed by signal {-child_status}; last log line: {last_line}"
+            self.exit_code = 128 - child_status
+        else:
+            reason = last_line.removeprefix(ERROR_PREFIX)
+            # a child that exits 0 without saying it is ready has still failed to start
+            self.exit_code = child_status or 1
+        super().__init__(f"{what} did not start: {reason}")
 
 
 def _last_line(path: Path) -> str:

@@ -224,7 +224,14 @@ def kms_error_from_type(aws_type: str, message: str = "") -> KMSError:
     return error
 
 
-class KeydAlreadyRunning(KmsfsError):
+class InUse(KmsfsError):
+    """What the command needs is held by another process: a socket another keyd serves,
+    a keystore another keyd has open, a cipher directory mounted elsewhere."""
+
+    exit_code = 10
+
+
+class KeydAlreadyRunning(InUse):
     """Another keyd is already serving on the socket path."""
 
 
@@ -266,6 +273,12 @@ class AuditError(KmsfsError):
     """The audit log cannot be written or read."""
 
     exit_code = 6
+
+
+class AuditLogInUse(AuditError, InUse):
+    """Another process (another keyd on the same keystore) holds the audit log's lock."""
+
+    exit_code = InUse.exit_code
 
 
 class AuditTampered(AuditError):

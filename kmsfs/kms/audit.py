@@ -126,7 +126,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from kmsfs.errors import AuditError, AuditTampered
+from kmsfs.errors import AuditError, AuditLogInUse, AuditTampered
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -489,7 +489,7 @@ class AuditLog:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise AuditError(
+                raise AuditLogInUse(
                     f"audit log {path} is in use by another process (locked)"
                 ) from None
             _finish_interrupted_rotation(path)

@@ -214,7 +214,7 @@ def test_decrypt_without_o_tmpfile_cleans_up_after_a_killed_run(
             raise OSError(95, "Operation not supported")
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(cli.os, "open", no_tmpfile)
+    monkeypatch.setattr(os, "open", no_tmpfile)
     code = cli.main(["decrypt", "--keyd-socket", str(keyd.socket), str(cipher), str(out)])
     assert code == 0
     assert out.read_bytes() == plain.read_bytes()

@@ -1,0 +1,318 @@
+"""``kmsfs init|seal|mount|umount|ls|fsck``: the filesystem and its cipher directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kmsfs.cli.common import (
+    DEFAULT_CHUNK_SIZE_CLI,
+    KEYD_HINT_HELP,
+    keyd_options,
+    non_negative_int,
+    percent,
+    print_json,
+    print_record,
+    print_table,
+)
+from kmsfs.errors import UsageError
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    from kmsfs.fs.offline import list_entries, open_tree
+
+    _config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+    listed = list(list_entries(tree, args.path or "", recursive=args.recursive))
+    if args.json:
+        print_json([item.__dict__ for item in listed])
+    else:
+        print_table(
+            [{"Kind": i.kind, "Path": i.path, "Backing": i.backing} for i in listed],
+            ["Kind", "Path", "Backing"],
+        )
+
+
+_REPAIRED = "repaired: "
+
+
+def cmd_fsck(args: argparse.Namespace) -> None:
+    from kmsfs.errors import FormatError, Truncated
+    from kmsfs.format import repair, verify
+    from kmsfs.fs.config import keyd_endpoint
+    from kmsfs.fs.offline import fsck, open_tree
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+    provider = KeydDataKeyProvider(str(keyd_endpoint(args.keyd_socket, config)))
+
+    def verify_file(backing: bytes) -> str | None:
+        report = verify(backing, key_provider=provider, encryption_context=config.file_context)
+        if report.ok:
+            return None
+        where = f"chunk {report.first_bad_chunk}: " if report.first_bad_chunk is not None else ""
+        problem = f"{where}{report.error}"
+        # what an interrupted write leaves at the end of a file, and nothing else
+        interrupted = (
+            isinstance(report.error, Truncated)
+            or report.interrupted_append
+            or report.interrupted_rewrite is not None
+        )
+        # a last chunk that fails: a torn write of data nobody fsync'd, or tampering
+        torn_end = (
+            report.first_bad_chunk is not None and report.first_bad_chunk == report.chunks - 1
+        )
+        if not args.repair or not (interrupted or (torn_end and args.force)):
+            hint = "; --repair --force cuts it off" if torn_end and not interrupted else ""
+            return problem + hint
+        before = report.info.plaintext_size
+        size = repair(
+            backing, key_provider=provider, encryption_context=config.file_context, report=report
+        )
+        if report.interrupted_rewrite is not None:
+            return (
+                f"{_REPAIRED}chunk {report.interrupted_rewrite} put back from its copy, "
+                f"{size} bytes ({problem})"
+            )
+        return (
+            f"{_REPAIRED}cut back to its last consistent length, {size} bytes "
+            f"(the backing file said {before}; {problem})"
+        )
+
+    checking = args.verify or args.repair
+    problems = list(fsck(tree, verify_file=verify_file if checking else None))
+    for problem in problems:
+        shown = f" ({problem.plain})" if problem.plain else ""
+        print(f"{problem.backing}{shown}: {problem.problem}")
+    left = [problem for problem in problems if not problem.problem.startswith(_REPAIRED)]
+    if left:
+        raise FormatError(f"{args.cipherdir}: {len(left)} problem(s) found")
+    repaired = len(problems) - len(left)
+    print(
+        f"{args.cipherdir}: "
+        + (f"{repaired} file(s) repaired, no other problems" if repaired else "no problems found")
+        + (" (all files verified)" if checking else "")
+    )
+
+
+# ------------------------------------------------------------------ the mount
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kmsfs"
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from kmsfs.fs.mount import init_cipherdir
+
+    config = init_cipherdir(
+        Path(args.cipherdir),
+        args.key,
+        keyd_socket=args.keyd_socket,
+        chunk_size=args.chunk_size,
+        plaintext_names=args.plaintext_names,
+        keyd_uid=args.keyd_uid,
+    )
+    print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
+
+
+def cmd_seal(args: argparse.Namespace) -> None:
+    """Seal a kmsfs.conf made before configs were authenticated, once its owner agrees."""
+    from kmsfs.fs.offline import describe_settings, seal_cipherdir
+
+    def confirm(config) -> bool:
+        print(f"{args.cipherdir}/kmsfs.conf is not sealed. Its settings:")
+        print_record(dict(describe_settings(config)))
+        if config.plaintext_names:
+            print(
+                "WARNING: names are stored in plaintext. If you did not choose that, do not seal."
+            )
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise UsageError("not sealed: check the settings above, then run again with --yes")
+        return input("Are these the settings you chose? Seal them [y/N] ").strip().lower() in (
+            "y",
+            "yes",
+        )
+
+    config, sealed_now = seal_cipherdir(
+        Path(args.cipherdir), args.keyd_socket, keyd_uid=args.keyd_uid, confirm=confirm
+    )
+    if sealed_now:
+        print(f"sealed {args.cipherdir}/kmsfs.conf (filesystem {config.filesystem_id})")
+    else:
+        print(f"{args.cipherdir}/kmsfs.conf is sealed and authentic; nothing to do")
+
+
+def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
+    read_only = allow_other = False
+    for value in values or []:
+        for option in value.split(","):
+            if option == "ro":
+                read_only = True
+            elif option == "rw":
+                read_only = False
+            elif option == "allow_other":
+                allow_other = True
+            elif option:
+                raise UsageError(f"unknown mount option {option!r} (known: ro, rw, allow_other)")
+    return read_only, allow_other
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    from kmsfs.background import start_detached
+    from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
+
+    read_only, allow_other = _parse_mount_options(args.options)
+    options = MountOptions(
+        foreground=args.foreground,
+        read_only=read_only,
+        allow_other=allow_other,
+        keyd_socket=args.keyd_socket,
+        keyd_uid=args.keyd_uid,
+        debug=args.debug,
+        key_cache_seconds=args.key_cache_seconds,
+    )
+    if args.busy_poll_us is not None:
+        options.busy_poll_seconds = args.busy_poll_us / 1e6
+    if args.max_dirty_ratio is not None:
+        options.max_dirty_ratio = args.max_dirty_ratio
+    cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
+    if args.foreground:
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            format="%(asctime)s kmsfs[%(process)d] %(levelname)s %(message)s",
+        )
+        mount_foreground(cipherdir, mountpoint, options, ready_fd=args.ready_fd)
+        return
+    check_mountpoint(mountpoint)
+    argv = [
+        "mount",
+        "-f",
+        str(cipherdir),
+        str(mountpoint),
+        "--key-cache-seconds",
+        str(args.key_cache_seconds),
+    ]
+    if args.busy_poll_us is not None:
+        argv += ["--busy-poll-us", str(args.busy_poll_us)]
+    if args.max_dirty_ratio is not None:
+        argv += ["--max-dirty-ratio", str(args.max_dirty_ratio)]
+    for option in args.options or []:
+        argv += ["-o", option]
+    if args.keyd_socket:
+        argv += ["--keyd-socket", args.keyd_socket]
+    if args.keyd_uid:
+        argv += ["--keyd-uid", args.keyd_uid]
+    if args.debug:
+        argv.append("--debug")
+    log_path = Path(args.log_file) if args.log_file else state_dir() / "mount.log"
+    pid = start_detached(argv, log_path, what="the mount")
+    print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    from kmsfs.fs.mount import unmount
+
+    unmount(Path(args.mountpoint))
+
+
+# -------------------------------------------------------------------- parser
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    ls = commands.add_parser("ls", help="list a cipher directory's plaintext names, unmounted")
+    ls.add_argument("cipherdir")
+    ls.add_argument("path", nargs="?", help="a directory, as seen at the mountpoint")
+    ls.add_argument("-R", "--recursive", action="store_true")
+    keyd_options(ls, KEYD_HINT_HELP)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    fsck_parser = commands.add_parser("fsck", help="check a cipher directory, unmounted")
+    fsck_parser.add_argument("cipherdir")
+    fsck_parser.add_argument("--verify", action="store_true", help="also check every chunk")
+    fsck_parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify, and bring back each file that an interrupted write left without a "
+        "sound end (an interrupted rewrite in place, an interrupted append, a last chunk "
+        "that is not final) to its last consistent state",
+    )
+    fsck_parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --repair: also cut off a last chunk that fails authentication (a torn "
+        "write of data that was never fsync'd, or tampering)",
+    )
+    keyd_options(fsck_parser, KEYD_HINT_HELP)
+    fsck_parser.set_defaults(func=cmd_fsck)
+    init_fs = commands.add_parser("init", help="make an empty directory a cipher directory")
+    init_fs.add_argument("cipherdir", help="where the ciphertext will live")
+    init_fs.add_argument("--key", required=True, help="the CMK: key id, ARN or alias/NAME")
+    keyd_options(
+        init_fs,
+        "keyd's socket (recorded in kmsfs.conf as a hint for later mounts; "
+        "default: $KMSFS_KEYD_SOCKET or the per-user default)",
+    )
+    init_fs.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE_CLI,
+        help="plaintext bytes per chunk (a power of two)",
+    )
+    init_fs.add_argument(
+        "--plaintext-names",
+        action="store_true",
+        help="leave file names and symlink targets unencrypted",
+    )
+    init_fs.set_defaults(func=cmd_init)
+
+    seal = commands.add_parser(
+        "seal", help="authenticate the settings of a kmsfs.conf made by an older kmsfs"
+    )
+    seal.add_argument("cipherdir")
+    seal.add_argument("--yes", action="store_true", help="seal without asking")
+    keyd_options(seal, KEYD_HINT_HELP)
+    seal.set_defaults(func=cmd_seal)
+
+    mount = commands.add_parser("mount", help="mount a cipher directory")
+    mount.add_argument("cipherdir")
+    mount.add_argument("mountpoint")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTIONS",
+        help="ro, rw, allow_other (comma-separated)",
+    )
+    keyd_options(mount, KEYD_HINT_HELP)
+    mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument(
+        "--key-cache-seconds",
+        type=float,
+        default=60.0,
+        help="keep a file's data key this long after its last close (60)",
+    )
+    mount.add_argument(
+        "--busy-poll-us",
+        type=non_negative_int,
+        metavar="US",
+        help="after each request, keep polling for the next one this many microseconds "
+        "before sleeping: faster small synchronous I/O for some CPU (0: never; default 1000)",
+    )
+    mount.add_argument(
+        "--max-dirty-ratio",
+        type=percent,
+        metavar="PERCENT",
+        help="share of the kernel's dirty-page limit this mount may hold before writers "
+        "are throttled (kernel default for FUSE: 1; default 5; needs root)",
+    )
+    mount.add_argument("--log-file", help="log file when detached")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(func=cmd_mount)
+
+    umount = commands.add_parser("umount", help="unmount (like fusermount3 -u)")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(func=cmd_umount)

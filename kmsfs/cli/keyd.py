@@ -1,0 +1,230 @@
+"""``kmsfs keyd ...``: create a keystore, serve it, stop it, read its audit log."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from kmsfs.errors import KeystoreError, KmsfsError, UsageError
+
+PASSPHRASE_FILE_ENV = "KMSFS_PASSPHRASE_FILE"
+
+
+# ---------------------------------------------------------------- passphrase
+def _read_secret_file(path: str) -> bytes:
+    from kmsfs.kms.keystore import read_passphrase_file
+
+    return read_passphrase_file(path)
+
+
+def root_key_source(args: argparse.Namespace, *, confirm: bool = False):
+    """Root key file, passphrase fd/file/env, or a prompt — in that order."""
+    from kmsfs.kms.keystore import RootKeySource
+
+    if getattr(args, "root_key_file", None):
+        return RootKeySource.from_key_file(args.root_key_file)
+    if getattr(args, "passphrase_fd", None) is not None:
+        with os.fdopen(args.passphrase_fd, "rb") as pipe:
+            return RootKeySource.from_passphrase(pipe.read())
+    path = getattr(args, "passphrase_file", None) or os.environ.get(PASSPHRASE_FILE_ENV)
+    if path:
+        return RootKeySource.from_passphrase(_read_secret_file(path))
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no passphrase: give --passphrase-file, set KMSFS_PASSPHRASE_FILE, "
+            "or use --root-key-file"
+        )
+    passphrase = getpass.getpass("keystore passphrase: ")
+    if confirm and getpass.getpass("again: ") != passphrase:
+        raise UsageError("the two passphrases differ")
+    return RootKeySource.from_passphrase(passphrase)
+
+
+# ---------------------------------------------------------------------- keyd
+def cmd_keyd_init(args: argparse.Namespace) -> None:
+    from kmsfs.kms.keystore import Keystore
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore)
+    if Keystore.exists(path):
+        raise KeystoreError(f"a keystore already exists at {path}")
+    source = root_key_source(args, confirm=True)
+    keystore = Keystore.create(path, source, region=args.region, account=args.account)
+    keystore.close()
+    how = f"root key file {source.key_file}" if source.key_file else "a passphrase"
+    print(f"created keystore {path}, protected by {how}")
+
+
+def cmd_keyd_serve(args: argparse.Namespace) -> None:
+    from kmsfs.background import start_detached
+    from kmsfs.kms.daemon import run_keyd
+    from kmsfs.kms.paths import resolve_keystore_dir, resolve_socket_path
+
+    keystore_dir = resolve_keystore_dir(args.keystore)
+    socket_path = resolve_socket_path(args.socket)
+    socket_mode = int(args.socket_mode, 8)
+    if args.daemon:
+        source = root_key_source(args)
+        argv = [
+            "keyd",
+            "serve",
+            "--keystore",
+            str(keystore_dir),
+            "--socket",
+            str(socket_path),
+            "--socket-mode",
+            args.socket_mode,
+        ]
+        if source.key_file is not None:
+            argv += ["--root-key-file", str(source.key_file)]
+        log_path = keystore_dir / "keyd.log"
+        pid = start_detached(argv, log_path, what="keyd", passphrase=source.passphrase)
+        print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
+        return
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s keyd[%(process)d] %(levelname)s %(message)s",
+    )
+    run_keyd(
+        keystore_dir,
+        root_key_source(args),
+        socket_path,
+        socket_mode=socket_mode,
+        ready_fd=args.ready_fd,
+    )
+
+
+def cmd_keyd_stop(args: argparse.Namespace) -> None:
+    """Ask the keyd on a socket to stop (SIGTERM to the socket's peer) and wait."""
+    from kmsfs.errors import KeydUnavailable
+    from kmsfs.kms.paths import resolve_socket_path
+    from kmsfs.kms.trust import check_peer, check_socket_path, expected_keyd_uids, peer_credentials
+
+    socket_path = resolve_socket_path(args.socket)
+    # the same checks as every client: signal only a keyd run by us, root or the named
+    # service account, found through a path nobody else controls
+    expected = expected_keyd_uids()
+    resolved = check_socket_path(socket_path, expected)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(resolved))
+        check_peer(probe, socket_path, expected)
+        pid = peer_credentials(probe)[0]
+    except OSError as exc:
+        raise KeydUnavailable(f"no keyd on {socket_path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"keyd (pid {pid}) stopped")
+            return
+        time.sleep(0.05)
+    raise KmsfsError(f"keyd (pid {pid}) did not stop within 10 s")
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> None:
+    from kmsfs.kms import audit
+    from kmsfs.kms.keystore import AUDIT_NAME
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
+    if not path.exists() and not audit.rotated_files(path):
+        raise KeystoreError(f"no audit log at {path}")
+    events = audit.tail(path, args.lines, follow=args.follow, key=args.key, event_name=args.event)
+    try:
+        for event in events:
+            if args.json:
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(audit.format_event_line(event), flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    from kmsfs.errors import AuditTampered
+    from kmsfs.kms import audit
+    from kmsfs.kms.keystore import AUDIT_NAME
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
+    if not path.exists() and not audit.rotated_files(path):
+        raise KeystoreError(f"no audit log at {path}")
+    report = audit.verify(path)
+    if not report.ok:
+        where = f" line {report.first_bad_line}:" if report.first_bad_line is not None else ""
+        raise AuditTampered(
+            f"audit log {report.file or path}:{where} {report.problem}",
+            report.first_bad_line or 0,
+        )
+    files = f" in {report.files} files (rotated ones included)" if report.files > 1 else ""
+    print(f"audit log {path}: {report.lines} lines{files}, chain intact")
+
+
+def _keystore_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keystore",
+        help="keystore directory (default: $KMSFS_KEYSTORE or $XDG_DATA_HOME/kmsfs/keystore)",
+    )
+
+
+def _root_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--root-key-file", help="protect/unseal with this 0600 key file")
+    group.add_argument(
+        "--passphrase-file",
+        help=f"read the passphrase from this file (or set {PASSPHRASE_FILE_ENV})",
+    )
+    group.add_argument("--passphrase-fd", type=int, help=argparse.SUPPRESS)
+
+
+# -------------------------------------------------------------------- parser
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    keyd = commands.add_parser("keyd", help="the local key daemon").add_subparsers(
+        dest="keyd_command", required=True, metavar="SUBCOMMAND"
+    )
+    init = keyd.add_parser("init", help="create a new keystore")
+    _keystore_options(init)
+    _root_options(init)
+    init.add_argument("--region", default="local", help="region used in key ARNs")
+    init.add_argument("--account", default="000000000000", help="account used in key ARNs")
+    init.set_defaults(func=cmd_keyd_init)
+
+    serve_parser = keyd.add_parser("serve", help="unseal the keystore and serve on a socket")
+    _keystore_options(serve_parser)
+    _root_options(serve_parser)
+    serve_parser.add_argument("--socket", help="socket path (default: per-user or /run/kmsfs)")
+    serve_parser.add_argument("--socket-mode", default="0600", help="socket file mode (octal)")
+    serve_parser.add_argument("-d", "--daemon", action="store_true", help="detach")
+    serve_parser.add_argument("--debug", action="store_true", help="log debug messages")
+    serve_parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    serve_parser.set_defaults(func=cmd_keyd_serve)
+
+    stop = keyd.add_parser("stop", help="stop the keyd serving on a socket")
+    stop.add_argument("--socket", help="socket path")
+    stop.set_defaults(func=cmd_keyd_stop)
+
+    audit_parser = keyd.add_parser("audit", help="read and verify the audit log")
+    audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
+    tail = audit_commands.add_parser("tail", help="show the last events")
+    _keystore_options(tail)
+    tail.add_argument("-n", "--lines", type=int, default=20, help="how many events")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--key", help="only events about this key (id, ARN or alias)")
+    tail.add_argument("--event", help="only events of this name (e.g. Decrypt)")
+    tail.add_argument("--json", action="store_true", help="print JSON lines")
+    tail.set_defaults(func=cmd_audit_tail)
+    verify = audit_commands.add_parser("verify", help="check the log's hash chain")
+    _keystore_options(verify)
+    verify.set_defaults(func=cmd_audit_verify)

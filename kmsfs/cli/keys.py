@@ -1,0 +1,338 @@
+"""``kmsfs keys ...``: manage and use the keys in keyd (AWS KMS operations by name)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from kmsfs.cli.common import (
+    client_options,
+    context_option,
+    parse_pairs,
+    print_json,
+    print_record,
+    print_table,
+    when,
+)
+from kmsfs.errors import UsageError
+
+
+# ---------------------------------------------------------------------- keys
+def _client(args: argparse.Namespace):
+    from kmsfs.kms.client import KMSClient
+
+    return KMSClient(args.keyd_socket)
+
+
+def _all_pages(client, operation: str, params: dict[str, Any], field: str) -> list[Any]:
+    items: list[Any] = []
+    marker = None
+    while True:
+        page = client.call(operation, {**params, **({"Marker": marker} if marker else {})})
+        items += page.get(field, [])
+        marker = page.get("NextMarker")
+        if not page.get("Truncated") or not marker:
+            return items
+
+
+def _is_alias(name: str) -> bool:
+    """``alias/NAME`` or an alias ARN (``arn:aws:kms:REGION:ACCOUNT:alias/NAME``)."""
+    return name.startswith("alias/") or (name.startswith("arn:") and ":alias/" in name)
+
+
+def _key_id(client, name: str) -> str:
+    """The key id ``name`` stands for. AWS KMS's TagResource, UntagResource,
+    ListResourceTags and an alias's TargetKeyId take only a key id or key ARN; our
+    commands accept an alias wherever a key is named, so it is resolved here first
+    (DescribeKey, as the aws CLI user would)."""
+    if not _is_alias(name):
+        return name
+    return client.call("DescribeKey", {"KeyId": name})["KeyMetadata"]["KeyId"]
+
+
+def _key_row(metadata: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
+    return {
+        "KeyId": metadata["KeyId"],
+        "State": metadata["KeyState"],
+        "Aliases": ",".join(aliases) or "-",
+        "Created": when(metadata.get("CreationDate")),
+        "Description": metadata.get("Description") or "",
+    }
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    tags = [{"TagKey": k, "TagValue": v} for k, v in parse_pairs(args.tag, "--tag").items()]
+    params: dict[str, Any] = {"Description": args.description or ""}
+    if tags:
+        params["Tags"] = tags
+    with _client(args) as client:
+        metadata = client.call("CreateKey", params)["KeyMetadata"]
+        if args.alias:
+            client.call("CreateAlias", {"AliasName": args.alias, "TargetKeyId": metadata["KeyId"]})
+    if args.json:
+        print_json({"KeyMetadata": metadata, "Alias": args.alias})
+    else:
+        print_record(
+            {
+                "KeyId": metadata["KeyId"],
+                "Arn": metadata["Arn"],
+                "Alias": args.alias or "-",
+                "State": metadata["KeyState"],
+            }
+        )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        keys = _all_pages(client, "ListKeys", {}, "Keys")
+        aliases = _all_pages(client, "ListAliases", {}, "Aliases")
+        described = [client.call("DescribeKey", {"KeyId": k["KeyId"]})["KeyMetadata"] for k in keys]
+    by_key: dict[str, list[str]] = {}
+    for alias in aliases:
+        by_key.setdefault(alias.get("TargetKeyId", ""), []).append(alias["AliasName"])
+    if args.json:
+        print_json([{**m, "Aliases": by_key.get(m["KeyId"], [])} for m in described])
+        return
+    rows = [_key_row(m, by_key.get(m["KeyId"], [])) for m in described]
+    print_table(rows, ["KeyId", "State", "Aliases", "Created", "Description"])
+
+
+def cmd_keys_describe(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        metadata = client.call("DescribeKey", {"KeyId": args.key})["KeyMetadata"]
+        rotation = None
+        if metadata["KeyState"] != "PendingDeletion":
+            rotation = client.call("GetKeyRotationStatus", {"KeyId": metadata["KeyId"]})
+        aliases = _all_pages(client, "ListAliases", {"KeyId": metadata["KeyId"]}, "Aliases")
+        tags = _all_pages(client, "ListResourceTags", {"KeyId": metadata["KeyId"]}, "Tags")
+    if args.json:
+        print_json(
+            {
+                "KeyMetadata": metadata,
+                "Rotation": rotation,
+                "Aliases": [a["AliasName"] for a in aliases],
+                "Tags": tags,
+            }
+        )
+        return
+    record: dict[str, Any] = {
+        "KeyId": metadata["KeyId"],
+        "Arn": metadata["Arn"],
+        "State": metadata["KeyState"],
+        "Description": metadata.get("Description") or "-",
+        "KeySpec": metadata["KeySpec"],
+        "KeyUsage": metadata["KeyUsage"],
+        "Created": when(metadata.get("CreationDate")),
+        "Aliases": [a["AliasName"] for a in aliases],
+        "Tags": [f"{t['TagKey']}={t['TagValue']}" for t in tags],
+    }
+    if metadata.get("DeletionDate"):
+        record["DeletionDate"] = when(metadata["DeletionDate"])
+    if rotation is not None:
+        record["Rotation"] = (
+            f"every {rotation['RotationPeriodInDays']} days, next "
+            f"{when(rotation.get('NextRotationDate'))}"
+            if rotation["KeyRotationEnabled"]
+            else "off"
+        )
+    print_record(record)
+
+
+def _simple(operation: str, done: str) -> Callable[[argparse.Namespace], None]:
+    """A keys subcommand that sends one KeyId-only request and prints what it did."""
+
+    def command(args: argparse.Namespace) -> None:
+        with _client(args) as client:
+            response = client.call(operation, {"KeyId": args.key})
+        if args.json:
+            print_json(response)
+        else:
+            print(f"{args.key}: {done}")
+
+    return command
+
+
+def cmd_keys_schedule_deletion(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        response = client.call(
+            "ScheduleKeyDeletion", {"KeyId": args.key, "PendingWindowInDays": args.days}
+        )
+    if args.json:
+        print_json(response)
+    else:
+        print(
+            f"{response['KeyId']}: pending deletion, destroyed at {when(response['DeletionDate'])}"
+        )
+
+
+def cmd_keys_rotation(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "enable":
+            params: dict[str, Any] = {"KeyId": args.key}
+            if args.days:
+                params["RotationPeriodInDays"] = args.days
+            client.call("EnableKeyRotation", params)
+        elif args.action == "disable":
+            client.call("DisableKeyRotation", {"KeyId": args.key})
+        status = client.call("GetKeyRotationStatus", {"KeyId": args.key})
+        rotations = _all_pages(client, "ListKeyRotations", {"KeyId": args.key}, "Rotations")
+    if args.json:
+        print_json({**status, "Rotations": rotations})
+        return
+    print_record(
+        {
+            "KeyId": status["KeyId"],
+            "AutomaticRotation": "on" if status["KeyRotationEnabled"] else "off",
+            "PeriodDays": status.get("RotationPeriodInDays", "-"),
+            "NextRotation": when(status.get("NextRotationDate")),
+            "Rotations": len(rotations),
+        }
+    )
+    if rotations:
+        print()
+        print_table(
+            [{"Date": when(r["RotationDate"]), "Type": r["RotationType"]} for r in rotations],
+            ["Date", "Type"],
+        )
+
+
+def _read_stdin_limited(limit: int, what: str) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{what} is larger than {limit} bytes")
+    if not data:
+        raise UsageError(f"{what} is empty")
+    return data
+
+
+def cmd_keys_encrypt(args: argparse.Namespace) -> None:
+    from kmsfs.kms.service import MAX_PLAINTEXT
+
+    plaintext = _read_stdin_limited(MAX_PLAINTEXT, "the plaintext on standard input")
+    context = parse_pairs(args.context, "--context")
+    with _client(args) as client:
+        response = client.encrypt(args.key, plaintext, encryption_context=context)
+    sys.stdout.buffer.write(response["CiphertextBlob"])
+    sys.stdout.buffer.flush()
+
+
+def cmd_keys_decrypt(args: argparse.Namespace) -> None:
+    from kmsfs.kms.service import MAX_CIPHERTEXT
+
+    blob = _read_stdin_limited(MAX_CIPHERTEXT, "the ciphertext on standard input")
+    context = parse_pairs(args.context, "--context")
+    with _client(args) as client:
+        response = client.decrypt(blob, encryption_context=context, key_id=args.key)
+    sys.stdout.buffer.write(response["Plaintext"])
+    sys.stdout.buffer.flush()
+
+
+def _check_alias_args(args: argparse.Namespace) -> str | None:
+    """A usage error (printed with the usage line) before anything is sent."""
+    if args.action != "list" and not args.name:
+        return "alias create/update/delete need an alias name"
+    return None
+
+
+def cmd_alias(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "list":
+            aliases = _all_pages(client, "ListAliases", {}, "Aliases")
+            if args.json:
+                print_json(aliases)
+            else:
+                print_table(aliases, ["AliasName", "TargetKeyId"])
+            return
+        if args.action in ("create", "update"):
+            if not args.key:
+                raise UsageError(f"alias {args.action} needs --key")
+            operation = "CreateAlias" if args.action == "create" else "UpdateAlias"
+            target = _key_id(client, args.key)
+            client.call(operation, {"AliasName": args.name, "TargetKeyId": target})
+        else:
+            client.call("DeleteAlias", {"AliasName": args.name})
+    print(f"{args.name}: {args.action}d")
+
+
+def cmd_tags(args: argparse.Namespace) -> None:
+    pairs = parse_pairs(args.pairs, "a tag") if args.action == "add" else {}
+    with _client(args) as client:
+        key_id = _key_id(client, args.key)
+        if args.action == "add":
+            tags = [{"TagKey": k, "TagValue": v} for k, v in pairs.items()]
+            client.call("TagResource", {"KeyId": key_id, "Tags": tags})
+        elif args.action == "remove":
+            client.call("UntagResource", {"KeyId": key_id, "TagKeys": args.pairs})
+        tags = _all_pages(client, "ListResourceTags", {"KeyId": key_id}, "Tags")
+    if args.json:
+        print_json(tags)
+    else:
+        print_table(tags, ["TagKey", "TagValue"])
+
+
+# -------------------------------------------------------------------- parser
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="manage and use keys in keyd").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+
+    def key_command(
+        name: str,
+        help_text: str,
+        func: Callable[[argparse.Namespace], None],
+        *,
+        positional_key: bool = True,
+    ) -> argparse.ArgumentParser:
+        sub = keys.add_parser(name, help=help_text)
+        client_options(sub)
+        if positional_key:
+            sub.add_argument("key", help="key id, key ARN or alias/NAME")
+        sub.set_defaults(func=func)
+        return sub
+
+    create = key_command("create", "create a key", cmd_keys_create, positional_key=False)
+    create.add_argument("--alias", help="also create this alias (alias/NAME)")
+    create.add_argument("--description", default="", help="free text")
+    create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="add a tag")
+    key_command("list", "list keys", cmd_keys_list, positional_key=False)
+    key_command("describe", "show one key", cmd_keys_describe)
+    key_command("enable", "enable a key", _simple("EnableKey", "enabled"))
+    key_command("disable", "disable a key", _simple("DisableKey", "disabled"))
+    key_command("rotate", "rotate now (new key version)", _simple("RotateKeyOnDemand", "rotated"))
+    rotation = key_command(
+        "rotation", "automatic rotation: status/enable/disable", cmd_keys_rotation
+    )
+    rotation.add_argument(
+        "action", nargs="?", default="status", choices=["status", "enable", "disable"]
+    )
+    rotation.add_argument("--days", type=int, help="rotation period (90-2560)")
+    schedule = key_command(
+        "schedule-deletion", "destroy after a waiting period", cmd_keys_schedule_deletion
+    )
+    schedule.add_argument("--days", type=int, default=30, help="waiting period, 7-30 (30)")
+    key_command(
+        "cancel-deletion",
+        "cancel a scheduled deletion (key stays disabled)",
+        _simple("CancelKeyDeletion", "deletion cancelled, key is Disabled"),
+    )
+    encrypt = key_command(
+        "encrypt", "encrypt stdin (<= 4096 bytes) to stdout", cmd_keys_encrypt, positional_key=False
+    )
+    encrypt.add_argument("--key", required=True, help="key id, ARN or alias")
+    context_option(encrypt, "encryption context pair (repeatable)")
+    decrypt = key_command(
+        "decrypt", "decrypt stdin to stdout", cmd_keys_decrypt, positional_key=False
+    )
+    decrypt.add_argument("--key", help="require this key")
+    context_option(decrypt, "encryption context pair (repeatable)")
+    alias = keys.add_parser("alias", help="create/update/delete/list aliases")
+    client_options(alias)
+    alias.add_argument("action", choices=["create", "update", "delete", "list"])
+    alias.add_argument("name", nargs="?", help="alias/NAME")
+    alias.add_argument("--key", help="target key: key id, ARN or alias/NAME")
+    alias.set_defaults(func=cmd_alias, check_args=_check_alias_args)
+    tags = key_command("tags", "list/add/remove tags", cmd_tags)
+    tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
+    tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")

@@ -1,0 +1,252 @@
+"""``kmsfs encrypt|decrypt|inspect``: single ciphertext files, no mount."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kmsfs.cli.common import (
+    DEFAULT_CHUNK_SIZE_CLI,
+    context_option,
+    keyd_options,
+    parse_pairs,
+    print_json,
+    print_record,
+)
+from kmsfs.errors import UsageError
+
+
+# ------------------------------------------------------------ single files
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(path, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    with stream:
+        yield stream
+
+
+_PART_SUFFIX = ".kmsfs-part"
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    """stdout for '-', else a new file that appears as ``path`` only when complete.
+
+    The content goes to an unnamed file (O_TMPFILE) that is linked in at the end, so a
+    killed command leaves no plaintext behind. Where the filesystem has no O_TMPFILE it goes
+    to ``.NAME.PID.kmsfs-part``; such files of processes that are gone are removed on the
+    next run for the same name.
+    """
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    if target.is_dir():  # refused before any work, not after the whole input
+        raise UsageError(f"cannot write {path}: it is a directory")
+    directory = target.parent
+    mode = 0o666 & ~_umask()
+    temporary: Path | None = None
+    try:
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _remove_dead_parts(target)
+            temporary = directory / f".{target.name}.{os.getpid()}{_PART_SUFFIX}"
+            fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+            if temporary is None:
+                temporary = _link_unnamed(stream.fileno(), target)
+        if temporary is not None:
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+    except BaseException as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # e.g. a full disk, or the name taken meanwhile
+            raise UsageError(f"cannot write {path}: {error.strerror}") from None
+        raise
+
+
+def _link_unnamed(fd: int, target: Path) -> Path | None:
+    """Give the O_TMPFILE ``fd`` the name ``target``, or a temporary name beside it when
+    ``target`` exists (returned: the caller renames it over ``target``)."""
+    source = f"/proc/self/fd/{fd}"
+    # a directory fd makes os.link call linkat (AT_SYMLINK_FOLLOW), not link()
+    directory = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.link(source, target.name, dst_dir_fd=directory, follow_symlinks=True)
+            return None
+        except FileExistsError:
+            temporary = target.parent / f".{target.name}.{os.getpid()}{_PART_SUFFIX}"
+            temporary.unlink(missing_ok=True)
+            os.link(source, temporary.name, dst_dir_fd=directory, follow_symlinks=True)
+            return temporary
+    finally:
+        os.close(directory)
+
+
+def _remove_dead_parts(target: Path) -> None:
+    """Remove ``.NAME.PID.kmsfs-part`` files beside ``target`` whose process is gone."""
+    prefix = f".{target.name}."
+    for entry in os.scandir(target.parent):
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(_PART_SUFFIX)):
+            continue
+        pid = name[len(prefix) : -len(_PART_SUFFIX)]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cmd_encrypt(args: argparse.Namespace) -> None:
+    from kmsfs.format import encrypt_stream
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    context = parse_pairs(args.context, "--context")
+    with _input(args.src) as src, _output(args.dst) as dst:
+        encrypt_stream(
+            src,
+            dst,
+            key_provider=KeydDataKeyProvider(args.keyd_socket),
+            key_id=args.key,
+            encryption_context=context,
+            chunk_size=args.chunk_size,
+        )
+
+
+def cmd_decrypt(args: argparse.Namespace) -> None:
+    from kmsfs.format import decrypt_stream
+    from kmsfs.kms.datakeys import KeydDataKeyProvider
+
+    context = parse_pairs(args.context, "--context")
+    source = args.src
+    if args.cipherdir:
+        from kmsfs.fs.config import keyd_endpoint
+        from kmsfs.fs.offline import open_tree
+
+        config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+        source = os.fsdecode(tree.resolve(args.src))
+        context = {**config.file_context, **context}
+        keyd_socket = str(keyd_endpoint(args.keyd_socket, config))
+    else:
+        keyd_socket = args.keyd_socket
+    with _input(source) as src, _output(args.dst) as dst:
+        decrypt_stream(
+            src, dst, key_provider=KeydDataKeyProvider(keyd_socket), encryption_context=context
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from kmsfs.errors import FormatError
+    from kmsfs.format import inspect, verify
+    from kmsfs.kms.datakeys import KeydDataKeyProvider, blob_key_version
+
+    try:
+        info = inspect(args.file)
+    except FileNotFoundError:
+        raise UsageError(f"{args.file} does not exist") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
+    named = blob_key_version(info.wrapped_key) if info.wrapped_key else None
+    record: dict[str, Any] = {
+        "File": args.file,
+        "FormatVersion": info.format_version if not info.empty else "- (empty file, no header)",
+        "ChunkSize": info.chunk_size,
+        "FileId": info.file_id,
+        "KeyArn": info.key_arn,
+        "KeyVersion": named[1] if named else "-",
+        "EncryptionContext": ", ".join(f"{k}={v}" for k, v in info.encryption_context.items())
+        or "-",
+        "PlaintextSize": info.plaintext_size,
+        "CiphertextSize": info.ciphertext_size,
+    }
+    if info.size_problem:
+        record["SizeProblem"] = info.size_problem
+    report = None
+    if args.verify:
+        try:
+            report = verify(
+                args.file,
+                key_provider=KeydDataKeyProvider(args.keyd_socket),
+                encryption_context=parse_pairs(args.context, "--context"),
+            )
+        except OSError as error:  # e.g. removed or made unreadable since inspect()
+            raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
+        record["Chunks"] = report.chunks
+        record["Verified"] = "ok" if report.ok else "FAILED"
+        for warning in report.warnings:
+            record.setdefault("Warnings", []).append(warning)
+    if args.json:
+        print_json(record)
+    else:
+        print_record({k: ("-" if v is None else v) for k, v in record.items()})
+    if report is not None and not report.ok:
+        assert report.error is not None
+        where = ""
+        if report.first_bad_chunk is not None:
+            where = (
+                f"chunk {report.first_bad_chunk} (plaintext offset "
+                f"{report.first_bad_plaintext_offset}, ciphertext offset "
+                f"{report.first_bad_cipher_offset}); {report.bad_chunks} bad chunk(s); "
+                f"the first {report.authentic_size} bytes are authentic: "
+            )
+        error = FormatError(f"{args.file}: {where}{report.error}")
+        raise error
+
+
+# -------------------------------------------------------------------- parser
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    encrypt_file = commands.add_parser("encrypt", help="encrypt a file or a pipe (- for stdio)")
+    encrypt_file.add_argument("src")
+    encrypt_file.add_argument("dst")
+    encrypt_file.add_argument("--key", required=True, help="key id, ARN or alias/NAME")
+    context_option(encrypt_file, "encryption context pair (repeatable)")
+    encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
+    keyd_options(encrypt_file)
+    encrypt_file.set_defaults(func=cmd_encrypt)
+
+    decrypt_file = commands.add_parser("decrypt", help="decrypt a file or a pipe (- for stdio)")
+    decrypt_file.add_argument("src")
+    decrypt_file.add_argument("dst")
+    context_option(decrypt_file, "require this encryption context pair")
+    keyd_options(decrypt_file)
+    decrypt_file.add_argument(
+        "--cipherdir",
+        help="SRC is a path inside this cipher directory as seen at the mountpoint",
+    )
+    decrypt_file.set_defaults(func=cmd_decrypt)
+    inspect_file = commands.add_parser("inspect", help="show a ciphertext file's header")
+    inspect_file.add_argument("file")
+    inspect_file.add_argument(
+        "--verify", action="store_true", help="authenticate every chunk (needs keyd)"
+    )
+    context_option(inspect_file, "require this encryption context pair")
+    keyd_options(inspect_file)
+    inspect_file.add_argument("--json", action="store_true", help="print JSON")
+    inspect_file.set_defaults(func=cmd_inspect)
