@@ -163,7 +163,7 @@ def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
-    from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
+    from kmsfs.fs.mount import MountOptions, check_mount, mount_foreground
 
     read_only, allow_other = _parse_mount_options(args.options)
     options = MountOptions(
@@ -174,6 +174,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         keyd_uid=args.keyd_uid,
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
+        nonempty=args.nonempty,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -187,7 +188,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         )
         mount_foreground(cipherdir, mountpoint, options, ready_fd=args.ready_fd)
         return
-    check_mountpoint(mountpoint)
+    if check_mount(cipherdir, mountpoint, options):
+        print(f"created the mountpoint {mountpoint}")
     argv = [
         "mount",
         "-f",
@@ -208,6 +210,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv += ["--keyd-uid", args.keyd_uid]
     if args.debug:
         argv.append("--debug")
+    if args.nonempty:
+        argv.append("--nonempty")
     log_path = Path(args.log_file) if args.log_file else state_dir() / "mount.log"
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
@@ -216,7 +220,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
 def cmd_umount(args: argparse.Namespace) -> None:
     from kmsfs.fs.mount import unmount
 
-    unmount(Path(args.mountpoint))
+    unmount(Path(args.mountpoint), lazy=args.lazy)
 
 
 # -------------------------------------------------------------------- parser
@@ -276,7 +280,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     keyd_options(seal, KEYD_HINT_HELP)
     seal.set_defaults(func=cmd_seal)
 
-    mount = commands.add_parser("mount", help="mount a cipher directory")
+    mount = commands.add_parser(
+        "mount",
+        help="mount a cipher directory",
+        description="Mount a cipher directory; a missing mountpoint is created "
+        "(as mount --mkdir does), a non-empty one refused unless --nonempty.",
+    )
     mount.add_argument("cipherdir")
     mount.add_argument("mountpoint")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -289,6 +298,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     keyd_options(mount, KEYD_HINT_HELP)
     mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount over a directory that has files, hiding them while mounted "
+        "(-o nonempty; refused otherwise)",
+    )
     mount.add_argument(
         "--key-cache-seconds",
         type=float,
@@ -315,4 +330,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     umount = commands.add_parser("umount", help="unmount (like fusermount3 -u)")
     umount.add_argument("mountpoint")
+    umount.add_argument(
+        "-z",
+        "--lazy",
+        action="store_true",
+        help="detach now, finish when no longer busy (fusermount3 -uz); clears a dead mount "
+        "left by a killed mount process",
+    )
     umount.set_defaults(func=cmd_umount)

@@ -20,7 +20,14 @@ import pyfuse3
 import trio
 
 from kmsfs.background import report_ready
-from kmsfs.errors import KeydUnavailable, KeydUntrusted, KMSError, KmsfsError, UsageError
+from kmsfs.errors import (
+    InUse,
+    KeydUnavailable,
+    KeydUntrusted,
+    KMSError,
+    KmsfsError,
+    UsageError,
+)
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
@@ -217,7 +224,7 @@ def lock_cipherdir(cipherdir: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         where = kmsfs_mounts_of(cipherdir)
-        raise MountError(
+        raise InUse(
             f"{cipherdir} is already mounted"
             + (f" on {where[0]}" if where else " by another kmsfs process")
             + ": one mount at a time (unmount it first)"
@@ -271,7 +278,7 @@ def check_mountpoint(
             and entry.fstype == "fuse.kmsfs"
             and entry.source == str(cipherdir)
         ):
-            raise UsageError(f"{cipherdir} is already mounted on {mountpoint}")
+            raise InUse(f"{cipherdir} is already mounted on {mountpoint}")
         raise UsageError(f"{mountpoint} is already a mountpoint ({entry.fstype} {entry.source})")
     if not options.nonempty:
         try:
@@ -330,10 +337,16 @@ def mount_foreground(
 
 
 def check_mount(cipherdir: Path, mountpoint: Path, options: MountOptions) -> bool:
-    """What mount_foreground checks first, for a detached mount's parent to say at once
-    (the child checks again, holding the lock); True when the mountpoint was created."""
-    load_config(cipherdir)
-    lock_fd = lock_cipherdir(cipherdir)
+    """What mount_foreground checks of the mountpoint and the lock, for a detached
+    mount's parent to say at once; True when the mountpoint was created. The child checks
+    again, holding the lock, and is the one to read kmsfs.conf and say what is wrong with
+    a cipher directory."""
+    try:
+        lock_fd = lock_cipherdir(cipherdir)
+    except InUse:
+        raise
+    except MountError:  # cannot even open it: the child says why
+        lock_fd = None
     try:
         return check_mountpoint(mountpoint, options, cipherdir=cipherdir)
     finally:

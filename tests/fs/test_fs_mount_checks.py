@@ -101,6 +101,21 @@ def test_nonempty_mountpoint_is_refused(mounts: MountFactory, area: Path, foregr
     assert (mnt / "mine").read_text() == "hidden by a mount"
 
 
+@pytest.mark.parametrize("flag", [("--nonempty",)], ids=["flag"])
+def test_nonempty_mountpoint_with_nonempty(
+    mounts: MountFactory, area: Path, flag: tuple[str, ...]
+) -> None:
+    mnt = area / "full"
+    mnt.mkdir()
+    (mnt / "mine").write_text("hidden by a mount")
+    result = kmsfs_mount(mounts, mounts.init(), mnt, *flag)
+    assert result.returncode == 0, result.stderr
+    assert is_mounted(mnt)
+    assert os.listdir(mnt) == []
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    assert (mnt / "mine").read_text() == "hidden by a mount"
+
+
 def test_a_file_as_mountpoint_is_refused(mounts: MountFactory, area: Path) -> None:
     target = area / "plain"
     target.write_text("x")
@@ -117,6 +132,7 @@ def test_same_cipherdir_twice_is_refused(
     (area / "two").mkdir()
     result = kmsfs_mount(mounts, cipher, area / "two", foreground=foreground)
     assert_one_line_error(result, "already mounted", str(area / "one"))
+    assert result.returncode == 10  # in use (kmsfs.cli.errors.EXIT_STATUSES)
     assert not is_mounted(area / "two")
     assert first.alive
 
@@ -149,3 +165,9 @@ def test_dead_mount_of_another_cipherdir_is_explained(mounts: MountFactory, area
         assert_one_line_error(result, str(mnt), "not connected", "kmsfs umount --lazy")
     with pytest.raises(OSError):  # left as it was
         os.statvfs(mnt)
+    result = subprocess.run(
+        [*KMSFS, "umount", "--lazy", str(mnt)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mnt)
+    assert os.listdir(mnt) == []  # the directory under it, usable again
