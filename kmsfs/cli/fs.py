@@ -146,30 +146,14 @@ def cmd_seal(args: argparse.Namespace) -> None:
         print(f"{args.cipherdir}/kmsfs.conf is sealed and authentic; nothing to do")
 
 
-def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
-    read_only = allow_other = False
-    for value in values or []:
-        for option in value.split(","):
-            if option == "ro":
-                read_only = True
-            elif option == "rw":
-                read_only = False
-            elif option == "allow_other":
-                allow_other = True
-            elif option:
-                raise UsageError(f"unknown mount option {option!r} (known: ro, rw, allow_other)")
-    return read_only, allow_other
-
-
 def cmd_mount(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
+    from kmsfs.fs.fstab import apply_options, parse_options
     from kmsfs.fs.mount import MountOptions, check_mount, mount_foreground
 
-    read_only, allow_other = _parse_mount_options(args.options)
+    parsed = parse_options(args.options)  # mount(8)'s options and kmsfs's: see fstab.py
     options = MountOptions(
         foreground=args.foreground,
-        read_only=read_only,
-        allow_other=allow_other,
         keyd_socket=args.keyd_socket,
         keyd_uid=args.keyd_uid,
         debug=args.debug,
@@ -180,6 +164,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
     if args.max_dirty_ratio is not None:
         options.max_dirty_ratio = args.max_dirty_ratio
+    apply_options(parsed, options)
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
     if args.foreground:
         logging.basicConfig(
@@ -212,7 +197,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv.append("--debug")
     if args.nonempty:
         argv.append("--nonempty")
-    log_path = Path(args.log_file) if args.log_file else state_dir() / "mount.log"
+    log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
 
@@ -294,7 +279,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         dest="options",
         action="append",
         metavar="OPTIONS",
-        help="ro, rw, allow_other (comma-separated)",
+        help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
+        "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
+        "keyd_socket=, keyd_uid=, key_cache_seconds=, busy_poll_us=, max_dirty_ratio=, "
+        "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)
     mount.add_argument("--debug", action="store_true", help="log debug messages")

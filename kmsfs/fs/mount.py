@@ -131,6 +131,11 @@ class MountOptions:
     #: mount over a directory that has files (hiding them while mounted), as FUSE's
     #: old ``-o nonempty`` did; refused otherwise
     nonempty: bool = False
+    #: kernel flags for FUSE (``nosuid``, ``nodev``, ``noexec``, ``noatime``...),
+    #: from -o (kmsfs.fs.fstab)
+    kernel_options: tuple[str, ...] = ()
+    #: where a detached mount logs
+    log_file: str | None = None
 
 
 def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[str]:
@@ -143,6 +148,7 @@ def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[st
     fsname = "kmsfs" if cipherdir is None else _escape_option(str(cipherdir))
     # default_permissions: the kernel checks owner, group, mode and sticky bit as on ext4.
     chosen = {f"fsname={fsname}", "subtype=kmsfs", "default_permissions"}
+    chosen.update(options.kernel_options)
     if options.read_only:
         chosen.add("ro")
     if options.allow_other:

@@ -101,7 +101,7 @@ def test_nonempty_mountpoint_is_refused(mounts: MountFactory, area: Path, foregr
     assert (mnt / "mine").read_text() == "hidden by a mount"
 
 
-@pytest.mark.parametrize("flag", [("--nonempty",)], ids=["flag"])
+@pytest.mark.parametrize("flag", [("-o", "rw,nonempty"), ("--nonempty",)], ids=["o", "flag"])
 def test_nonempty_mountpoint_with_nonempty(
     mounts: MountFactory, area: Path, flag: tuple[str, ...]
 ) -> None:
