@@ -159,6 +159,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
         nonempty=args.nonempty,
+        idle_seconds=args.idle or None,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -197,9 +198,20 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv.append("--debug")
     if args.nonempty:
         argv.append("--nonempty")
+    if args.idle:
+        argv += ["--idle", repr(args.idle)]
     log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
+
+
+def _duration(text: str) -> float:
+    from kmsfs.fs.fstab import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
@@ -281,7 +293,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="OPTIONS",
         help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
         "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
-        "keyd_socket=, keyd_uid=, key_cache_seconds=, busy_poll_us=, max_dirty_ratio=, "
+        "keyd_socket=, keyd_uid=, key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
         "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)
@@ -311,6 +323,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="PERCENT",
         help="share of the kernel's dirty-page limit this mount may hold before writers "
         "are throttled (kernel default for FUSE: 1; default 5; needs root)",
+    )
+    mount.add_argument(
+        "--idle",
+        type=_duration,
+        metavar="DURATION",
+        help="unmount after this long with no request and no open file, e.g. 30s, 10m, 1h "
+        "(as gocryptfs -idle; -o idle=)",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -91,6 +91,7 @@ VALUED_OPTIONS = (
     "key_cache_seconds",
     "busy_poll_us",
     "max_dirty_ratio",
+    "idle",
     "log_file",
 )
 
@@ -158,6 +159,8 @@ def parse_options(values: Iterable[str] | None, *, sloppy: bool = False) -> Pars
 def _setting(name: str, text: str) -> str | int | float:
     if not text:
         raise UsageError(f"mount option {name}= needs a value")
+    if name == "idle":
+        return parse_duration(text)
     if name == "key_cache_seconds":
         try:
             seconds = float(text)
@@ -182,6 +185,8 @@ def apply_options(parsed: ParsedOptions, options: MountOptions) -> MountOptions:
     options.nonempty = options.nonempty or parsed.nonempty
     options.kernel_options = parsed.kernel_options
     settings = parsed.settings
+    if "idle" in settings:
+        options.idle_seconds = float(settings["idle"]) or None
     if "busy_poll_us" in settings:
         options.busy_poll_seconds = int(settings["busy_poll_us"]) / 1e6
     for name in ("keyd_socket", "keyd_uid", "key_cache_seconds", "max_dirty_ratio", "log_file"):

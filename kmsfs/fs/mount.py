@@ -134,6 +134,8 @@ class MountOptions:
     #: kernel flags for FUSE (``nosuid``, ``nodev``, ``noexec``, ``noatime``...),
     #: from -o (kmsfs.fs.fstab)
     kernel_options: tuple[str, ...] = ()
+    #: unmount after this many seconds with no request and no open file (None: never)
+    idle_seconds: float | None = None
     #: where a detached mount logs
     log_file: str | None = None
 
@@ -435,6 +437,8 @@ async def _serve(
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 nursery.start_soon(_report_memory_on_signal, operations)
+                if options.idle_seconds:
+                    nursery.start_soon(_unmount_when_idle, operations, mountpoint, options)
                 await pyfuse3.main()
                 # main returns after a signal (we still have to unmount) or when the
                 # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
@@ -499,6 +503,43 @@ async def _tune_backing_device(mountpoint: Path, max_dirty_ratio: int) -> None:
                 del wanted[name]
         if not wanted or (settled and attempt > 3):
             return
+
+
+async def _unmount_when_idle(
+    operations: Operations, mountpoint: Path, options: MountOptions
+) -> None:
+    """Unmount once no request came and no file or directory was open for
+    ``options.idle_seconds``, looking every tenth of it, as gocryptfs's ``-idle`` does
+    (CryFS: ``--unmount-idle``). A mountpoint still in use (a shell's working directory)
+    makes the unmount fail with EBUSY: then the wait starts again."""
+    idle_seconds = options.idle_seconds
+    assert idle_seconds
+    requests = operations.poller.requests
+    idle_since = trio.current_time()
+    while True:
+        await trio.sleep(idle_seconds / 10)
+        now = trio.current_time()
+        open_handles = len(operations._handles) + len(operations._dir_handles)
+        if operations.poller.requests != requests or open_handles:
+            log.debug(
+                "idle check: in use (%d open, %d requests)",
+                open_handles,
+                operations.poller.requests - requests,
+            )
+            requests = operations.poller.requests
+            idle_since = now
+            continue
+        if now - idle_since < idle_seconds:
+            continue
+        log.info("unused for %g s: unmounting %s", idle_seconds, mountpoint)
+        try:
+            await trio.to_thread.run_sync(unmount, mountpoint)
+        except KmsfsError as error:
+            log.info("not unmounted, still in use: %s", error)
+            requests = operations.poller.requests
+            idle_since = trio.current_time()
+            continue
+        return  # pyfuse3.main() returns: the kernel has ended the session
 
 
 async def _terminate_on_signal(signalled: list[int]) -> None:

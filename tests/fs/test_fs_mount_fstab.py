@@ -59,13 +59,14 @@ def test_userspace_options_are_ignored() -> None:
 def test_kmsfs_options_are_checked_and_converted() -> None:
     parsed = parse_options(
         ["ro,allow_other,nonempty,keyd_socket=/run/k.sock,keyd_uid=kmsfs,key_cache_seconds=30"]
-        + ["busy_poll_us=0,max_dirty_ratio=10,log_file=/var/log/k.log,relatime"]
+        + ["idle=1h30m,busy_poll_us=0,max_dirty_ratio=10,log_file=/var/log/k.log,relatime"]
     )
     assert (parsed.read_only, parsed.allow_other, parsed.nonempty) == (True, True, True)
     assert parsed.settings == {
         "keyd_socket": "/run/k.sock",
         "keyd_uid": "kmsfs",
         "key_cache_seconds": 30.0,
+        "idle": 5400.0,
         "busy_poll_us": 0,
         "max_dirty_ratio": 10,
         "log_file": "/var/log/k.log",
@@ -81,6 +82,7 @@ def test_kmsfs_options_are_checked_and_converted() -> None:
         ("keyd_socket=", ["needs a value"]),
         ("key_cache_seconds=soon", ["key_cache_seconds"]),
         ("max_dirty_ratio=0", ["from 1 to 100"]),
+        ("idle=10 minutes", ["not a duration"]),
     ],
 )
 def test_bad_options_are_one_clear_error(option: str, words: list[str]) -> None:
