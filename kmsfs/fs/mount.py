@@ -11,6 +11,7 @@ import resource
 import signal
 import stat
 import subprocess
+import time
 import tracemalloc
 import uuid
 from dataclasses import dataclass
@@ -214,6 +215,10 @@ def kmsfs_mounts_of(cipherdir: Path) -> list[str]:
     ]
 
 
+#: how long a mount waits for the lock of a cipher directory mounted nowhere
+LOCK_WAIT_SECONDS = 5.0
+
+
 def lock_cipherdir(cipherdir: Path) -> int | None:
     """Hold an exclusive flock on the cipher directory itself for the mount's lifetime.
 
@@ -222,28 +227,42 @@ def lock_cipherdir(cipherdir: Path) -> int | None:
     changes. A flock belongs to the open file: it goes when the process ends, however it
     ends, so a killed mount leaves no stale lock. Returns the descriptor to keep open;
     None where the filesystem cannot lock (some network filesystems): then a warning.
+
+    A lock held while the cipher directory is mounted nowhere belongs to a mount that is
+    starting or ending (``kmsfs umount`` returns when the kernel has let go, a moment
+    before the process exits): then wait up to ``LOCK_WAIT_SECONDS`` for it.
     """
     try:
         fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
         raise MountError(f"cannot open {cipherdir}: {error.strerror}") from None
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                where = kmsfs_mounts_of(cipherdir)
+                if where:
+                    raise InUse(
+                        f"{cipherdir} is already mounted on {where[0]}: "
+                        "one mount at a time (unmount it first)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise InUse(
+                        f"{cipherdir} is in use by another kmsfs process mounting or unmounting it"
+                    ) from None
+                time.sleep(0.05)
+    except InUse:
         os.close(fd)
-        where = kmsfs_mounts_of(cipherdir)
-        raise InUse(
-            f"{cipherdir} is already mounted"
-            + (f" on {where[0]}" if where else " by another kmsfs process")
-            + ": one mount at a time (unmount it first)"
-        ) from None
+        raise
     except OSError as error:
         os.close(fd)
         log.warning(
             "cannot lock %s (%s): nothing stops a second mount of it", cipherdir, error.strerror
         )
         return None
-    return fd
 
 
 def check_mountpoint(

@@ -5,8 +5,10 @@ mountpoint, as ``mount --mkdir`` does."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +137,24 @@ def test_same_cipherdir_twice_is_refused(
     assert result.returncode == 10  # in use (kmsfs.cli.errors.EXIT_STATUSES)
     assert not is_mounted(area / "two")
     assert first.alive
+
+
+def test_the_lock_of_a_mount_that_is_ending_is_waited_for(tmp_path: Path) -> None:
+    """kmsfs umount returns once the kernel let go, a moment before the mount process
+    exits and its lock goes: a mount of a cipher directory mounted nowhere waits for its
+    lock (here held by this test, released by a timer) instead of failing at once."""
+    from kmsfs.fs.mount import lock_cipherdir
+
+    holder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    release = threading.Timer(0.3, os.close, (holder,))
+    release.start()
+    try:
+        fd = lock_cipherdir(tmp_path)
+        assert fd is not None
+        os.close(fd)
+    finally:
+        release.join()
 
 
 def test_a_killed_mount_leaves_no_lock(mounts: MountFactory, area: Path) -> None:
