@@ -21,7 +21,7 @@ def open(  # noqa: A001 - deliberately shaped like the built-in open
     """Open a kmsfs ciphertext file as a plaintext file object, without mounting.
 
     Reads and writes the format of ``kmsfs/format/README.md`` directly; data keys come
-    from keyd (``keyd_socket``, else ``$KMSFS_KEYD_SOCKET``, else the default socket).
+    from keyd (``keyd_socket``, else as :func:`kmsfs.kms.paths.find_keyd` finds it).
     A new file needs ``key`` (a key id, ARN or ``alias/NAME``); ``encryption_context``
     entries are bound to a new file and required of an existing one. Supports the modes,
     buffering, seek, partial reads and writes, truncate and ``with`` of the built-in

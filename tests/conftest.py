@@ -33,6 +33,27 @@ def run_kmsfs(
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_config() -> Iterator[Path]:
+    """A keyd serving on a socket other than the default records it in the per-user
+    config (kmsfs.kms.paths.remember_keyd_socket), where every later command would find
+    it. For the suite, ``$XDG_CONFIG_HOME/kmsfs`` is a plain file: nothing is recorded
+    (not in the real ~/.config, and no test's keyd is found by another test's command).
+    A test about the per-user config sets its own ``XDG_CONFIG_HOME``."""
+    path = Path(tempfile.mkdtemp(prefix="kmsfs-xdg-config-", dir="/tmp"))
+    (path / "kmsfs").write_text("tests: no per-user kmsfs config\n")
+    saved = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = saved
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path (Unix socket paths must be < 108 bytes)."""

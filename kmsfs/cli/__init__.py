@@ -5,7 +5,8 @@ exit status taken from the error's type (the table: ``kmsfs.cli.errors.EXIT_STAT
 
 One module per command group, each holding its parsers (``add_parsers``) and handlers:
 ``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
-``keyd`` (keyd ...), ``keys`` (keys ...). ``errors`` maps exceptions to exit statuses.
+``keyd`` (keyd ...), ``keys`` (keys ...), ``systemd`` (systemd-units). ``errors`` maps
+exceptions to exit statuses.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kmsfs.cli import fs, keyd, keys, tools
+from kmsfs.cli import fs, keyd, keys, systemd, tools
 from kmsfs.cli.common import export_keyd_uid
 from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
 from kmsfs.fs.fstab import is_helper_call, run_helper
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (tools, fs, keyd, keys):
+    for group in (tools, fs, keyd, keys, systemd):
         group.add_parsers(commands)
     return parser
 

@@ -80,14 +80,16 @@ def context_option(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 KEYD_HINT_HELP = (
-    "keyd's socket (default: $KMSFS_KEYD_SOCKET, else the per-user default if it exists, "
-    "else the hint in kmsfs.conf; whichever it is must pass the ownership checks)"
+    "keyd's socket (default: $KMSFS_KEYD_SOCKET, else the hint in kmsfs.conf, else "
+    "~/.config/kmsfs/config, else the default socket: the first where a keyd you trust "
+    "answers; every one must pass the ownership checks)"
 )
 
 
 def keyd_options(
     parser: argparse.ArgumentParser,
-    socket_help: str = "keyd's socket (default: $KMSFS_KEYD_SOCKET or the per-user default)",
+    socket_help: str = "keyd's socket (default: $KMSFS_KEYD_SOCKET, else ~/.config/kmsfs/config, "
+    "else the default socket)",
 ) -> None:
     parser.add_argument("--keyd-socket", help=socket_help)
     parser.add_argument(

@@ -254,7 +254,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     keyd_options(
         init_fs,
         "keyd's socket (recorded in kmsfs.conf as a hint for later mounts; "
-        "default: $KMSFS_KEYD_SOCKET or the per-user default)",
+        "default: $KMSFS_KEYD_SOCKET, else ~/.config/kmsfs/config, else the default socket)",
     )
     init_fs.add_argument(
         "--chunk-size",

@@ -25,11 +25,19 @@ def _read_secret_file(path: str) -> bytes:
 
 
 def root_key_source(args: argparse.Namespace, *, confirm: bool = False):
-    """Root key file, passphrase fd/file/env, or a prompt — in that order."""
+    """Root key file, a systemd credential, an --extpass command, passphrase fd/file/env,
+    or a prompt — in that order (the options exclude each other)."""
+    from kmsfs.kms.daemon import extpass_argv, passphrase_from_command, source_from_credential
     from kmsfs.kms.keystore import RootKeySource
 
     if getattr(args, "root_key_file", None):
         return RootKeySource.from_key_file(args.root_key_file)
+    if getattr(args, "root_key_credential", None):
+        return source_from_credential(args.root_key_credential, root_key=True)
+    if getattr(args, "passphrase_credential", None):
+        return source_from_credential(args.passphrase_credential, root_key=False)
+    if getattr(args, "extpass", None):
+        return RootKeySource.from_passphrase(passphrase_from_command(extpass_argv(args.extpass)))
     if getattr(args, "passphrase_fd", None) is not None:
         with os.fdopen(args.passphrase_fd, "rb") as pipe:
             return RootKeySource.from_passphrase(pipe.read())
@@ -83,7 +91,7 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
             args.socket_mode,
         ]
         if source.key_file is not None:
-            argv += ["--root-key-file", str(source.key_file)]
+            argv += ["--root-key-file", str(os.path.abspath(source.key_file))]
         log_path = keystore_dir / "keyd.log"
         pid = start_detached(argv, log_path, what="keyd", passphrase=source.passphrase)
         print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
@@ -104,10 +112,11 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
 def cmd_keyd_stop(args: argparse.Namespace) -> None:
     """Ask the keyd on a socket to stop (SIGTERM to the socket's peer) and wait."""
     from kmsfs.errors import KeydUnavailable
-    from kmsfs.kms.paths import resolve_socket_path
+    from kmsfs.kms.paths import find_keyd
     from kmsfs.kms.trust import check_peer, check_socket_path, expected_keyd_uids, peer_credentials
 
-    socket_path = resolve_socket_path(args.socket)
+    # the keyd every other command would use: --socket, else the one rule (kms/paths.py)
+    socket_path = find_keyd(args.socket)
     # the same checks as every client: signal only a keyd run by us, root or the named
     # service account, found through a path nobody else controls
     expected = expected_keyd_uids()
@@ -179,13 +188,32 @@ def _keystore_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _root_options(parser: argparse.ArgumentParser) -> None:
+def _root_options(parser: argparse.ArgumentParser, *, credentials: bool = False) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--root-key-file", help="protect/unseal with this 0600 key file")
     group.add_argument(
         "--passphrase-file",
         help=f"read the passphrase from this file (or set {PASSPHRASE_FILE_ENV})",
     )
+    group.add_argument(
+        "--extpass",
+        action="append",
+        metavar="CMD",
+        help="run CMD and read the passphrase from its output, one trailing newline "
+        "removed (as gocryptfs -extpass; given several times: the command and its arguments)",
+    )
+    if credentials:
+        group.add_argument(
+            "--passphrase-credential",
+            metavar="NAME",
+            help="the passphrase is the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME, "
+            "from LoadCredential=)",
+        )
+        group.add_argument(
+            "--root-key-credential",
+            metavar="NAME",
+            help="the root key file is the systemd credential NAME",
+        )
     group.add_argument("--passphrase-fd", type=int, help=argparse.SUPPRESS)
 
 
@@ -203,7 +231,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     serve_parser = keyd.add_parser("serve", help="unseal the keystore and serve on a socket")
     _keystore_options(serve_parser)
-    _root_options(serve_parser)
+    _root_options(serve_parser, credentials=True)
     serve_parser.add_argument("--socket", help="socket path (default: per-user or /run/kmsfs)")
     serve_parser.add_argument("--socket-mode", default="0600", help="socket file mode (octal)")
     serve_parser.add_argument("-d", "--daemon", action="store_true", help="detach")
@@ -212,7 +240,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     serve_parser.set_defaults(func=cmd_keyd_serve)
 
     stop = keyd.add_parser("stop", help="stop the keyd serving on a socket")
-    stop.add_argument("--socket", help="socket path")
+    stop.add_argument(
+        "--socket",
+        help="socket path (default: the keyd other commands find: $KMSFS_KEYD_SOCKET, "
+        "~/.config/kmsfs/config, the default socket)",
+    )
     stop.set_defaults(func=cmd_keyd_stop)
 
     audit_parser = keyd.add_parser("audit", help="read and verify the audit log")

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.format import DEFAULT_CHUNK_SIZE
-from kmsfs.kms.paths import SOCKET_ENV, default_socket_path
+from kmsfs.kms.paths import find_keyd
 
 CONFIG_NAME = "kmsfs.conf"
 CONFIG_VERSION = 2
@@ -278,25 +278,22 @@ def unsealed_message(where: Path | str) -> str:
     )
 
 
-def keyd_endpoint(explicit: str | os.PathLike[str] | None, config: FsConfig) -> Path:
+def keyd_endpoint(
+    explicit: str | os.PathLike[str] | None,
+    config: FsConfig,
+    *,
+    keyd_uid: str | int | None = None,
+) -> Path:
     """The keyd socket to unwrap ``config``'s keys with, chosen by the mounting user.
 
-    The command line, then ``$KMSFS_KEYD_SOCKET``, then the user's default socket if
-    something is there; only then the socket kmsfs.conf names, which is a hint: it is
-    not authenticated before a keyd has unwrapped the metadata key, and the client
-    checks it as any other (:mod:`kmsfs.kms.trust`), so it can only ever name a keyd
-    run by the user, root or a service account the user trusts.
+    :func:`kmsfs.kms.paths.find_keyd`: the command line, then ``$KMSFS_KEYD_SOCKET``,
+    then the socket kmsfs.conf names, then the per-user config, then the default. The
+    socket kmsfs.conf names is a hint: it is not authenticated before a keyd has
+    unwrapped the metadata key, and it passes the clients' checks as any other
+    (:mod:`kmsfs.kms.trust`), so it can only ever name a keyd run by the user, root or
+    a service account the user trusts -- and the seal names the socket too.
     """
-    if explicit:
-        return Path(explicit)
-    from_env = os.environ.get(SOCKET_ENV)
-    if from_env:
-        return Path(from_env)
-    default = default_socket_path()
-    hint = config.keyd_socket
-    if hint and os.path.isabs(hint) and not os.path.lexists(default):
-        return Path(hint)
-    return default
+    return find_keyd(explicit, hint=config.keyd_socket, keyd_uid=keyd_uid)
 
 
 def config_path(cipherdir: Path) -> Path:

@@ -13,6 +13,9 @@ keyd restarted): either it is found closed before the request is sent, or it clo
 without sending a single byte of the response. A request on a fresh connection is
 never retried.
 
+Which keyd. A client given no socket finds one by :func:`kmsfs.kms.paths.find_keyd`
+(``$KMSFS_KEYD_SOCKET``, the per-user config, the default), when it is made.
+
 Trust. Before connecting, each client checks who controls the socket's path, and
 after connecting, before sending anything, who listens on it (``SO_PEERCRED``): see
 :mod:`kmsfs.kms.trust`. A keyd run by anyone but the client's own user, root or a
@@ -43,7 +46,7 @@ from typing import Any, Generic, Self, TypeVar
 import h11
 import trio
 
-from kmsfs.kms.paths import resolve_socket_path
+from kmsfs.kms.paths import find_keyd
 from kmsfs.kms.protocol import (
     CONTENT_TYPE,
     KMSRequest,
@@ -184,7 +187,7 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         timeout: float = 10.0,
         keyd_uid: str | int | None = None,
     ) -> None:
-        self.socket_path: Path = resolve_socket_path(socket_path)
+        self.socket_path: Path = find_keyd(socket_path, keyd_uid=keyd_uid)
         self.timeout = timeout
         #: uids a keyd may run as (see kmsfs.kms.trust)
         self.expected_uids = expected_keyd_uids(keyd_uid)
@@ -380,7 +383,7 @@ class KMSClient(KMSOperations[dict[str, Any]]):
         timeout: float = 10.0,
         keyd_uid: str | int | None = None,
     ) -> None:
-        self.socket_path: Path = resolve_socket_path(socket_path)
+        self.socket_path: Path = find_keyd(socket_path, keyd_uid=keyd_uid)
         self.timeout = timeout
         #: uids a keyd may run as (see kmsfs.kms.trust)
         self.expected_uids = expected_keyd_uids(keyd_uid)

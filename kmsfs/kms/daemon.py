@@ -10,22 +10,92 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shlex
 import signal
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from kmsfs.background import report_ready
-from kmsfs.errors import AuditError
+from kmsfs.errors import AuditError, KeystoreError, UsageError
 from kmsfs.hardening import harden_process
 from kmsfs.kms.audit import AuditLog
-from kmsfs.kms.keystore import Keystore, RootKeySource, check_keystore_permissions
+from kmsfs.kms.keystore import (
+    Keystore,
+    RootKeySource,
+    check_keystore_permissions,
+    read_passphrase_file,
+)
+from kmsfs.kms.paths import remember_keyd_socket
 from kmsfs.kms.server import serve
 from kmsfs.kms.service import KeyService
+from kmsfs.systemd import Notifier, credential_path
 
 log = logging.getLogger("kmsfs.keyd")
 
 AUDIT_SYNC_INTERVAL = 1.0
+
+
+# ------------------------------------------------------------ the passphrase
+#: the longest passphrase an --extpass command may print (gocryptfs: 2048 bytes)
+EXTPASS_MAX_BYTES = 2048
+
+
+def extpass_argv(values: Sequence[str]) -> list[str]:
+    """The command of ``--extpass``, as gocryptfs's ``-extpass`` takes it: one value is
+    split into words (here with shell quoting rules, without a shell); several values
+    are the command and its arguments as they are."""
+    if len(values) == 1:
+        try:
+            argv = shlex.split(values[0])
+        except ValueError as exc:
+            raise UsageError(f"--extpass: {exc}") from None
+    else:
+        argv = list(values)
+    if not argv or not argv[0]:
+        raise UsageError("--extpass: no command")
+    return argv
+
+
+def passphrase_from_command(argv: Sequence[str]) -> bytes:
+    """Run ``argv`` and take the passphrase from its standard output, without one
+    trailing newline (gocryptfs ``-extpass``). Its stdin and stderr are ours, so it may
+    prompt (``systemd-ask-password``, ``pinentry``...). A command that fails, prints
+    nothing or more than :data:`EXTPASS_MAX_BYTES` is refused; errors name the program
+    only (its arguments may hold a secret)."""
+    program = argv[0]
+    try:
+        child = subprocess.Popen(list(argv), stdout=subprocess.PIPE, close_fds=True)
+    except OSError as exc:
+        raise KeystoreError(f"--extpass: cannot run {program}: {exc.strerror}") from None
+    assert child.stdout is not None
+    with child.stdout:
+        output = child.stdout.read(EXTPASS_MAX_BYTES + 2)  # one more, and the newline
+    too_long = len(output.removesuffix(b"\n")) > EXTPASS_MAX_BYTES
+    if too_long:
+        child.kill()
+    status = child.wait()
+    if too_long:
+        raise KeystoreError(f"--extpass: {program} printed more than {EXTPASS_MAX_BYTES} bytes")
+    if status != 0:
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        raise KeystoreError(f"--extpass: {program} {how}; no passphrase")
+    passphrase = output.removesuffix(b"\n")
+    if not passphrase:
+        raise KeystoreError(f"--extpass: {program} printed no passphrase")
+    return passphrase
+
+
+def source_from_credential(name: str, *, root_key: bool) -> RootKeySource:
+    """The passphrase (or root key file) systemd handed over with ``LoadCredential=``:
+    ``$CREDENTIALS_DIRECTORY/<name>``. The same mode checks as any passphrase or root
+    key file (systemd makes it 0400)."""
+    path = credential_path(name)
+    if root_key:
+        return RootKeySource.from_key_file(path)
+    return RootKeySource.from_passphrase(read_passphrase_file(path))
 
 
 def open_service(
@@ -49,8 +119,15 @@ def run_keyd(
     socket_mode: int = 0o600,
     maintenance_interval: float = 60.0,
     ready_fd: int | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
-    """Serve keyd in this process until SIGTERM or SIGINT."""
+    """Serve keyd in this process until SIGTERM or SIGINT.
+
+    Under systemd (``Type=notify``: ``$NOTIFY_SOCKET`` set) it sends ``READY=1`` once
+    the socket listens and ``STOPPING=1`` when a signal starts the shutdown.
+    """
+    if notifier is None:
+        notifier = Notifier.from_environment()
     harden_process(log)
     raise_fd_limit()
     keystore, audit, service = open_service(keystore_dir, source)
@@ -63,6 +140,7 @@ def run_keyd(
             socket_mode,
             maintenance_interval,
             ready_fd,
+            notifier,
         )
     finally:
         audit.close()
@@ -77,6 +155,7 @@ async def _serve_until_signalled(
     socket_mode: int,
     maintenance_interval: float,
     ready_fd: int | None,
+    notifier: Notifier,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -91,11 +170,23 @@ async def _serve_until_signalled(
             )
             nursery.start_soon(_sync_audit_periodically, audit)
             log.info("keyd listening on %s (pid %d)", socket_path, os.getpid())
+            _remember_socket(socket_path)
             report_ready(ready_fd)
+            notifier.ready(f"serving on {socket_path}")
             async for signum in signals:
                 log.info("keyd received %s, shutting down", signal.Signals(signum).name)
+                notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _remember_socket(socket_path: Path) -> None:
+    """Name a non-default socket in the per-user config, for clients in new shells."""
+    written, what = remember_keyd_socket(socket_path)
+    if written is not None:
+        log.info("keyd: %s (clients in new shells find keyd there)", what)
+    else:
+        log.debug("keyd: per-user config left as it is: %s", what)
 
 
 #: the soft RLIMIT_NOFILE keyd asks for when the hard limit is unlimited
