@@ -41,13 +41,13 @@ from kmsfs.fs.config import (
 )
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
-from kmsfs.fs.notify import sd_notify
 from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
 from kmsfs.hardening import harden_process, is_dumpable
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
+from kmsfs.systemd import Notifier
 
 log = logging.getLogger("kmsfs.mount")
 
@@ -357,7 +357,12 @@ def mount_foreground(
         os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
         harden_process(log)  # it holds the metadata key and data keys: as keyd does
         _raise_open_file_limit()
-        trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+        # READY=1 once mounted (Type=notify); taken out of the environment so that no
+        # child (fusermount3) can speak for the service
+        notifier = Notifier.from_environment()
+        trio.run(
+            _serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd, notifier
+        )
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
@@ -400,6 +405,7 @@ async def _serve(
     options: MountOptions,
     socket: Path,
     ready_fd: int | None,
+    notifier: Notifier,
 ) -> None:
     async with AsyncKMSClient(socket, keyd_uid=options.keyd_uid) as client:
         try:
@@ -449,7 +455,7 @@ async def _serve(
         unmount = True
         try:
             report_ready(ready_fd)
-            sd_notify(f"READY=1\nSTATUS=mounted {cipherdir} on {mountpoint}")
+            notifier.ready(f"mounted {cipherdir} on {mountpoint}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
                 nursery.start_soon(operations.poller.run)
@@ -464,7 +470,7 @@ async def _serve(
                 unmount = bool(signalled)
                 nursery.cancel_scope.cancel()
         finally:
-            sd_notify("STOPPING=1")
+            notifier.stopping()
             operations.close_all()
             operations.prefetcher.stop()
             keys.forget_all()

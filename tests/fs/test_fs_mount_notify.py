@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.fs.notify import sd_notify
 from tests.fs.helpers import MountFactory, is_mounted
 
 pytestmark = pytest.mark.slow
@@ -58,10 +57,3 @@ def test_mount_notifies_ready_then_stopping(
     assert any(str(mount.mnt) in message for message in messages)  # STATUS=mounted ...
     mount.unmount_clean()
     messages_until(receiver, "STOPPING=1")
-
-
-def test_sd_notify_without_a_manager_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert sd_notify("READY=1") is False
-    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/kmsfs-notify")
-    assert sd_notify("READY=1") is False  # a warning in the log, never an exception
