@@ -258,3 +258,14 @@ def test_mount_fuse3_runs_the_kmsfs_command(mounts: MountFactory, area: Path) ->
     assert "nodev" not in mount_options_of(mnt)  # mount.fuse3 added dev: as asked
     assert_works(mnt)
     assert run("umount", mnt).returncode == 0
+
+
+def test_the_line_kmsfs_systemd_units_shows_is_accepted() -> None:
+    """`kmsfs systemd-units` prints an fstab line (kmsfs.systemd.fstab_line): its options
+    all reach the helper as mount(8)'s own, ignored, with nothing refused."""
+    from kmsfs.systemd import fstab_line
+
+    options = fstab_line("/srv/c", "/srv/m", options="nosuid").split()[3]
+    parsed = parse_options([options])
+    assert parsed.kernel_options == ("nosuid",)
+    assert "x-systemd.requires=kmsfs-keyd.service" in parsed.ignored
