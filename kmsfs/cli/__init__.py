@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from kmsfs.cli import fs, keyd, keys, meta, systemd, tools
 from kmsfs.cli.common import export_keyd_uid
 from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
+from kmsfs.fs.fstab import is_helper_call, run_helper
 
 __all__ = ["build_parser", "main"]
 
@@ -49,11 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Library warnings are for daemons' logs; a command reports through its own output.
     logging.getLogger("kmsfs").addHandler(logging.NullHandler())
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if is_helper_call(arguments, _command_names(parser)):
+        # mount -t fuse.kmsfs / fstab: mount.fuse3 runs "kmsfs SOURCE MOUNTPOINT -o ..."
+        return run_helper(arguments, prog="kmsfs")
+    args = parser.parse_args(arguments)
     check_args = getattr(args, "check_args", None)
     if check_args is not None and (problem := check_args(args)):
         parser.error(problem)

@@ -235,39 +235,26 @@ def cmd_seal(args: argparse.Namespace) -> None:
         print(f"{args.cipherdir}/kmsfs.conf is sealed and authentic; nothing to do")
 
 
-def _parse_mount_options(values: list[str] | None) -> tuple[bool, bool]:
-    read_only = allow_other = False
-    for value in values or []:
-        for option in value.split(","):
-            if option == "ro":
-                read_only = True
-            elif option == "rw":
-                read_only = False
-            elif option == "allow_other":
-                allow_other = True
-            elif option:
-                raise UsageError(f"unknown mount option {option!r} (known: ro, rw, allow_other)")
-    return read_only, allow_other
-
-
 def cmd_mount(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
-    from kmsfs.fs.mount import MountOptions, check_mountpoint, mount_foreground
+    from kmsfs.fs.fstab import apply_options, parse_options
+    from kmsfs.fs.mount import MountOptions, check_mount, mount_foreground
 
-    read_only, allow_other = _parse_mount_options(args.options)
+    parsed = parse_options(args.options)  # mount(8)'s options and kmsfs's: see fstab.py
     options = MountOptions(
         foreground=args.foreground,
-        read_only=read_only,
-        allow_other=allow_other,
         keyd_socket=args.keyd_socket,
         keyd_uid=args.keyd_uid,
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
+        nonempty=args.nonempty,
+        idle_seconds=args.idle or None,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
     if args.max_dirty_ratio is not None:
         options.max_dirty_ratio = args.max_dirty_ratio
+    apply_options(parsed, options)
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
     if args.foreground:
         logging.basicConfig(
@@ -276,7 +263,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         )
         mount_foreground(cipherdir, mountpoint, options, ready_fd=args.ready_fd)
         return
-    check_mountpoint(mountpoint)
+    if check_mount(cipherdir, mountpoint, options):
+        print(f"created the mountpoint {mountpoint}")
     argv = [
         "mount",
         "-f",
@@ -297,15 +285,28 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv += ["--keyd-uid", args.keyd_uid]
     if args.debug:
         argv.append("--debug")
-    log_path = Path(args.log_file) if args.log_file else state_dir() / "mount.log"
+    if args.nonempty:
+        argv.append("--nonempty")
+    if args.idle:
+        argv += ["--idle", repr(args.idle)]
+    log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
+
+
+def _duration(text: str) -> float:
+    from kmsfs.fs.fstab import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
     from kmsfs.fs.mount import unmount
 
-    unmount(Path(args.mountpoint))
+    unmount(Path(args.mountpoint), lazy=args.lazy)
 
 
 # -------------------------------------------------------------------- parser
@@ -375,7 +376,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     keyd_options(seal, KEYD_HINT_HELP)
     seal.set_defaults(func=cmd_seal)
 
-    mount = commands.add_parser("mount", help="mount a cipher directory")
+    mount = commands.add_parser(
+        "mount",
+        help="mount a cipher directory",
+        description="Mount a cipher directory; a missing mountpoint is created "
+        "(as mount --mkdir does), a non-empty one refused unless --nonempty.",
+    )
     mount.add_argument("cipherdir")
     mount.add_argument("mountpoint")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -384,10 +390,19 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         dest="options",
         action="append",
         metavar="OPTIONS",
-        help="ro, rw, allow_other (comma-separated)",
+        help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
+        "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
+        "keyd_socket=, keyd_uid=, key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)
     mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount over a directory that has files, hiding them while mounted "
+        "(-o nonempty; refused otherwise)",
+    )
     mount.add_argument(
         "--key-cache-seconds",
         type=float,
@@ -408,10 +423,24 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="share of the kernel's dirty-page limit this mount may hold before writers "
         "are throttled (kernel default for FUSE: 1; default 5; needs root)",
     )
+    mount.add_argument(
+        "--idle",
+        type=_duration,
+        metavar="DURATION",
+        help="unmount after this long with no request and no open file, e.g. 30s, 10m, 1h "
+        "(as gocryptfs -idle; -o idle=)",
+    )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)
 
     umount = commands.add_parser("umount", help="unmount (like fusermount3 -u)")
     umount.add_argument("mountpoint")
+    umount.add_argument(
+        "-z",
+        "--lazy",
+        action="store_true",
+        help="detach now, finish when no longer busy (fusermount3 -uz); clears a dead mount "
+        "left by a killed mount process",
+    )
     umount.set_defaults(func=cmd_umount)

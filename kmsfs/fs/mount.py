@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import re
 import resource
 import signal
+import stat
 import subprocess
+import time
 import tracemalloc
 import uuid
 from dataclasses import dataclass
@@ -16,7 +21,14 @@ import pyfuse3
 import trio
 
 from kmsfs.background import report_ready
-from kmsfs.errors import KeydUnavailable, KeydUntrusted, KMSError, KmsfsError, UsageError
+from kmsfs.errors import (
+    InUse,
+    KeydUnavailable,
+    KeydUntrusted,
+    KMSError,
+    KmsfsError,
+    UsageError,
+)
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
@@ -35,6 +47,7 @@ from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
 from kmsfs.hardening import harden_process, is_dumpable
 from kmsfs.kms.client import AsyncKMSClient, KMSClient
+from kmsfs.systemd import Notifier
 
 log = logging.getLogger("kmsfs.mount")
 
@@ -116,11 +129,29 @@ class MountOptions:
     key_cache_seconds: float = 60.0
     busy_poll_seconds: float = DEFAULT_WINDOW
     max_dirty_ratio: int = DEFAULT_MAX_DIRTY_RATIO
+    #: mount over a directory that has files (hiding them while mounted), as FUSE's
+    #: old ``-o nonempty`` did; refused otherwise
+    nonempty: bool = False
+    #: kernel flags for FUSE (``nosuid``, ``nodev``, ``noexec``, ``noatime``...),
+    #: from -o (kmsfs.fs.fstab)
+    kernel_options: tuple[str, ...] = ()
+    #: unmount after this many seconds with no request and no open file (None: never)
+    idle_seconds: float | None = None
+    #: where a detached mount logs
+    log_file: str | None = None
 
 
-def fuse_options(options: MountOptions) -> set[str]:
+def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[str]:
+    """The options for pyfuse3.init.
+
+    fsname is the cipher directory, as gocryptfs does: /proc/self/mountinfo (and so
+    ``mount``, ``df``, ``findmnt``) shows what is mounted, ``mount -a`` sees that an
+    fstab line is mounted already, and a dead mount can be recognised as ours.
+    """
+    fsname = "kmsfs" if cipherdir is None else _escape_option(str(cipherdir))
     # default_permissions: the kernel checks owner, group, mode and sticky bit as on ext4.
-    chosen = {"fsname=kmsfs", "subtype=kmsfs", "default_permissions"}
+    chosen = {f"fsname={fsname}", "subtype=kmsfs", "default_permissions"}
+    chosen.update(options.kernel_options)
     if options.read_only:
         chosen.add("ro")
     if options.allow_other:
@@ -128,13 +159,189 @@ def fuse_options(options: MountOptions) -> set[str]:
     return chosen
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    if not mountpoint.exists():
-        raise UsageError(f"mountpoint {mountpoint} does not exist")
-    if not mountpoint.is_dir():
+def _escape_option(value: str) -> str:
+    """libfuse splits -o at commas and takes a backslash as an escape."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+# ------------------------------------------------------------ mountpoint checks
+@dataclass
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_mountinfo(raw: bytes) -> str:
+    # the kernel writes space, tab, newline and backslash as \ooo (octal)
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+
+
+def mount_entries() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            try:
+                separator = fields.index(b"-", 6)
+            except ValueError:
+                continue
+            if len(fields) < separator + 3:
+                continue
+            entries.append(
+                MountEntry(
+                    _unescape_mountinfo(fields[4]),
+                    _unescape_mountinfo(fields[separator + 1]),
+                    _unescape_mountinfo(fields[separator + 2]),
+                )
+            )
+    return entries
+
+
+def mounted_at(mountpoint: Path) -> MountEntry | None:
+    """The topmost mount at ``mountpoint`` (the one a path lookup sees), if any."""
+    found = [entry for entry in mount_entries() if entry.mountpoint == str(mountpoint)]
+    return found[-1] if found else None
+
+
+def kmsfs_mounts_of(cipherdir: Path) -> list[str]:
+    """Where ``cipherdir`` is mounted by kmsfs now (fsname is the cipher directory)."""
+    return [
+        entry.mountpoint
+        for entry in mount_entries()
+        if entry.fstype == "fuse.kmsfs" and entry.source == str(cipherdir)
+    ]
+
+
+#: how long a mount waits for the lock of a cipher directory mounted nowhere
+LOCK_WAIT_SECONDS = 5.0
+
+
+def lock_cipherdir(cipherdir: Path) -> int | None:
+    """Hold an exclusive flock on the cipher directory itself for the mount's lifetime.
+
+    Two mounts of one cipher directory would each cache names, sizes and file content
+    (the kernel's write-back cache, the engine's held chunks) and overwrite each other's
+    changes. A flock belongs to the open file: it goes when the process ends, however it
+    ends, so a killed mount leaves no stale lock. Returns the descriptor to keep open;
+    None where the filesystem cannot lock (some network filesystems): then a warning.
+
+    A lock held while the cipher directory is mounted nowhere belongs to a mount that is
+    starting or ending (``kmsfs umount`` returns when the kernel has let go, a moment
+    before the process exits): then wait up to ``LOCK_WAIT_SECONDS`` for it.
+    """
+    try:
+        fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MountError(f"cannot open {cipherdir}: {error.strerror}") from None
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                where = kmsfs_mounts_of(cipherdir)
+                if where:
+                    raise InUse(
+                        f"{cipherdir} is already mounted on {where[0]}: "
+                        "one mount at a time (unmount it first)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise InUse(
+                        f"{cipherdir} is in use by another kmsfs process mounting or unmounting it"
+                    ) from None
+                time.sleep(0.05)
+    except InUse:
+        os.close(fd)
+        raise
+    except OSError as error:
+        os.close(fd)
+        log.warning(
+            "cannot lock %s (%s): nothing stops a second mount of it", cipherdir, error.strerror
+        )
+        return None
+
+
+def check_mountpoint(
+    mountpoint: Path, options: MountOptions | None = None, *, cipherdir: Path | None = None
+) -> bool:
+    """Make ``mountpoint`` ready for a mount; True when this created it.
+
+    - missing: created with its parents, as ``mount --mkdir`` does (mode 0755 less the
+      umask);
+    - a dead mount (ENOTCONN: its process was killed): unmounted (lazily) when it is
+      provably ours — a ``fuse.kmsfs`` mount of this ``cipherdir``, whose lock the caller
+      holds — otherwise one line saying to run ``kmsfs umount --lazy``;
+    - a live mountpoint, a non-directory: refused;
+    - a directory with files: refused unless ``nonempty``, since the mount would hide
+      them (gocryptfs and FUSE refuse it too, unless ``-nonempty``/``-o nonempty``).
+    """
+    options = options or MountOptions()
+    try:
+        status = os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            os.statvfs(mountpoint)  # a stat may come from the kernel's cache; statfs cannot
+    except FileNotFoundError:
+        try:
+            mountpoint.mkdir(mode=0o755, parents=True)
+        except OSError as error:
+            raise UsageError(f"cannot create mountpoint {mountpoint}: {error.strerror}") from None
+        log.info("created the mountpoint %s", mountpoint)
+        return True
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise UsageError(f"cannot use mountpoint {mountpoint}: {error.strerror}") from None
+        _clear_dead_mount(mountpoint, cipherdir)
+        return check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+    if not stat.S_ISDIR(status.st_mode):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mountpoint")
+    entry = mounted_at(mountpoint) if os.path.ismount(mountpoint) else None
+    if entry is not None:
+        if (
+            cipherdir is not None
+            and entry.fstype == "fuse.kmsfs"
+            and entry.source == str(cipherdir)
+        ):
+            raise InUse(f"{cipherdir} is already mounted on {mountpoint}")
+        raise UsageError(f"{mountpoint} is already a mountpoint ({entry.fstype} {entry.source})")
+    if not options.nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                has_files = next(entries, None) is not None
+        except OSError as error:
+            raise UsageError(f"cannot read mountpoint {mountpoint}: {error.strerror}") from None
+        if has_files:
+            raise UsageError(
+                f"mountpoint {mountpoint} is not empty: the mount would hide its files "
+                "(use -o nonempty or --nonempty to mount over them anyway)"
+            )
+    return False
+
+
+def _clear_dead_mount(mountpoint: Path, cipherdir: Path | None) -> None:
+    """``mountpoint`` answers ENOTCONN: its FUSE process is gone, the mount stayed."""
+    entry = mounted_at(mountpoint)
+    ours = (
+        cipherdir is not None
+        and entry is not None
+        and entry.fstype == "fuse.kmsfs"
+        and entry.source == str(cipherdir)
+    )
+    if not ours:
+        what = f" ({entry.fstype} {entry.source})" if entry is not None else ""
+        raise MountError(
+            f"{mountpoint} is a dead mount{what}: its process ended without unmounting "
+            f"(transport endpoint is not connected); run: kmsfs umount --lazy {mountpoint}"
+        )
+    unmount(mountpoint, lazy=True)
+    log.warning(
+        "%s was a dead mount of %s (its process ended without unmounting): unmounted it",
+        mountpoint,
+        cipherdir,
+    )
 
 
 def mount_foreground(
@@ -142,13 +349,41 @@ def mount_foreground(
 ) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or signalled (SIGTERM, SIGINT)."""
     config = load_config(cipherdir)
-    check_mountpoint(mountpoint)
-    # not from kmsfs.conf unless the user named none: see keyd_endpoint
-    socket = keyd_endpoint(options.keyd_socket, config)
-    os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
-    harden_process(log)  # it holds the metadata key and data keys: as keyd does
-    _raise_open_file_limit()
-    trio.run(_serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd)
+    lock_fd = lock_cipherdir(cipherdir)
+    try:
+        check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+        # not from kmsfs.conf unless the user named none: see keyd_endpoint
+        socket = keyd_endpoint(options.keyd_socket, config)
+        os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
+        harden_process(log)  # it holds the metadata key and data keys: as keyd does
+        _raise_open_file_limit()
+        # READY=1 once mounted (Type=notify); taken out of the environment so that no
+        # child (fusermount3) can speak for the service
+        notifier = Notifier.from_environment()
+        trio.run(
+            _serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd, notifier
+        )
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def check_mount(cipherdir: Path, mountpoint: Path, options: MountOptions) -> bool:
+    """What mount_foreground checks of the mountpoint and the lock, for a detached
+    mount's parent to say at once; True when the mountpoint was created. The child checks
+    again, holding the lock, and is the one to read kmsfs.conf and say what is wrong with
+    a cipher directory."""
+    try:
+        lock_fd = lock_cipherdir(cipherdir)
+    except InUse:
+        raise
+    except MountError:  # cannot even open it: the child says why
+        lock_fd = None
+    try:
+        return check_mountpoint(mountpoint, options, cipherdir=cipherdir)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def _raise_open_file_limit() -> None:
@@ -170,6 +405,7 @@ async def _serve(
     options: MountOptions,
     socket: Path,
     ready_fd: int | None,
+    notifier: Notifier,
 ) -> None:
     async with AsyncKMSClient(socket, keyd_uid=options.keyd_uid) as client:
         try:
@@ -208,7 +444,7 @@ async def _serve(
         )
         operations.mountpoint = os.fsencode(mountpoint)
         try:
-            pyfuse3.init(operations, str(mountpoint), fuse_options(options))
+            pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
         waiter = session.install()
@@ -219,18 +455,22 @@ async def _serve(
         unmount = True
         try:
             report_ready(ready_fd)
+            notifier.ready(f"mounted {cipherdir} on {mountpoint}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
                 nursery.start_soon(operations.poller.run)
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 nursery.start_soon(_report_memory_on_signal, operations)
+                if options.idle_seconds:
+                    nursery.start_soon(_unmount_when_idle, operations, mountpoint, options)
                 await pyfuse3.main()
                 # main returns after a signal (we still have to unmount) or when the
                 # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
                 unmount = bool(signalled)
                 nursery.cancel_scope.cancel()
         finally:
+            notifier.stopping()
             operations.close_all()
             operations.prefetcher.stop()
             keys.forget_all()
@@ -288,6 +528,43 @@ async def _tune_backing_device(mountpoint: Path, max_dirty_ratio: int) -> None:
                 del wanted[name]
         if not wanted or (settled and attempt > 3):
             return
+
+
+async def _unmount_when_idle(
+    operations: Operations, mountpoint: Path, options: MountOptions
+) -> None:
+    """Unmount once no request came and no file or directory was open for
+    ``options.idle_seconds``, looking every tenth of it, as gocryptfs's ``-idle`` does
+    (CryFS: ``--unmount-idle``). A mountpoint still in use (a shell's working directory)
+    makes the unmount fail with EBUSY: then the wait starts again."""
+    idle_seconds = options.idle_seconds
+    assert idle_seconds
+    requests = operations.poller.requests
+    idle_since = trio.current_time()
+    while True:
+        await trio.sleep(idle_seconds / 10)
+        now = trio.current_time()
+        open_handles = len(operations._handles) + len(operations._dir_handles)
+        if operations.poller.requests != requests or open_handles:
+            log.debug(
+                "idle check: in use (%d open, %d requests)",
+                open_handles,
+                operations.poller.requests - requests,
+            )
+            requests = operations.poller.requests
+            idle_since = now
+            continue
+        if now - idle_since < idle_seconds:
+            continue
+        log.info("unused for %g s: unmounting %s", idle_seconds, mountpoint)
+        try:
+            await trio.to_thread.run_sync(unmount, mountpoint)
+        except KmsfsError as error:
+            log.info("not unmounted, still in use: %s", error)
+            requests = operations.poller.requests
+            idle_since = trio.current_time()
+            continue
+        return  # pyfuse3.main() returns: the kernel has ended the session
 
 
 async def _terminate_on_signal(signalled: list[int]) -> None:
@@ -357,9 +634,13 @@ async def _report_memory_on_signal(operations: Operations) -> None:
                 log.exception("memory report")
 
 
-def unmount(mountpoint: Path) -> None:
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """fusermount3 -u (``lazy``: -uz, which also clears a dead mount that is busy)."""
     result = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+        ["fusermount3", "-uz" if lazy else "-u", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""

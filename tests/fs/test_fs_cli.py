@@ -89,7 +89,10 @@ def mount_command(keyd: Keyd, *args: str) -> subprocess.CompletedProcess[bytes]:
 @pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "detached"])
 def test_mount_missing_mountpoint(fs_keyd: Keyd, mounts: MountFactory, foreground: bool) -> None:
     cipher = mounts.init()
-    missing = mounts.root / "no-such-mountpoint"
+    # a missing mountpoint is created (test_fs_mount_checks.py): one that cannot be is not
+    not_a_dir = mounts.root / f"a-file-{foreground}"
+    not_a_dir.write_text("")
+    missing = not_a_dir / "no-such-mountpoint"
     flags = ["-f"] if foreground else ["--log-file", str(mounts.root / "detached.log")]
     result = mount_command(fs_keyd, *flags, str(cipher), str(missing))
     line = one_error_line(result)

@@ -285,6 +285,8 @@ def test_the_users_keyd_wins_over_the_hint(
         assert kmsfs(fs_keyd.env, "ls", str(cipher)).returncode == 0
         result = try_mount(cipher, fs_keyd.env)
         assert result.mounted, result.stderr.decode()
+        # one mount of a cipher directory at a time (test_fs_mount_checks.py)
+        subprocess.run(["fusermount3", "-u", str(result.mnt)], check=True, timeout=60)
         option = try_mount(
             cipher, env_without_socket(fs_keyd), "--keyd-socket", str(fs_keyd.socket)
         )

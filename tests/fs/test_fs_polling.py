@@ -160,7 +160,7 @@ def test_tuning_flags_reach_the_mount(
     from kmsfs.cli import main
 
     seen: dict[str, object] = {}
-    monkeypatch.setattr(kmsfs.fs.mount, "check_mountpoint", lambda mountpoint: None)
+    monkeypatch.setattr(kmsfs.fs.mount, "check_mount", lambda cipher, mnt, options: False)
     monkeypatch.setattr(
         kmsfs.fs.mount,
         "mount_foreground",
