@@ -243,21 +243,33 @@ def keyd_service_unit(unit: KeydUnit) -> str:
     return "\n".join(lines)
 
 
-def fstab_line(cipherdir: Path | str, mountpoint: Path | str, *, options: str = "") -> str:
+def fstab_line(
+    cipherdir: Path | str,
+    mountpoint: Path | str,
+    *,
+    keyd_socket: Path | str | None = None,
+    options: str = "",
+) -> str:
     """An /etc/fstab line (fstab(5)) that mounts ``cipherdir`` once keyd is up.
 
     ``x-systemd.requires=`` makes the mount unit require and start after
     kmsfs-keyd.service (systemd.mount(5)); ``_netdev`` keeps it out of
     local-fs.target, which every service (keyd too) is ordered after -- without it
     the mount would wait for keyd and keyd for local-fs.target: a cycle.
+    ``nosuid,nodev`` instead of ``defaults``: mount.fuse3 adds ``dev,suid`` to a root
+    mount unless told otherwise, and set-ID programs or device nodes on a filesystem
+    whose backing files others may write are a hole. ``X-mount.mkdir`` creates a missing
+    mountpoint (mount -a refuses one before kmsfs runs). mount(8) starts the helper with
+    an empty environment, so a keyd on a socket other than root's default is named with
+    ``keyd_socket=``.
     """
-    all_options = ",".join(
-        item
-        for item in ["defaults", f"x-systemd.requires={KEYD_SERVICE}", "_netdev", options]
-        if item
-    )
+    items = ["nosuid", "nodev", "X-mount.mkdir", f"x-systemd.requires={KEYD_SERVICE}", "_netdev"]
+    if keyd_socket is not None:
+        items.append(f"keyd_socket={keyd_socket}")
+    if options:
+        items.append(options)
     fields = [_fstab_escape(str(cipherdir)), _fstab_escape(str(mountpoint)), "fuse.kmsfs"]
-    return " ".join([*fields, all_options, "0", "0"])
+    return " ".join([*fields, _fstab_escape(",".join(items)), "0", "0"])
 
 
 def _fstab_escape(field: str) -> str:

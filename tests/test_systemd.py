@@ -256,9 +256,12 @@ def test_the_fstab_line_requires_keyd_and_follows_fstab_5() -> None:
     line = fstab_line("/srv/private enc", "/home/me/Private")
     assert line == (
         "/srv/private\\040enc /home/me/Private fuse.kmsfs "
-        "defaults,x-systemd.requires=kmsfs-keyd.service,_netdev 0 0"
+        "nosuid,nodev,X-mount.mkdir,x-systemd.requires=kmsfs-keyd.service,_netdev 0 0"
     )
     assert len(line.split()) == 6
+    # mount(8) gives the helper no environment: a unit's own socket is named in the line
+    line = fstab_line("/srv/c", "/srv/m", keyd_socket="/run/my keyd/keyd.sock")
+    assert line.split()[3].endswith(",keyd_socket=/run/my\\040keyd/keyd.sock")
 
 
 # ------------------------------------ the unit's ExecStart, booted as systemd would

@@ -68,7 +68,7 @@ def cmd_systemd_units(args: argparse.Namespace) -> None:
     cipherdir = args.cipherdir or "CIPHERDIR"
     mountpoint = args.mountpoint or "MOUNTPOINT"
     print(f"# /etc/fstab: mount a cipher directory once {KEYD_SERVICE} is ready:")
-    print(f"# {fstab_line(cipherdir, mountpoint)}")
+    print(f"# {fstab_line(cipherdir, mountpoint, keyd_socket=unit.socket)}")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:

@@ -265,7 +265,9 @@ def test_the_line_kmsfs_systemd_units_shows_is_accepted() -> None:
     all reach the helper as mount(8)'s own, ignored, with nothing refused."""
     from kmsfs.systemd import fstab_line
 
-    options = fstab_line("/srv/c", "/srv/m", options="nosuid").split()[3]
+    options = fstab_line("/srv/c", "/srv/m", keyd_socket="/run/k/keyd.sock").split()[3]
     parsed = parse_options([options])
-    assert parsed.kernel_options == ("nosuid",)
+    assert sorted(parsed.kernel_options) == ["nodev", "nosuid"]
     assert "x-systemd.requires=kmsfs-keyd.service" in parsed.ignored
+    assert "X-mount.mkdir" in parsed.ignored
+    assert "keyd_socket=/run/k/keyd.sock" not in parsed.ignored
