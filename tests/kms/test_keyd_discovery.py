@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,7 +191,14 @@ def test_a_new_shell_finds_the_keyd_serve_started(keyd_factory, short_tmp: Path)
     config_home = short_tmp / "xdg"
     env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
     keyd.start(env=env)
-    assert read_user_config(config_home / "kmsfs" / "config")["keyd_socket"] == str(keyd.socket)
+    # keyd records it right after it starts listening: a client may connect a moment before
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        recorded = read_user_config(config_home / "kmsfs" / "config").get("keyd_socket")
+        if recorded is not None:
+            break
+        time.sleep(0.02)
+    assert recorded == str(keyd.socket)
     new_shell = {k: v for k, v in env.items() if k != SOCKET_ENV}
     result = subprocess.run(
         [*KMSFS, "keys", "create", "--alias", "alias/found"],
