@@ -446,7 +446,7 @@ async def _serve(
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
         except RuntimeError as error:
-            raise MountError(f"cannot mount on {mountpoint}: {error}") from None
+            raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
         waiter = session.install()
         log.info(
             "mounted %s on %s (key %s, keyd %s)", cipherdir, mountpoint, config.key_arn, socket
@@ -645,3 +645,16 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
         raise KmsfsError(f"cannot unmount {mountpoint}: {message or 'fusermount3 failed'}")
+
+
+def _fuse_hint() -> str:
+    """Why libfuse could not mount, when it is this user's access to /dev/fuse (libfuse
+    opens it itself before it falls back to fusermount3, and gives up on EACCES)."""
+    if os.geteuid() == 0 or os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return ""
+    if not os.path.exists("/dev/fuse"):
+        return " (there is no /dev/fuse: load the fuse module, or in a container pass the device)"
+    return (
+        " (this user cannot open /dev/fuse: mount as root, or make it usable by users, "
+        "as Debian's default mode 0666 does)"
+    )

@@ -191,3 +191,44 @@ def test_dead_mount_of_another_cipherdir_is_explained(mounts: MountFactory, area
     assert result.returncode == 0, result.stderr
     assert not is_mounted(mnt)
     assert os.listdir(mnt) == []  # the directory under it, usable again
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace, setpriv)")
+def test_a_user_without_access_to_dev_fuse_gets_one_line(keyd_factory, short_tmp: Path) -> None:
+    """A non-root user who cannot open /dev/fuse (mode 0600, as in many containers; libfuse
+    then gives up before fusermount3): one line naming /dev/fuse and what to do, no
+    traceback. The device is shadowed by a root-only copy in a private mount namespace."""
+    keyd = keyd_factory()
+    keyd.init()
+    sockets = short_tmp / "sockets"
+    sockets.mkdir(mode=0o755)
+    keyd.socket = sockets / "keyd.sock"
+    keyd.start("--socket-mode", "0666")
+    env = {**keyd.env, "KMSFS_KEYD_UID": "0"}
+    cipher, mnt = short_tmp / "cipher", short_tmp / "mnt"
+    subprocess.run([*KMSFS, "keys", "create", "--alias", "alias/u"], env=env, check=True)
+    subprocess.run([*KMSFS, "init", str(cipher), "--key", "alias/u"], env=env, check=True)
+    mnt.mkdir()
+    short_tmp.chmod(0o755)
+    for path in (cipher, *cipher.rglob("*"), mnt):
+        os.chown(path, 65534, 65534)
+    device = short_tmp / "fuse"
+    os.mknod(device, 0o600 | 0o020000, os.makedev(10, 229))  # a root-only /dev/fuse
+    script = (
+        f"mount --bind {device} /dev/fuse && exec setpriv --reuid=65534 --regid=65534 "
+        f'--clear-groups -- "$@"'
+    )
+    command = [*KMSFS, "mount", "-f", str(cipher), str(mnt), "--keyd-socket", str(keyd.socket)]
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command],
+        env={**env, "HOME": str(mnt)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if is_mounted(mnt):  # not expected: never leave it behind
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    assert result.returncode == 9, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "cannot open /dev/fuse" in errors[0], result.stderr
