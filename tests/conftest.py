@@ -5,6 +5,7 @@ Every keyd a test starts is stopped in teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -182,3 +183,24 @@ def live_keyd(keyd_factory: Callable[..., Keyd]) -> Keyd:
     instance.init()
     instance.start()
     return instance
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, mode: int = 0o755, prefix: str = "ktmpfs-") -> Iterator[Path]:
+    """A fresh tmpfs of ``size`` (a full disk on demand), unmounted and removed at the end
+    whatever happened (retried while a process still has it busy, then lazily)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:04o}", "tmpfs", str(path)],
+        check=True,
+    )
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)

@@ -38,16 +38,21 @@ def unlock_config(client: KMSClient, config: FsConfig) -> bytes:
 
     Nothing else of ``config`` may be used before this returns.
     """
+    metadata_key = _unwrap_metadata_key(client, config)
+    config.verify(metadata_key)
+    return metadata_key
+
+
+def _unwrap_metadata_key(client: KMSClient, config: FsConfig) -> bytes:
+    """The metadata key, unwrapped by keyd with the CMK kmsfs.conf names (not verified)."""
     try:
-        metadata_key = client.decrypt(
+        return client.decrypt(
             config.metadata_key_wrapped,
             encryption_context=config.metadata_key_context,
             key_id=config.key_arn,
         )["Plaintext"]
     except KMSError as error:
         raise unwrap_refused(config, error) from None
-    config.verify(metadata_key)
-    return metadata_key
 
 
 def open_tree(
@@ -139,14 +144,7 @@ def seal_cipherdir(
         if config.sealed:
             unlock_config(client, config)
             return config, False
-        try:
-            metadata_key = client.decrypt(
-                config.metadata_key_wrapped,
-                encryption_context=config.metadata_key_context,
-                key_id=config.key_arn,
-            )["Plaintext"]
-        except KMSError as error:
-            raise unwrap_refused(config, error) from None
+        metadata_key = _unwrap_metadata_key(client, config)
     if not confirm(config):
         raise UsageError(f"{cipherdir}: kmsfs.conf left unsealed")
     config.seal(metadata_key)

@@ -12,7 +12,6 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import mounted_tmpfs
 from tests.format.format_testkit import pattern
 from tests.fs.helpers import Mount, MountFactory, cipher_chunk_offset
 
@@ -30,21 +30,8 @@ TMPFS_SIZE = "64m"
 @pytest.fixture
 def tmpfs() -> Iterator[Path]:
     """A fresh 64 MiB tmpfs, unmounted at teardown whatever happened."""
-    path = Path(tempfile.mkdtemp(prefix="kfull-", dir="/tmp"))
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0755", "tmpfs", str(path)],
-        check=True,
-    )
-    try:
+    with mounted_tmpfs(TMPFS_SIZE, prefix="kfull-") as path:
         yield path
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def fill_up(directory: Path) -> int:

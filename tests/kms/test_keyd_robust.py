@@ -19,11 +19,9 @@ import http.client
 import json
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,7 +46,7 @@ from kmsfs.kms.service import (
     STATE_CHANGING_OPERATIONS,
     KeyService,
 )
-from tests.conftest import KMSFS, Keyd
+from tests.conftest import KMSFS, Keyd, mounted_tmpfs
 from tests.kms.test_service import CALLER, Harness, make_harness
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
@@ -538,20 +536,8 @@ def test_accept_at_the_fd_limit_answers_503(start_keyd: Any) -> None:
 # ------------------------------------------------------------ a full keystore disk
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kks-", dir="/tmp"))
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(path)], check=True
-    )
-    try:
+    with mounted_tmpfs("8m", mode=0o700, prefix="kks-") as path:
         yield path
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fill(directory: Path) -> Path:
