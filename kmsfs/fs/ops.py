@@ -972,7 +972,7 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, open_file.fd)
             open_file.engine.mark_durable(size)  # its rewrites in place now keep a copy
             # what the kernel had cached is all written back: a gap left is the writer's
-            open_file.gaps.clear()
+            open_file.gaps = []
         except OSError as error:
             self._storing_failed(open_file, error)
             raise
