@@ -147,6 +147,31 @@ def _kernel_truncate(
         own_threads.discard(thread)
 
 
+#: at most this many gaps are tracked per file; past it the two last merge (the cut after
+#: a failure may then drop more of what was written since the last fsync, never less)
+MAX_GAPS = 1024
+
+
+def _note_gap(gaps: list[tuple[int, int]], size_before: int, start: int, end: int) -> None:
+    """Record a cached WRITE of [start, end) to a file that was ``size_before`` long:
+    the gap it left is added to ``gaps``, what it covers taken out of them."""
+    kept: list[tuple[int, int]] = []
+    for gap_start, gap_end in gaps:
+        if gap_end <= start or gap_start >= end:
+            kept.append((gap_start, gap_end))
+            continue
+        if gap_start < start:
+            kept.append((gap_start, start))
+        if gap_end > end:
+            kept.append((end, gap_end))
+    if start > size_before:
+        kept.append((size_before, start))
+    if len(kept) > MAX_GAPS:
+        kept.sort()
+        kept[-2:] = [(kept[-2][0], kept[-1][1])]
+    gaps[:] = kept
+
+
 def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Turn every exception of a request into a FUSEError; log what is not routine."""
 
@@ -184,6 +209,7 @@ class OpenFile:
         "direct_handles",
         "stream",
         "write_error",
+        "gaps",
     )
 
     def __init__(
@@ -203,6 +229,10 @@ class OpenFile:
         #: errno of a failure to store this file's data: WRITEs are refused until every
         #: handle open for writing at the time is released (see ``_storing_failed``)
         self.write_error = 0
+        #: [start, end) ranges the engine zero-filled because a cached WRITE came past the
+        #: end, that no WRITE has covered since and that were not there at the last fsync
+        #: (see ``_note_gap``)
+        self.gaps: list[tuple[int, int]] = []
 
 
 class DirHandle:
@@ -586,6 +616,9 @@ class Operations(pyfuse3.Operations):
                 await self._ensure_file_key(open_file)
             try:
                 open_file.engine.truncate(size)
+                open_file.gaps = [
+                    (start, min(end, size)) for start, end in open_file.gaps if start < size
+                ]
             except OSError as error:
                 # what the engine held (written, not yet stored) is dropped with it
                 self._storing_failed(open_file, error)
@@ -899,6 +932,8 @@ class Operations(pyfuse3.Operations):
                 # not held in the engine's memory (its tail chunk) where a later failure
                 # would drop it
                 engine.flush()
+            else:
+                _note_gap(open_file.gaps, size_before, off, off + written)
             return written
         except FormatError as error:
             self._read_error(open_file, error)
@@ -936,6 +971,8 @@ class Operations(pyfuse3.Operations):
             # handle keeps the fd open until its RELEASE, which cannot come before this)
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, open_file.fd)
             open_file.engine.mark_durable(size)  # its rewrites in place now keep a copy
+            # what the kernel had cached is all written back: a gap left is the writer's
+            open_file.gaps = []
         except OSError as error:
             self._storing_failed(open_file, error)
             raise
@@ -987,6 +1024,7 @@ class Operations(pyfuse3.Operations):
         code = _errno_of(error)
         if code in _SPACE_ERRNOS:
             self._space_failed(code)
+        self._cut_at_gap(open_file)
         if not open_file.write_error:
             engine = open_file.engine
             log.error(
@@ -1002,6 +1040,51 @@ class Operations(pyfuse3.Operations):
             if self._handles.get(fh) is open_file:
                 self._write_errors.setdefault(fh, code)
         self._invalidate_later(open_file.node.ino)
+
+    def _cut_at_gap(self, open_file: OpenFile) -> None:
+        """After a failure to store, keep the file a prefix of what was written.
+
+        With the write-back cache the kernel writes dirty pages back in no fixed order
+        (the flusher resumes where it stopped, a sync starts at the beginning): a WRITE
+        past the end can come before those of the pages in between, which the engine
+        fills with zeros meanwhile. Once storing failed the WRITEs of that gap never come
+        (refused until the writers are gone), and the file would read as zeros where the
+        writer wrote data, followed by data: cut it back to the first such gap. Only
+        data written since the last fsync is dropped, and every writer is told.
+        """
+        gaps, open_file.gaps = open_file.gaps, []
+        engine = open_file.engine
+        start = min((start for start, _ in gaps), default=engine.size)
+        if start >= engine.size:
+            return
+        try:
+            try:
+                engine.truncate(start)
+            except OSError as error:
+                # a full disk: the re-sealed final chunk's undo record (format README,
+                # *Crashes*) needs room. Cut first after the chunk holding ``start`` (all
+                # written since the last fsync: rewritten without a copy), which trims
+                # the backing file and frees the room.
+                step = (start // engine.chunk_size + 1) * engine.chunk_size
+                if error.errno not in _SPACE_ERRNOS or step >= engine.size:
+                    raise
+                engine.truncate(step)
+                engine.truncate(start)
+        except OSError as error:
+            log.error(
+                "%s: cannot cut the file back to %d bytes, before data the kernel had not "
+                "written back (%s): it reads as zeros there",
+                self._describe(open_file.node),
+                start,
+                os.strerror(error.errno or 0),
+            )
+            return
+        log.warning(
+            "%s: cut back to %d bytes: the data written past that was stored before the "
+            "data at it, which will not be stored now",
+            self._describe(open_file.node),
+            start,
+        )
 
     def _invalidate_later(self, ino: int) -> None:
         """Drop the kernel's cached pages of ``ino`` and set its size to what is stored.

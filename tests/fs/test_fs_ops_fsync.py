@@ -32,6 +32,7 @@ class _OpenFile:
     fd = 12345
     engine = _Engine()
     write_error = 0
+    gaps: list[tuple[int, int]] = []  # noqa: RUF012 (never mutated: fsync replaces it)
 
 
 def test_fsync_of_the_backing_file_does_not_hold_up_other_requests(monkeypatch) -> None:
