@@ -819,6 +819,8 @@ class EncryptedFile:
             self._tail = tail
             self._tail_dirty = True
             self._size = size
+            if new_tail < old_tail:
+                self._cut_behind(new_tail)
             self.flush()
             self._durable_end = min(self._durable_end, size)  # the rest is cut off
             return
@@ -1309,6 +1311,21 @@ class EncryptedFile:
         if len(self._data_chunks) >= 64 and index not in self._data_chunks:
             self._data_chunks.pop()  # any one: the set only saves a look at the disk
         self._data_chunks.add(index)
+
+    def _cut_behind(self, index: int) -> None:
+        """Before a shrinking truncate re-seals data chunk ``index`` as the final one, cut
+        the chunks behind it off: the re-seal's undo record then fits in the room they
+        free (on a full disk it would not fit past them), and what is dropped is what the
+        truncate drops anyway. A kill right after leaves chunk ``index`` last but not
+        final (``Truncated``); ``repair`` seals it final: the truncated file, up to the end
+        of that chunk. A chunk of a hole run is left to ``flush``, which splits the run
+        first (the zeros before it must stay covered by a marker)."""
+        end = cipher_offset(index + 1, self._chunk_size)
+        if end >= self._disk_size:
+            return
+        if os.pread(self._fd, NONCE_SIZE, cipher_offset(index, self._chunk_size)) == ZERO_NONCE:
+            return  # a hole chunk (data chunks have a random nonce)
+        self._truncate_backing(end)
 
     def _truncate_backing(self, length: int) -> None:
         self._data_chunks.clear()

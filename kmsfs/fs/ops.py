@@ -1058,18 +1058,9 @@ class Operations(pyfuse3.Operations):
         if start >= engine.size:
             return
         try:
-            try:
-                engine.truncate(start)
-            except OSError as error:
-                # a full disk: the re-sealed final chunk's undo record (format README,
-                # *Crashes*) needs room. Cut first after the chunk holding ``start`` (all
-                # written since the last fsync: rewritten without a copy), which trims
-                # the backing file and frees the room.
-                step = (start // engine.chunk_size + 1) * engine.chunk_size
-                if error.errno not in _SPACE_ERRNOS or step >= engine.size:
-                    raise
-                engine.truncate(step)
-                engine.truncate(start)
+            # on a full disk too: the engine cuts the chunks behind the new final one
+            # before it re-seals that (its undo record needs the room they free)
+            engine.truncate(start)
         except OSError as error:
             log.error(
                 "%s: cannot cut the file back to %d bytes, before data the kernel had not "

@@ -420,11 +420,6 @@ def write_back(fd: int, offset: int, length: int) -> str:
     return "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cut back to the gap fails on a full disk: engine.truncate writes the undo "
-    "record of the re-sealed final chunk before it trims the backing file (kmsfs/format)",
-)
 def test_a_failure_drops_what_lies_past_a_gap_the_kernel_had_not_written_back(
     tmpfs: Path, mounts: MountFactory
 ) -> None:
