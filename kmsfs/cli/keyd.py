@@ -154,7 +154,15 @@ def cmd_audit_tail(args: argparse.Namespace) -> None:
     path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
     if not path.exists() and not audit.rotated_files(path):
         raise KeystoreError(f"no audit log at {path}")
-    events = audit.tail(path, args.lines, follow=args.follow, key=args.key, event_name=args.event)
+    events = audit.tail(
+        path,
+        args.lines,
+        follow=args.follow,
+        key=args.key,
+        event_name=args.event,
+        user=args.user,
+        denied=args.denied,
+    )
     try:
         for event in events:
             if args.json:
@@ -266,6 +274,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     tail.add_argument("--key", help="only events about this key (id, ARN or alias)")
     tail.add_argument("--event", help="only events of this name (e.g. Decrypt)")
+    tail.add_argument(
+        "--user", metavar="NAME", help="only requests of this user (login name, uid or ARN)"
+    )
+    tail.add_argument(
+        "--denied", action="store_true", help="only refusals (errorCode AccessDeniedException)"
+    )
     tail.add_argument("--json", action="store_true", help="print JSON lines")
     tail.set_defaults(func=cmd_audit_tail)
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")
