@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -60,6 +61,9 @@ def cmd_keyd_init(args: argparse.Namespace) -> None:
     from kmsfs.kms.keystore import Keystore
     from kmsfs.kms.paths import resolve_keystore_dir
 
+    if not re.fullmatch(r"[0-9]{12}", args.account):
+        # AWS account ids are 12 digits; ARNs (arn:aws:iam::<account>:...) need one
+        raise UsageError(f"--account-id must be 12 digits, not {args.account!r}")
     path = resolve_keystore_dir(args.keystore)
     if Keystore.exists(path):
         raise KeystoreError(f"a keystore already exists at {path}")
@@ -150,7 +154,15 @@ def cmd_audit_tail(args: argparse.Namespace) -> None:
     path = resolve_keystore_dir(args.keystore) / AUDIT_NAME
     if not path.exists() and not audit.rotated_files(path):
         raise KeystoreError(f"no audit log at {path}")
-    events = audit.tail(path, args.lines, follow=args.follow, key=args.key, event_name=args.event)
+    events = audit.tail(
+        path,
+        args.lines,
+        follow=args.follow,
+        key=args.key,
+        event_name=args.event,
+        user=args.user,
+        denied=args.denied,
+    )
     try:
         for event in events:
             if args.json:
@@ -226,7 +238,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     _keystore_options(init)
     _root_options(init)
     init.add_argument("--region", default="local", help="region used in key ARNs")
-    init.add_argument("--account", default="000000000000", help="account used in key ARNs")
+    init.add_argument(
+        "--account-id",
+        "--account",
+        dest="account",
+        default="000000000000",
+        help="the 12-digit AWS account id in key and principal ARNs (stored in the "
+        "keystore; default 000000000000, which keystores made before this option keep)",
+    )
     init.set_defaults(func=cmd_keyd_init)
 
     serve_parser = keyd.add_parser("serve", help="unseal the keystore and serve on a socket")
@@ -255,6 +274,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     tail.add_argument("--key", help="only events about this key (id, ARN or alias)")
     tail.add_argument("--event", help="only events of this name (e.g. Decrypt)")
+    tail.add_argument(
+        "--user", metavar="NAME", help="only requests of this user (login name, uid or ARN)"
+    )
+    tail.add_argument(
+        "--denied", action="store_true", help="only refusals (errorCode AccessDeniedException)"
+    )
     tail.add_argument("--json", action="store_true", help="print JSON lines")
     tail.set_defaults(func=cmd_audit_tail)
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")

@@ -1339,9 +1339,14 @@ def event_key_id(event: Mapping[str, Any]) -> str | None:
 
 
 def matches(
-    event: Mapping[str, Any], *, key: str | None = None, event_name: str | None = None
+    event: Mapping[str, Any],
+    *,
+    key: str | None = None,
+    event_name: str | None = None,
+    user: str | None = None,
+    denied: bool = False,
 ) -> bool:
-    """The ``--key``/``--event`` filter.
+    """The ``--key``/``--event``/``--user``/``--denied`` filter.
 
     *event_name* must equal ``eventName`` exactly. *key* matches when it is a
     substring of any key reference of the event (``requestParameters.keyId``,
@@ -1350,12 +1355,45 @@ def matches(
     So a bare KeyId matches requests naming the key by id or ARN; an alias matches the
     requests that named that alias (a request by alias also records the key's ARN in
     ``responseElements.keyId``, so filter those by the key's id).
+    *user* names the caller as a login name (``userIdentity.userName``), a uid, or a
+    principal ARN (``userIdentity.arn``; uid 0's user ARN ``...:user/root`` matches
+    too). *denied*: only refusals (``errorCode`` ``AccessDeniedException``).
     """
     if event_name is not None and event.get("eventName") != event_name:
+        return False
+    if denied and event.get("errorCode") != "AccessDeniedException":
+        return False
+    if user is not None and not _user_matches(event, user):
         return False
     if key is not None:
         return any(key in ref for ref in event_key_ids(event))
     return True
+
+
+def _user_matches(event: Mapping[str, Any], user: str) -> bool:
+    identity = event.get("userIdentity")
+    if not isinstance(identity, Mapping):
+        return False
+    name = identity.get("userName")
+    uid = identity.get("uid")
+    arn = identity.get("arn")
+    if user in (name, arn) or (type(uid) is int and user == str(uid)):
+        return True
+    # the IAM user ARN of the caller (for root: besides its ...:root ARN)
+    account = identity.get("accountId")
+    return isinstance(name, str) and user == f"arn:aws:iam::{account}:user/{name}"
+
+
+Matcher = Callable[[Mapping[str, Any]], bool]
+
+
+def _matcher(
+    key: str | None, event_name: str | None, user: str | None = None, denied: bool = False
+) -> Matcher:
+    def match(record: Mapping[str, Any]) -> bool:
+        return matches(record, key=key, event_name=event_name, user=user, denied=denied)
+
+    return match
 
 
 def _open_log_file(path: Path, *, required: bool) -> BinaryIO | None:
@@ -1398,13 +1436,19 @@ def _same_file(path: Path, dev: int, ino: int) -> bool:
 
 
 def iter_events(
-    path: Path, *, key: str | None = None, event_name: str | None = None
+    path: Path,
+    *,
+    key: str | None = None,
+    event_name: str | None = None,
+    user: str | None = None,
+    denied: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The log's events (with their ``seq``/``prevDigest``) that match the filters,
     oldest first -- the rotated files' first, then the log's -- streaming. Lines that
     are not JSON objects (and an incomplete last line of a file) are skipped: reading
     is not verifying -- use :func:`verify` for that."""
     path = Path(path)
+    match = _matcher(key, event_name, user, denied)
     current, rotated = _history(path)
     try:
         for item in rotated:
@@ -1412,20 +1456,20 @@ def iter_events(
             if f is None:
                 continue  # moved away meanwhile
             with f:
-                yield from _matching(f, key, event_name)
+                yield from _matching(f, match)
         if current is not None:
-            yield from _matching(current, key, event_name)
+            yield from _matching(current, match)
     finally:
         if current is not None:
             current.close()
 
 
-def _matching(f: BinaryIO, key: str | None, event_name: str | None) -> Iterator[dict[str, Any]]:
+def _matching(f: BinaryIO, match: Matcher) -> Iterator[dict[str, Any]]:
     for raw, status in _read_lines(f):
         if status != "ok":
             continue
         record = _parse_record(raw)
-        if record is not None and matches(record, key=key, event_name=event_name):
+        if record is not None and match(record):
             yield record
 
 
@@ -1436,6 +1480,8 @@ def tail(
     follow: bool = False,
     key: str | None = None,
     event_name: str | None = None,
+    user: str | None = None,
+    denied: bool = False,
     poll_interval: float = 0.25,
     stop: threading.Event | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -1453,6 +1499,7 @@ def tail(
     if n < 0:
         raise ValueError("n must be >= 0")
     path = Path(path)
+    match = _matcher(key, event_name, user, denied)
     current, rotated = _history(path)
     try:
         end = 0
@@ -1462,7 +1509,7 @@ def tail(
         if n:
             newest: list[dict[str, Any]] = []
             if current is not None:
-                _collect_backward(current, end, n, key, event_name, newest)
+                _collect_backward(current, end, n, match, newest)
             for item in reversed(rotated):
                 if len(newest) >= n:
                     break
@@ -1471,7 +1518,7 @@ def tail(
                     continue
                 with f:
                     item_end = _line_start(f, os.fstat(f.fileno()).st_size, limit=None) or 0
-                    _collect_backward(f, item_end, n, key, event_name, newest)
+                    _collect_backward(f, item_end, n, match, newest)
             yield from reversed(newest)
         if not follow:
             return
@@ -1483,7 +1530,7 @@ def tail(
             else:
                 time.sleep(poll_interval)
             current = _open_log_file(path, required=False)
-        yield from _follow(current, path, end, key, event_name, poll_interval, stop)
+        yield from _follow(current, path, end, match, poll_interval, stop)
     finally:
         if current is not None:
             current.close()
@@ -1493,8 +1540,7 @@ def _collect_backward(
     f: BinaryIO,
     end: int,
     n: int,
-    key: str | None,
-    event_name: str | None,
+    match: Matcher,
     newest: list[dict[str, Any]],
 ) -> None:
     """Add to *newest* (newest first) matching events of ``f[0:end]`` until it holds *n*."""
@@ -1502,7 +1548,7 @@ def _collect_backward(
         return
     for raw in _lines_backward(f, end):
         record = _parse_record(raw) if raw else None
-        if record is not None and matches(record, key=key, event_name=event_name):
+        if record is not None and match(record):
             newest.append(record)
             if len(newest) >= n:
                 return
@@ -1539,8 +1585,7 @@ def _follow(
     f: BinaryIO,
     path: Path,
     offset: int,
-    key: str | None,
-    event_name: str | None,
+    match: Matcher,
     poll_interval: float,
     stop: threading.Event | None,
 ) -> Iterator[dict[str, Any]]:
@@ -1562,7 +1607,7 @@ def _follow(
                     buffer, skipping = b"", True
                 for raw in complete:
                     record = _parse_record(raw) if raw else None
-                    if record is not None and matches(record, key=key, event_name=event_name):
+                    if record is not None and match(record):
                         yield record
                 continue
             # nothing new: was the log truncated or replaced?

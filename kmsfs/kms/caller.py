@@ -1,19 +1,13 @@
-"""Who is calling keyd: taken from the Unix socket's peer credentials."""
+"""Who is calling keyd: taken from the Unix socket's peer credentials.
+
+:class:`Caller` is what ``SO_PEERCRED`` says (pid, uid, gid at connect time);
+:mod:`kmsfs.kms.principal` turns it into the principal that policies and audit
+records name (ARN, groups, executable).
+"""
 
 from __future__ import annotations
 
-import pwd
 from dataclasses import dataclass
-from functools import lru_cache
-
-
-@lru_cache(maxsize=256)
-def user_name(uid: int) -> str:
-    """The login name of a uid, or the number itself when it has none."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,4 +18,8 @@ class Caller:
 
     @property
     def user_name(self) -> str:
-        return user_name(self.uid)
+        """``aws:username``: the login name of the uid, or ``uid-<n>`` when it has none."""
+        from kmsfs.kms.principal import login_name
+
+        name = login_name(self.uid)
+        return name if name is not None else f"uid-{self.uid}"

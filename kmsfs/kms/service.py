@@ -62,6 +62,7 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
+from kmsfs.kms.principal import Principal, PrincipalResolver
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -239,6 +240,7 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     "TagResource": {"KeyId": _STRING, "Tags": _TAGS},
     "UntagResource": {"KeyId": _STRING, "TagKeys": _STRINGS},
     "ListResourceTags": {"KeyId": _STRING, **_PAGING},
+    "GetCallerIdentity": {},
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -510,12 +512,18 @@ class KeyService:
         audit: AuditSink | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        principals: Callable[[Caller], Principal] | None = None,
     ) -> None:
         self.keystore = keystore
         self.audit = audit
         self.clock = clock
         self.region = keystore.meta("region")
         self.account = keystore.meta("account")
+        #: Caller (peer credentials) -> Principal (ARN, groups, executable); see
+        #: kmsfs.kms.principal. Injectable so tests can give a fake /proc.
+        self.principals: Callable[[Caller], Principal] = principals or PrincipalResolver(
+            self.account
+        )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
@@ -529,6 +537,11 @@ class KeyService:
     @classmethod
     def operation_names(cls) -> list[str]:
         return sorted(name[4:] for name in dir(cls) if name.startswith("_op_"))
+
+    def principal(self, caller: Caller) -> Principal:
+        """The principal of a request from *caller*: its ARN, groups, executable and
+        global condition keys (:meth:`Principal.condition_keys`)."""
+        return self.principals(caller)
 
     # ------------------------------------------------------------------ entry
     def handle(
@@ -1124,6 +1137,11 @@ class KeyService:
         assert count is not None
         return {"Plaintext": base64.b64encode(os.urandom(count)).decode()}
 
+    def _op_GetCallerIdentity(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """kmsfs's own operation (target ``TrentService.GetCallerIdentity``), shaped after
+        STS GetCallerIdentity: who keyd takes the caller for. Audited like other reads."""
+        return self.principal(caller).caller_identity()
+
     # ---------------------------------------------------------------- aliases
     def _alias_name(self, params: dict[str, Any]) -> str:
         name = _string(params, "AliasName", required=True, max_len=256)
@@ -1262,13 +1280,9 @@ class KeyService:
     ) -> dict[str, Any]:
         event: dict[str, Any] = {
             "eventVersion": "1.08",
-            "userIdentity": {
-                "type": "LocalUser",
-                "uid": caller.uid,
-                "gid": caller.gid,
-                "pid": caller.pid,
-                "userName": caller.user_name,
-            },
+            # CloudTrail's userIdentity (type IAMUser or Root, principalId, arn,
+            # accountId, userName) plus kmsfs's uid, gid, pid and executable
+            "userIdentity": self.principal(caller).user_identity(),
             "eventTime": _iso(started),
             "eventSource": "kms.amazonaws.com",
             "eventName": operation,

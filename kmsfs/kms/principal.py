@@ -1,0 +1,250 @@
+"""Who a request comes from, as keyd names it: an AWS-style principal for a local uid.
+
+A connection's peer credentials (``SO_PEERCRED``: pid, uid, gid; see
+:class:`kmsfs.kms.caller.Caller`) become a :class:`Principal`:
+
+- uid *n* with login name *name* is the IAM user ``arn:aws:iam::<account>:user/<name>``;
+  a uid without a name in the user database is ``arn:aws:iam::<account>:user/uid-<n>``.
+- uid 0 is the account's root user, ``arn:aws:iam::<account>:root`` (CloudTrail
+  ``userIdentity.type`` ``Root``, ``principalId`` the account id, as AWS records its
+  root user). It is *also* the IAM user named after its login name
+  (``...:user/root``): :attr:`Principal.arns` holds both, so a key policy may name
+  either, while :attr:`Principal.arn` (``aws:PrincipalArn``, the audit record's
+  ``arn``) is the root ARN. Root of the machine owns keyd: there is no IAM here that
+  could delegate the account's rights to anyone else, so the root ARN names uid 0 only.
+- The account is the keystore's (``kmsfs keyd init --account-id``; 000000000000 for
+  keystores made before the option, as before).
+
+The caller's supplementary groups are read when the request arrives: the ``Groups:``
+line of ``/proc/<pid>/status`` (what the kernel checks for that process), or, when the
+process is gone or unreadable, the user database (``os.getgrouplist``). Groups are named
+by their group name, or their number when they have none. The executable is
+``/proc/<pid>/exe``'s target (``None`` when it cannot be read: another user's process
+when keyd does not run as root, or a process that has exited).
+
+Looking these up costs two small /proc reads per request; :class:`PrincipalResolver`
+keeps the answer for a second per process.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from kmsfs.kms.caller import Caller
+
+DEFAULT_ACCOUNT = "000000000000"
+ROOT_UID = 0
+
+
+@lru_cache(maxsize=1024)
+def login_name(uid: int) -> str | None:
+    """The login name of *uid*, or None when the user database has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def group_name(gid: int) -> str:
+    """The name of group *gid*, or the number (as text) when it has none."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def parse_status_groups(status_text: str) -> list[int] | None:
+    """The gids of the ``Groups:`` line of a ``/proc/<pid>/status`` text (None if absent)."""
+    for line in status_text.splitlines():
+        if line.startswith("Groups:"):
+            return [int(field) for field in line[len("Groups:") :].split()]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of one request, as policies and audit records see it."""
+
+    account: str
+    uid: int
+    gid: int
+    pid: int
+    #: login name, None when the uid has none
+    login: str | None
+    #: supplementary groups (and the primary group), names or numbers, sorted
+    groups: tuple[str, ...]
+    #: realpath of the process's executable, None when unreadable
+    executable: str | None
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == ROOT_UID
+
+    @property
+    def user_name(self) -> str:
+        """``aws:username``: the login name, or ``uid-<n>``."""
+        return self.login if self.login is not None else f"uid-{self.uid}"
+
+    @property
+    def user_arn(self) -> str:
+        """The IAM user ARN of this uid (for uid 0 too: ``...:user/root``)."""
+        return f"arn:aws:iam::{self.account}:user/{self.user_name}"
+
+    @property
+    def root_arn(self) -> str:
+        return f"arn:aws:iam::{self.account}:root"
+
+    @property
+    def arn(self) -> str:
+        """``aws:PrincipalArn``: the root ARN for uid 0, else the user ARN."""
+        return self.root_arn if self.is_root else self.user_arn
+
+    @property
+    def arns(self) -> tuple[str, ...]:
+        """Every ARN that names this caller in a policy's ``Principal``."""
+        return (self.root_arn, self.user_arn) if self.is_root else (self.user_arn,)
+
+    @property
+    def identity_type(self) -> str:
+        """CloudTrail's ``userIdentity.type``."""
+        return "Root" if self.is_root else "IAMUser"
+
+    @property
+    def principal_id(self) -> str:
+        """CloudTrail's ``principalId``: the account id for root (as AWS records its root
+        user), else the uid as text (AWS's unique user id; here the uid is that id)."""
+        return self.account if self.is_root else str(self.uid)
+
+    def condition_keys(self) -> dict[str, Any]:
+        """The global condition keys this caller brings to every request."""
+        return {
+            "aws:PrincipalArn": self.arn,
+            "aws:PrincipalAccount": self.account,
+            "aws:username": self.user_name,
+            "aws:userid": str(self.uid),
+            "kms:CallerAccount": self.account,
+            "kmsfs:CallerUid": str(self.uid),
+            "kmsfs:CallerGroups": list(self.groups),
+            "kmsfs:CallerExecutable": self.executable,
+        }
+
+    def user_identity(self) -> dict[str, Any]:
+        """The audit record's ``userIdentity``: CloudTrail's fields, plus kmsfs's
+        ``uid``, ``gid``, ``pid`` and ``executable``."""
+        return {
+            "type": self.identity_type,
+            "principalId": self.principal_id,
+            "arn": self.arn,
+            "accountId": self.account,
+            "userName": self.user_name,
+            "uid": self.uid,
+            "gid": self.gid,
+            "pid": self.pid,
+            "executable": self.executable,
+        }
+
+    def caller_identity(self) -> dict[str, Any]:
+        """The GetCallerIdentity answer (STS's Arn/Account/UserId, plus kmsfs's own)."""
+        return {
+            "Arn": self.arn,
+            "Account": self.account,
+            "UserId": str(self.uid),
+            "UserName": self.user_name,
+            "Gid": self.gid,
+            "Groups": list(self.groups),
+            "Executable": self.executable,
+        }
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _groups_from_user_db(login: str | None, gid: int) -> list[int]:
+    if login is None:
+        return [gid]
+    try:
+        return os.getgrouplist(login, gid)
+    except OSError:
+        return [gid]
+
+
+def resolve(caller: Caller, account: str, *, proc: str = "/proc") -> Principal:
+    """Look up *caller*'s groups and executable now (see the module's docstring)."""
+    login = login_name(caller.uid)
+    base = f"{proc}/{caller.pid}"
+    status = _read_text(f"{base}/status")
+    gids = parse_status_groups(status) if status is not None else None
+    if gids is None:
+        gids = _groups_from_user_db(login, caller.gid)
+    try:
+        executable: str | None = os.readlink(f"{base}/exe")  # the kernel's canonical path
+    except OSError:
+        executable = None
+    groups = sorted({group_name(gid) for gid in (caller.gid, *gids)})
+    return Principal(
+        account=account,
+        uid=caller.uid,
+        gid=caller.gid,
+        pid=caller.pid,
+        login=login,
+        groups=tuple(groups),
+        executable=executable,
+    )
+
+
+class PrincipalResolver:
+    """:func:`resolve` with a short per-process memory.
+
+    Looking a caller up costs about 27 µs (two /proc reads and a readlink; measured on
+    the 2-core test machine), about a tenth of a whole Decrypt round trip with 8
+    clients, so an answer is reused for *ttl* seconds for the same (pid, uid, gid):
+    a hit costs a dict lookup. A change of groups (``setgroups``) or executable
+    (``exec``) shows after at most *ttl* seconds. A pid reused within *ttl* by a
+    process with the same uid and gid gets the old process's groups and executable:
+    both processes belong to the same user, who could ptrace either, so executable
+    conditions are no boundary between one user's processes anyway.
+    """
+
+    def __init__(
+        self,
+        account: str,
+        *,
+        ttl: float = 1.0,
+        proc: str = "/proc",
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 4096,
+    ) -> None:
+        self.account = account
+        self.ttl = ttl
+        self.proc = proc
+        self.clock = clock
+        self.max_entries = max_entries
+        self._cache: dict[tuple[int, int, int], tuple[float, Principal]] = {}
+
+    def __call__(self, caller: Caller) -> Principal:
+        now = self.clock()
+        cache_key = (caller.pid, caller.uid, caller.gid)
+        cached = self._cache.get(cache_key)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        principal = resolve(caller, self.account, proc=self.proc)
+        if self.ttl > 0:
+            if len(self._cache) >= self.max_entries:
+                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self.ttl}
+                if len(self._cache) >= self.max_entries:
+                    self._cache.clear()
+            self._cache[cache_key] = (now, principal)
+        return principal
