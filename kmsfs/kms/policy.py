@@ -60,6 +60,7 @@ and "Single-valued vs. multivalued context keys"):
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -621,15 +622,22 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
 def _as_number(value: Any) -> float | None:
+    """A policy or request value as a number: an integer or a decimal, as written in
+    AWS's examples. NaN, infinities, exponents, spaces and Python's ``1_000`` are not
+    numbers (float() would take them)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return float(value)
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value):
+        return float(value)
+    return None
 
 
 def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]) -> bool:

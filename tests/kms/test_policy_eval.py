@@ -301,6 +301,11 @@ cond_case("numeq-str", "NumericEquals", UID, 1000, "1000", True)
 cond_case("numeq-other", "NumericEquals", UID, "1000", 1001, False)
 cond_case("numeq-missing", "NumericEquals", UID, "1000", MISSING, False)
 cond_case("numeq-not-a-number", "NumericEquals", UID, "1000", "abc", False)
+cond_case("numeq-request-underscores", "NumericEquals", UID, "1000", "1_000", False)
+cond_case("numne-request-nan", "NumericNotEquals", UID, "1000", "nan", True)  # not a number ≠ 1000
+cond_case("numlt-request-minus-inf", "NumericLessThan", UID, "1000", "-inf", False)
+cond_case("numeq-request-spaces", "NumericEquals", UID, "1000", " 1000", False)
+cond_case("numeq-negative-decimal", "NumericEquals", UID, "-1.50", "-1.5", True)
 cond_case("numne-equal", "NumericNotEquals", UID, "1000", 1000, False)
 cond_case("numne-other", "NumericNotEquals", UID, "1000", 1001, True)
 cond_case("numne-missing", "NumericNotEquals", UID, "1000", MISSING, True)
@@ -681,12 +686,19 @@ def ref_text(value: Any) -> str:
 
 
 def ref_number(value: Any) -> float | None:
+    """Integers and decimals only (no NaN, infinities, exponents, spaces, underscores)."""
     if isinstance(value, bool):
         return None
-    try:
-        return float(value)
-    except ValueError:
+    text = str(value)
+    if isinstance(value, float) and text.endswith(".0"):
+        text = text[:-2]
+    allowed = set("0123456789.")
+    body = text[1:] if text.startswith("-") else text
+    if not body or not set(body) <= allowed or body.count(".") > 1:
         return None
+    if body.startswith(".") or body.endswith("."):
+        return None
+    return float(text)
 
 
 def ref_request_values(conditions: dict[str, Any], key: str) -> list[Any]:

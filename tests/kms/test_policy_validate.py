@@ -240,6 +240,21 @@ INVALID: list[tuple[str, str, str]] = [
         "Statement[2].Condition.NumericLessThan.kmsfs:CallerUid: 'many' is not a number",
     ),
     (
+        "condition-numeric-nan",
+        three(good(Condition={"NumericLessThan": {"kmsfs:CallerUid": "NaN"}})),
+        "'NaN' is not a number",
+    ),
+    (
+        "condition-numeric-infinity",
+        three(good(Condition={"NumericGreaterThan": {"kmsfs:CallerUid": "inf"}})),
+        "'inf' is not a number",
+    ),
+    (
+        "condition-numeric-python-underscores",
+        three(good(Condition={"NumericEquals": {"kmsfs:CallerUid": "1_000"}})),
+        "'1_000' is not a number",
+    ),
+    (
         "condition-bool-not-bool",
         three(good(Condition={"Bool": {"kms:GrantIsForAWSResource": "yes"}})),
         "Statement[2].Condition.Bool.kms:GrantIsForAWSResource: 'yes' is not true or false",
