@@ -55,6 +55,12 @@ and "Single-valued vs. multivalued context keys"):
   nothing (Null only tests presence).
 - A plain (unprefixed) operator given a multivalued request value matches if any
   request value matches (negated operators: if none does).
+- Encryption context keys that differ only in case (``Dept`` and ``dept``) both answer
+  to ``kms:EncryptionContext:dept``; their values are pooled as one multivalued key.
+  AWS KMS: "To avoid confusion, do not use multiple encryption context pairs that
+  differ only by case. To require a fully case-sensitive encryption context, use the
+  kms:EncryptionContext: and kms:EncryptionContextKeys conditions" (API reference,
+  GrantConstraints); ``kms:EncryptionContextKeys`` values stay case-sensitive.
 """
 
 from __future__ import annotations

@@ -446,6 +446,34 @@ case(
     A,
 )
 
+# context keys differing only in case pool their values under the one condition key;
+# AWS's advice (GrantConstraints) is to pin the exact keys with kms:EncryptionContextKeys
+case(
+    "context-keys-differing-in-case-pool",
+    [stmt(condition={"StringEquals": {EC: "IT"}})],
+    _with({EC: "HR", EC.lower(): "IT"}),
+    A,
+)
+case(
+    "context-keys-differing-in-case-deny-not-equals",
+    [stmt(), stmt("Deny", condition={"StringNotEquals": {EC: "IT"}})],
+    _with({EC: "HR", EC.lower(): "IT"}),
+    A,
+)
+case(
+    "context-keys-pinned-by-encryption-context-keys",
+    [
+        stmt(
+            condition={
+                "StringEquals": {EC: "IT"},
+                "ForAllValues:StringEquals": {"kms:EncryptionContextKeys": "Department"},
+            }
+        )
+    ],
+    _with({EC: "HR", EC.lower(): "IT", "kms:EncryptionContextKeys": ["Department", "department"]}),
+    I,
+)
+
 # --- several keys and several operators are ANDed
 case(
     "and-two-keys-both",

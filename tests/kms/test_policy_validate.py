@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmsfs.errors import MalformedPolicyDocumentException, kms_error_from_type
 from kmsfs.kms.policy import (
@@ -396,3 +398,64 @@ def test_default_policy_parses_and_keeps_its_text() -> None:
         "Enable IAM User Permissions",
         "Allow the key's creator (kmsfs)",
     ]
+
+
+# ------------------------------------------------------------------ garbage in
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+FIELD_NAMES = st.sampled_from(
+    [
+        "Sid",
+        "Effect",
+        "Principal",
+        "NotPrincipal",
+        "Action",
+        "NotAction",
+        "Resource",
+        "NotResource",
+        "Condition",
+        "AWS",
+        "StringEquals",
+        "kms:EncryptionContext:x",
+        "Foo",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=FIELD_NAMES, value=JSON_VALUES, index=st.integers(0, 2))
+def test_any_field_value_is_accepted_or_malformed_never_a_crash(
+    field: str, value: Any, index: int
+) -> None:
+    statements = [good(), good(), good()]
+    statements[index][field] = value
+    try:
+        parse_policy(doc(*statements))
+    except MalformedPolicyDocumentException as exc:
+        assert f"Statement[{index}]" in exc.message or exc.message.startswith("duplicate")
+
+
+@settings(max_examples=300, deadline=None)
+@given(condition=JSON_VALUES, operator=st.text(max_size=30) | st.sampled_from(BASE_OPERATORS))
+def test_any_condition_is_accepted_or_malformed_never_a_crash(
+    condition: Any, operator: str
+) -> None:
+    for block in (condition, {operator: condition}, {operator: {"aws:username": condition}}):
+        try:
+            parse_policy(doc(good(Condition=block)))
+        except MalformedPolicyDocumentException as exc:
+            assert exc.message.startswith("Statement[0]")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_text_is_accepted_or_malformed_never_a_crash(text: str) -> None:
+    try:
+        parse_policy(text)
+    except MalformedPolicyDocumentException:
+        pass
