@@ -68,7 +68,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,9 +222,6 @@ def root_arn(account_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- model
-Matcher = Callable[[str], bool]
-
-
 def _glob_regex(pattern: str, *, ignore_case: bool) -> re.Pattern[str]:
     """AWS wildcard matching: ``*`` any run of characters, ``?`` exactly one."""
     parts = []
@@ -294,7 +291,8 @@ class RequestContext:
     """Who asks for what, as the policy sees it.
 
     ``conditions`` maps condition key names (any case) to a value or a list of values:
-    ``str``, ``int``/``float``, ``bool``. Missing keys are absent from the request.
+    ``str``, ``int``/``float``, ``bool``. Missing keys, ``None`` and empty lists are
+    all "absent from the request".
     """
 
     principal_arn: str
@@ -311,6 +309,11 @@ class RequestContext:
         by_key: dict[str, tuple[Any, ...]] = {}
         for name, value in self.conditions.items():
             values = tuple(value) if isinstance(value, list | tuple | set | frozenset) else (value,)
+            # A null value is no value ("Null ... the key is not present or its value
+            # is null"): the key counts as absent.
+            values = tuple(v for v in values if v is not None)
+            if not values:
+                continue
             # Two names that differ only in case (encryption context keys may) both
             # answer to the case-insensitive condition key: their values are pooled.
             lower = name.lower()

@@ -296,6 +296,7 @@ cond_case("strnotlike-missing", "StringNotLike", "aws:username", "a*", MISSING, 
 
 # --- numeric operators (request strings are read as numbers; non-numbers never match)
 UID = "kmsfs:CallerUid"
+ECK_NAME = "kms:EncryptionContextKeys"
 cond_case("numeq", "NumericEquals", UID, "1000", 1000, True)
 cond_case("numeq-str", "NumericEquals", UID, 1000, "1000", True)
 cond_case("numeq-other", "NumericEquals", UID, "1000", 1001, False)
@@ -336,6 +337,9 @@ cond_case("null-true-present", "Null", EC, "true", "IT", False)
 cond_case("null-false-present", "Null", EC, "false", "IT", True)
 cond_case("null-false-missing", "Null", EC, "false", MISSING, False)
 cond_case("null-true-empty-list", "Null", "kms:EncryptionContextKeys", "true", [], True)
+cond_case("null-true-none", "Null", EC, "true", None, True)
+cond_case("null-false-none-in-list", "Null", ECK_NAME, "false", [None], False)
+cond_case("strne-none-is-missing", "StringNotEquals", EC, "IT", None, True)
 
 # --- ...IfExists: absent key → true; present key → the operator
 cond_case("ifexists-missing", "StringEqualsIfExists", EC, "IT", MISSING, True)
@@ -733,7 +737,7 @@ def ref_request_values(conditions: dict[str, Any], key: str) -> list[Any]:
     found: list[Any] = []
     for name, value in conditions.items():
         if name.lower() == key.lower():
-            found.extend(ref_list(value))
+            found.extend(v for v in ref_list(value) if v is not None)
     return found
 
 
@@ -889,6 +893,7 @@ STRINGS = ["IT", "it", "HR", "a*", "*T", "?T", "1000", "999.5", "true", "alice",
 NUMBERS = ["1000", "999.5", "0", 1000, -1]
 REQUEST_SCALARS = st.sampled_from(
     ["IT", "it", "HR", "alice", "1000", "999.5", "true", "FALSE", "", 1000, 999.5, 0, True, False]
+    + [None]
 )
 
 
