@@ -51,8 +51,11 @@ and "Single-valued vs. multivalued context keys"):
   IfExists to the end of any condition operator name except the Null condition").
 - ``ForAllValues:``: true if every request value matches; "It also returns true if
   there are no context keys in the request". ``ForAnyValue:``: true if at least one
-  request value matches; false if there is none. On ``Null`` the set prefixes change
-  nothing (Null only tests presence).
+  request value matches; "For no matching context key or if the key does not exist,
+  the condition returns false" -- also with ``IfExists``, which ForAnyValue ignores
+  (observed on AWS: re:Post "ForAnyValue:StringEqualsIfExists behaving unexpectedly",
+  a missing aws:TagKeys did not satisfy the condition). On ``Null`` the set prefixes
+  change nothing (Null only tests presence).
 - A plain (unprefixed) operator given a multivalued request value matches if any
   request value matches (negated operators: if none does).
 - Encryption context keys that differ only in case (``Dept`` and ``dept``) both answer
@@ -688,12 +691,11 @@ def condition_holds(condition: Condition, context: RequestContext) -> bool:
         absent = not request_values
         return any(absent == value for value in condition.values)
     if not request_values:
-        if condition.if_exists:
-            return True
-        if condition.set_prefix == "ForAllValues":
-            return True
+        # ForAnyValue is false on a missing key even with IfExists (see module doc).
         if condition.set_prefix == "ForAnyValue":
             return False
+        if condition.if_exists or condition.set_prefix == "ForAllValues":
+            return True
         return condition.negated
     negated = condition.negated
     base, policy_values = condition.base, condition.values

@@ -372,7 +372,13 @@ cond_case("anyvalue-not-equals-missing", "ForAnyValue:StringNotEquals", ECK, "a"
 cond_case("allvalues-not-equals", "ForAllValues:StringNotEquals", ECK, "a", ["b", "c"], True)
 cond_case("allvalues-not-equals-no", "ForAllValues:StringNotEquals", ECK, "a", ["a", "b"], False)
 cond_case("allvalues-not-equals-missing", "ForAllValues:StringNotEquals", ECK, "a", [], True)
-cond_case("anyvalue-ifexists-missing", "ForAnyValue:StringEqualsIfExists", ECK, "a", MISSING, True)
+# ForAnyValue ignores IfExists: a missing key is false all the same (observed on AWS,
+# re:Post "ForAnyValue:StringEqualsIfExists behaving unexpectedly")
+cond_case("anyvalue-ifexists-missing", "ForAnyValue:StringEqualsIfExists", ECK, "a", MISSING, False)
+cond_case("anyvalue-not-ifexists-empty", "ForAnyValue:StringNotEqualsIfExists", ECK, "a", [], False)
+cond_case(
+    "allvalues-ifexists-missing", "ForAllValues:StringEqualsIfExists", ECK, "a", MISSING, True
+)
 cond_case("anyvalue-ifexists-present", "ForAnyValue:StringEqualsIfExists", ECK, "a", ["b"], False)
 cond_case("allvalues-ignorecase", "ForAllValues:StringEqualsIgnoreCase", ECK, "A", ["a"], True)
 cond_case("anyvalue-numeric", "ForAnyValue:NumericLessThan", "kmsfs:CallerUid", 10, [5, 50], True)
@@ -777,10 +783,10 @@ def ref_condition(operator: str, key: str, policy_values: Any, conditions: dict[
     if base == "Null":
         return any((len(request) == 0) == (ref_text(v).lower() == "true") for v in values)
     if not request:
-        if if_exists or prefix == "ForAllValues":
-            return True
         if prefix == "ForAnyValue":
             return False
+        if if_exists or prefix == "ForAllValues":
+            return True
         return negated
 
     def one(request_value: Any) -> bool:
