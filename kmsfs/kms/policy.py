@@ -51,13 +51,18 @@ and "Single-valued vs. multivalued context keys"):
   IfExists to the end of any condition operator name except the Null condition").
 - ``ForAllValues:``: true if every request value matches; "It also returns true if
   there are no context keys in the request". ``ForAnyValue:``: true if at least one
-  request value matches; "For no matching context key or if the key does not exist,
-  the condition returns false" -- also with ``IfExists``, which ForAnyValue ignores
-  (observed on AWS: re:Post "ForAnyValue:StringEqualsIfExists behaving unexpectedly",
-  a missing aws:TagKeys did not satisfy the condition). On ``Null`` the set prefixes
+  request value matches, and false if there is no matching context key or the key's
+  value set is empty -- also with ``IfExists``, which ForAnyValue ignores (observed on
+  AWS: re:Post "ForAnyValue:StringEqualsIfExists behaving unexpectedly", where a
+  missing aws:TagKeys did not satisfy the condition). On ``Null`` the set prefixes
   change nothing (Null only tests presence).
 - A plain (unprefixed) operator given a multivalued request value matches if any
-  request value matches (negated operators: if none does).
+  request value matches (negated operators: if none does). AWS says to use a set
+  operator with a multivalued key and documents no result without one; this rule is
+  kmsfs's choice.
+- ``NotPrincipal`` with ``Deny``: AWS asks to list a user's account ARN next to the
+  user, because an IAM user's request is also the account's; here the account root
+  ARN is the root principal only, so listing the user alone spares that user.
 - Encryption context keys that differ only in case (``Dept`` and ``dept``) both answer
   to ``kms:EncryptionContext:dept``; their values are pooled as one multivalued key.
   AWS KMS: "To avoid confusion, do not use multiple encryption context pairs that
