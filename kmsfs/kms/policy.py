@@ -151,6 +151,14 @@ _KMS_ACTIONS_LOWER = frozenset(action.lower() for action in KMS_ACTIONS)
 
 POLICY_VERSIONS = ("2012-10-17", "2008-10-17")
 
+#: PutKeyPolicy: "A key policy document can include only the following characters:
+#: printable ASCII characters from the space character (\u0020) through the end of the
+#: ASCII character range; printable characters in the Basic Latin and Latin-1 Supplement
+#: character set (through \u00FF); the tab (\u0009), line feed (\u000A), and carriage
+#: return (\u000D) special characters". Checked on the document's text (a JSON escape
+#: such as \u0100 is ASCII there).
+_DISALLOWED_CHAR_RE = re.compile(r"[^\t\n\r\x20-\x7e\xa1-\xff]")
+
 #: Condition keys accepted in key policies, lower-cased (names are case-insensitive).
 #: ``kms:EncryptionContext:<key>`` is accepted for any non-empty <key>.
 CONDITION_KEYS: tuple[str, ...] = (
@@ -399,6 +407,13 @@ def parse_policy(text: str) -> Policy:
         raise _fail("", "the policy must be a JSON string")
     if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
         raise _fail("", f"the policy is larger than {MAX_POLICY_BYTES} bytes")
+    bad_char = _DISALLOWED_CHAR_RE.search(text)
+    if bad_char is not None:
+        raise _fail(
+            "",
+            f"character U+{ord(bad_char.group()):04X} at offset {bad_char.start()} is not "
+            "allowed in a key policy",
+        )
     try:
         document = json.loads(text, object_pairs_hook=_no_duplicates)
     except MalformedPolicyDocumentException:

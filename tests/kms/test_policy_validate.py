@@ -46,7 +46,7 @@ def good(**overrides: Any) -> dict[str, Any]:
 def doc(*statements: dict[str, Any], **top: Any) -> str:
     document: dict[str, Any] = {"Version": "2012-10-17", "Statement": list(statements)}
     document.update(top)
-    return json.dumps(document)
+    return json.dumps(document, ensure_ascii=False)
 
 
 def three(bad: dict[str, Any]) -> str:
@@ -59,6 +59,16 @@ INVALID: list[tuple[str, str, str]] = [
     ("not-json", "{not json", "not valid JSON"),
     ("truncated-json", '{"Statement": [', "not valid JSON"),
     ("top-level-list", "[]", "must be a JSON object"),
+    # PutKeyPolicy: "A key policy document can include only the following characters:
+    # printable ASCII ..., printable characters in the Basic Latin and Latin-1
+    # Supplement character set, the tab, line feed, and carriage return"
+    ("char-nul", doc(good(Sid="aXb")).replace("aXb", "a\x00b"), "character U+0000 at offset"),
+    ("char-del", doc(good(Sid="a\x7fb")), "character U+007F at offset"),
+    ("char-c1-control", doc(good(Sid="a\x85b")), "character U+0085 at offset"),
+    ("char-nbsp", doc(good(Sid="a\xa0b")), "character U+00A0 at offset"),
+    ("char-latin-extended", doc(good(Sid="\u0100")), "character U+0100 at offset"),
+    ("char-euro", doc(good(Sid="5\u20ac")), "character U+20AC at offset"),
+    ("char-emoji", doc(good(Sid="\U0001f511")), "character U+1F511 at offset"),
     ("top-level-string", '"policy"', "must be a JSON object"),
     ("unknown-top-field", doc(good(), Foo=1), "Foo: unknown top-level field"),
     ("bad-version", doc(good(), Version="2020-01-01"), "Version: must be one of"),
@@ -328,6 +338,15 @@ def test_deeply_nested_json_is_refused_not_crashing() -> None:
 
 
 # ------------------------------------------------------------------ what is accepted
+def test_allowed_characters() -> None:
+    parse_policy(doc(good(Sid="caf\u00e9 \u00a1\u00ff ~")).replace(" ", "\t\r\n ", 1))
+    with pytest.raises(MalformedPolicyDocumentException) as caught:
+        parse_policy(doc(good(Sid="\u0100")))
+    assert "offset" in caught.value.message and caught.value.message.startswith("character")
+    # the rule is on the document's characters: a JSON escape is plain ASCII
+    parse_policy(doc(good(Sid="aXb")).replace("aXb", "\\u0100"))
+
+
 def test_statement_may_be_a_single_object_and_version_optional() -> None:
     policy = parse_policy(json.dumps({"Statement": good()}))
     assert len(policy.statements) == 1 and policy.version == "2008-10-17"
@@ -437,7 +456,9 @@ def test_any_field_value_is_accepted_or_malformed_never_a_crash(
     try:
         parse_policy(doc(*statements))
     except MalformedPolicyDocumentException as exc:
-        assert f"Statement[{index}]" in exc.message or exc.message.startswith("duplicate")
+        assert f"Statement[{index}]" in exc.message or exc.message.startswith(
+            ("duplicate", "character U+")
+        ), exc.message
 
 
 @settings(max_examples=300, deadline=None)
@@ -449,7 +470,7 @@ def test_any_condition_is_accepted_or_malformed_never_a_crash(
         try:
             parse_policy(doc(good(Condition=block)))
         except MalformedPolicyDocumentException as exc:
-            assert exc.message.startswith("Statement[0]")
+            assert exc.message.startswith(("Statement[0]", "character U+")), exc.message
 
 
 @settings(max_examples=200, deadline=None)
