@@ -27,6 +27,12 @@ Where kmsfs differs from AWS, and why:
 - Policy variables (``${aws:username}``) are not supported: a value containing ``${``
   is refused rather than matched literally, since a literal match would silently
   weaken a ``Deny``.
+- Every statement needs Effect, Principal (or NotPrincipal), Action (or NotAction) and
+  Resource (or NotResource). AWS's PutKeyPolicy accepts a statement without Action or
+  Resource and ignores it ("the policy statement has no effect"); keyd refuses it, so
+  a Deny the author believes in is never silently void.
+- Unknown fields and unknown condition keys are refused, and so is a condition key
+  given twice (in any case) under one operator.
 - Places in error messages count statements from 0: ``Statement[2]`` is the third.
 
 Condition semantics (IAM User Guide, "IAM JSON policy elements: Condition operators"
