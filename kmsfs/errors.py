@@ -135,6 +135,12 @@ class AccessDeniedException(KMSError):
     aws_type = "AccessDeniedException"
 
 
+class MalformedPolicyDocumentException(KMSError):
+    """A key policy is not valid JSON, breaks the policy grammar, or is too large."""
+
+    aws_type = "MalformedPolicyDocumentException"
+
+
 class UnknownOperationException(KMSError):
     """The X-Amz-Target names no operation of this service."""
 
@@ -199,6 +205,7 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         TagException,
         LimitExceededException,
         AccessDeniedException,
+        MalformedPolicyDocumentException,
         UnknownOperationException,
         SerializationException,
         DryRunOperationException,
