@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsfs.errors import (
+    AccessDeniedException,
     AlreadyExistsException,
     AuditError,
     DisabledException,
@@ -52,6 +53,7 @@ from kmsfs.errors import (
     KMSError,
     KMSInternalException,
     KMSInvalidStateException,
+    MalformedPolicyDocumentException,
     NotFoundException,
     SerializationException,
     StorageUnavailableException,
@@ -62,7 +64,16 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
-from kmsfs.kms.principal import Principal, PrincipalResolver
+from kmsfs.kms.policy import (
+    ENCRYPTION_CONTEXT_PREFIX,
+    Policy,
+    RequestContext,
+    default_policy,
+    evaluate,
+    parse_policy,
+    would_lock_out,
+)
+from kmsfs.kms.principal import Principal, PrincipalResolver, login_name
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -138,6 +149,9 @@ _AUDITED_FIELDS = {
     "KeyRotationEnabled",
     "NextRotationDate",
     "DryRun",
+    "PolicyName",
+    "PolicyNames",
+    "BypassPolicyLockoutSafetyCheck",
 }
 
 # ------------------------------------------------------------ request members
@@ -241,6 +255,14 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     "UntagResource": {"KeyId": _STRING, "TagKeys": _STRINGS},
     "ListResourceTags": {"KeyId": _STRING, **_PAGING},
     "GetCallerIdentity": {},
+    "PutKeyPolicy": {
+        "KeyId": _STRING,
+        "PolicyName": _STRING,
+        "Policy": _STRING,
+        "BypassPolicyLockoutSafetyCheck": _BOOLEAN,
+    },
+    "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
+    "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -271,6 +293,7 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "DeleteAlias",
         "TagResource",
         "UntagResource",
+        "PutKeyPolicy",
     }
 )
 KEY_USE_OPERATIONS = frozenset(
@@ -488,6 +511,18 @@ def _context(params: dict[str, Any], name: str) -> dict[str, str]:
     return value
 
 
+def _alias_named(value: Any) -> str | None:
+    """kms:RequestAlias: the alias name a KeyId-like parameter used, if it used one."""
+    if not isinstance(value, str):
+        return None
+    if value.startswith("alias/"):
+        return value
+    match = _ARN_RE.fullmatch(value)
+    if match and match.group(3) == "alias":
+        return "alias/" + match.group(4)
+    return None
+
+
 def _dry_run(params: dict[str, Any]) -> None:
     if _field(params, "DryRun", bool, False):
         raise DryRunOperationException(
@@ -513,6 +548,7 @@ class KeyService:
         *,
         clock: Callable[[], float] = time.time,
         principals: Callable[[Caller], Principal] | None = None,
+        owner_uid: int | None = None,
     ) -> None:
         self.keystore = keystore
         self.audit = audit
@@ -525,6 +561,13 @@ class KeyService:
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: the uid keyd runs as: a key made before key policies (no stored policy) has
+        #: the default policy with this uid as its creator (see policy_text)
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        owner = Principal(self.account, self.owner_uid, 0, 0, login_name(self.owner_uid), (), None)
+        self._fallback_policy = default_policy(self.account, owner.arn)
+        #: parsed policies by their text (parsing costs ~59 us, a lookup well under 1 us)
+        self._parsed: dict[str, Policy] = {}
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
         self._unaudited_since = 0.0
@@ -725,6 +768,164 @@ class KeyService:
             self.keystore.scrub()
         return {"deleted": deleted, "rotated": rotated}
 
+    # ---------------------------------------------------------- key policies
+    def policy_text(self, key: KeyRecord) -> str:
+        """The key's policy: the stored text, or for a key made before key policies
+        (no stored policy) the default policy with keyd's owner as creator, so that
+        existing single-user set-ups keep working (the account root may do kms:* too)."""
+        text = self.keystore.get_policy(key.key_id)
+        return self._fallback_policy if text is None else text
+
+    def _policy(self, key: KeyRecord) -> Policy:
+        text = self.policy_text(key)
+        policy = self._parsed.get(text)
+        if policy is None:
+            try:
+                policy = parse_policy(text)
+            except MalformedPolicyDocumentException as exc:
+                # stored policies were valid when written; only a stricter kmsfs gets here
+                log.warning(
+                    "keyd: the stored policy of key %s no longer parses: %s", key.key_id, exc
+                )
+                raise KMSInternalException(
+                    f"the key policy of {self.arn(key.key_id)} is not valid any more; "
+                    "root of this machine can replace it with PutKeyPolicy"
+                ) from None
+            if len(self._parsed) >= 1024:
+                self._parsed.clear()
+            self._parsed[text] = policy
+        return policy
+
+    def _request_context(
+        self,
+        principal: Principal,
+        action: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None = None,
+        request_alias: str | None = None,
+    ) -> RequestContext:
+        """What the key policy sees of a request: the caller's global condition keys
+        (aws:PrincipalArn, kms:CallerAccount, kmsfs:Caller*, ...), the encryption
+        context (kms:EncryptionContext:<k>, kms:EncryptionContextKeys), the key's
+        kms:KeySpec and kms:KeyUsage, and kms:RequestAlias when the request named the
+        key by an alias. kms:ViaService is absent: no AWS service calls keyd."""
+        conditions: dict[str, Any] = principal.condition_keys()
+        conditions["kms:KeySpec"] = key.key_spec
+        conditions["kms:KeyUsage"] = key.key_usage
+        if encryption_context:
+            conditions["kms:EncryptionContextKeys"] = list(encryption_context)
+            for name, value in encryption_context.items():
+                conditions[ENCRYPTION_CONTEXT_PREFIX + name] = value
+        if request_alias is not None:
+            conditions["kms:RequestAlias"] = request_alias
+        return RequestContext(
+            principal.arn,
+            principal.is_root,
+            self.account,
+            action,
+            self.arn(key.key_id),
+            conditions,
+        )
+
+    def _allowed(
+        self,
+        caller: Caller,
+        operation: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None = None,
+        named: Any = None,
+    ) -> tuple[bool, str]:
+        principal = self.principal(caller)
+        context = self._request_context(
+            principal, "kms:" + operation, key, encryption_context, _alias_named(named)
+        )
+        decision = evaluate(self._policy(key), context)
+        if decision.allowed:
+            return True, ""
+        action, resource = context.action, context.resource
+        # AWS's AccessDeniedException message shape
+        if decision.effect == "Deny":
+            why = "with an explicit deny in a resource-based policy"
+        else:
+            why = f"because no resource-based policy allows the {action} action"
+        return False, (
+            f"User: {principal.arn} is not authorized to perform: {action} "
+            f"on resource: {resource} {why}"
+        )
+
+    def _authorize(
+        self,
+        caller: Caller,
+        operation: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None = None,
+        named: Any = None,
+    ) -> None:
+        """Refuse with AccessDeniedException unless the key policy allows the request.
+
+        Policies apply to every caller, root (uid 0) included, as in AWS; the default
+        policy allows root. (kmsfs's one exception, for PutKeyPolicy and GetKeyPolicy
+        only, is in those operations.)"""
+        allowed, message = self._allowed(caller, operation, key, encryption_context, named)
+        if not allowed:
+            raise AccessDeniedException(message)
+
+    def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
+        return self._allowed(caller, "DescribeKey", key)[0]
+
+    def _check_new_policy(
+        self, params: dict[str, Any], caller: Caller, key: KeyRecord, text: str
+    ) -> None:
+        """Validate a policy and run AWS's lockout safety check unless bypassed."""
+        bypass = _field(params, "BypassPolicyLockoutSafetyCheck", bool, False)
+        policy = parse_policy(text)
+        if not bypass:
+            context = self._request_context(self.principal(caller), "kms:PutKeyPolicy", key)
+            if would_lock_out(policy, context):
+                # AWS answers a self-locking policy with MalformedPolicyDocumentException
+                raise MalformedPolicyDocumentException(
+                    "The new key policy will not allow you to update the key policy in the future."
+                )
+
+    @staticmethod
+    def _policy_name(params: dict[str, Any]) -> str:
+        """PolicyName: optional, "default" when absent; "The only valid value is default"
+        (AWS KMS API reference, PutKeyPolicy/GetKeyPolicy)."""
+        name = _string(params, "PolicyName", max_len=128) or "default"
+        if name != "default":
+            raise ValidationException(
+                f"1 validation error detected: Value '{name}' at 'policyName' failed to "
+                "satisfy constraint: the only valid policy name is 'default'"
+            )
+        return name
+
+    def _op_PutKeyPolicy(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        self._policy_name(params)
+        text = _string(params, "Policy", required=True, max_len=32768)
+        assert text is not None
+        # kmsfs exception: root of the machine owns keyd and may always replace a key
+        # policy (repair a key nobody can manage any more); documented in the README
+        if not self.principal(caller).is_root:
+            self._authorize(caller, "PutKeyPolicy", key)
+        self._check_new_policy(params, caller, key, text)
+        with self.keystore.transaction() as db:
+            self.keystore.put_policy(db, key.key_id, text)
+        return {}
+
+    def _op_GetKeyPolicy(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        name = self._policy_name(params)
+        if not self.principal(caller).is_root:  # see _op_PutKeyPolicy
+            self._authorize(caller, "GetKeyPolicy", key)
+        return {"Policy": self.policy_text(key), "PolicyName": name}
+
+    def _op_ListKeyPolicies(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        self._authorize(caller, "ListKeyPolicies", key)
+        page, extra = self._page(params, ["default"], 100, 1000)
+        return {"PolicyNames": page, **extra}
+
     # --------------------------------------------------------------- helpers
     def arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account}:key/{key_id}"
@@ -798,7 +999,11 @@ class KeyService:
         return head + nonce + cipher.encrypt(nonce, plaintext, aad)
 
     def _open(
-        self, blob: bytes, context: dict[str, str], expected_key: KeyRecord | None
+        self,
+        blob: bytes,
+        context: dict[str, str],
+        expected_key: KeyRecord | None,
+        authorize: Callable[[KeyRecord], None],
     ) -> tuple[KeyRecord, bytes]:
         """Authenticate and decrypt a blob; returns the key that sealed it and the plaintext."""
         if len(blob) < BLOB_HEADER_LEN + TAG_LEN or blob[0] != BLOB_VERSION:
@@ -814,6 +1019,7 @@ class KeyService:
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this operation."
             )
+        authorize(key)  # the key policy decides before anything is decrypted
         self._require_usable(key)
         cipher = self._cipher(key_id, version) if 1 <= version <= key.current_version else None
         if cipher is None:
@@ -904,9 +1110,8 @@ class KeyService:
             raise UnsupportedOperationException(f"Origin {origin} is not supported")
         if _field(params, "MultiRegion", bool, False):
             raise UnsupportedOperationException("multi-Region keys are not supported")
-        _string(params, "Policy", max_len=32768)
+        policy = _string(params, "Policy", max_len=32768)
         tags = self._parse_tags(params)
-        _dry_run(params)
         now = self.clock()
         key = KeyRecord(
             key_id=str(uuid.uuid4()),
@@ -924,8 +1129,17 @@ class KeyService:
             current_version=1,
             creator_uid=caller.uid,
         )
+        # CreateKey is account-level (AWS checks it against IAM policies only): every
+        # local principal may create keys. Without Policy the key gets AWS's default
+        # policy (root may do kms:*) plus kms:* for its creator (see default_policy).
+        if policy is None:
+            policy = default_policy(self.account, self.principal(caller).arn)
+        else:
+            self._check_new_policy(params, caller, key, policy)
+        _dry_run(params)
         with self.keystore.transaction() as db:
             self.keystore.insert_key(db, key, os.urandom(32))
+            self.keystore.put_policy(db, key.key_id, policy)
             db.executemany(
                 "INSERT INTO tags (key_id, tag_key, tag_value) VALUES (?, ?, ?)",
                 [(key.key_id, tag_key, tag_value) for tag_key, tag_value in tags],
@@ -933,15 +1147,21 @@ class KeyService:
         return {"KeyMetadata": self.key_metadata(key)}
 
     def _op_DescribeKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        return {"KeyMetadata": self.key_metadata(self._resolve(params))}
+        key = self._resolve(params)
+        self._authorize(caller, "DescribeKey", key, named=params.get("KeyId"))
+        return {"KeyMetadata": self.key_metadata(key)}
 
     def _op_ListKeys(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        page, extra = self._page(params, self.keystore.list_keys(), 100, 1000)
+        # Only the keys the caller may DescribeKey (kmsfs: AWS's ListKeys is governed by
+        # IAM policies only and lists every key of the account).
+        visible = [key for key in self.keystore.list_keys() if self._may_describe(caller, key)]
+        page, extra = self._page(params, visible, 100, 1000)
         keys = [{"KeyId": key.key_id, "KeyArn": self.arn(key.key_id)} for key in page]
         return {"Keys": keys, **extra}
 
     def _op_EnableKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "EnableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Enabled")
@@ -949,6 +1169,7 @@ class KeyService:
 
     def _op_DisableKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "DisableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Disabled")
@@ -957,6 +1178,7 @@ class KeyService:
     def _op_ScheduleKeyDeletion(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         days = _integer(params, "PendingWindowInDays", 7, 30) or 30
+        self._authorize(caller, "ScheduleKeyDeletion", key, named=params.get("KeyId"))
         self._require_not_pending(key)
         deletion_date = self.clock() + days * DAY
         with self.keystore.transaction() as db:
@@ -976,6 +1198,7 @@ class KeyService:
 
     def _op_CancelKeyDeletion(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "CancelKeyDeletion", key, named=params.get("KeyId"))
         if key.key_state != "PendingDeletion":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is not pending deletion.")
         # As AWS does: a key whose deletion is cancelled comes back Disabled.
@@ -989,6 +1212,7 @@ class KeyService:
     def _op_EnableKeyRotation(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         period = _integer(params, "RotationPeriodInDays", 90, 2560) or 365
+        self._authorize(caller, "EnableKeyRotation", key, named=params.get("KeyId"))
         self._require_usable(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
@@ -1002,6 +1226,7 @@ class KeyService:
 
     def _op_DisableKeyRotation(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "DisableKeyRotation", key, named=params.get("KeyId"))
         self._require_usable(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
@@ -1015,6 +1240,7 @@ class KeyService:
 
     def _op_GetKeyRotationStatus(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "GetKeyRotationStatus", key, named=params.get("KeyId"))
         # As AWS does: a key pending deletion reports rotation off; its schedule
         # comes back if the deletion is cancelled.
         enabled = key.rotation_enabled and key.key_state != "PendingDeletion"
@@ -1026,12 +1252,14 @@ class KeyService:
 
     def _op_RotateKeyOnDemand(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "RotateKeyOnDemand", key, named=params.get("KeyId"))
         self._require_usable(key)
         self._add_version(key, "ON_DEMAND", self.clock())
         return {"KeyId": self.arn(key.key_id)}
 
     def _op_ListKeyRotations(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
+        self._authorize(caller, "ListKeyRotations", key, named=params.get("KeyId"))
         self._require_not_pending(key)
         rotations = [
             {
@@ -1051,6 +1279,7 @@ class KeyService:
         plaintext = _binary(params, "Plaintext", MAX_PLAINTEXT)
         context = _context(params, "EncryptionContext")
         _symmetric_algorithm(params)
+        self._authorize(caller, "Encrypt", key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
         assert plaintext is not None
@@ -1069,7 +1298,12 @@ class KeyService:
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
         assert blob is not None
-        key, plaintext = self._open(blob, context, expected)
+        key, plaintext = self._open(
+            blob,
+            context,
+            expected,
+            lambda key: self._authorize(caller, "Decrypt", key, context, params.get("KeyId")),
+        )
         _dry_run(params)
         return {
             "KeyId": self.arn(key.key_id),
@@ -1088,7 +1322,21 @@ class KeyService:
         _symmetric_algorithm(params, "SourceEncryptionAlgorithm")
         _symmetric_algorithm(params, "DestinationEncryptionAlgorithm")
         assert blob is not None
-        source, plaintext = self._open(blob, source_context, source_expected)
+        self._authorize(
+            caller,
+            "ReEncryptTo",
+            destination,
+            destination_context,
+            params.get("DestinationKeyId"),
+        )
+        source, plaintext = self._open(
+            blob,
+            source_context,
+            source_expected,
+            lambda key: self._authorize(
+                caller, "ReEncryptFrom", key, source_context, params.get("SourceKeyId")
+            ),
+        )
         self._require_usable(destination)
         _dry_run(params)
         new_blob = self._seal(destination, plaintext, destination_context)
@@ -1100,7 +1348,9 @@ class KeyService:
             "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
-    def _data_key(self, params: dict[str, Any]) -> tuple[KeyRecord, bytes, bytes]:
+    def _data_key(
+        self, params: dict[str, Any], caller: Caller, operation: str
+    ) -> tuple[KeyRecord, bytes, bytes]:
         key = self._resolve(params)
         context = _context(params, "EncryptionContext")
         key_spec = _string(params, "KeySpec", choices=set(_DATA_KEY_SPECS))
@@ -1109,13 +1359,14 @@ class KeyService:
             raise ValidationException("Please specify either KeySpec or NumberOfBytes, not both")
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        self._authorize(caller, operation, key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
         data_key = os.urandom(number_of_bytes or _DATA_KEY_SPECS[key_spec or "AES_256"])
         return key, data_key, self._seal(key, data_key, context)
 
     def _op_GenerateDataKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        key, data_key, blob = self._data_key(params)
+        key, data_key, blob = self._data_key(params, caller, "GenerateDataKey")
         return {
             "CiphertextBlob": base64.b64encode(blob).decode(),
             "Plaintext": base64.b64encode(data_key).decode(),
@@ -1125,7 +1376,7 @@ class KeyService:
     def _op_GenerateDataKeyWithoutPlaintext(
         self, params: dict[str, Any], caller: Caller
     ) -> dict[str, Any]:
-        key, _data_key, blob = self._data_key(params)
+        key, _data_key, blob = self._data_key(params, caller, "GenerateDataKeyWithoutPlaintext")
         return {"CiphertextBlob": base64.b64encode(blob).decode(), "KeyId": self.arn(key.key_id)}
 
     def _op_GenerateRandom(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -1163,6 +1414,7 @@ class KeyService:
         if name.startswith("alias/aws/"):
             raise InvalidAliasNameException("Alias names beginning with 'alias/aws/' are reserved")
         key = self._alias_target(params)
+        self._authorize(caller, "CreateAlias", key)
         now = self.clock()
         with self.keystore.transaction() as db:
             if self.keystore.get_alias(name) is not None:
@@ -1179,6 +1431,14 @@ class KeyService:
     def _op_UpdateAlias(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         name = self._alias_name(params)
         key = self._alias_target(params)
+        current = self.keystore.get_alias(name)
+        if current is None:
+            raise NotFoundException(f"Alias {self.alias_arn(name)} is not found.")
+        # as AWS: kms:UpdateAlias on the key the alias leaves and on the one it gets
+        old_key = self.keystore.get_key(current.key_id)
+        if old_key is not None:
+            self._authorize(caller, "UpdateAlias", old_key)
+        self._authorize(caller, "UpdateAlias", key)
         with self.keystore.transaction() as db:
             if self.keystore.get_alias(name) is None:
                 raise NotFoundException(f"Alias {self.alias_arn(name)} is not found.")
@@ -1190,6 +1450,10 @@ class KeyService:
 
     def _op_DeleteAlias(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         name = self._alias_name(params)
+        current = self.keystore.get_alias(name)
+        target = self.keystore.get_key(current.key_id) if current is not None else None
+        if target is not None:
+            self._authorize(caller, "DeleteAlias", target)
         with self.keystore.transaction() as db:
             if db.execute("DELETE FROM aliases WHERE alias_name = ?", (name,)).rowcount == 0:
                 raise NotFoundException(f"Alias {self.alias_arn(name)} is not found.")
@@ -1199,6 +1463,16 @@ class KeyService:
         key_id = None
         if params.get("KeyId") is not None:
             key_id = self._resolve(params, allow_alias=False).key_id
+        # Only aliases of keys the caller may DescribeKey (kmsfs: AWS's ListAliases is
+        # governed by IAM policies only).
+        visible: dict[str, bool] = {}
+
+        def may_see(target: str) -> bool:
+            if target not in visible:
+                key = self.keystore.get_key(target)
+                visible[target] = key is not None and self._may_describe(caller, key)
+            return visible[target]
+
         aliases = [
             {
                 "AliasName": alias.alias_name,
@@ -1208,6 +1482,7 @@ class KeyService:
                 "LastUpdatedDate": alias.last_updated,
             }
             for alias in self.keystore.list_aliases(key_id)
+            if may_see(alias.key_id)
         ]
         page, extra = self._page(params, aliases, 50, 100)
         return {"Aliases": page, **extra}
@@ -1232,6 +1507,7 @@ class KeyService:
 
     def _op_TagResource(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params, allow_alias=False)
+        self._authorize(caller, "TagResource", key)
         self._require_not_pending(key)
         tags = self._parse_tags(params)
         if not tags:
@@ -1250,6 +1526,7 @@ class KeyService:
 
     def _op_UntagResource(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params, allow_alias=False)
+        self._authorize(caller, "UntagResource", key)
         self._require_not_pending(key)
         tag_keys = _field(params, "TagKeys", list, True)
         if not tag_keys or not all(isinstance(tag_key, str) for tag_key in tag_keys):
@@ -1263,6 +1540,7 @@ class KeyService:
 
     def _op_ListResourceTags(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params, allow_alias=False)
+        self._authorize(caller, "ListResourceTags", key)
         tags = [{"TagKey": k, "TagValue": v} for k, v in self.keystore.list_tags(key.key_id)]
         page, extra = self._page(params, tags, 50, 50)
         return {"Tags": page, **extra}
