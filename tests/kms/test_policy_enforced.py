@@ -20,7 +20,9 @@ import pytest
 
 from kmsfs.errors import (
     AccessDeniedException,
+    AuditError,
     MalformedPolicyDocumentException,
+    StorageUnavailableException,
     ValidationException,
 )
 from kmsfs.kms.caller import Caller
@@ -300,6 +302,34 @@ def test_a_refused_put_key_policy_changes_nothing(kms: Harness) -> None:
         kms.put_policy(B, key_id, policy(allow(B_ARN)))
     assert kms.call(A, "GetKeyPolicy", KeyId=key_id)["Policy"] == before
     assert kms.events[-2]["errorCode"] == "AccessDeniedException"
+
+
+class FailingLog(list[dict[str, Any]]):
+    """An audit sink that can be made to fail like a full disk."""
+
+    failing = False
+
+    def append(self, event: dict[str, Any]) -> None:
+        if self.failing:
+            raise AuditError("cannot write") from OSError(28, "No space left on device")
+        super().append(event)
+
+
+def test_put_key_policy_without_its_audit_record_changes_nothing(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    blob, _ = kms.data_key(A, key_id)
+    before = kms.call(A, "GetKeyPolicy", KeyId=key_id)["Policy"]
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)  # the service has read (and may keep) the stored policy
+    sink = FailingLog()
+    kms.service.audit = sink
+    sink.failing = True
+    with pytest.raises(StorageUnavailableException):
+        kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN)))
+    sink.failing = False
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    assert kms.call(A, "GetKeyPolicy", KeyId=key_id)["Policy"] == before
 
 
 def test_request_alias_condition(kms: Harness) -> None:
