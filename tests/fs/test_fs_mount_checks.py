@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import pwd
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs.kms.client import KMSClient
 from tests.conftest import KMSFS
 from tests.fs.helpers import MountFactory, is_mounted, mounted_paths
 
@@ -208,6 +211,19 @@ def test_a_user_without_access_to_dev_fuse_gets_one_line(keyd_factory, short_tmp
     cipher, mnt = short_tmp / "cipher", short_tmp / "mnt"
     subprocess.run([*KMSFS, "keys", "create", "--alias", "alias/u"], env=env, check=True)
     subprocess.run([*KMSFS, "init", str(cipher), "--key", "alias/u"], env=env, check=True)
+    # the key's policy lets uid 65534 use it (the default names only root and the creator)
+    with KMSClient(keyd.socket) as client:
+        arn = client.describe_key("alias/u")["KeyMetadata"]["Arn"]
+        account = arn.split(":")[4]
+        nobody = f"arn:aws:iam::{account}:user/{pwd.getpwuid(65534).pw_name}"
+        statement = {
+            "Effect": "Allow",
+            "Principal": {"AWS": [f"arn:aws:iam::{account}:root", nobody]},
+            "Action": "kms:*",
+            "Resource": "*",
+        }
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+        client.call("PutKeyPolicy", {"KeyId": arn, "PolicyName": "default", "Policy": policy})
     mnt.mkdir()
     short_tmp.chmod(0o755)
     for path in (cipher, *cipher.rglob("*"), mnt):
