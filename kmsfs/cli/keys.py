@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kmsfs.cli.common import (
@@ -272,6 +273,25 @@ def cmd_tags(args: argparse.Namespace) -> None:
         print_table(tags, ["TagKey", "TagValue"])
 
 
+def cmd_policy(args: argparse.Namespace) -> None:
+    """``keys policy get KEY`` prints the key policy; ``keys policy put KEY --file F|-``
+    replaces it (PutKeyPolicy: validated by keyd, with AWS's lockout safety check)."""
+    with _client(args) as client:
+        key_id = _key_id(client, args.key)  # Get/PutKeyPolicy take a key id or ARN only
+        if args.action == "get":
+            policy = client.call("GetKeyPolicy", {"KeyId": key_id, "PolicyName": "default"})
+            print(policy["Policy"])
+            return
+        if args.file is None:
+            raise UsageError("keys policy put: name the policy with --file FILE (- for stdin)")
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        params: dict[str, Any] = {"KeyId": key_id, "PolicyName": "default", "Policy": text}
+        if args.bypass_lockout_check:
+            params["BypassPolicyLockoutSafetyCheck"] = True
+        client.call("PutKeyPolicy", params)
+    print(f"{args.key}: key policy replaced")
+
+
 # -------------------------------------------------------------------- parser
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="manage and use keys in keyd").add_subparsers(
@@ -333,6 +353,18 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     alias.add_argument("name", nargs="?", help="alias/NAME")
     alias.add_argument("--key", help="target key: key id, ARN or alias/NAME")
     alias.set_defaults(func=cmd_alias, check_args=_check_alias_args)
+    policy = key_command(
+        "policy", "show (get) or replace (put) the key policy", cmd_policy, positional_key=False
+    )
+    policy.add_argument("action", choices=["get", "put"])
+    policy.add_argument("key", help="key id, key ARN or alias/NAME")
+    policy.add_argument("--file", help="put: the policy document (JSON), - for stdin")
+    policy.add_argument(
+        "--bypass-lockout-check",
+        action="store_true",
+        help="put: allow a policy that stops you from changing it again "
+        "(AWS's BypassPolicyLockoutSafetyCheck)",
+    )
     tags = key_command("tags", "list/add/remove tags", cmd_tags)
     tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
     tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")
