@@ -103,16 +103,7 @@ def check_socket_path(socket_path: str | os.PathLike[str], expected: frozenset[i
     directory = resolved.parent
     chain = [*reversed(directory.parents), directory]
     for component in chain:
-        try:
-            info = os.lstat(component)
-        except FileNotFoundError:
-            raise KeydUnavailable(
-                f"keyd at {os.fspath(named)}: no such directory {component} (is keyd running?)"
-            ) from None
-        except OSError as error:
-            raise KeydUnavailable(
-                f"keyd at {os.fspath(named)}: cannot check {component}: {error.strerror}"
-            ) from None
+        info = _lstat(component, named, f"no such directory {component}", f"check {component}")
         if not stat.S_ISDIR(info.st_mode):
             raise _refuse(named, f"{component} changed while it was being checked")
         if info.st_uid not in expected:
@@ -129,16 +120,7 @@ def check_socket_path(socket_path: str | os.PathLike[str], expected: frozenset[i
                 f"its directory {component} is writable by other users "
                 f"(mode {stat.S_IMODE(info.st_mode):04o}): use a private directory",
             )
-    try:
-        info = os.lstat(resolved)
-    except FileNotFoundError:
-        raise KeydUnavailable(
-            f"keyd at {os.fspath(named)}: no socket there (is keyd running?)"
-        ) from None
-    except OSError as error:
-        raise KeydUnavailable(
-            f"keyd at {os.fspath(named)}: cannot check it: {error.strerror}"
-        ) from None
+    info = _lstat(resolved, named, "no socket there", "check it")
     if not stat.S_ISSOCK(info.st_mode):
         raise _refuse(named, f"{resolved} is not a socket")
     if info.st_uid not in expected:
@@ -148,6 +130,18 @@ def check_socket_path(socket_path: str | os.PathLike[str], expected: frozenset[i
             f"not by {_expected_text(expected)}",
         )
     return resolved
+
+
+def _lstat(path: Path, named: Path, missing: str, doing: str) -> os.stat_result:
+    """``os.lstat(path)``; a missing path or a failure is KeydUnavailable naming ``named``."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise KeydUnavailable(f"keyd at {os.fspath(named)}: {missing} (is keyd running?)") from None
+    except OSError as error:
+        raise KeydUnavailable(
+            f"keyd at {os.fspath(named)}: cannot {doing}: {error.strerror}"
+        ) from None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

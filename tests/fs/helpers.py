@@ -53,6 +53,23 @@ def is_mounted(path: Path | str) -> bool:
     return os.path.realpath(path) in mounted_paths()
 
 
+@contextlib.contextmanager
+def mount_area(root: Path, prefix: str) -> Iterator[Path]:
+    """A fresh directory under ``root`` for a test's mountpoints; anything still mounted
+    below it at the end (a mount a test started, detached or through mount(8)) is
+    unmounted, lazily if it is busy."""
+    path = root / f"{prefix}-{os.urandom(3).hex()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for point in sorted(mounted_paths(), reverse=True):
+            if point.startswith(f"{path}/"):
+                subprocess.run(["umount", point], capture_output=True)
+                if is_mounted(point):
+                    subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+
+
 def drop_page_cache(path: Path | str) -> None:
     """Evict a file's clean pages from the kernel cache so the next read reaches the mount."""
     fd = os.open(path, os.O_RDONLY)

@@ -18,23 +18,16 @@ import pytest
 
 from kmsfs.kms.client import KMSClient
 from tests.conftest import KMSFS
-from tests.fs.helpers import MountFactory, is_mounted, mounted_paths
+from tests.fs.helpers import MountFactory, is_mounted, mount_area
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def area(mounts: MountFactory) -> Iterator[Path]:
-    """A directory for this test's mountpoints; anything still mounted below it at the end
-    (a detached ``kmsfs mount`` the test started) is unmounted."""
-    path = mounts.root / f"chk-{os.urandom(3).hex()}"
-    path.mkdir()
-    try:
+    """A directory for this test's mountpoints, cleaned up at the end (helpers.mount_area)."""
+    with mount_area(mounts.root, "chk") as path:
         yield path
-    finally:
-        for point in sorted(mounted_paths(), reverse=True):
-            if point.startswith(f"{path}/"):
-                subprocess.run(["fusermount3", "-uz", point], capture_output=True)
 
 
 def kmsfs_mount(

@@ -21,7 +21,7 @@ from kmsfs.fs.fstab import (
     parse_options,
 )
 from kmsfs.fs.mount import MountOptions, fuse_options
-from tests.fs.helpers import MountFactory, is_mounted, mounted_paths
+from tests.fs.helpers import MountFactory, is_mounted, mount_area
 
 VENV_BIN = Path(sys.executable).parent
 HELPER = VENV_BIN / "mount.kmsfs"
@@ -147,16 +147,9 @@ def source_of(mnt: Path) -> tuple[str, str]:
 
 @pytest.fixture
 def area(mounts: MountFactory) -> Iterator[Path]:
-    path = mounts.root / f"fstab-{os.urandom(3).hex()}"
-    path.mkdir()
-    try:
+    """A directory for this test's mountpoints, cleaned up at the end (helpers.mount_area)."""
+    with mount_area(mounts.root, "fstab") as path:
         yield path
-    finally:
-        for point in sorted(mounted_paths(), reverse=True):
-            if point.startswith(f"{path}/"):
-                subprocess.run(["umount", point], capture_output=True)
-                if is_mounted(point):
-                    subprocess.run(["fusermount3", "-uz", point], capture_output=True)
 
 
 def run(*command: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
