@@ -323,6 +323,9 @@ class RequestContext:
     action: str  # "kms:Decrypt"
     resource: str  # the key ARN
     conditions: Mapping[str, Any] = field(default_factory=dict)
+    #: other ARNs that name the same caller in a ``Principal`` (uid 0 is both the
+    #: account's root and ``...:user/<its login name>``; see kmsfs.kms.principal)
+    other_arns: tuple[str, ...] = ()
     _by_key: dict[str, tuple[Any, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -354,6 +357,7 @@ class RequestContext:
             action,
             self.resource,
             self.conditions,
+            self.other_arns,
         )
 
 
@@ -737,8 +741,11 @@ def _principal_matches(statement: Statement, context: RequestContext) -> bool:
     if statement._principal_any:
         listed = True
     else:
-        listed = context.principal_arn in statement._principal_users or (
-            context.is_root and context.account_id in statement._principal_root_accounts
+        users = statement._principal_users
+        listed = (
+            context.principal_arn in users
+            or (context.is_root and context.account_id in statement._principal_root_accounts)
+            or any(arn in users for arn in context.other_arns)
         )
     return listed != statement.not_principal
 

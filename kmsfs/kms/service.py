@@ -832,6 +832,10 @@ class KeyService:
                 conditions[ENCRYPTION_CONTEXT_PREFIX + name] = value
         if request_alias is not None:
             conditions["kms:RequestAlias"] = request_alias
+        # kms:ResourceAliases: every alias of the key, whichever name the request used
+        conditions["kms:ResourceAliases"] = [
+            alias.alias_name for alias in self.keystore.list_aliases(key.key_id)
+        ]
         return RequestContext(
             principal.arn,
             principal.is_root,
@@ -839,6 +843,7 @@ class KeyService:
             action,
             self.arn(key.key_id),
             conditions,
+            _other_arns(principal),
         )
 
     def _allowed(
@@ -865,6 +870,7 @@ class KeyService:
                 self.account,
                 "kms:" + operation,
                 self.arn(key.key_id),
+                other_arns=_other_arns(principal),
             )
         decision = evaluate(policy, context)
         if decision.allowed:
@@ -895,7 +901,9 @@ class KeyService:
         only, is in those operations.)"""
         allowed, message = self._allowed(caller, operation, key, encryption_context, named)
         if not allowed:
-            raise AccessDeniedException(message)
+            error = AccessDeniedException(message)
+            error.resource_arn = self.arn(key.key_id)  # for the refusal's audit record
+            raise error
 
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
         return self._allowed(caller, "DescribeKey", key)[0]
@@ -1604,7 +1612,7 @@ class KeyService:
             "eventType": "AwsApiCall",
             "recipientAccountId": self.account,
         }
-        key_arn = _key_arn_of(response)
+        key_arn = _key_arn_of(response) or getattr(error, "resource_arn", None)
         if key_arn:
             event["resources"] = [
                 {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": key_arn}
@@ -1637,6 +1645,12 @@ class KeyService:
         event["eventType"] = "AwsServiceEvent"
         event["recipientAccountId"] = self.account
         return event
+
+
+def _other_arns(principal: Principal) -> tuple[str, ...]:
+    """The ARNs besides ``principal.arn`` that name the caller in a key policy's
+    Principal: for uid 0, ``...:user/<its login name>`` besides the root ARN."""
+    return principal.arns[1:] if principal.is_root else ()
 
 
 def _safe_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -289,6 +289,10 @@ def test_refusals_are_audited_with_access_denied(kms: Harness) -> None:
     assert event["errorCode"] == "AccessDeniedException"
     assert event["userIdentity"]["arn"] == B_ARN
     assert kms.arn(key_id) in event["errorMessage"]
+    # the refused request's record names the key it was about, as a success's does
+    assert event["resources"] == [
+        {"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": kms.arn(key_id)}
+    ]
     kms.put_policy(A, key_id, policy(allow(A_ARN)))
     put = kms.events[-1]
     assert put["eventName"] == "PutKeyPolicy" and "errorCode" not in put
@@ -342,6 +346,42 @@ def test_request_alias_condition(kms: Harness) -> None:
     kms.call(B, "Encrypt", KeyId="alias/shared", Plaintext=b64(b"x"))
     with pytest.raises(AccessDeniedException):
         kms.call(B, "Encrypt", KeyId=key_id, Plaintext=b64(b"x"))
+
+
+def test_resource_aliases_condition_sees_every_alias_of_the_key(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    condition = {"ForAnyValue:StringLike": {"kms:ResourceAliases": "alias/team-*"}}
+    kms.put_policy(
+        A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Encrypt", Condition=condition))
+    )
+    with pytest.raises(AccessDeniedException):
+        kms.call(B, "Encrypt", KeyId=key_id, Plaintext=b64(b"x"))
+    kms.call(A, "CreateAlias", AliasName="alias/team-blue", TargetKeyId=key_id)
+    kms.call(A, "CreateAlias", AliasName="alias/other", TargetKeyId=key_id)
+    # by id, by the matching alias, by the other alias: the key has a matching alias
+    for name in (key_id, "alias/team-blue", "alias/other"):
+        kms.call(B, "Encrypt", KeyId=name, Plaintext=b64(b"x"))
+    kms.call(A, "DeleteAlias", AliasName="alias/team-blue")
+    with pytest.raises(AccessDeniedException):
+        kms.call(B, "Encrypt", KeyId="alias/other", Plaintext=b64(b"x"))
+
+
+def test_root_is_also_named_by_its_user_arn(kms: Harness) -> None:
+    """uid 0 is the account root and the IAM user named after its login name: a
+    statement naming ...:user/root applies to it (and not to anyone else)."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    root_user = f"arn:aws:iam::{ACCOUNT}:user/root"
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(root_user, "kms:Decrypt")))
+    assert kms.decrypt(ROOT, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.data_key(ROOT, key_id)  # only Decrypt was allowed to user/root
+    deny = {**allow(root_user, "kms:Decrypt"), "Effect": "Deny"}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(ROOT_ARN), deny))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(ROOT, blob)  # a Deny naming user/root reaches uid 0 too
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
 
 
 def test_existing_keys_without_a_stored_policy_keep_working_for_keyd_owner(
