@@ -73,7 +73,7 @@ from kmsfs.kms.policy import (
     parse_policy,
     would_lock_out,
 )
-from kmsfs.kms.principal import Principal, PrincipalResolver, login_name
+from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -549,6 +549,7 @@ class KeyService:
         clock: Callable[[], float] = time.time,
         principals: Callable[[Caller], Principal] | None = None,
         owner_uid: int | None = None,
+        account_access: AccountAccess | None = None,
     ) -> None:
         self.keystore = keystore
         self.audit = audit
@@ -561,6 +562,8 @@ class KeyService:
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
+        self.account_access = account_access or AccountAccess()
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
         #: the default policy with this uid as its creator (see policy_text)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -905,6 +908,19 @@ class KeyService:
             error.resource_arn = self.arn(key.key_id)  # for the refusal's audit record
             raise error
 
+    def _authorize_account_level(self, caller: Caller, operation: str) -> None:
+        """CreateKey and GenerateRandom concern no key, so no key policy decides them;
+        in AWS an IAM policy does. Here: every local principal, unless keyd was started
+        with --account-users (root always)."""
+        principal = self.principal(caller)
+        if not self.account_access.allows(principal):
+            # AWS's message shape for a request no identity-based policy allows
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: kms:{operation} "
+                f"on resource: * because no identity-based policy allows the "
+                f"kms:{operation} action"
+            )
+
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
         return self._allowed(caller, "DescribeKey", key)[0]
 
@@ -1132,6 +1148,7 @@ class KeyService:
 
     # ------------------------------------------------------------- key admin
     def _op_CreateKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        self._authorize_account_level(caller, "CreateKey")
         description = _string(params, "Description", min_len=0, max_len=8192) or ""
         key_spec = _string(params, "KeySpec", choices=_KNOWN_KEY_SPECS)
         legacy_spec = _string(params, "CustomerMasterKeySpec", choices=_KNOWN_KEY_SPECS)
@@ -1167,8 +1184,8 @@ class KeyService:
             current_version=1,
             creator_uid=caller.uid,
         )
-        # CreateKey is account-level (AWS checks it against IAM policies only): every
-        # local principal may create keys. Without Policy the key gets AWS's default
+        # CreateKey is account-level (AWS checks it against IAM policies only): see
+        # _authorize_account_level. Without Policy the key gets AWS's default
         # policy (root may do kms:*) plus kms:* for its creator (see default_policy).
         if policy is None:
             policy = default_policy(self.account, self.principal(caller).arn)
@@ -1420,6 +1437,7 @@ class KeyService:
 
     def _op_GenerateRandom(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         count = _integer(params, "NumberOfBytes", 1, MAX_DATA_KEY_BYTES, required=True)
+        self._authorize_account_level(caller, "GenerateRandom")
         if params.get("CustomKeyStoreId") is not None:
             raise UnsupportedOperationException("custom key stores are not supported")
         if params.get("Recipient") is not None:

@@ -27,7 +27,7 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import DB_NAME, Keystore, RootKeySource
-from kmsfs.kms.principal import Principal
+from kmsfs.kms.principal import AccountAccess, Principal
 from kmsfs.kms.service import KeyService
 
 REGION = "eu-test-1"
@@ -420,3 +420,53 @@ def test_policies_go_away_with_the_key(kms: Harness) -> None:
         assert db.execute("SELECT * FROM key_policies").fetchall() == []
     finally:
         db.close()
+
+
+def test_account_level_operations_can_be_limited(tmp_path: Path) -> None:
+    """CreateKey and GenerateRandom concern no key: every local principal may call them
+    unless keyd is given --account-users (root always may)."""
+    harness = Harness(tmp_path)
+    try:
+        harness.service = KeyService(
+            harness.keystore,
+            harness.events,
+            principals=principal_of,
+            account_access=AccountAccess(frozenset({A.uid})),
+        )
+        harness.create_key(A)
+        harness.create_key(ROOT)
+        assert harness.call(A, "GenerateRandom", NumberOfBytes=8)["Plaintext"]
+        for operation, params in (("CreateKey", {}), ("GenerateRandom", {"NumberOfBytes": 8})):
+            with pytest.raises(AccessDeniedException) as refused:
+                harness.call(B, operation, **params)
+            assert refused.value.message == (
+                f"User: {B_ARN} is not authorized to perform: kms:{operation} on resource: * "
+                f"because no identity-based policy allows the kms:{operation} action"
+            )
+            assert harness.events[-1]["errorCode"] == "AccessDeniedException"
+        assert len(harness.keystore.list_keys()) == 2
+    finally:
+        harness.keystore.close()
+
+
+def test_account_access_by_name_uid_and_group() -> None:
+    import grp
+    import pwd
+
+    nobody = pwd.getpwuid(65534)
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    access = AccountAccess.parse(f"{nobody.pw_name}, 4321 ,@{group}")
+    assert access.uids == frozenset({65534, 4321})
+    assert access.groups == frozenset({group})
+
+    def who(uid: int, groups: tuple[str, ...] = ()) -> Principal:
+        return Principal(ACCOUNT, uid, uid, 1, None, groups, None)
+
+    assert access.allows(who(4321)) and access.allows(who(0))
+    assert not access.allows(who(4322))
+    assert access.allows(who(4322, (group,)))
+    assert AccountAccess.parse(None).allows(who(4322))
+    with pytest.raises(ValueError, match="no user 'no-such-user-kmsfs'"):
+        AccountAccess.parse("no-such-user-kmsfs")
+    with pytest.raises(ValueError, match="no group 'no-such-group-kmsfs'"):
+        AccountAccess.parse("@no-such-group-kmsfs")

@@ -14,7 +14,7 @@ import os
 import pwd
 import subprocess
 
-from tests.conftest import KMSFS, Keyd
+from tests.conftest import KMSFS, Keyd, run_kmsfs
 from tests.kms.users import (
     ACCOUNT,
     NOBODY,
@@ -186,3 +186,22 @@ def test_system_keyd_under_a_dedicated_user_serves_every_user(keyd_factory, shor
                    Policy=opened_by_a) == {}  # fmt: skip
     opened = call_as(A, keyd, "Decrypt", keyd_uid=KEYD_UID, CiphertextBlob=blob)
     assert base64.b64decode(opened["Plaintext"]) == b"B's secret"
+
+
+def test_keyd_account_users_limits_who_creates_keys(keyd_factory, short_tmp) -> None:
+    keyd = keyd_factory("limited")
+    run_kmsfs(
+        "keyd", "init", "--keystore", str(keyd.keystore), "--root-key-file",
+        str(keyd.root_key), "--account-id", ACCOUNT,
+    )  # fmt: skip
+    os.chmod(short_tmp, 0o755)
+    os.chmod(keyd.workdir, 0o755)
+    keyd.start("--socket-mode", "0666", "--account-users", str(A))
+    assert "KeyMetadata" in call_as(A, keyd, "CreateKey")
+    assert call_as(B, keyd, "CreateKey")["__type"] == "AccessDeniedException"
+    assert call_as(B, keyd, "GenerateRandom", NumberOfBytes=8)["__type"] == (
+        "AccessDeniedException"
+    )
+    bad = run_kmsfs(*keyd.serve_args("--account-users", "no-such-user-kmsfs"), check=False)
+    assert bad.returncode == 2
+    assert "--account-users: no user 'no-such-user-kmsfs'" in bad.stderr.decode()
