@@ -255,15 +255,15 @@ def test_key_policy_applies_to_signed_users_with_source_ip(tcp_keyd: TcpKeyd) ->
                         "Principal": {"AWS": bob_arn},
                         "Action": "kms:Decrypt",
                         "Resource": "*",
-                        "Condition": {"StringEquals": {"aws:SourceIp": source_ip}},
+                        "Condition": {"IpAddress": {"aws:SourceIp": source_ip}},
                     },
                 ],
             }
         )
 
-    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("127.0.0.1"))
+    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("127.0.0.0/8"))
     assert bob.decrypt(CiphertextBlob=blob)["Plaintext"] == b"x"
-    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("192.0.2.1"))
+    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("192.0.2.0/24"))
     with pytest.raises(ClientError, match="AccessDeniedException"):
         bob.decrypt(CiphertextBlob=blob)
 
