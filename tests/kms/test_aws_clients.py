@@ -403,3 +403,42 @@ def test_encryption_sdk_with_the_wrong_key_fails_as_the_sdk_reports(
                 key_ids=[wrong], botocore_session=session
             ),
         )
+
+
+def test_encryption_sdk_keyring_api_through_keyd(
+    tcp_keyd: TcpKeyd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyring API (AWS Cryptographic Material Providers Library). Not a test extra:
+    its primitives package pins cryptography below 51, older than kmsfs's; the test
+    runs where it is installed (pip install aws-cryptographic-material-providers)."""
+    pytest.importorskip("aws_cryptographic_material_providers")
+    import aws_encryption_sdk
+    from aws_cryptographic_material_providers.mpl import AwsCryptographicMaterialProviders
+    from aws_cryptographic_material_providers.mpl.config import MaterialProvidersConfig
+    from aws_cryptographic_material_providers.mpl.models import CreateAwsKmsKeyringInput
+    from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
+    from aws_encryption_sdk.identifiers import CommitmentPolicy
+
+    kms = tcp_keyd.client()
+    right = kms.create_key()["KeyMetadata"]["Arn"]
+    wrong = kms.create_key()["KeyMetadata"]["Arn"]
+    providers = AwsCryptographicMaterialProviders(config=MaterialProvidersConfig())
+
+    def keyring(arn: str):
+        return providers.create_aws_kms_keyring(
+            input=CreateAwsKmsKeyringInput(kms_key_id=arn, kms_client=kms)
+        )
+
+    sdk = aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+    )
+    context = {"tenant": "k"}
+    ciphertext, _ = sdk.encrypt(
+        source=b"through a keyring", keyring=keyring(right), encryption_context=context
+    )
+    plaintext, _ = sdk.decrypt(
+        source=ciphertext, keyring=keyring(right), encryption_context=context
+    )
+    assert plaintext == b"through a keyring"
+    with pytest.raises(AWSEncryptionSDKClientError, match="Unable to decrypt data key"):
+        sdk.decrypt(source=ciphertext, keyring=keyring(wrong), encryption_context=context)
