@@ -341,3 +341,16 @@ def test_garbage_and_oversized_requests_over_tcp_leave_keyd_serving(
         assert secure.client().list_keys()["Keys"] == []
     finally:
         half.close()
+
+
+def test_signed_request_on_the_socket_is_verified_without_listen(live_keyd: Keyd) -> None:
+    """keyd serving only its socket still verifies a signature it is sent: a wrong one
+    is refused, not taken as the peer's own request."""
+    tcp = TcpKeyd(live_keyd, 0, "", "")
+    access_key_id, secret = tcp.create_credentials("dave")
+    body, headers = _signed("GetCallerIdentity", {}, access_key_id, "W" * 40)
+    status, answer = _post_unix(live_keyd.socket, body, headers)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    body, headers = _signed("GetCallerIdentity", {}, access_key_id, secret)
+    status, answer = _post_unix(live_keyd.socket, body, headers)
+    assert status == 200 and answer["Arn"].endswith(":user/dave")
