@@ -25,25 +25,23 @@ from pathlib import Path
 
 
 class _SignedTcpClient:
-    """One keep-alive HTTP connection to keyd's TCP listener; requests signed with
+    """One keep-alive connection to keyd's TCP listener, HTTP by h11 as kmsfs's own client
+    speaks it (so that client-side cost is alike on both transports); requests signed with
     botocore's SigV4Auth, the signature renewed when the second (X-Amz-Date) changes."""
 
     def __init__(self, port: int, access_key_id: str, secret: str) -> None:
-        import http.client
-
         from botocore.credentials import Credentials
 
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.credentials = Credentials(access_key_id, secret)
-        self._signed: dict[tuple[str, bytes], tuple[int, dict[str, str]]] = {}
+        self._signed: dict[tuple[str, bytes], tuple[int, list[tuple[str, str]]]] = {}
+        self._h11 = None
 
-    def call(self, operation: str, params: dict) -> dict:
-        import json
-
+    def _headers(self, operation: str, body: bytes) -> list[tuple[str, str]]:
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        body = json.dumps(params).encode()
         second = int(time.time())
         cached = self._signed.get((operation, body))
         if cached is None or cached[0] != second:
@@ -57,13 +55,40 @@ class _SignedTcpClient:
                 },
             )
             SigV4Auth(self.credentials, "kms", "local").add_auth(request)
-            cached = (second, dict(request.headers.items()))
+            signed = [("Host", "127.0.0.1"), *request.headers.items()]
+            signed.append(("Content-Length", str(len(body))))
+            cached = (second, signed)
             self._signed[(operation, body)] = cached
-        headers = {**cached[1], "Host": "127.0.0.1"}
-        self.connection.request("POST", "/", body=body, headers=headers)
-        response = self.connection.getresponse()
-        answer = json.loads(response.read())
-        if response.status != 200:
+        return cached[1]
+
+    def call(self, operation: str, params: dict) -> dict:
+        import h11
+
+        if self._h11 is None or self._h11.our_state is h11.DONE:
+            if self._h11 is not None:
+                self._h11.start_next_cycle()
+            else:
+                self._h11 = h11.Connection(h11.CLIENT)
+        conn = self._h11
+        body = json.dumps(params).encode()
+        request = h11.Request(method="POST", target="/", headers=self._headers(operation, body))
+        self.sock.sendall(
+            conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        )
+        status = 0
+        parts: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(self.sock.recv(65536))
+            elif type(event) is h11.Response:
+                status = event.status_code
+            elif type(event) is h11.Data:
+                parts.append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                break
+        answer = json.loads(b"".join(parts))
+        if status != 200:
             raise RuntimeError(f"{operation}: {answer.get('__type')}")
         return answer
 
@@ -71,7 +96,7 @@ class _SignedTcpClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.connection.close()
+        self.sock.close()
 
 
 class _Boto3Client:
@@ -154,7 +179,9 @@ def measure(
     blob: bytes,
     clients: int,
     seconds: float,
-) -> float:
+    keyd_pid: int,
+) -> tuple[float, float]:
+    """(requests per second, keyd's CPU time per request in microseconds)."""
     results: multiprocessing.Queue = multiprocessing.Queue()
     start_at = time.time() + (2.0 if transport == "boto3" else 0.5)
     procs = [
@@ -166,10 +193,21 @@ def measure(
     ]
     for proc in procs:
         proc.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before = _cpu_seconds(keyd_pid)
+    time.sleep(seconds)
+    cpu_used = _cpu_seconds(keyd_pid) - cpu_before
     total = sum(results.get(timeout=seconds + 30) for _ in procs)
     for proc in procs:
         proc.join()
-    return total / seconds
+    return total / seconds, cpu_used / max(total, 1) * 1e6
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (/proc/<pid>/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat_file:
+        fields = stat_file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -279,23 +317,46 @@ def main() -> None:
             f"keyd round trips per second: Unix socket {socket_path}, TCP+SigV4 127.0.0.1:{port} "
             f"({args.seconds:g} s per run, median of {args.repeat}; {os.cpu_count()} cores)"
         )
-        print(f"{'operation':<18} {'transport':<9} {'clients':>7} {'req/s':>9} {'/unix':>6}   runs")
+        print(
+            "req/s: median rate; keyd us/req: keyd's own CPU time per request (less "
+            "sensitive to other load on the machine than the rate)"
+        )
+        print(
+            f"{'operation':<18} {'transport':<9} {'clients':>7} {'req/s':>9} {'/unix':>6}"
+            f" {'keyd us/req':>9} {'/unix':>6}   runs"
+        )
+        transports = args.transports.split(",")
         for operation in args.operations.split(","):
             for clients in (int(c) for c in args.clients.split(",")):
-                unix_rate = None
-                for transport in args.transports.split(","):
-                    runs = [
-                        measure(transport, target, operation, key_id, blob, clients, args.seconds)
-                        for _ in range(args.repeat)
-                    ]
-                    rate = statistics.median(runs)
-                    if transport == "unix":
-                        unix_rate = rate
+                # rounds interleave the transports, so that load from elsewhere on the
+                # machine falls on all of them alike
+                runs: dict[str, list[float]] = {transport: [] for transport in transports}
+                cpu: dict[str, list[float]] = {transport: [] for transport in transports}
+                for _ in range(args.repeat):
+                    for transport in transports:
+                        rate, cpu_per_request = measure(
+                            transport,
+                            target,
+                            operation,
+                            key_id,
+                            blob,
+                            clients,
+                            args.seconds,
+                            keyd.pid,
+                        )
+                        runs[transport].append(rate)
+                        cpu[transport].append(cpu_per_request)
+                unix_rate = statistics.median(runs["unix"]) if "unix" in runs else None
+                unix_cpu = statistics.median(cpu["unix"]) if "unix" in cpu else None
+                for transport in transports:
+                    rate = statistics.median(runs[transport])
+                    cpu_us = statistics.median(cpu[transport])
                     ratio = f"{rate / unix_rate:.2f}" if unix_rate else "-"
-                    shown = ", ".join(f"{r:.0f}" for r in runs)
+                    cpu_ratio = f"{cpu_us / unix_cpu:.2f}" if unix_cpu else "-"
+                    shown = ", ".join(f"{r:.0f}" for r in runs[transport])
                     print(
                         f"{operation:<18} {transport:<9} {clients:>7} {rate:>9.0f} {ratio:>6}"
-                        f"   {shown}",
+                        f" {cpu_us:>9.0f} {cpu_ratio:>6}   {shown}",
                         flush=True,
                     )
     finally:
