@@ -354,3 +354,12 @@ def test_signed_request_on_the_socket_is_verified_without_listen(live_keyd: Keyd
     body, headers = _signed("GetCallerIdentity", {}, access_key_id, secret)
     status, answer = _post_unix(live_keyd.socket, body, headers)
     assert status == 200 and answer["Arn"].endswith(":user/dave")
+
+
+def test_audit_tail_names_signed_callers_by_access_key_and_address(tcp_keyd: TcpKeyd) -> None:
+    tcp_keyd.client().list_keys()
+    lines = tcp_keyd.keyd.kmsfs("keyd", "audit", "tail", "-n", "5").stdout.decode().splitlines()
+    listed = [line for line in lines if "ListKeys" in line]
+    assert f"alice({tcp_keyd.access_key_id}@127.0.0.1)" in listed[-1]
+    by_user = tcp_keyd.keyd.kmsfs("keyd", "audit", "tail", "--user", "alice", "--json")
+    assert by_user.stdout.strip()
