@@ -111,6 +111,22 @@ def _open_credentials(args: argparse.Namespace):
     return keystore, CredentialStore(keystore)
 
 
+def _audit_now(keystore, store) -> None:
+    """Move this change's audit record into the audit log now if keyd does not hold it
+    (else keyd does within a second; see kmsfs.kms.credentials)."""
+    from kmsfs.errors import AuditLogInUse
+    from kmsfs.kms.audit import AuditLog
+
+    try:
+        audit = AuditLog.open(keystore.audit_path)
+    except AuditLogInUse:
+        return  # the running keyd writes it
+    try:
+        store.drain_events(audit)
+    finally:
+        audit.close()
+
+
 def cmd_credentials_create(args: argparse.Namespace) -> None:
     from kmsfs.kms.credentials import check_user_name
 
@@ -119,6 +135,7 @@ def cmd_credentials_create(args: argparse.Namespace) -> None:
     try:
         access_key, secret = store.create(args.user)
         account = keystore.meta("account")
+        _audit_now(keystore, store)
     finally:
         keystore.close()
     if args.json:  # IAM CreateAccessKey's response shape
@@ -157,6 +174,7 @@ def cmd_credentials_status(args: argparse.Namespace) -> None:
     keystore, store = _open_credentials(args)
     try:
         key = store.set_status(args.access_key_id, status)
+        _audit_now(keystore, store)
     finally:
         keystore.close()
     print(f"access key {key.access_key_id} of user {key.user_name}: {key.status}")
@@ -166,6 +184,7 @@ def cmd_credentials_delete(args: argparse.Namespace) -> None:
     keystore, store = _open_credentials(args)
     try:
         store.delete(args.access_key_id)
+        _audit_now(keystore, store)
     finally:
         keystore.close()
     print(f"access key {args.access_key_id} deleted")

@@ -13,19 +13,32 @@ the unsealed secret of a row it has already seen, keyed by the sealed bytes, so 
 disabled or deleted key is refused from the next request on.
 
 Statuses are IAM's: ``Active`` and ``Inactive``.
+
+Every change is audited as IAM records it in CloudTrail (``CreateAccessKey``,
+``UpdateAccessKey``, ``DeleteAccessKey``; ``eventSource`` ``iam.amazonaws.com``; never
+the secret). The audit log belongs to the running keyd (an exclusive lock), so the
+record is written into the keystore **in the same transaction as the change** (the
+``credential_events`` table, an outbox) and moved into the audit log by whoever holds
+it: the command itself when keyd is not running, else keyd within a second
+(:func:`drain_events`). A record is deleted from the outbox only after the audit log
+took it (at least once: a crash between the two repeats it, never loses it).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kmsfs.errors import UsageError
+from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import Keystore
-from kmsfs.kms.principal import ROOT_UID, login_name
+from kmsfs.kms.principal import ROOT_UID, login_name, resolve
 
 ACTIVE = "Active"
 INACTIVE = "Inactive"
@@ -35,6 +48,18 @@ _USER_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 ACCESS_KEY_ID_RE = re.compile(r"[A-Z0-9]{16,128}")
 #: unsealed secrets kept in memory at most (one per access key in use)
 _CACHE_LIMIT = 1024
+_EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS credential_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+)
+"""
+
+
+class AuditAppender(Protocol):
+    def append(self, event: dict[str, Any]) -> None: ...
+
+    def datasync(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +111,30 @@ class CredentialStore:
         self.keystore = keystore
         #: access key id -> (sealed secret, unsealed secret)
         self._secrets: dict[str, tuple[bytes, str]] = {}
+        with keystore.transaction() as db:
+            db.execute(_EVENTS_SCHEMA)
+
+    def _event(self, name: str, parameters: dict[str, Any], response: Any) -> str:
+        """The CloudTrail-shaped record of a change made by this process's user."""
+        account = self.keystore.meta("account")
+        who = resolve(Caller(os.getuid(), os.getgid(), os.getpid()), account)
+        return json.dumps(
+            {
+                "eventVersion": "1.08",
+                "userIdentity": who.user_identity(),
+                "eventTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "eventSource": "iam.amazonaws.com",
+                "eventName": name,
+                "awsRegion": self.keystore.meta("region"),
+                "requestParameters": parameters,
+                "responseElements": response,
+                "requestID": str(uuid.uuid4()),
+                "eventID": str(uuid.uuid4()),
+                "readOnly": False,
+                "eventType": "AwsApiCall",
+                "recipientAccountId": account,
+            }
+        )
 
     # ------------------------------------------------------------- management
     def create(self, user_name: str) -> tuple[AccessKey, str]:
@@ -95,13 +144,18 @@ class CredentialStore:
         secret = _new_secret()
         sealed = self.keystore.seal_secret(_label(access_key_id), secret.encode("ascii"))
         now = time.time()
+        access_key = AccessKey(access_key_id, user_name, ACTIVE, now)
+        event = self._event(
+            "CreateAccessKey", {"userName": user_name}, {"accessKey": access_key.as_iam()}
+        )
         with self.keystore.transaction() as db:
             db.execute(
                 "INSERT INTO credentials (access_key_id, user_name, sealed_secret, status, "
                 "create_date) VALUES (?, ?, ?, ?, ?)",
                 (access_key_id, user_name, sealed, ACTIVE, now),
             )
-        return AccessKey(access_key_id, user_name, ACTIVE, now), secret
+            db.execute("INSERT INTO credential_events (event) VALUES (?)", (event,))
+        return access_key, secret
 
     def list(self, user_name: str | None = None) -> list[AccessKey]:
         rows = self.keystore.query(
@@ -111,24 +165,68 @@ class CredentialStore:
         keys = [AccessKey(row[0], row[1], row[2], row[3]) for row in rows]
         return [key for key in keys if user_name is None or key.user_name == user_name]
 
+    def _user_of(self, access_key_id: str) -> str:
+        rows = self.keystore.query(
+            "SELECT user_name FROM credentials WHERE access_key_id = ?", (access_key_id,)
+        )
+        if not rows:
+            raise UsageError(f"no access key {access_key_id} in this keystore")
+        return rows[0][0]
+
     def set_status(self, access_key_id: str, status: str) -> AccessKey:
+        user_name = self._user_of(access_key_id)
+        event = self._event(
+            "UpdateAccessKey",
+            {"userName": user_name, "accessKeyId": access_key_id, "status": status},
+            None,
+        )
         with self.keystore.transaction() as db:
             changed = db.execute(
                 "UPDATE credentials SET status = ? WHERE access_key_id = ?",
                 (status, access_key_id),
             ).rowcount
-        if not changed:
-            raise UsageError(f"no access key {access_key_id} in this keystore")
+            if not changed:
+                raise UsageError(f"no access key {access_key_id} in this keystore")
+            db.execute("INSERT INTO credential_events (event) VALUES (?)", (event,))
         return next(key for key in self.list() if key.access_key_id == access_key_id)
 
     def delete(self, access_key_id: str) -> None:
+        user_name = self._user_of(access_key_id)
+        event = self._event(
+            "DeleteAccessKey", {"userName": user_name, "accessKeyId": access_key_id}, None
+        )
         with self.keystore.transaction() as db:
             deleted = db.execute(
                 "DELETE FROM credentials WHERE access_key_id = ?", (access_key_id,)
             ).rowcount
-        if not deleted:
-            raise UsageError(f"no access key {access_key_id} in this keystore")
+            if not deleted:
+                raise UsageError(f"no access key {access_key_id} in this keystore")
+            db.execute("INSERT INTO credential_events (event) VALUES (?)", (event,))
         self._secrets.pop(access_key_id, None)
+
+    # ------------------------------------------------------------- the outbox
+    def pending_events(self) -> int:
+        return self.keystore.query("SELECT count(*) FROM credential_events")[0][0]
+
+    def drain_events(self, audit: AuditAppender) -> int:
+        """Move the outbox's records into *audit* (flushed to disk), then delete them;
+        returns how many. If the log refuses one, the rest stay for the next call."""
+        rows = self.keystore.query("SELECT seq, event FROM credential_events ORDER BY seq")
+        if not rows:
+            return 0
+        moved: list[int] = []
+        try:
+            for seq, text in rows:
+                audit.append(json.loads(text))
+                moved.append(seq)
+        finally:
+            if moved:
+                audit.datasync()
+                with self.keystore.transaction() as db:
+                    db.executemany(
+                        "DELETE FROM credential_events WHERE seq = ?", [(seq,) for seq in moved]
+                    )
+        return len(moved)
 
     # ------------------------------------------------------------- keyd's side
     def lookup(self, access_key_id: str) -> tuple[str, str] | None:

@@ -12,6 +12,7 @@ import os
 import resource
 import shlex
 import signal
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from kmsfs.background import report_ready
 from kmsfs.errors import AuditError, KeystoreError, UsageError
 from kmsfs.hardening import harden_process
 from kmsfs.kms.audit import AuditLog
+from kmsfs.kms.credentials import CredentialStore
 from kmsfs.kms.keystore import (
     Keystore,
     RootKeySource,
@@ -146,10 +148,10 @@ def run_keyd(
     keystore, audit, service = open_service(keystore_dir, source, account_access)
     # also without --listen: a signed request on the socket is verified (and then the
     # signed user is the caller), never taken for the peer's uid unchecked
-    from kmsfs.kms.credentials import CredentialStore
     from kmsfs.kms.sigv4 import SigV4Verifier
 
-    verifier = SigV4Verifier(CredentialStore(keystore).lookup, [keystore.meta("region"), *regions])
+    credentials = CredentialStore(keystore)
+    verifier = SigV4Verifier(credentials.lookup, [keystore.meta("region"), *regions])
     try:
         trio.run(
             _serve_until_signalled,
@@ -162,6 +164,7 @@ def run_keyd(
             notifier,
             endpoints,
             verifier,
+            credentials,
         )
     finally:
         audit.close()
@@ -179,6 +182,7 @@ async def _serve_until_signalled(
     notifier: Notifier,
     endpoints: Sequence[TcpEndpoint] = (),
     verifier: object = None,
+    credentials: CredentialStore | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -194,6 +198,8 @@ async def _serve_until_signalled(
                 )
             )
             nursery.start_soon(_sync_audit_periodically, audit)
+            if credentials is not None:
+                nursery.start_soon(_audit_credential_changes, credentials, audit)
             log.info("keyd listening on %s (pid %d)", socket_path, os.getpid())
             _remember_socket(socket_path)
             report_ready(ready_fd)
@@ -267,6 +273,25 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError) as exc:
             log.info("keyd: cannot raise the file descriptor limit from %d: %s", soft, exc)
     return soft
+
+
+async def _audit_credential_changes(credentials: CredentialStore, audit: AuditLog) -> None:
+    """Move the records of access key changes made by ``kmsfs keyd credentials`` while
+    keyd runs (it holds the audit log) from the keystore's outbox into the audit log,
+    every second (kmsfs.kms.credentials). A failure is logged and retried."""
+    failing = False
+    while True:
+        await trio.sleep(AUDIT_SYNC_INTERVAL)
+        try:
+            moved = credentials.drain_events(audit)
+        except (AuditError, OSError, sqlite3.Error) as exc:
+            if not failing:
+                log.warning("keyd: cannot audit access key changes yet (%s); will retry", exc)
+            failing = True
+        else:
+            failing = False
+            if moved:
+                log.info("keyd: audited %d access key change(s)", moved)
 
 
 async def _sync_audit_periodically(audit: AuditLog) -> None:

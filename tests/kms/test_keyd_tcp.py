@@ -363,3 +363,39 @@ def test_audit_tail_names_signed_callers_by_access_key_and_address(tcp_keyd: Tcp
     assert f"alice({tcp_keyd.access_key_id}@127.0.0.1)" in listed[-1]
     by_user = tcp_keyd.keyd.kmsfs("keyd", "audit", "tail", "--user", "alice", "--json")
     assert by_user.stdout.strip()
+
+
+def _wait_for_audit(keyd: Keyd, event_name: str, count: int = 1) -> list[dict]:
+    """The audit records named *event_name*, once there are *count* (keyd moves them
+    from the keystore's outbox every second; polled for up to 30 s)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        found = [e for e in _audit(keyd) if e["eventName"] == event_name]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_credential_changes_are_audited_with_and_without_keyd(
+    keyd_factory: Callable[..., Keyd],
+) -> None:
+    keyd = keyd_factory()
+    keyd.init()
+    offline = TcpKeyd(keyd, 0, "", "")
+    access_key_id, secret = offline.create_credentials("erin")  # keyd not running
+    created = [e for e in _audit(keyd) if e["eventName"] == "CreateAccessKey"]
+    assert len(created) == 1
+    assert created[0]["eventSource"] == "iam.amazonaws.com"
+    assert created[0]["responseElements"]["accessKey"]["AccessKeyId"] == access_key_id
+    keyd.start()
+    offline.credentials("disable", access_key_id)  # keyd running: it writes the record
+    updated = _wait_for_audit(keyd, "UpdateAccessKey")
+    assert updated and updated[0]["requestParameters"]["status"] == "Inactive"
+    offline.credentials("delete", access_key_id)
+    assert _wait_for_audit(keyd, "DeleteAccessKey")
+    keyd.stop()
+    log_text = (keyd.keystore / "audit.log").read_text()
+    assert secret not in log_text
+    keyd.kmsfs("keyd", "audit", "verify")
