@@ -488,7 +488,8 @@ class _Server:
                 sock, address = await listener.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    await self._refuse_at_fd_limit(listener, nursery)
+                    tls = endpoint is not None and endpoint.ssl_context is not None
+                    await self._refuse_at_fd_limit(listener, nursery, tls=tls)
                 else:
                     # Out of memory or buffers: back off instead of spinning or dying.
                     logger.warning("keyd accept failed: %s", exc.strerror or exc)
@@ -551,7 +552,7 @@ class _Server:
                 nursery.start_soon(self._serve_connection, sock, caller, peer, endpoint)
 
     async def _refuse_at_fd_limit(
-        self, listener: trio.socket.SocketType, nursery: trio.Nursery
+        self, listener: trio.socket.SocketType, nursery: trio.Nursery, *, tls: bool = False
     ) -> None:
         """accept() failed for want of descriptors: answer the waiting client 503.
 
@@ -574,6 +575,9 @@ class _Server:
         try:
             with trio.move_on_after(0.5):
                 sock, _ = await listener.accept()
+                if tls:  # a TLS client cannot read a plain-HTTP 503: close (it retries)
+                    sock.close()
+                    return
                 await self._reject(
                     sock,
                     HTTPStatus.SERVICE_UNAVAILABLE,

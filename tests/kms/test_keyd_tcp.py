@@ -399,3 +399,56 @@ def test_credential_changes_are_audited_with_and_without_keyd(
     log_text = (keyd.keystore / "audit.log").read_text()
     assert secret not in log_text
     keyd.kmsfs("keyd", "audit", "verify")
+
+
+def test_tcp_connections_beyond_the_fd_limit_are_refused_and_keyd_serves_on(
+    keyd_factory: Callable[..., Keyd],
+) -> None:
+    """The TCP listener shares the socket's limits: under a descriptor limit of 96, 150
+    idle TCP clients get 503 beyond the connection cap, keyd stays up and serves."""
+    import resource
+    import subprocess
+    import time
+
+    from tests.conftest import KMSFS
+
+    keyd = keyd_factory()
+    keyd.init()
+    tcp = TcpKeyd(keyd, free_port(), "", "")
+    tcp.access_key_id, tcp.secret = tcp.create_credentials("alice")
+
+    def lower_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+    with open(keyd.log_path, "ab") as log:
+        keyd.process = subprocess.Popen(
+            [*KMSFS, *keyd.serve_args("--listen", f"127.0.0.1:{tcp.port}")],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=lower_limit,
+        )
+    keyd.wait_ready()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", tcp.port), timeout=30))
+        answer = idle[-1].recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        time.sleep(1.5)  # a periodic audit sync and credentials drain at the limit
+        assert keyd.process.poll() is None, keyd.log()
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert tcp.client().list_keys()["Keys"] == []
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert keyd.process.poll() is None
+    keyd.stop()
+    assert "Traceback" not in keyd.log()
