@@ -147,6 +147,37 @@ def _exercise_every_operation(client: Any) -> set[str]:
             KeyAgreementAlgorithm="ECDH",
             PublicKey=der,
         )["SharedSecret"]
+    if "GetParametersForImport" in implemented:
+        import os
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        external = client.create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+        wrapping = client.get_parameters_for_import(
+            KeyId=external, WrappingAlgorithm="RSAES_OAEP_SHA_256", WrappingKeySpec="RSA_2048"
+        )
+        public_key = serialization.load_der_public_key(wrapping["PublicKey"])
+        material = os.urandom(32)
+        encrypted_material = public_key.encrypt(  # type: ignore[union-attr]
+            material,
+            padding.OAEP(
+                mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+            ),
+        )
+        client.import_key_material(
+            KeyId=external,
+            ImportToken=wrapping["ImportToken"],
+            EncryptedKeyMaterial=encrypted_material,
+            ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+        )
+        sealed_external = client.encrypt(KeyId=external, Plaintext=b"imported")
+        assert client.decrypt(CiphertextBlob=sealed_external["CiphertextBlob"])["Plaintext"] == (
+            b"imported"
+        )
+        client.delete_imported_key_material(KeyId=external)
+        with pytest.raises(client.exceptions.KMSInvalidStateException):
+            client.encrypt(KeyId=external, Plaintext=b"x")
     return recorder.called
 
 
