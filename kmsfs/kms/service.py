@@ -827,6 +827,9 @@ class KeyService:
         kms:KeySpec and kms:KeyUsage, and kms:RequestAlias when the request named the
         key by an alias. kms:ViaService is absent: no AWS service calls keyd."""
         conditions: dict[str, Any] = principal.condition_keys()
+        now = self.clock()
+        conditions["aws:CurrentTime"] = _iso(now)
+        conditions["aws:EpochTime"] = int(now)
         conditions["kms:KeySpec"] = key.key_spec
         conditions["kms:KeyUsage"] = key.key_usage
         if encryption_context:

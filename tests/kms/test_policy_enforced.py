@@ -470,3 +470,36 @@ def test_account_access_by_name_uid_and_group() -> None:
         AccountAccess.parse("no-such-user-kmsfs")
     with pytest.raises(ValueError, match="no group 'no-such-group-kmsfs'"):
         AccountAccess.parse("@no-such-group-kmsfs")
+
+
+def test_time_conditions_see_keyds_clock(kms: Harness) -> None:
+    """aws:CurrentTime / aws:EpochTime with the Date operators: a key shared until a date."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    until = {"DateLessThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=until)))
+    kms.service.clock = lambda: 1893455999.0  # 2029-12-31T23:59:59Z
+    assert kms.decrypt(B, blob) == plaintext
+    kms.service.clock = lambda: 1893456000.0  # 2030-01-01T00:00:00Z
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    epoch = {"NumericLessThan": {"aws:EpochTime": 1893456000}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=epoch)))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    kms.service.clock = lambda: 1893455000.0
+    assert kms.decrypt(B, blob) == plaintext
+
+
+def test_principal_arn_conditions(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    anyone_but_root = {
+        **allow("*", "kms:Decrypt"),
+        "Principal": "*",
+        "Condition": {"ArnLike": {"aws:PrincipalArn": f"arn:aws:iam::{ACCOUNT}:user/uid-43*"}},
+    }
+    kms.put_policy(A, key_id, policy(allow(A_ARN), anyone_but_root))
+    assert kms.decrypt(B, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(ROOT, blob)  # root's aws:PrincipalArn is ...:root
