@@ -62,6 +62,7 @@ from kmsfs.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
@@ -151,6 +152,11 @@ _AUDITED_FIELDS = {
     "DryRun",
     "PolicyName",
     "PolicyNames",
+    "Destination",
+    "DatabaseSha256",
+    "ProtectionKind",
+    "PreviousProtectionKind",
+    "ResealedRecords",
     "BypassPolicyLockoutSafetyCheck",
 }
 
@@ -263,6 +269,7 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     },
     "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
     "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
+    **ADMIN_REQUEST_MEMBERS,
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -294,6 +301,7 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "TagResource",
         "UntagResource",
         "PutKeyPolicy",
+        *ADMIN_OPERATIONS,
     }
 )
 KEY_USE_OPERATIONS = frozenset(
@@ -538,8 +546,9 @@ def _symmetric_algorithm(params: dict[str, Any], name: str = "EncryptionAlgorith
         )
 
 
-class KeyService:
-    """AWS KMS operations on one keystore. Not thread-safe: call from one thread."""
+class KeyService(KeystoreAdmin):
+    """AWS KMS operations on one keystore (and kmsfs's keystore operations, see
+    kmsfs.kms.admin). Not thread-safe: call from one thread."""
 
     def __init__(
         self,
@@ -581,6 +590,9 @@ class KeyService:
         self._unaudited_since = 0.0
         self._unaudited_until = 0.0
         self._audit_problem: str | None = None
+        #: (action, on_abort) pairs an operation asked to run once its transaction
+        #: committed, or to undo if it did not (see _after_commit)
+        self._commit_actions: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self._operations: dict[str, Callable[[dict[str, Any], Caller], dict[str, Any]]] = {
             name: getattr(self, "_op_" + name) for name in self.operation_names()
         }
@@ -623,15 +635,26 @@ class KeyService:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
             check_request(operation, params)
             if operation in STATE_CHANGING_OPERATIONS:
-                with self.keystore.transaction():
-                    response = method(params, caller)
-                    self._record(
-                        self._audit_event(
-                            operation, params, caller, request_id, started, response, None
-                        ),
-                        durable=True,
-                    )
-                    recorded = True
+                self._commit_actions.clear()
+                try:
+                    with self.keystore.transaction():
+                        response = method(params, caller)
+                        self._record(
+                            self._audit_event(
+                                operation, params, caller, request_id, started, response, None
+                            ),
+                            durable=True,
+                        )
+                        recorded = True
+                except BaseException:
+                    for _action, on_abort in self._commit_actions:
+                        if on_abort is not None:
+                            on_abort()
+                    raise
+                finally:
+                    actions, self._commit_actions = self._commit_actions, []
+                for action, _on_abort in actions:
+                    action()
             else:
                 response = method(params, caller)
                 if operation in KEY_USE_OPERATIONS:
@@ -670,6 +693,13 @@ class KeyService:
                         error,
                     )
                 )
+
+    def _after_commit(
+        self, action: Callable[[], None], *, on_abort: Callable[[], None] | None = None
+    ) -> None:
+        """Run *action* once this state change committed (its audit record on disk),
+        or *on_abort* if it is rolled back."""
+        self._commit_actions.append((action, on_abort))
 
     # ------------------------------------------------------------ audit writing
     def _record(self, event: dict[str, Any], *, durable: bool) -> None:
