@@ -162,6 +162,24 @@ class DryRunOperationException(KMSError):
     status = 412
 
 
+class InvalidImportTokenException(KMSError):
+    """An import token that is not valid for this key (ImportKeyMaterial)."""
+
+    aws_type = "InvalidImportTokenException"
+
+
+class ExpiredImportTokenException(KMSError):
+    """An import token past its ParametersValidTo (ImportKeyMaterial)."""
+
+    aws_type = "ExpiredImportTokenException"
+
+
+class IncorrectKeyMaterialException(KMSError):
+    """Reimported key material that is not the key's original material."""
+
+    aws_type = "IncorrectKeyMaterialException"
+
+
 class KMSInternalException(KMSError):
     """An unexpected failure inside the key service."""
 
@@ -192,6 +210,9 @@ class DependencyTimeoutException(KMSError):
 _KMS_ERRORS: dict[str, type[KMSError]] = {
     cls.aws_type: cls
     for cls in (
+        InvalidImportTokenException,
+        ExpiredImportTokenException,
+        IncorrectKeyMaterialException,
         NotFoundException,
         DisabledException,
         KMSInvalidStateException,

@@ -68,6 +68,10 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
     params: dict[str, Any] = {"Description": args.description or ""}
     if tags:
         params["Tags"] = tags
+    if getattr(args, "origin", None):
+        params["Origin"] = args.origin
+    if getattr(args, "key_id", None):
+        params["KeyId"] = args.key_id  # kmsfs's own member (kmsfs/kms/byok.py)
     with _client(args) as client:
         metadata = client.call("CreateKey", params)["KeyMetadata"]
         if args.alias:
@@ -316,6 +320,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--alias", help="also create this alias (alias/NAME)")
     create.add_argument("--description", default="", help="free text")
     create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="add a tag")
+    from kmsfs.cli import keys_import
+
+    keys_import.add_create_options(create)
     key_command("list", "list keys", cmd_keys_list, positional_key=False)
     key_command("describe", "show one key", cmd_keys_describe)
     key_command("enable", "enable a key", _simple("EnableKey", "enabled"))
@@ -368,3 +375,4 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     tags = key_command("tags", "list/add/remove tags", cmd_tags)
     tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
     tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")
+    keys_import.add_parsers(key_command)

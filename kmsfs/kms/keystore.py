@@ -110,6 +110,20 @@ CREATE TABLE IF NOT EXISTS key_policies (
 )
 """
 
+# Imported key material (BYOK, Origin=EXTERNAL keys; kmsfs/kms/byok.py): how the current
+# material expires, and a check value of the first material imported (SHA-256 of a
+# label, the key id and the material: reveals nothing of 256 random bits), so that a
+# reimport of different material is refused as AWS refuses it. Added like key_policies.
+_IMPORT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS imported_key_material (
+    key_id TEXT PRIMARY KEY REFERENCES keys(key_id),
+    expiration_model TEXT,
+    valid_to REAL,
+    material_check BLOB NOT NULL
+)
+"""
+_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA)
+
 
 # ------------------------------------------------------------------- root key
 @dataclass(frozen=True)
@@ -390,7 +404,8 @@ class Keystore:
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute(_POLICY_SCHEMA)
+            for schema in _EXTRA_SCHEMAS:
+                db.execute(schema)
             meta = {
                 "schema_version": str(SCHEMA_VERSION),
                 "keystore_id": keystore_id,
@@ -455,7 +470,8 @@ class Keystore:
                 what = "passphrase" if source.passphrase is not None else "root key file"
                 raise WrongRootKey(f"wrong {what} for keystore {path}") from None
             # migration: keystores made before key policies get the (empty) table
-            db.execute(_POLICY_SCHEMA)
+            for schema in _EXTRA_SCHEMAS:
+                db.execute(schema)
         except BaseException:
             db.close()
             raise
@@ -585,13 +601,30 @@ class Keystore:
             ) from None
 
     # ------------------------------------------------------------------- keys
-    def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes) -> None:
+    def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes | None) -> None:
+        """Insert a key and its first version's material (None: a key for imported
+        material, which has none until ImportKeyMaterial)."""
         values = dict(record.__dict__)
         values["rotation_enabled"] = int(record.rotation_enabled)
         columns = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         db.execute(f"INSERT INTO keys ({columns}) VALUES ({marks})", values)
-        self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
+        if material is not None:
+            self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
+
+    # a sealed blob of keyd's own (an import token) under the root key, bound to a label
+    def seal_blob(self, label: bytes, data: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._root.encrypt(nonce, data, b"kmsfs-blob-v1|" + label)
+
+    def unseal_blob(self, label: bytes, blob: bytes) -> bytes | None:
+        """The data of :meth:`seal_blob`, or None if it fails authentication."""
+        if len(blob) < 12 + 16:
+            return None
+        try:
+            return self._root.decrypt(blob[:12], blob[12:], b"kmsfs-blob-v1|" + label)
+        except InvalidTag:
+            return None
 
     def insert_version(
         self,
@@ -648,6 +681,7 @@ class Keystore:
         db.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM tags WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM key_policies WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM imported_key_material WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
         db.execute(
             "INSERT OR REPLACE INTO deleted_keys (key_id, deletion_date) VALUES (?, ?)",

@@ -63,6 +63,7 @@ from kmsfs.errors import (
     ValidationException,
 )
 from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
+from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
@@ -157,6 +158,11 @@ _AUDITED_FIELDS = {
     "ProtectionKind",
     "PreviousProtectionKind",
     "ResealedRecords",
+    "WrappingAlgorithm",
+    "WrappingKeySpec",
+    "ParametersValidTo",
+    "ExpirationModel",
+    "ValidTo",
     "BypassPolicyLockoutSafetyCheck",
 }
 
@@ -179,6 +185,7 @@ _AUDITED_FIELDS = {
 # surrogates (see _check_text), like every string in the request.
 _STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
 _CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
+_NUMBER = "number"
 _CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
 _PAGING = {"Limit": _INTEGER, "Marker": _STRING}
 REQUEST_MEMBERS: dict[str, dict[str, str]] = {
@@ -270,6 +277,7 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
     "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
     **ADMIN_REQUEST_MEMBERS,
+    **BYOK_REQUEST_MEMBERS,
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -302,6 +310,7 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "UntagResource",
         "PutKeyPolicy",
         *ADMIN_OPERATIONS,
+        *BYOK_STATE_CHANGING,
     }
 )
 KEY_USE_OPERATIONS = frozenset(
@@ -324,6 +333,7 @@ _KIND_NAMES = {
     _STRINGS: "a List of Strings",
     _TAGS: "a List of Tags",
     _RECIPIENT: "a RecipientInfo structure",
+    _NUMBER: "a Timestamp",
 }
 
 
@@ -359,6 +369,8 @@ def _check_member(path: str, value: object, kind: str) -> None:
         )
     elif kind == _RECIPIENT:
         ok = type(value) is dict
+    elif kind == _NUMBER:
+        ok = type(value) in (int, float)  # a timestamp (epoch seconds)
     else:  # pragma: no cover - a typo in REQUEST_MEMBERS
         raise AssertionError(f"unknown member kind {kind!r}")
     if not ok:
@@ -546,7 +558,7 @@ def _symmetric_algorithm(params: dict[str, Any], name: str = "EncryptionAlgorith
         )
 
 
-class KeyService(KeystoreAdmin):
+class KeyService(KeystoreAdmin, ImportedMaterial):
     """AWS KMS operations on one keystore (and kmsfs's keystore operations, see
     kmsfs.kms.admin). Not thread-safe: call from one thread."""
 
@@ -779,6 +791,7 @@ class KeyService(KeystoreAdmin):
         now = self.clock()
         deleted: list[str] = []
         rotated: list[str] = []
+        expired: list[str] = []
         for key in self.keystore.list_keys():
             # Each change commits together with its audit record, or not at all (then
             # it is retried at the next pass: the key stays pending or due).
@@ -791,6 +804,17 @@ class KeyService(KeystoreAdmin):
                             self._record(self._service_event("DeleteKey", key.key_id), durable=True)
                         self._forget_ciphers(key.key_id)
                         deleted.append(key.key_id)
+                elif key.key_state in ("Enabled", "Disabled") and self.material_expired(key, now):
+                    # AWS deletes expired imported material (CloudTrail event
+                    # DeleteExpiredKeyMaterial); the key waits in PendingImport
+                    with self.keystore.transaction() as db:
+                        self.delete_material(db, key)
+                        self._record(
+                            self._service_event("DeleteExpiredKeyMaterial", key.key_id),
+                            durable=True,
+                        )
+                    self._forget_ciphers(key.key_id)
+                    expired.append(key.key_id)
                 elif (
                     key.key_state == "Enabled"
                     and key.rotation_enabled
@@ -805,7 +829,7 @@ class KeyService(KeystoreAdmin):
                 log.warning("keyd maintenance of key %s postponed: %s", key.key_id, exc)
         if deleted or self.keystore.scrub_pending:
             self.keystore.scrub()
-        return {"deleted": deleted, "rotated": rotated}
+        return {"deleted": deleted, "rotated": rotated, "expired": expired}
 
     # ---------------------------------------------------------- key policies
     def policy_text(self, key: KeyRecord) -> str:
@@ -1053,15 +1077,34 @@ class KeyService(KeystoreAdmin):
         return key
 
     def _require_usable(self, key: KeyRecord) -> None:
-        """Cryptographic operations need an Enabled key."""
+        """Cryptographic operations need an Enabled key (with unexpired material)."""
         if key.key_state == "Disabled":
             raise DisabledException(f"{self.arn(key.key_id)} is disabled.")
         if key.key_state != "Enabled":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is {key.key_state}.")
+        if key.origin == "EXTERNAL" and self.material_expired(key, self.clock()):
+            # deleted at the next maintenance pass; unusable from ValidTo on, as in AWS
+            raise KMSInvalidStateException(
+                f"{self.arn(key.key_id)}: its imported key material expired."
+            )
+
+    def _require_material(self, key: KeyRecord) -> None:
+        if key.key_state == "PendingImport":
+            raise KMSInvalidStateException(
+                f"{self.arn(key.key_id)} is pending import: it has no key material yet."
+            )
 
     def _require_not_pending(self, key: KeyRecord) -> None:
         if key.key_state == "PendingDeletion":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is pending deletion.")
+
+    def _refuse_rotation_of_imported(self, key: KeyRecord) -> None:
+        # AWS: automatic rotation is not supported for keys with imported material (and
+        # kmsfs has no new imported material versions either)
+        if key.origin == "EXTERNAL":
+            raise UnsupportedOperationException(
+                f"{self.arn(key.key_id)} has imported key material: rotation is not supported"
+            )
 
     def _cipher(self, key_id: str, version: int) -> AESGCM | None:
         cipher = self._ciphers.get((key_id, version))
@@ -1156,6 +1199,8 @@ class KeyService(KeystoreAdmin):
         if key.key_state == "PendingDeletion":
             metadata["DeletionDate"] = key.deletion_date
             metadata["PendingDeletionWindowInDays"] = key.pending_window_days
+        if key.origin == "EXTERNAL":
+            metadata.update(self.import_metadata(key))
         return metadata
 
     @staticmethod
@@ -1194,17 +1239,21 @@ class KeyService(KeystoreAdmin):
             raise UnsupportedOperationException(f"KeySpec {key_spec} is not supported yet")
         if key_usage != "ENCRYPT_DECRYPT":
             raise ValidationException(f"KeyUsage {key_usage} is not valid for KeySpec {key_spec}")
-        if origin != "AWS_KMS":
+        if origin not in ("AWS_KMS", "EXTERNAL"):
             raise UnsupportedOperationException(f"Origin {origin} is not supported")
+        key_id = str(uuid.uuid4())
+        if params.get("KeyId") is not None:
+            key_id = self._chosen_key_id(params, origin)
         if _field(params, "MultiRegion", bool, False):
             raise UnsupportedOperationException("multi-Region keys are not supported")
         policy = _string(params, "Policy", max_len=32768)
         tags = self._parse_tags(params)
         now = self.clock()
         key = KeyRecord(
-            key_id=str(uuid.uuid4()),
+            key_id=key_id,
             description=description,
-            key_state="Enabled",
+            # AWS: a key for imported material waits in PendingImport without material
+            key_state="PendingImport" if origin == "EXTERNAL" else "Enabled",
             key_spec=key_spec,
             key_usage=key_usage,
             origin=origin,
@@ -1226,7 +1275,7 @@ class KeyService(KeystoreAdmin):
             self._check_new_policy(params, caller, key, policy)
         _dry_run(params)
         with self.keystore.transaction() as db:
-            self.keystore.insert_key(db, key, os.urandom(32))
+            self.keystore.insert_key(db, key, os.urandom(32) if origin == "AWS_KMS" else None)
             self.keystore.put_policy(db, key.key_id, policy)
             self._policy_texts.pop(key.key_id, None)
             db.executemany(
@@ -1234,6 +1283,21 @@ class KeyService(KeystoreAdmin):
                 [(key.key_id, tag_key, tag_value) for tag_key, tag_value in tags],
             )
         return {"KeyMetadata": self.key_metadata(key)}
+
+    def _chosen_key_id(self, params: dict[str, Any], origin: str) -> str:
+        """kmsfs's own CreateKey member ``KeyId``, for Origin EXTERNAL only: recreate a
+        key under its old id in a fresh keystore, to re-import escrowed material (see
+        kmsfs.kms.byok). Never an id this keystore has or had."""
+        value = _string(params, "KeyId", max_len=36)
+        assert value is not None
+        if origin != "EXTERNAL":
+            raise ValidationException("KeyId can be chosen only for a key with Origin EXTERNAL")
+        value = value.lower()
+        if not _UUID_RE.fullmatch(value):
+            raise ValidationException(f"KeyId {value!r} is not a key id (a UUID)")
+        if self.keystore.get_key(value) is not None or self.keystore.was_deleted(value):
+            raise AlreadyExistsException(f"{self.arn(value)} exists or existed in this keystore")
+        return value
 
     def _op_DescribeKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
@@ -1252,6 +1316,7 @@ class KeyService(KeystoreAdmin):
         key = self._resolve(params)
         self._authorize(caller, "EnableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
+        self._require_material(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Enabled")
         return {}
@@ -1260,6 +1325,7 @@ class KeyService(KeystoreAdmin):
         key = self._resolve(params)
         self._authorize(caller, "DisableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
+        self._require_material(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Disabled")
         return {}
@@ -1290,10 +1356,14 @@ class KeyService(KeystoreAdmin):
         self._authorize(caller, "CancelKeyDeletion", key, named=params.get("KeyId"))
         if key.key_state != "PendingDeletion":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is not pending deletion.")
-        # As AWS does: a key whose deletion is cancelled comes back Disabled.
+        # As AWS does: a key whose deletion is cancelled comes back Disabled (a key
+        # for imported material that has none: PendingImport).
+        state = "Disabled"
+        if key.origin == "EXTERNAL" and not self.keystore.list_versions(key.key_id):
+            state = "PendingImport"
         with self.keystore.transaction() as db:
             self.keystore.update_key(
-                db, key.key_id, key_state="Disabled", deletion_date=None, pending_window_days=None
+                db, key.key_id, key_state=state, deletion_date=None, pending_window_days=None
             )
         return {"KeyId": self.arn(key.key_id)}
 
@@ -1303,6 +1373,7 @@ class KeyService(KeystoreAdmin):
         period = _integer(params, "RotationPeriodInDays", 90, 2560) or 365
         self._authorize(caller, "EnableKeyRotation", key, named=params.get("KeyId"))
         self._require_usable(key)
+        self._refuse_rotation_of_imported(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
                 db,
@@ -1343,6 +1414,7 @@ class KeyService(KeystoreAdmin):
         key = self._resolve(params)
         self._authorize(caller, "RotateKeyOnDemand", key, named=params.get("KeyId"))
         self._require_usable(key)
+        self._refuse_rotation_of_imported(key)
         self._add_version(key, "ON_DEMAND", self.clock())
         return {"KeyId": self.arn(key.key_id)}
 

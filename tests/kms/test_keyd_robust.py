@@ -204,6 +204,7 @@ def test_every_member_of_every_operation_is_type_checked(kms: Harness) -> None:
         "strings": ["a", 1],
         "tags": [{"TagKey": 1, "TagValue": "v"}],
         "recipient": "x",
+        "number": "1800000000",
     }
     for operation, members in REQUEST_MEMBERS.items():
         for name, kind in members.items():
@@ -358,7 +359,7 @@ def test_maintenance_deletes_only_with_its_record(failing: tuple[Harness, Failin
     kms.call("ScheduleKeyDeletion", KeyId=key_id, PendingWindowInDays=7)
     kms.clock.advance(8 * 86400)
     sink.failing = True
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     assert kms.describe(key_id)["KeyState"] == "PendingDeletion"
     sink.failing = False
     assert kms.service.run_maintenance()["deleted"] == [key_id]
