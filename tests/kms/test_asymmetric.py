@@ -988,6 +988,10 @@ def test_slow_work_result_is_the_key_stored(fresh: Harness) -> None:
     key_id = metadata["KeyMetadata"]["KeyId"]
     assert unb64(fresh.call("GetPublicKey", KeyId=key_id)["PublicKey"]) == public_der
     assert fresh.service.slow_work("CreateKey", {"KeySpec": "ECC_NIST_P256"}) is None
+    # nothing is generated for a request that will be refused or is a dry run
+    assert fresh.service.slow_work("CreateKey", {**params, "KeyUsage": "KEY_AGREEMENT"}) is None
+    assert fresh.service.slow_work("CreateKey", {**params, "DryRun": True}) is None
+    assert fresh.service.slow_work("CreateKey", {"KeySpec": "RSA_2048"}) is not None
     assert fresh.service.slow_work("Sign", params) is None
     # a result prepared for another spec is not used
     other = fresh.service.handle(
