@@ -59,12 +59,12 @@ HMAC_SPECS = {
     "HMAC_512": ("HMAC_SHA_512", "sha512"),
 }
 RSA_SIGNING = (
-    "RSASSA_PSS_SHA_256",
-    "RSASSA_PSS_SHA_384",
-    "RSASSA_PSS_SHA_512",
     "RSASSA_PKCS1_V1_5_SHA_256",
     "RSASSA_PKCS1_V1_5_SHA_384",
     "RSASSA_PKCS1_V1_5_SHA_512",
+    "RSASSA_PSS_SHA_256",
+    "RSASSA_PSS_SHA_384",
+    "RSASSA_PSS_SHA_512",
 )
 HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 #: AWS's RSA Encrypt plaintext limits (Key spec reference, "RSA key specs for
