@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsfs.errors import KMSInvalidSignatureException
+from kmsfs.kms.client import KMSClient
 from tests.conftest import Keyd
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -161,7 +162,8 @@ def test_rsa_4096_burst_does_not_stall_other_clients(live_keyd: Keyd) -> None:
 
         def burst() -> None:
             try:
-                with live_keyd.client() as burst_client:
+                # generous: a busy machine may take seconds per RSA_4096 key
+                with KMSClient(live_keyd.socket, timeout=300) as burst_client:
                     for _ in range(2):
                         response = burst_client.call(
                             "CreateKey", {"KeySpec": "RSA_4096", "KeyUsage": "SIGN_VERIFY"}
