@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from kmsfs.errors import (
     AccessDeniedException,
     DisabledException,
+    DryRunOperationException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
     KMSError,
@@ -1088,3 +1089,61 @@ def test_property_ecdsa_signature_and_any_flipped_bit(
     flipped[(flip // 8) % len(flipped)] ^= 1 << (flip % 8)
     with pytest.raises(KMSInvalidSignatureException):
         kms.call("Verify", Signature=b64(bytes(flipped)), **params)
+
+
+def test_dry_run_answers_dry_run_and_does_nothing(kms: Harness) -> None:
+    """DryRun (AWS: "Checks if your request will succeed") on every new key-use
+    operation: DryRunOperationException after every check passed, no result."""
+    sign_key = kms.key("ECC_NIST_P256", "SIGN_VERIFY")
+    mac_key = kms.key("HMAC_256", "GENERATE_VERIFY_MAC")
+    agree_key = kms.key("ECC_NIST_P256", "KEY_AGREEMENT")
+    wrap_key = kms.key("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
+    rsa_key = kms.key("RSA_2048", "ENCRYPT_DECRYPT")
+    message = b64(b"m")
+    signature = kms.call("Sign", KeyId=sign_key, Message=message, SigningAlgorithm="ECDSA_SHA_256")[
+        "Signature"
+    ]
+    mac = kms.call("GenerateMac", KeyId=mac_key, Message=message, MacAlgorithm="HMAC_SHA_256")[
+        "Mac"
+    ]
+    peer = b64(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    requests = [
+        ("Sign", {"KeyId": sign_key, "Message": message, "SigningAlgorithm": "ECDSA_SHA_256"}),
+        (
+            "Verify",
+            {
+                "KeyId": sign_key,
+                "Message": message,
+                "Signature": signature,
+                "SigningAlgorithm": "ECDSA_SHA_256",
+            },
+        ),
+        ("GenerateMac", {"KeyId": mac_key, "Message": message, "MacAlgorithm": "HMAC_SHA_256"}),
+        (
+            "VerifyMac",
+            {"KeyId": mac_key, "Message": message, "Mac": mac, "MacAlgorithm": "HMAC_SHA_256"},
+        ),
+        ("GenerateDataKeyPair", {"KeyId": wrap_key, "KeyPairSpec": "ECC_NIST_P256"}),
+        (
+            "GenerateDataKeyPairWithoutPlaintext",
+            {"KeyId": wrap_key, "KeyPairSpec": "ECC_NIST_P256"},
+        ),
+        (
+            "DeriveSharedSecret",
+            {"KeyId": agree_key, "KeyAgreementAlgorithm": "ECDH", "PublicKey": peer},
+        ),
+        (
+            "Encrypt",
+            {"KeyId": rsa_key, "Plaintext": message, "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+        ),
+        ("CreateKey", {"KeySpec": "RSA_2048", "KeyUsage": "SIGN_VERIFY"}),
+    ]
+    keys_before = len(kms.call("ListKeys", Limit=1000)["Keys"])
+    for operation, params in requests:
+        with pytest.raises(DryRunOperationException):
+            kms.call(operation, DryRun=True, **params)
+    assert len(kms.call("ListKeys", Limit=1000)["Keys"]) == keys_before
