@@ -148,19 +148,6 @@ MAX_SIGNATURE = 6144
 MAX_PUBLIC_KEY = 8192
 
 
-def family(key_spec: str) -> str:
-    """SYMMETRIC, RSA, ECC or HMAC."""
-    if key_spec == SYMMETRIC_DEFAULT:
-        return "SYMMETRIC"
-    if key_spec in RSA_BITS:
-        return "RSA"
-    if key_spec in _CURVES:
-        return "ECC"
-    if key_spec in _HMAC:
-        return "HMAC"
-    raise ValueError(f"unknown key spec {key_spec!r}")
-
-
 def is_asymmetric(key_spec: str) -> bool:
     return key_spec in RSA_BITS or key_spec in _CURVES
 
@@ -360,8 +347,9 @@ def digest_for(
 
 
 def _signature_scheme(
-    key: PrivateKey | PublicKey, algorithm: str, digest_algorithm: hashes.HashAlgorithm
-):
+    algorithm: str, digest_algorithm: hashes.HashAlgorithm
+) -> tuple[padding.AsymmetricPadding | None, utils.Prehashed | ec.ECDSA]:
+    """(RSA padding, scheme) for an AWS signing algorithm, over a precomputed digest."""
     prehashed = utils.Prehashed(digest_algorithm)
     if algorithm.startswith("RSASSA_PSS_"):
         # salt length = digest length, as AWS KMS (PKCS #1 v2.2 8.1, "256-bit salt")
@@ -376,9 +364,11 @@ def _signature_scheme(
 
 def sign(key: PrivateKey, algorithm: str, message: bytes, message_type: str) -> bytes:
     digest, digest_algorithm = digest_for(algorithm, message, message_type)
-    pad, scheme = _signature_scheme(key, algorithm, digest_algorithm)
+    pad, scheme = _signature_scheme(algorithm, digest_algorithm)
     if isinstance(key, rsa.RSAPrivateKey):
+        assert pad is not None and isinstance(scheme, utils.Prehashed)
         return key.sign(digest, pad, scheme)
+    assert isinstance(scheme, ec.ECDSA)
     return key.sign(digest, scheme)
 
 
@@ -389,11 +379,13 @@ def verify(
     public = (
         key.public_key() if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) else key
     )
-    pad, scheme = _signature_scheme(public, algorithm, digest_algorithm)
+    pad, scheme = _signature_scheme(algorithm, digest_algorithm)
     try:
         if isinstance(public, rsa.RSAPublicKey):
+            assert pad is not None and isinstance(scheme, utils.Prehashed)
             public.verify(signature, digest, pad, scheme)
         else:
+            assert isinstance(scheme, ec.ECDSA)
             public.verify(signature, digest, scheme)
     except (InvalidSignature, ValueError):
         return False
