@@ -1147,3 +1147,21 @@ def test_dry_run_answers_dry_run_and_does_nothing(kms: Harness) -> None:
         with pytest.raises(DryRunOperationException):
             kms.call(operation, DryRun=True, **params)
     assert len(kms.call("ListKeys", Limit=1000)["Keys"]) == keys_before
+
+
+def test_sealed_private_key_is_bound_to_its_key(fresh: Harness) -> None:
+    """A sealed private key copied onto another key's record does not open there (the
+    key id and version are the seal's associated data): keyd refuses to use it."""
+    first = fresh.call("CreateKey", KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")
+    second = fresh.call("CreateKey", KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")
+    first_id = first["KeyMetadata"]["KeyId"]
+    second_id = second["KeyMetadata"]["KeyId"]
+    with fresh.keystore.transaction() as db:
+        sealed = db.execute(
+            "SELECT sealed FROM key_versions WHERE key_id = ?", (first_id,)
+        ).fetchone()[0]
+        db.execute("UPDATE key_versions SET sealed = ? WHERE key_id = ?", (sealed, second_id))
+    with pytest.raises(KMSError) as caught:
+        fresh.call("Sign", KeyId=second_id, Message=b64(b"m"), SigningAlgorithm="ECDSA_SHA_256")
+    assert caught.value.aws_type == "KMSInternalException"
+    fresh.call("Sign", KeyId=first_id, Message=b64(b"m"), SigningAlgorithm="ECDSA_SHA_256")
