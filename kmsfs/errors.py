@@ -105,6 +105,18 @@ class InvalidKeyUsageException(KMSError):
     aws_type = "InvalidKeyUsageException"
 
 
+class KMSInvalidSignatureException(KMSError):
+    """Verify: the signature does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidSignatureException"
+
+
+class KMSInvalidMacException(KMSError):
+    """VerifyMac: the MAC does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidMacException"
+
+
 class InvalidArnException(KMSError):
     """The ARN is malformed."""
 
@@ -223,6 +235,8 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         InvalidAliasNameException,
         UnsupportedOperationException,
         InvalidKeyUsageException,
+        KMSInvalidSignatureException,
+        KMSInvalidMacException,
         InvalidArnException,
         InvalidMarkerException,
         TagException,
