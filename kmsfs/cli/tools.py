@@ -107,6 +107,9 @@ def _output(path: str, *, force: bool = False) -> Iterator[BinaryIO]:
 
 _EXISTS = "{path} exists; add --force to replace it"
 
+#: the output rules of encrypt/decrypt, for other commands that write a file
+output_file = _output
+
 
 @contextlib.contextmanager
 def _special_output(path: str) -> Iterator[BinaryIO]:
