@@ -112,6 +112,18 @@ class InvalidKeyUsageException(KMSError):
     aws_type = "InvalidKeyUsageException"
 
 
+class KMSInvalidSignatureException(KMSError):
+    """Verify: the signature does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidSignatureException"
+
+
+class KMSInvalidMacException(KMSError):
+    """VerifyMac: the MAC does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidMacException"
+
+
 class InvalidArnException(KMSError):
     """The ARN is malformed."""
 
@@ -207,6 +219,8 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         InvalidAliasNameException,
         UnsupportedOperationException,
         InvalidKeyUsageException,
+        KMSInvalidSignatureException,
+        KMSInvalidMacException,
         InvalidArnException,
         InvalidMarkerException,
         TagException,

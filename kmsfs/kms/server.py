@@ -3,7 +3,11 @@
 The server knows HTTP, sockets and peer credentials, and nothing about keys: every
 request becomes one synchronous ``service.handle(operation, params, caller, request_id)``
 call, made directly in the connection's trio task (it is sub-millisecond; a thread hop
-would cost more than the call). This module is the one place that maps
+would cost more than the call). The one exception is work that takes long: a service
+may name it (``slow_operations`` and ``slow_work``, e.g. generating an RSA_4096 key
+pair, up to seconds), and the server runs that part in a worker thread first (at most
+:data:`SLOW_WORK_THREADS` at once) and hands its result to ``handle``, so other clients
+are not stalled meanwhile. This module is the one place that maps
 :class:`kmsfs.errors.KMSError` to AWS error bodies and HTTP status codes.
 
 Protection against misbehaving clients (all in :class:`ServerLimits`): a body limit
@@ -70,6 +74,9 @@ _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
 _INTERNAL_ERROR_MESSAGE = "An internal error occurred in keyd (request id {request_id})."
+#: worker threads for slow work (key pair generation) at once: more requests wait for
+#: one, so a burst of RSA_4096 CreateKey cannot take every core from the event loop
+SLOW_WORK_THREADS = 2
 
 
 class KeyServiceLike(Protocol):
@@ -332,6 +339,10 @@ class _Server:
         #: a descriptor held in reserve, given up to accept-and-refuse at the fd limit
         self._spare_fd: int | None = _open_spare_fd()
         self._at_fd_limit = False
+        self.slow_operations: frozenset[str] = frozenset(
+            getattr(service, "slow_operations", frozenset())
+        )
+        self.slow_work_limiter = trio.CapacityLimiter(SLOW_WORK_THREADS)
 
     def close(self) -> None:
         if self._spare_fd is not None:
@@ -482,6 +493,7 @@ class _Connection:
     """One client connection: read a request, answer it, repeat (keep-alive)."""
 
     def __init__(self, server: _Server, sock: trio.socket.SocketType, caller: Caller) -> None:
+        self.server = server
         self.service = server.service
         self.limits = server.limits
         self.sock = sock
@@ -500,7 +512,8 @@ class _Connection:
                 await self._send_error(error)
                 await self._linger()
                 return
-            response = self._dispatch(request, body)
+            prepared = await self._prepare(request, body)
+            response = self._dispatch(request, body, prepared)
             await self._send(response)
             if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                 return  # MUST_CLOSE: the client asked for it, or spoke HTTP/1.0
@@ -600,14 +613,41 @@ class _Connection:
         )
 
     # -- answering ----------------------------------------------------------------
-    def _dispatch(self, request: h11.Request, body: bytes) -> bytes:
+    async def _prepare(self, request: h11.Request, body: bytes) -> Any:
+        """Run the slow part of a request (see the module docstring) in a worker thread;
+        None when there is none, or when anything about it fails (then ``handle`` does
+        everything itself, and answers any problem with the request)."""
+        server = self.server
+        if not server.slow_operations:
+            return None
+        try:
+            operation = self._operation(request)
+            if operation not in server.slow_operations:
+                return None
+            work = self.service.slow_work(operation, decode_request_body(body))  # type: ignore[attr-defined]
+            if work is None:
+                return None
+            tag, function = work
+            return tag, await trio.to_thread.run_sync(function, limiter=server.slow_work_limiter)
+        except (_HTTPError, KMSError):
+            return None
+        except Exception:
+            logger.exception("keyd: slow work failed; the request runs without it")
+            return None
+
+    def _dispatch(self, request: h11.Request, body: bytes, prepared: Any = None) -> bytes:
         """The complete response (head and body) to one request."""
         request_id = str(uuid.uuid4())
         operation = ""
         try:
             operation = self._operation(request)
             params = decode_request_body(body)
-            result = self.service.handle(operation, params, self.caller, request_id)
+            if prepared is None:
+                result = self.service.handle(operation, params, self.caller, request_id)
+            else:
+                result = self.service.handle(  # type: ignore[call-arg]
+                    operation, params, self.caller, request_id, prepared=prepared
+                )
             payload = encode_response_body(result)
         except _HTTPError as error:
             return self._error_bytes(error.status, error.aws_type, error.message, request_id)

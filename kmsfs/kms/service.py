@@ -48,10 +48,11 @@ from kmsfs.errors import (
     IncorrectKeyException,
     InvalidAliasNameException,
     InvalidCiphertextException,
-    InvalidKeyUsageException,
     InvalidMarkerException,
     KMSError,
     KMSInternalException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
     KMSInvalidStateException,
     MalformedPolicyDocumentException,
     NotFoundException,
@@ -62,6 +63,7 @@ from kmsfs.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from kmsfs.kms import asymmetric
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
@@ -93,8 +95,9 @@ _ALIAS_RE = re.compile(r"alias/[a-zA-Z0-9/_-]+")
 _ARN_RE = re.compile(r"arn:aws:kms:([^:]+):([^:]+):(key|alias)/(.+)")
 MAX_CONTEXT_BYTES = 8192
 
-# AWS key specs: only symmetric keys exist here yet; the others are known names.
-_SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
+# AWS key specs: symmetric, RSA, ECC and HMAC keys (kms/asymmetric.py); SM2 (China
+# Regions only) and ML-DSA are known names, refused as unsupported.
+_SUPPORTED_KEY_SPECS = set(asymmetric.KEY_SPEC_USAGES)
 _KNOWN_KEY_SPECS = _SUPPORTED_KEY_SPECS | {
     "RSA_2048",
     "RSA_3072",
@@ -114,7 +117,7 @@ _KNOWN_KEY_SPECS = _SUPPORTED_KEY_SPECS | {
 }
 _KEY_USAGES = {"ENCRYPT_DECRYPT", "SIGN_VERIFY", "GENERATE_VERIFY_MAC", "KEY_AGREEMENT"}
 _ORIGINS = {"AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"}
-_ENCRYPTION_ALGORITHMS = {"SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE"}
+_ENCRYPTION_ALGORITHMS = set(asymmetric.ENCRYPTION_ALGORITHMS)
 _DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
 
 # Parameters that may appear in audit events. Everything else (Plaintext,
@@ -152,6 +155,15 @@ _AUDITED_FIELDS = {
     "PolicyName",
     "PolicyNames",
     "BypassPolicyLockoutSafetyCheck",
+    # asymmetric and HMAC keys: names of algorithms and outcomes only. Never Message,
+    # Signature, Mac, PublicKey, SharedSecret or any PrivateKey* member.
+    "SigningAlgorithm",
+    "MessageType",
+    "MacAlgorithm",
+    "KeyAgreementAlgorithm",
+    "KeyPairSpec",
+    "SignatureValid",
+    "MacValid",
 }
 
 # ------------------------------------------------------------ request members
@@ -263,6 +275,55 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     },
     "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
     "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
+    "GetPublicKey": {"KeyId": _STRING, "GrantTokens": _STRINGS},
+    "Sign": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MessageType": _STRING,
+        "SigningAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "Verify": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MessageType": _STRING,
+        "Signature": _BLOB,
+        "SigningAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateMac": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MacAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "VerifyMac": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "Mac": _BLOB,
+        "MacAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKeyPair": {
+        "KeyId": _STRING,
+        "KeyPairSpec": _STRING,
+        "EncryptionContext": _CONTEXT,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKeyPairWithoutPlaintext": {
+        "KeyId": _STRING,
+        "KeyPairSpec": _STRING,
+        "EncryptionContext": _CONTEXT,
+        **_CRYPTO_COMMON,
+    },
+    "DeriveSharedSecret": {
+        "KeyId": _STRING,
+        "KeyAgreementAlgorithm": _STRING,
+        "PublicKey": _BLOB,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -297,7 +358,26 @@ STATE_CHANGING_OPERATIONS = frozenset(
     }
 )
 KEY_USE_OPERATIONS = frozenset(
-    {"Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"}
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "Sign",
+        "Verify",
+        "GenerateMac",
+        "VerifyMac",
+        "DeriveSharedSecret",
+    }
+)
+
+#: Operations whose preparation (:meth:`KeyService.slow_work`) may take long enough to
+#: stall an event loop: generating an RSA key pair.
+SLOW_OPERATIONS = frozenset(
+    {"CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"}
 )
 _JSON_TYPE_NAMES = {
     str: "STRING_VALUE",
@@ -530,16 +610,11 @@ def _dry_run(params: dict[str, Any]) -> None:
         )
 
 
-def _symmetric_algorithm(params: dict[str, Any], name: str = "EncryptionAlgorithm") -> None:
-    algorithm = _string(params, name, choices=_ENCRYPTION_ALGORITHMS)
-    if algorithm not in (None, "SYMMETRIC_DEFAULT"):
-        raise InvalidKeyUsageException(
-            f"{algorithm} is not a valid encryption algorithm for a symmetric key"
-        )
-
-
 class KeyService:
     """AWS KMS operations on one keystore. Not thread-safe: call from one thread."""
+
+    #: operations that may have slow work to run off the event loop (see slow_work)
+    slow_operations = SLOW_OPERATIONS
 
     def __init__(
         self,
@@ -561,6 +636,10 @@ class KeyService:
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: unsealed private keys of asymmetric CMKs, by (key id, version)
+        self._private_keys: dict[tuple[str, int], asymmetric.PrivateKey] = {}
+        #: the result of slow_work for the request being handled (see handle)
+        self._prepared: tuple[tuple[str, str], Any] | None = None
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
         #: the default policy with this uid as its creator (see policy_text)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -592,10 +671,45 @@ class KeyService:
         return self.principals(caller)
 
     # ------------------------------------------------------------------ entry
+    def slow_work(
+        self, operation: str, params: dict[str, Any]
+    ) -> tuple[tuple[str, str], Callable[[], Any]] | None:
+        """Work a request needs that would stall an event loop, for the caller to run in
+        a thread before :meth:`handle` (then passed to it as ``prepared``): generating
+        an RSA key pair for CreateKey or GenerateDataKeyPair(WithoutPlaintext), which
+        takes up to seconds for RSA_4096. Pure: it touches nothing of the service.
+        None when the request needs none (the request is not checked here: handle
+        checks it, and generates inline what it was not given)."""
+        if operation not in SLOW_OPERATIONS:
+            return None
+        name = "KeySpec" if operation == "CreateKey" else "KeyPairSpec"
+        spec = params.get(name)
+        if operation == "CreateKey" and spec is None:
+            spec = params.get("CustomerMasterKeySpec")
+        if not isinstance(spec, str) or not asymmetric.slow_to_generate(spec):
+            return None
+        return (operation, spec), lambda: asymmetric.generate_key_pair_der(spec)
+
+    def _take_prepared(self, operation: str, spec: str) -> Any:
+        """What slow_work computed for this request, if it was for this operation and
+        spec; else None."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == (operation, spec):
+            return prepared[1]
+        return None
+
     def handle(
-        self, operation: str, params: dict[str, Any], caller: Caller, request_id: str
+        self,
+        operation: str,
+        params: dict[str, Any],
+        caller: Caller,
+        request_id: str,
+        prepared: tuple[tuple[str, str], Any] | None = None,
     ) -> dict[str, Any]:
         """Run one operation and audit it, whatever its outcome.
+
+        ``prepared``: the tag and result of :meth:`slow_work` for this request, computed
+        off the event loop by the server.
 
         The whole request is checked (every member's type, every string's text)
         before anything runs. A state change (:data:`STATE_CHANGING_OPERATIONS`) runs
@@ -614,6 +728,7 @@ class KeyService:
         response: dict[str, Any] | None = None
         error: KMSError | None = None
         recorded = False
+        self._prepared = prepared
         try:
             method = self._operations.get(operation)
             if method is None:
@@ -655,6 +770,7 @@ class KeyService:
             log.exception("keyd: internal error in %s (request id %s)", operation, request_id)
             raise error from exc
         finally:
+            self._prepared = None
             if error is not None or not recorded:
                 self._record_best_effort(
                     self._audit_event(
@@ -1016,6 +1132,67 @@ class KeyService:
     def _forget_ciphers(self, key_id: str) -> None:
         for cache_key in [k for k in self._ciphers if k[0] == key_id]:
             del self._ciphers[cache_key]
+        for cache_key in [k for k in self._private_keys if k[0] == key_id]:
+            del self._private_keys[cache_key]
+
+    def _material(self, key: KeyRecord) -> bytes:
+        """The unsealed material of the key's current version (asymmetric and HMAC keys
+        have one version: they cannot be rotated)."""
+        material = self.keystore.unseal_material(key.key_id, key.current_version)
+        if material is None:
+            raise KMSInternalException("key material is missing")
+        return material
+
+    def _private_key(self, key: KeyRecord) -> asymmetric.PrivateKey:
+        cache_key = (key.key_id, key.current_version)
+        private = self._private_keys.get(cache_key)
+        if private is None:
+            private = asymmetric.load_private_key(self._material(key))
+            if len(self._private_keys) >= 1024:
+                self._private_keys.clear()
+            self._private_keys[cache_key] = private
+        return private
+
+    def _check_encryption_key(
+        self, key: KeyRecord, algorithm: str, context: dict[str, str], operation: str
+    ) -> None:
+        """The key can encrypt/decrypt with ``algorithm``: its KeyUsage is ENCRYPT_DECRYPT
+        and its KeySpec supports the algorithm (InvalidKeyUsageException otherwise, as
+        AWS: SYMMETRIC_DEFAULT only for symmetric keys, RSAES_OAEP_SHA_1/256 only for
+        RSA keys). An encryption context is supported only with symmetric encryption
+        keys (AWS Encrypt: "An encryption context is supported only on operations with
+        symmetric encryption KMS keys")."""
+        asymmetric.require_usage(key.key_spec, key.key_usage, "ENCRYPT_DECRYPT", operation)
+        asymmetric.require_algorithm(
+            "EncryptionAlgorithm",
+            algorithm,
+            asymmetric.encryption_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        if context and key.key_spec != "SYMMETRIC_DEFAULT":
+            raise ValidationException(
+                "EncryptionContext is supported only on operations with symmetric "
+                f"encryption KMS keys; {self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
+
+    def _rsa_encrypt(self, key: KeyRecord, algorithm: str, plaintext: bytes) -> bytes:
+        return asymmetric.rsa_encrypt(self._private_key(key), key.key_spec, algorithm, plaintext)
+
+    def _rsa_open(
+        self,
+        key: KeyRecord,
+        algorithm: str,
+        blob: bytes,
+        context: dict[str, str],
+        operation: str,
+        authorize: Callable[[KeyRecord], None],
+    ) -> bytes:
+        """Decrypt raw RSAES-OAEP ciphertext with an RSA key named in the request."""
+        self._check_encryption_key(key, algorithm, context, operation)
+        authorize(key)
+        self._require_usable(key)
+        private = self._private_key(key)
+        return asymmetric.rsa_decrypt(private, algorithm, blob)
 
     def _seal(self, key: KeyRecord, plaintext: bytes, context: dict[str, str]) -> bytes:
         cipher = self._cipher(key.key_id, key.current_version)
@@ -1025,6 +1202,13 @@ class KeyService:
         nonce = os.urandom(12)
         aad = head + encode_encryption_context(context)
         return head + nonce + cipher.encrypt(nonce, plaintext, aad)
+
+    def _blob_key(self, blob: bytes) -> KeyRecord | None:
+        """The existing key one of keyd's symmetric blobs names, if it looks like one."""
+        if len(blob) < BLOB_HEADER_LEN + TAG_LEN or blob[0] != BLOB_VERSION:
+            return None
+        _, key_bytes, _version = _BLOB_HEAD.unpack_from(blob)
+        return self.keystore.get_key(str(uuid.UUID(bytes=key_bytes)))
 
     def _open(
         self,
@@ -1047,6 +1231,9 @@ class KeyService:
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this operation."
             )
+        if key.key_spec != "SYMMETRIC_DEFAULT":
+            # only symmetric keys seal blobs: this one was made, not sealed by keyd
+            raise InvalidCiphertextException("The ciphertext is invalid.")
         authorize(key)  # the key policy decides before anything is decrypted
         self._require_usable(key)
         cipher = self._cipher(key_id, version) if 1 <= version <= key.current_version else None
@@ -1091,7 +1278,7 @@ class KeyService:
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": key.key_spec,
             "KeySpec": key.key_spec,
-            "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+            **asymmetric.algorithm_fields(key.key_spec, key.key_usage),
             "MultiRegion": False,
         }
         if key.key_state == "PendingDeletion":
@@ -1131,9 +1318,13 @@ class KeyService:
         key_usage = _string(params, "KeyUsage", choices=_KEY_USAGES) or "ENCRYPT_DECRYPT"
         origin = _string(params, "Origin", choices=_ORIGINS) or "AWS_KMS"
         if key_spec not in _SUPPORTED_KEY_SPECS:
-            raise UnsupportedOperationException(f"KeySpec {key_spec} is not supported yet")
-        if key_usage != "ENCRYPT_DECRYPT":
-            raise ValidationException(f"KeyUsage {key_usage} is not valid for KeySpec {key_spec}")
+            raise UnsupportedOperationException(
+                f"KeySpec {key_spec} is not supported by keyd (supported: "
+                f"{', '.join(asymmetric.KEY_SPEC_USAGES)})"
+            )
+        # AWS CreateKey: KeyUsage defaults to ENCRYPT_DECRYPT; a pair the key spec
+        # reference does not list is a ValidationException naming the valid usages
+        asymmetric.check_spec_usage(key_spec, key_usage)
         if origin != "AWS_KMS":
             raise UnsupportedOperationException(f"Origin {origin} is not supported")
         if _field(params, "MultiRegion", bool, False):
@@ -1165,8 +1356,11 @@ class KeyService:
         else:
             self._check_new_policy(params, caller, key, policy)
         _dry_run(params)
+        # RSA pairs come generated off the event loop (slow_work), others are quick
+        prepared = self._take_prepared("CreateKey", key_spec)
+        material = prepared[0] if prepared is not None else asymmetric.generate_material(key_spec)
         with self.keystore.transaction() as db:
-            self.keystore.insert_key(db, key, os.urandom(32))
+            self.keystore.insert_key(db, key, material)
             self.keystore.put_policy(db, key.key_id, policy)
             self._policy_texts.pop(key.key_id, None)
             db.executemany(
@@ -1242,6 +1436,7 @@ class KeyService:
         key = self._resolve(params)
         period = _integer(params, "RotationPeriodInDays", 90, 2560) or 365
         self._authorize(caller, "EnableKeyRotation", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "EnableKeyRotation")
         self._require_usable(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
@@ -1256,6 +1451,7 @@ class KeyService:
     def _op_DisableKeyRotation(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         self._authorize(caller, "DisableKeyRotation", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "DisableKeyRotation")
         self._require_usable(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
@@ -1266,6 +1462,17 @@ class KeyService:
                 next_rotation_date=None,
             )
         return {}
+
+    def _require_rotatable(self, key: KeyRecord, operation: str) -> None:
+        """AWS: "Automatic key rotation is supported only on symmetric encryption KMS
+        keys. You cannot enable automatic rotation of asymmetric KMS keys, HMAC KMS
+        keys..." (EnableKeyRotation, DisableKeyRotation; RotateKeyOnDemand likewise):
+        UnsupportedOperationException. GetKeyRotationStatus reports false for them."""
+        if key.key_spec != "SYMMETRIC_DEFAULT":
+            raise UnsupportedOperationException(
+                f"{operation} is supported only on symmetric encryption KMS keys; "
+                f"{self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
 
     def _op_GetKeyRotationStatus(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
@@ -1282,6 +1489,7 @@ class KeyService:
     def _op_RotateKeyOnDemand(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         self._authorize(caller, "RotateKeyOnDemand", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "RotateKeyOnDemand")
         self._require_usable(key)
         self._add_version(key, "ON_DEMAND", self.clock())
         return {"KeyId": self.arn(key.key_id)}
@@ -1303,41 +1511,70 @@ class KeyService:
         return {"Rotations": page, **extra}
 
     # ------------------------------------------------------------ cryptography
+    def _encryption_algorithm(self, params: dict[str, Any], name: str) -> str:
+        return _string(params, name, choices=_ENCRYPTION_ALGORITHMS) or "SYMMETRIC_DEFAULT"
+
     def _op_Encrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         plaintext = _binary(params, "Plaintext", MAX_PLAINTEXT)
         context = _context(params, "EncryptionContext")
-        _symmetric_algorithm(params)
+        algorithm = self._encryption_algorithm(params, "EncryptionAlgorithm")
+        self._check_encryption_key(key, algorithm, context, "Encrypt")
+        assert plaintext is not None
+        if algorithm != "SYMMETRIC_DEFAULT":
+            # the plaintext limit of the key size and OAEP hash, before anything runs
+            limit = asymmetric.max_plaintext(key.key_spec, algorithm)
+            if len(plaintext) > limit:
+                raise ValidationException(
+                    f"Plaintext is {len(plaintext)} bytes; the maximum for KeySpec "
+                    f"{key.key_spec} with {algorithm} is {limit} bytes"
+                )
         self._authorize(caller, "Encrypt", key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
-        assert plaintext is not None
-        blob = self._seal(key, plaintext, context)
+        if algorithm == "SYMMETRIC_DEFAULT":
+            blob = self._seal(key, plaintext, context)
+        else:
+            blob = self._rsa_encrypt(key, algorithm, plaintext)
         return {
             "CiphertextBlob": base64.b64encode(blob).decode(),
             "KeyId": self.arn(key.key_id),
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithm": algorithm,
         }
 
     def _op_Decrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         blob = _binary(params, "CiphertextBlob", MAX_CIPHERTEXT)
         context = _context(params, "EncryptionContext")
         expected = self._resolve(params) if params.get("KeyId") is not None else None
-        _symmetric_algorithm(params)
+        algorithm = self._encryption_algorithm(params, "EncryptionAlgorithm")
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
         assert blob is not None
-        key, plaintext = self._open(
-            blob,
-            context,
-            expected,
-            lambda key: self._authorize(caller, "Decrypt", key, context, params.get("KeyId")),
-        )
+
+        def authorize(key: KeyRecord) -> None:
+            self._authorize(caller, "Decrypt", key, context, params.get("KeyId"))
+
+        if algorithm == "SYMMETRIC_DEFAULT":
+            if expected is not None:
+                self._check_encryption_key(expected, algorithm, context, "Decrypt")
+            key, plaintext = self._open(blob, context, expected, authorize)
+        else:
+            # AWS Decrypt: "If you used an asymmetric KMS key, you must specify KeyId":
+            # raw RSA ciphertext does not name its key
+            if expected is None:
+                named = self._blob_key(blob)
+                if named is not None:  # a symmetric blob: the algorithm cannot open it
+                    self._check_encryption_key(named, algorithm, context, "Decrypt")
+                raise ValidationException(
+                    f"KeyId is required to decrypt with EncryptionAlgorithm {algorithm}"
+                )
+            key = expected
+            plaintext = self._rsa_open(key, algorithm, blob, context, "Decrypt", authorize)
         _dry_run(params)
         return {
             "KeyId": self.arn(key.key_id),
             "Plaintext": base64.b64encode(plaintext).decode(),
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithm": algorithm,
         }
 
     def _op_ReEncrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -1348,8 +1585,20 @@ class KeyService:
             self._resolve(params, "SourceKeyId") if params.get("SourceKeyId") is not None else None
         )
         destination = self._resolve(params, "DestinationKeyId")
-        _symmetric_algorithm(params, "SourceEncryptionAlgorithm")
-        _symmetric_algorithm(params, "DestinationEncryptionAlgorithm")
+        source_algorithm = self._encryption_algorithm(params, "SourceEncryptionAlgorithm")
+        destination_algorithm = self._encryption_algorithm(params, "DestinationEncryptionAlgorithm")
+        self._check_encryption_key(
+            destination, destination_algorithm, destination_context, "ReEncrypt"
+        )
+        if source_expected is not None:
+            self._check_encryption_key(
+                source_expected, source_algorithm, source_context, "ReEncrypt"
+            )
+        elif source_algorithm != "SYMMETRIC_DEFAULT":
+            raise ValidationException(
+                f"SourceKeyId is required to decrypt with SourceEncryptionAlgorithm "
+                f"{source_algorithm}"
+            )
         assert blob is not None
         self._authorize(
             caller,
@@ -1358,23 +1607,37 @@ class KeyService:
             destination_context,
             params.get("DestinationKeyId"),
         )
-        source, plaintext = self._open(
-            blob,
-            source_context,
-            source_expected,
-            lambda key: self._authorize(
-                caller, "ReEncryptFrom", key, source_context, params.get("SourceKeyId")
-            ),
-        )
+
+        def authorize(key: KeyRecord) -> None:
+            self._authorize(caller, "ReEncryptFrom", key, source_context, params.get("SourceKeyId"))
+
+        if source_algorithm == "SYMMETRIC_DEFAULT":
+            source, plaintext = self._open(blob, source_context, source_expected, authorize)
+        else:
+            assert source_expected is not None
+            source = source_expected
+            plaintext = self._rsa_open(
+                source, source_algorithm, blob, source_context, "ReEncrypt", authorize
+            )
         self._require_usable(destination)
+        if destination_algorithm != "SYMMETRIC_DEFAULT":
+            limit = asymmetric.max_plaintext(destination.key_spec, destination_algorithm)
+            if len(plaintext) > limit:
+                raise ValidationException(
+                    f"the plaintext is {len(plaintext)} bytes; the maximum for KeySpec "
+                    f"{destination.key_spec} with {destination_algorithm} is {limit} bytes"
+                )
         _dry_run(params)
-        new_blob = self._seal(destination, plaintext, destination_context)
+        if destination_algorithm == "SYMMETRIC_DEFAULT":
+            new_blob = self._seal(destination, plaintext, destination_context)
+        else:
+            new_blob = self._rsa_encrypt(destination, destination_algorithm, plaintext)
         return {
             "CiphertextBlob": base64.b64encode(new_blob).decode(),
             "SourceKeyId": self.arn(source.key_id),
             "KeyId": self.arn(destination.key_id),
-            "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-            "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "SourceEncryptionAlgorithm": source_algorithm,
+            "DestinationEncryptionAlgorithm": destination_algorithm,
         }
 
     def _data_key(
@@ -1388,6 +1651,7 @@ class KeyService:
             raise ValidationException("Please specify either KeySpec or NumberOfBytes, not both")
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        self._check_encryption_key(key, "SYMMETRIC_DEFAULT", context, operation)
         self._authorize(caller, operation, key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
@@ -1407,6 +1671,202 @@ class KeyService:
     ) -> dict[str, Any]:
         key, _data_key, blob = self._data_key(params, caller, "GenerateDataKeyWithoutPlaintext")
         return {"CiphertextBlob": base64.b64encode(blob).decode(), "KeyId": self.arn(key.key_id)}
+
+    # ------------------------------------------------ asymmetric and HMAC keys
+    def _data_key_pair(
+        self, params: dict[str, Any], caller: Caller, operation: str
+    ) -> tuple[KeyRecord, str, bytes, bytes, bytes]:
+        """GenerateDataKeyPair(WithoutPlaintext): a new RSA or ECC key pair whose private
+        key (PKCS#8 DER) is sealed under a symmetric encryption CMK with the encryption
+        context, as AWS KMS does. Returns the CMK, the pair spec, the private key, its
+        sealed blob and the public key (SubjectPublicKeyInfo DER)."""
+        key = self._resolve(params)
+        context = _context(params, "EncryptionContext")
+        pair_spec = _string(
+            params, "KeyPairSpec", required=True, choices=set(asymmetric.KEY_PAIR_SPECS)
+        )
+        assert pair_spec is not None
+        if pair_spec == "SM2":
+            raise UnsupportedOperationException(
+                "KeyPairSpec SM2 is available only in AWS China Regions"
+            )
+        if params.get("Recipient") is not None:
+            raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        # AWS: the KMS key must be a symmetric encryption key (InvalidKeyUsageException)
+        self._check_encryption_key(key, "SYMMETRIC_DEFAULT", context, operation)
+        self._authorize(caller, operation, key, context, params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        prepared = self._take_prepared(operation, pair_spec)
+        private_der, public_der = prepared or asymmetric.generate_key_pair_der(pair_spec)
+        blob = self._seal(key, private_der, context)
+        return key, pair_spec, private_der, blob, public_der
+
+    def _op_GenerateDataKeyPair(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, pair_spec, private_der, blob, public_der = self._data_key_pair(
+            params, caller, "GenerateDataKeyPair"
+        )
+        return {
+            "PrivateKeyCiphertextBlob": base64.b64encode(blob).decode(),
+            "PrivateKeyPlaintext": base64.b64encode(private_der).decode(),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "KeyId": self.arn(key.key_id),
+            "KeyPairSpec": pair_spec,
+        }
+
+    def _op_GenerateDataKeyPairWithoutPlaintext(
+        self, params: dict[str, Any], caller: Caller
+    ) -> dict[str, Any]:
+        key, pair_spec, _private_der, blob, public_der = self._data_key_pair(
+            params, caller, "GenerateDataKeyPairWithoutPlaintext"
+        )
+        return {
+            "PrivateKeyCiphertextBlob": base64.b64encode(blob).decode(),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "KeyId": self.arn(key.key_id),
+            "KeyPairSpec": pair_spec,
+        }
+
+    def _op_GetPublicKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params)
+        self._authorize(caller, "GetPublicKey", key, named=params.get("KeyId"))
+        if not asymmetric.is_asymmetric(key.key_spec):
+            # AWS: GetPublicKey "Returns the public key of an asymmetric KMS key"
+            raise UnsupportedOperationException(
+                f"GetPublicKey is supported only on asymmetric KMS keys; "
+                f"{self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
+        self._require_usable(key)
+        public_der = asymmetric.public_key_der(self._private_key(key))
+        return {
+            "KeyId": self.arn(key.key_id),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "CustomerMasterKeySpec": key.key_spec,
+            "KeySpec": key.key_spec,
+            "KeyUsage": key.key_usage,
+            **asymmetric.algorithm_fields(key.key_spec, key.key_usage),
+        }
+
+    def _signing_request(
+        self, params: dict[str, Any], operation: str
+    ) -> tuple[KeyRecord, bytes, str, str]:
+        """The checked members of Sign/Verify: key, message, message type, algorithm."""
+        key = self._resolve(params)
+        message = _binary(params, "Message", asymmetric.MAX_MESSAGE)
+        message_type = (
+            _string(params, "MessageType", choices=set(asymmetric.MESSAGE_TYPES)) or "RAW"
+        )
+        algorithm = _string(
+            params, "SigningAlgorithm", required=True, choices=set(asymmetric.SIGNING_ALGORITHMS)
+        )
+        assert message is not None and algorithm is not None
+        asymmetric.require_usage(key.key_spec, key.key_usage, "SIGN_VERIFY", operation)
+        asymmetric.require_algorithm(
+            "SigningAlgorithm",
+            algorithm,
+            asymmetric.signing_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        if message_type == "EXTERNAL_MU":
+            raise ValidationException("MessageType EXTERNAL_MU is valid only for ML-DSA keys")
+        asymmetric.digest_for(algorithm, message, message_type)  # DIGEST length check
+        return key, message, message_type, algorithm
+
+    def _op_Sign(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, message_type, algorithm = self._signing_request(params, "Sign")
+        self._authorize(caller, "Sign", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        signature = asymmetric.sign(self._private_key(key), algorithm, message, message_type)
+        return {
+            "KeyId": self.arn(key.key_id),
+            "Signature": base64.b64encode(signature).decode(),
+            "SigningAlgorithm": algorithm,
+        }
+
+    def _op_Verify(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, message_type, algorithm = self._signing_request(params, "Verify")
+        signature = _binary(params, "Signature", asymmetric.MAX_SIGNATURE)
+        assert signature is not None
+        self._authorize(caller, "Verify", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        if not asymmetric.verify(
+            self._private_key(key), algorithm, message, message_type, signature
+        ):
+            # AWS Verify: an invalid signature is KMSInvalidSignatureException, never
+            # SignatureValid false
+            raise KMSInvalidSignatureException("The signature is not valid.")
+        return {
+            "KeyId": self.arn(key.key_id),
+            "SignatureValid": True,
+            "SigningAlgorithm": algorithm,
+        }
+
+    def _mac_request(self, params: dict[str, Any], operation: str) -> tuple[KeyRecord, bytes, str]:
+        key = self._resolve(params)
+        message = _binary(params, "Message", asymmetric.MAX_MESSAGE)
+        algorithm = _string(
+            params, "MacAlgorithm", required=True, choices=set(asymmetric.MAC_ALGORITHMS)
+        )
+        assert message is not None and algorithm is not None
+        asymmetric.require_usage(key.key_spec, key.key_usage, "GENERATE_VERIFY_MAC", operation)
+        asymmetric.require_algorithm(
+            "MacAlgorithm",
+            algorithm,
+            asymmetric.mac_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        return key, message, algorithm
+
+    def _op_GenerateMac(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, algorithm = self._mac_request(params, "GenerateMac")
+        self._authorize(caller, "GenerateMac", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        mac = asymmetric.generate_mac(self._material(key), algorithm, message)
+        return {
+            "Mac": base64.b64encode(mac).decode(),
+            "MacAlgorithm": algorithm,
+            "KeyId": self.arn(key.key_id),
+        }
+
+    def _op_VerifyMac(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, algorithm = self._mac_request(params, "VerifyMac")
+        mac = _binary(params, "Mac", asymmetric.MAX_SIGNATURE)
+        assert mac is not None
+        self._authorize(caller, "VerifyMac", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        if not asymmetric.verify_mac(self._material(key), algorithm, message, mac):
+            # AWS VerifyMac: a wrong MAC is KMSInvalidMacException
+            raise KMSInvalidMacException("The MAC is not valid.")
+        return {"KeyId": self.arn(key.key_id), "MacValid": True, "MacAlgorithm": algorithm}
+
+    def _op_DeriveSharedSecret(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params)
+        algorithm = _string(
+            params,
+            "KeyAgreementAlgorithm",
+            required=True,
+            choices=set(asymmetric.KEY_AGREEMENT_ALGORITHMS),
+        )
+        peer = _binary(params, "PublicKey", asymmetric.MAX_PUBLIC_KEY)
+        assert peer is not None and algorithm is not None
+        if params.get("Recipient") is not None:
+            raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        asymmetric.require_usage(key.key_spec, key.key_usage, "KEY_AGREEMENT", "DeriveSharedSecret")
+        peer_key = asymmetric.load_peer_public_key(key.key_spec, peer)
+        self._authorize(caller, "DeriveSharedSecret", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        secret = asymmetric.derive_shared_secret(self._private_key(key), peer_key)
+        return {
+            "KeyId": self.arn(key.key_id),
+            "SharedSecret": base64.b64encode(secret).decode(),
+            "KeyAgreementAlgorithm": algorithm,
+            "KeyOrigin": key.origin,
+        }
 
     def _op_GenerateRandom(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         count = _integer(params, "NumberOfBytes", 1, MAX_DATA_KEY_BYTES, required=True)

@@ -211,9 +211,11 @@ def test_create_key_description_limits(kms: Harness) -> None:
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        ({"KeySpec": "RSA_2048"}, UnsupportedOperationException),
-        ({"KeySpec": "ECC_NIST_P256"}, UnsupportedOperationException),
-        ({"KeySpec": "HMAC_256"}, UnsupportedOperationException),
+        ({"KeySpec": "SM2"}, UnsupportedOperationException),
+        ({"KeySpec": "ML_DSA_44", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
+        # KeyUsage defaults to ENCRYPT_DECRYPT, which these key specs do not allow
+        ({"KeySpec": "ECC_NIST_P256"}, ValidationException),
+        ({"KeySpec": "HMAC_256"}, ValidationException),
         ({"KeySpec": "AES_256"}, ValidationException),
         ({"KeySpec": "symmetric_default"}, ValidationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
