@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from kmsfs.errors import (
+    CorruptHeader,
     KeydUnavailable,
     KMSError,
 )
@@ -137,7 +138,11 @@ class KeyManager:
         if cached is not None and cached[1] > self._clock():
             return cached[0]
         if slot.kind != SlotKind.KMS_BLOB:
-            check_recipient_key(slot.key_arn, self._config.recipient_key_arns)
+            try:
+                check_recipient_key(slot.key_arn, self._config.recipient_key_arns)
+            except CorruptHeader as error:
+                log.error("file id %s refused: %s", header.file_id.hex(), error)
+                raise
             response = await self._call(
                 self._client.call,
                 "Decrypt",
