@@ -180,3 +180,27 @@ def test_swapped_slots_and_headers_are_detected(live_keyd: Any, tmp_path: Path) 
         assert refused.returncode == 7, (name, refused.stderr)
     out = ok(kmsfs(live_keyd.env, "decrypt", "--cipherdir", str(cipherdir), "a", "-"))
     assert out == b"a" * 1000
+
+
+def test_the_recipient_key_is_sealed_in_kmsfs_conf(live_keyd: Any, tmp_path: Path) -> None:
+    """An attacker who can write the cipher directory cannot name another recipient key:
+    kmsfs.conf's seal covers it (exit 8 before any file is read)."""
+    arn, pem = setup_keys(live_keyd, tmp_path)
+    cipherdir = tmp_path / "c"
+    init(live_keyd, cipherdir, "--plaintext-names", "--recipient-key", "alias/rsa-ingest")
+    (tmp_path / "in").write_bytes(b"x")
+    ok(kmsfs(live_keyd.env, "encrypt", "--public-key", str(pem), str(tmp_path / "in"),
+             str(cipherdir / "f")))  # fmt: skip
+    conf = cipherdir / "kmsfs.conf"
+    original = conf.read_text()
+    document = json.loads(original)
+    document["recipient_key"]["key_arn"] = arn.replace("-", "0", 1)
+    conf.write_text(json.dumps(document))
+    refused = kmsfs(live_keyd.env, "decrypt", "--cipherdir", str(cipherdir), "f", "-")
+    assert refused.returncode == 8 and "failed authentication" in one_line(refused)
+    del document["recipient_key"]
+    conf.write_text(json.dumps(document))
+    refused = kmsfs(live_keyd.env, "decrypt", "--cipherdir", str(cipherdir), "f", "-")
+    assert refused.returncode == 8 and "failed authentication" in one_line(refused)
+    conf.write_text(original)
+    assert ok(kmsfs(live_keyd.env, "decrypt", "--cipherdir", str(cipherdir), "f", "-")) == b"x"
