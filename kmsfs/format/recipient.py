@@ -11,7 +11,6 @@ private key opens them (Decrypt with KeyId and EncryptionAlgorithm RSAES_OAEP_SH
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
@@ -56,11 +55,6 @@ def load_recipient_public_key(data: bytes, where: str = "the public key") -> rsa
 
 def public_key_der(key: rsa.RSAPublicKey) -> bytes:
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-
-
-def public_key_fingerprint(key: rsa.RSAPublicKey) -> str:
-    """SHA-256 of the DER SubjectPublicKeyInfo, hex: how people compare public keys."""
-    return hashlib.sha256(public_key_der(key)).hexdigest()
 
 
 class RecipientKeyProvider:

@@ -238,6 +238,8 @@ class FileKeyProvider:
     """
 
     def __init__(self, data_key: bytes | None = None) -> None:
+        #: the data key, or for a recipient slot (format version 3) keyd's RSA Decrypt
+        #: output that holds it, which the format checks against the header
         self.data_key = data_key
         self.prepared: PreparedKey | None = None
 

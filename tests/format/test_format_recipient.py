@@ -224,3 +224,36 @@ def public_key_der_any(key) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+class ReaderWithBlobs(RecipientReader):
+    """keyd holding both the recipient CMK and a symmetric CMK (FakeKeyProvider)."""
+
+    def __init__(self, private_key) -> None:
+        super().__init__(private_key)
+        self.symmetric = FakeKeyProvider()
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        return self.symmetric.decrypt_data_key(wrapped_blob, encryption_context)
+
+
+def test_rewrap_moves_an_ingested_file_onto_a_symmetric_cmk(private_key) -> None:
+    fd = memfd()
+    try:
+        os.write(fd, encrypt(private_key, b"adopt me"))
+        reader = ReaderWithBlobs(private_key)
+        header = read_header(fd)
+        file_keys = unlock_header(header, reader)
+        raw_key = reader.decrypt_recipient_key(
+            TEST_RSA_KEY_ARN, header.active_slot.wrapped_key, "RSAES_OAEP_SHA_256"
+        )[8:40]
+        assert FileKeys.derive(raw_key, header.file_id).commitment == file_keys.commitment
+        blob = reader.symmetric.wrap(raw_key, header.full_context)
+        new_header = fmt.rewrap(fd, blob, "arn:sym", key_provider=reader)
+        assert new_header is not None and new_header.version == 3
+        assert new_header.active_slot.kind == SlotKind.KMS_BLOB
+        reader.calls.clear()
+        assert decrypt(os.pread(fd, 1 << 16, 0), reader) == b"adopt me"
+        assert reader.calls == []  # the RSA key is no longer needed
+    finally:
+        os.close(fd)
