@@ -95,13 +95,13 @@ ENCRYPTION_ALGORITHMS = (SYMMETRIC_DEFAULT, *RSA_ENCRYPTION_ALGORITHMS, "SM2PKE"
 #: AWS "RSA key specs for signing and verification": PKCS #1 v2.2 section 8.2
 #: (RSASSA-PKCS1-v1_5) and 8.1 (RSASSA-PSS, MGF1 with the same hash, and a salt as
 #: long as the digest: "with a 256-bit salt" for SHA-256, and so on).
-RSA_SIGNING_ALGORITHMS = (
-    "RSASSA_PSS_SHA_256",
-    "RSASSA_PSS_SHA_384",
-    "RSASSA_PSS_SHA_512",
+RSA_SIGNING_ALGORITHMS = (  # in the order AWS's DescribeKey examples list them
     "RSASSA_PKCS1_V1_5_SHA_256",
     "RSASSA_PKCS1_V1_5_SHA_384",
     "RSASSA_PKCS1_V1_5_SHA_512",
+    "RSASSA_PSS_SHA_256",
+    "RSASSA_PSS_SHA_384",
+    "RSASSA_PSS_SHA_512",
 )
 #: AWS "Elliptic curve key specs": each curve signs with one ECDSA algorithm
 #: (P-256 and secp256k1 with SHA-256, P-384 with SHA-384, P-521 with SHA-512);

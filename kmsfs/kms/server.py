@@ -34,7 +34,9 @@ import resource
 import socket
 import stat
 import struct
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -74,9 +76,12 @@ _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
 _INTERNAL_ERROR_MESSAGE = "An internal error occurred in keyd (request id {request_id})."
-#: worker threads for slow work (key pair generation) at once: more requests wait for
-#: one, so a burst of RSA_4096 CreateKey cannot take every core from the event loop
-SLOW_WORK_THREADS = 2
+#: slow work (key pair generation) running at once: more requests wait for a slot. One
+#: per core: a burst then finishes as fast as the cores allow, while the event loop
+#: keeps the CPU it needs because slow work runs at a lower priority (SLOW_WORK_NICE)
+SLOW_WORK_THREADS = max(2, os.cpu_count() or 2)
+#: how much nicer than keyd slow work runs (Linux: per-thread nice values)
+SLOW_WORK_NICE = 10
 
 
 class KeyServiceLike(Protocol):
@@ -482,6 +487,34 @@ class _Server:
                 del self.connections_by_uid[caller.uid]
 
 
+def _run_at_low_priority(function: Callable[[], Any]) -> Any:
+    """``function()`` in a new thread of its own with nice raised by SLOW_WORK_NICE, so the
+    event loop thread wins the CPU from it (on Linux, setpriority on a thread id changes
+    only that thread). A thread of its own because an unprivileged thread cannot lower
+    its nice again: trio's cached worker threads must keep their priority."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            thread_id = threading.get_native_id()
+            try:
+                current = os.getpriority(os.PRIO_PROCESS, thread_id)
+                os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + SLOW_WORK_NICE))
+            except OSError:
+                pass  # best effort: it then runs at keyd's priority
+            outcome.append((True, function()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="keyd-slow-work", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _open_spare_fd() -> int | None:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -628,7 +661,10 @@ class _Connection:
             if work is None:
                 return None
             tag, function = work
-            return tag, await trio.to_thread.run_sync(function, limiter=server.slow_work_limiter)
+            result = await trio.to_thread.run_sync(
+                _run_at_low_priority, function, limiter=server.slow_work_limiter
+            )
+            return tag, result
         except (_HTTPError, KMSError):
             return None
         except Exception:

@@ -688,6 +688,12 @@ class KeyService:
             spec = params.get("CustomerMasterKeySpec")
         if not isinstance(spec, str) or not asymmetric.slow_to_generate(spec):
             return None
+        if params.get("DryRun") is True:
+            return None
+        if operation == "CreateKey":
+            usage = params.get("KeyUsage", "ENCRYPT_DECRYPT")
+            if usage not in asymmetric.KEY_SPEC_USAGES.get(spec, ()):
+                return None  # refused anyway: generate nothing
         return (operation, spec), lambda: asymmetric.generate_key_pair_der(spec)
 
     def _take_prepared(self, operation: str, spec: str) -> Any:

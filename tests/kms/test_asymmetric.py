@@ -59,12 +59,12 @@ HMAC_SPECS = {
     "HMAC_512": ("HMAC_SHA_512", "sha512"),
 }
 RSA_SIGNING = (
-    "RSASSA_PSS_SHA_256",
-    "RSASSA_PSS_SHA_384",
-    "RSASSA_PSS_SHA_512",
     "RSASSA_PKCS1_V1_5_SHA_256",
     "RSASSA_PKCS1_V1_5_SHA_384",
     "RSASSA_PKCS1_V1_5_SHA_512",
+    "RSASSA_PSS_SHA_256",
+    "RSASSA_PSS_SHA_384",
+    "RSASSA_PSS_SHA_512",
 )
 HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 #: AWS's RSA Encrypt plaintext limits (Key spec reference, "RSA key specs for
@@ -988,6 +988,10 @@ def test_slow_work_result_is_the_key_stored(fresh: Harness) -> None:
     key_id = metadata["KeyMetadata"]["KeyId"]
     assert unb64(fresh.call("GetPublicKey", KeyId=key_id)["PublicKey"]) == public_der
     assert fresh.service.slow_work("CreateKey", {"KeySpec": "ECC_NIST_P256"}) is None
+    # nothing is generated for a request that will be refused or is a dry run
+    assert fresh.service.slow_work("CreateKey", {**params, "KeyUsage": "KEY_AGREEMENT"}) is None
+    assert fresh.service.slow_work("CreateKey", {**params, "DryRun": True}) is None
+    assert fresh.service.slow_work("CreateKey", {"KeySpec": "RSA_2048"}) is not None
     assert fresh.service.slow_work("Sign", params) is None
     # a result prepared for another spec is not used
     other = fresh.service.handle(
