@@ -193,9 +193,7 @@ def _version_of(fixed: bytes) -> int:
     return struct.unpack_from(">H", fixed, 8)[0]
 
 
-def parse_slot(
-    raw: bytes, version: int = RECIPIENT_FORMAT_VERSION
-) -> tuple[SlotState, KeySlot | None]:
+def parse_slot(raw: bytes, version: int) -> tuple[SlotState, KeySlot | None]:
     """Classify one slot; a slot whose checksum holds but whose fields do not is CorruptHeader.
 
     Before format version 3 the kind byte is reserved (zero) like the 3 bytes after it.
