@@ -23,10 +23,13 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmsfs.errors import (
     AccessDeniedException,
     DisabledException,
+    DryRunOperationException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
     KMSError,
@@ -1042,3 +1045,105 @@ def test_rsa_key_record_kept(fresh: Harness) -> None:
     private.public_key().verify(
         signature, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
     )
+
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=60, deadline=None)
+@given(message=st.binary(min_size=1, max_size=4096))
+def test_property_mac_matches_stdlib(kms: Harness, message: bytes) -> None:
+    key_id = kms.key("HMAC_384", "GENERATE_VERIFY_MAC")
+    material = kms.keystore.unseal_material(key_id, 1)
+    assert material is not None
+    mac = unb64(
+        kms.call("GenerateMac", KeyId=key_id, Message=b64(message), MacAlgorithm="HMAC_SHA_384")[
+            "Mac"
+        ]
+    )
+    assert mac == hmac.new(material, message, "sha384").digest()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    plaintext=st.binary(min_size=1, max_size=190),
+    algorithm=st.sampled_from(sorted(OAEP_HASHES)),
+)
+def test_property_rsa_round_trip(kms: Harness, plaintext: bytes, algorithm: str) -> None:
+    key_id = kms.key("RSA_2048", "ENCRYPT_DECRYPT")
+    blob = kms.call(
+        "Encrypt", KeyId=key_id, Plaintext=b64(plaintext), EncryptionAlgorithm=algorithm
+    )["CiphertextBlob"]
+    opened = kms.call("Decrypt", KeyId=key_id, CiphertextBlob=blob, EncryptionAlgorithm=algorithm)
+    assert unb64(opened["Plaintext"]) == plaintext
+
+
+@settings(max_examples=40, deadline=None)
+@given(message=st.binary(min_size=1, max_size=4096), flip=st.integers(min_value=0))
+def test_property_ecdsa_signature_and_any_flipped_bit(
+    kms: Harness, message: bytes, flip: int
+) -> None:
+    key_id = kms.key("ECC_NIST_P256", "SIGN_VERIFY")
+    params = {"KeyId": key_id, "Message": b64(message), "SigningAlgorithm": "ECDSA_SHA_256"}
+    signature = unb64(kms.call("Sign", **params)["Signature"])
+    assert kms.call("Verify", Signature=b64(signature), **params)["SignatureValid"]
+    flipped = bytearray(signature)
+    flipped[(flip // 8) % len(flipped)] ^= 1 << (flip % 8)
+    with pytest.raises(KMSInvalidSignatureException):
+        kms.call("Verify", Signature=b64(bytes(flipped)), **params)
+
+
+def test_dry_run_answers_dry_run_and_does_nothing(kms: Harness) -> None:
+    """DryRun (AWS: "Checks if your request will succeed") on every new key-use
+    operation: DryRunOperationException after every check passed, no result."""
+    sign_key = kms.key("ECC_NIST_P256", "SIGN_VERIFY")
+    mac_key = kms.key("HMAC_256", "GENERATE_VERIFY_MAC")
+    agree_key = kms.key("ECC_NIST_P256", "KEY_AGREEMENT")
+    wrap_key = kms.key("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
+    rsa_key = kms.key("RSA_2048", "ENCRYPT_DECRYPT")
+    message = b64(b"m")
+    signature = kms.call("Sign", KeyId=sign_key, Message=message, SigningAlgorithm="ECDSA_SHA_256")[
+        "Signature"
+    ]
+    mac = kms.call("GenerateMac", KeyId=mac_key, Message=message, MacAlgorithm="HMAC_SHA_256")[
+        "Mac"
+    ]
+    peer = b64(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    requests = [
+        ("Sign", {"KeyId": sign_key, "Message": message, "SigningAlgorithm": "ECDSA_SHA_256"}),
+        (
+            "Verify",
+            {
+                "KeyId": sign_key,
+                "Message": message,
+                "Signature": signature,
+                "SigningAlgorithm": "ECDSA_SHA_256",
+            },
+        ),
+        ("GenerateMac", {"KeyId": mac_key, "Message": message, "MacAlgorithm": "HMAC_SHA_256"}),
+        (
+            "VerifyMac",
+            {"KeyId": mac_key, "Message": message, "Mac": mac, "MacAlgorithm": "HMAC_SHA_256"},
+        ),
+        ("GenerateDataKeyPair", {"KeyId": wrap_key, "KeyPairSpec": "ECC_NIST_P256"}),
+        (
+            "GenerateDataKeyPairWithoutPlaintext",
+            {"KeyId": wrap_key, "KeyPairSpec": "ECC_NIST_P256"},
+        ),
+        (
+            "DeriveSharedSecret",
+            {"KeyId": agree_key, "KeyAgreementAlgorithm": "ECDH", "PublicKey": peer},
+        ),
+        (
+            "Encrypt",
+            {"KeyId": rsa_key, "Plaintext": message, "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+        ),
+        ("CreateKey", {"KeySpec": "RSA_2048", "KeyUsage": "SIGN_VERIFY"}),
+    ]
+    keys_before = len(kms.call("ListKeys", Limit=1000)["Keys"])
+    for operation, params in requests:
+        with pytest.raises(DryRunOperationException):
+            kms.call(operation, DryRun=True, **params)
+    assert len(kms.call("ListKeys", Limit=1000)["Keys"]) == keys_before

@@ -5,6 +5,7 @@ Also: a burst of RSA_4096 CreateKey does not stall another client (issue 15)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -194,3 +195,25 @@ def test_rsa_4096_burst_does_not_stall_other_clients(live_keyd: Keyd) -> None:
         f"Decrypt p99 {p99 * 1000:.1f} ms during an RSA_4096 burst "
         f"(max {latencies[-1] * 1000:.1f} ms, {len(latencies)} calls)"
     )
+
+
+def test_slow_work_runs_nicer_in_its_own_thread_and_reraises() -> None:
+    from kmsfs.kms.server import SLOW_WORK_NICE, _run_at_low_priority
+
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+
+    def nice_of_worker() -> tuple[int, int]:
+        worker = threading.get_native_id()
+        return worker, os.getpriority(os.PRIO_PROCESS, worker)
+
+    worker, nice = _run_at_low_priority(nice_of_worker)
+    assert worker != me
+    assert nice == min(19, before + SLOW_WORK_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, me) == before  # the caller keeps its priority
+
+    def fail() -> None:
+        raise ValueError("generation failed")
+
+    with pytest.raises(ValueError, match="generation failed"):
+        _run_at_low_priority(fail)
