@@ -23,6 +23,13 @@ class UsageError(KmsfsError):
     exit_code = 2
 
 
+class InvalidSignature(KmsfsError):
+    """``kmsfs verify`` / ``verify-mac``: the signature or MAC does not verify (exit 1,
+    as ``openssl dgst -verify``)."""
+
+    exit_code = 1
+
+
 # --------------------------------------------------------------------------- KMS
 class KMSError(KmsfsError):
     """An error of the AWS KMS API, carrying AWS's error type name.

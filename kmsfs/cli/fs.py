@@ -61,7 +61,9 @@ def cmd_fsck(args: argparse.Namespace) -> None:
     from kmsfs.kms.datakeys import KeydDataKeyProvider
 
     config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
-    provider = KeydDataKeyProvider(str(keyd_endpoint(args.keyd_socket, config)))
+    provider = KeydDataKeyProvider(
+        str(keyd_endpoint(args.keyd_socket, config)), recipient_keys=config.recipient_key_arns
+    )
 
     def verify_file(backing: bytes) -> str | None:
         report = verify(backing, key_provider=provider, encryption_context=config.file_context)
@@ -202,8 +204,14 @@ def cmd_init(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         plaintext_names=args.plaintext_names,
         keyd_uid=args.keyd_uid,
+        recipient_key=args.recipient_key,
     )
     print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
+    if config.recipient_key is not None:
+        print(
+            f"files written with the public key of {config.recipient_key.key_arn} are accepted "
+            "(kmsfs encrypt --public-key)"
+        )
 
 
 def cmd_seal(args: argparse.Namespace) -> None:
@@ -365,6 +373,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--plaintext-names",
         action="store_true",
         help="leave file names and symlink targets unencrypted",
+    )
+    init_fs.add_argument(
+        "--recipient-key",
+        metavar="KEY",
+        help="also accept files written with this RSA ENCRYPT_DECRYPT CMK's public key "
+        "alone (write-only ingestion: kmsfs encrypt --public-key; needs --plaintext-names "
+        "for files written into the directory)",
     )
     init_fs.set_defaults(func=cmd_init)
 

@@ -66,6 +66,10 @@ def _key_row(metadata: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
 def cmd_keys_create(args: argparse.Namespace) -> None:
     tags = [{"TagKey": k, "TagValue": v} for k, v in parse_pairs(args.tag, "--tag").items()]
     params: dict[str, Any] = {"Description": args.description or ""}
+    if args.spec:
+        params["KeySpec"] = args.spec
+    if args.usage:
+        params["KeyUsage"] = args.usage
     if tags:
         params["Tags"] = tags
     if getattr(args, "origin", None):
@@ -85,8 +89,29 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
                 "Arn": metadata["Arn"],
                 "Alias": args.alias or "-",
                 "State": metadata["KeyState"],
+                "KeySpec": metadata.get("KeySpec", "-"),
+                "KeyUsage": metadata.get("KeyUsage", "-"),
             }
         )
+
+
+def cmd_keys_public_key(args: argparse.Namespace) -> None:
+    """GetPublicKey: the DER SubjectPublicKeyInfo keyd returns, as PEM (default) or DER."""
+    import base64
+
+    from kmsfs.cli.tools import output_file
+
+    with _client(args) as client:
+        response = client.call("GetPublicKey", {"KeyId": args.key})
+    der = base64.b64decode(response["PublicKey"])
+    if args.der:
+        data = der
+    else:
+        lines = base64.encodebytes(der).decode("ascii").replace("\n", "")
+        body = "\n".join(lines[i : i + 64] for i in range(0, len(lines), 64))
+        data = f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n".encode()
+    with output_file(args.output or "-", force=args.force) as stream:
+        stream.write(data)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -320,11 +345,33 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--alias", help="also create this alias (alias/NAME)")
     create.add_argument("--description", default="", help="free text")
     create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="add a tag")
+    create.add_argument(
+        "--spec",
+        metavar="KEY_SPEC",
+        help="AWS KeySpec: SYMMETRIC_DEFAULT (default), RSA_2048/3072/4096, ECC_NIST_P256/"
+        "P384/P521, ECC_SECG_P256K1, HMAC_224/256/384/512",
+    )
+    create.add_argument(
+        "--usage",
+        metavar="KEY_USAGE",
+        help="AWS KeyUsage: ENCRYPT_DECRYPT (default), SIGN_VERIFY, GENERATE_VERIFY_MAC, "
+        "KEY_AGREEMENT",
+    )
     from kmsfs.cli import keys_import
 
     keys_import.add_create_options(create)
     key_command("list", "list keys", cmd_keys_list, positional_key=False)
     key_command("describe", "show one key", cmd_keys_describe)
+    public_key = key_command(
+        "public-key",
+        "export an asymmetric key's public key (GetPublicKey), PEM unless --der",
+        cmd_keys_public_key,
+    )
+    public_format = public_key.add_mutually_exclusive_group()
+    public_format.add_argument("--pem", action="store_true", help="PEM (the default)")
+    public_format.add_argument("--der", action="store_true", help="DER SubjectPublicKeyInfo")
+    public_key.add_argument("-o", "--output", metavar="FILE", help="write here (default stdout)")
+    public_key.add_argument("-f", "--force", action="store_true", help="replace FILE if it exists")
     key_command("enable", "enable a key", _simple("EnableKey", "enabled"))
     key_command("disable", "disable a key", _simple("DisableKey", "disabled"))
     key_command("rotate", "rotate now (new key version)", _simple("RotateKeyOnDemand", "rotated"))

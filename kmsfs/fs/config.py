@@ -19,6 +19,18 @@ It holds no secret. Fields (version 2)::
       "mac": "<base64 HMAC-SHA256>"        # over every other field, see below
     }
 
+and, in a cipher directory that takes files written with a public key (``kmsfs init
+--recipient-key``; format version 3, kmsfs/format/README.md *Recipient slots*)::
+
+      "recipient_key": {
+        "key_arn": "arn:aws:kms:...:key/<uuid>",  # an RSA ENCRYPT_DECRYPT CMK
+        "public_key": "<base64 DER SubjectPublicKeyInfo>",   # its GetPublicKey output
+        "encryption_algorithm": "RSAES_OAEP_SHA_256"
+      }
+
+sealed with the rest: a recipient slot is accepted only for that CMK, and only once the
+config has been authenticated; without the field every recipient slot is refused.
+
 Sealing. Whoever can write the cipher directory can write this file, so nothing in it
 is used before it is authenticated (a flipped ``plaintext_names`` sent new names to disk
 in plaintext; a ``keyd_socket`` of the attacker's choosing handed the mount all-zero
@@ -85,6 +97,26 @@ class ConfigTampered(ConfigError):
     """kmsfs.conf failed authentication: a field, its MAC or its wrapped key was changed."""
 
 
+RECIPIENT_KEY_FIELD = "recipient_key"
+RECIPIENT_ALGORITHM = "RSAES_OAEP_SHA_256"
+
+
+@dataclass(frozen=True)
+class RecipientKey:
+    """The CMK whose public key may write files into the cipher directory."""
+
+    key_arn: str
+    public_key_der: bytes
+    encryption_algorithm: str = RECIPIENT_ALGORITHM
+
+    def to_document(self) -> dict[str, str]:
+        return {
+            "key_arn": self.key_arn,
+            "public_key": base64.b64encode(self.public_key_der).decode(),
+            "encryption_algorithm": self.encryption_algorithm,
+        }
+
+
 def _derive(metadata_key: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(metadata_key)
 
@@ -114,6 +146,34 @@ class FsConfig:
     @property
     def metadata_key_context(self) -> dict[str, str]:
         return {FS_ID_CONTEXT_KEY: self.filesystem_id, PURPOSE_CONTEXT_KEY: "metadata"}
+
+    @property
+    def recipient_key(self) -> RecipientKey | None:
+        """The recipient CMK (``recipient_key``), or None. Like every field, trust it only
+        after :meth:`verify`."""
+        document = self.extra.get(RECIPIENT_KEY_FIELD)
+        if document is None:
+            return None
+        where = self.source or CONFIG_NAME
+        try:
+            if not isinstance(document, dict):
+                raise ValueError("not an object")
+            key_arn = document["key_arn"]
+            algorithm = document.get("encryption_algorithm", RECIPIENT_ALGORITHM)
+            if not isinstance(key_arn, str) or not key_arn:
+                raise ValueError("key_arn is not a string")
+            if algorithm != RECIPIENT_ALGORITHM:
+                raise ValueError(f"encryption_algorithm must be {RECIPIENT_ALGORITHM}")
+            public_key_der = base64.b64decode(document["public_key"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise ConfigError(f"{where}: recipient_key is not valid ({exc})") from None
+        return RecipientKey(key_arn, public_key_der, algorithm)
+
+    @property
+    def recipient_key_arns(self) -> frozenset[str]:
+        """The CMKs whose recipient slots this cipher directory accepts (zero or one)."""
+        recipient = self.recipient_key
+        return frozenset() if recipient is None else frozenset({recipient.key_arn})
 
     @property
     def sealed(self) -> bool:

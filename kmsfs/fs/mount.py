@@ -33,7 +33,10 @@ from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
 from kmsfs.fs.config import (
+    RECIPIENT_ALGORITHM,
+    RECIPIENT_KEY_FIELD,
     FsConfig,
+    RecipientKey,
     keyd_endpoint,
     load_config,
     unwrap_refused,
@@ -72,8 +75,13 @@ def init_cipherdir(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     plaintext_names: bool = False,
     keyd_uid: str | None = None,
+    recipient_key: str | None = None,
 ) -> FsConfig:
-    """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``."""
+    """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``.
+
+    ``recipient_key`` (an RSA ENCRYPT_DECRYPT CMK) also lets files written with its public
+    key alone into it (``kmsfs encrypt --public-key``): its ARN and public key are sealed
+    into kmsfs.conf."""
     try:
         check_chunk_size(chunk_size)
     except ValueError as error:
@@ -99,6 +107,8 @@ def init_cipherdir(
             keyd_socket=str(keyd_socket) if keyd_socket else None,
             plaintext_names=plaintext_names,
         )
+        if recipient_key is not None:
+            config.extra[RECIPIENT_KEY_FIELD] = _recipient_key(client, recipient_key).to_document()
         # with its plaintext, to seal the config (see kmsfs/fs/config.py)
         metadata_key = client.generate_data_key(
             config.key_arn, encryption_context=config.metadata_key_context
@@ -110,6 +120,35 @@ def init_cipherdir(
         CipherTree(os.fsencode(cipherdir), None).write_dir_id(os.fsencode(cipherdir))
     write_new_config(cipherdir, config)
     return config
+
+
+def _recipient_key(client: KMSClient, key: str) -> RecipientKey:
+    """The recipient CMK's ARN and public key, checked to be usable for recipient slots
+    (an enabled RSA key for ENCRYPT_DECRYPT that offers RSAES_OAEP_SHA_256)."""
+    import base64
+
+    from kmsfs.format.recipient import load_recipient_public_key
+
+    try:
+        metadata = client.describe_key(key)["KeyMetadata"]
+    except KMSError as error:
+        if error.aws_type == "NotFoundException":
+            raise UsageError(f"unknown recipient key {key}: {error.message}") from None
+        raise
+    _require_enabled_key(metadata)
+    spec, usage = metadata.get("KeySpec", ""), metadata.get("KeyUsage", "")
+    if (
+        not spec.startswith("RSA_")
+        or usage != "ENCRYPT_DECRYPT"
+        or RECIPIENT_ALGORITHM not in metadata.get("EncryptionAlgorithms", [])
+    ):
+        raise UsageError(
+            f"recipient key {key} is {spec or '?'} for {usage or '?'}: it must be an RSA key "
+            f"(RSA_2048/3072/4096) for ENCRYPT_DECRYPT, which offers {RECIPIENT_ALGORITHM}"
+        )
+    public_key_der = base64.b64decode(client.call("GetPublicKey", {"KeyId": key})["PublicKey"])
+    load_recipient_public_key(public_key_der, f"the public key of {key}")
+    return RecipientKey(metadata["Arn"], public_key_der)
 
 
 #: share (percent) of the kernel's dirty-page limit the mount may use; the kernel's
