@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -48,11 +49,13 @@ from kmsfs.errors import (
     IncorrectKeyException,
     InvalidAliasNameException,
     InvalidCiphertextException,
+    InvalidGrantTokenException,
     InvalidKeyUsageException,
     InvalidMarkerException,
     KMSError,
     KMSInternalException,
     KMSInvalidStateException,
+    LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
     SerializationException,
@@ -62,7 +65,9 @@ from kmsfs.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from kmsfs.kms import grants
 from kmsfs.kms.caller import Caller
+from kmsfs.kms.grants import Grant, GrantToken
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
     ENCRYPTION_CONTEXT_PREFIX,
@@ -71,6 +76,7 @@ from kmsfs.kms.policy import (
     default_policy,
     evaluate,
     parse_policy,
+    root_arn,
     would_lock_out,
 )
 from kmsfs.kms.principal import Principal, PrincipalResolver, login_name
@@ -152,6 +158,13 @@ _AUDITED_FIELDS = {
     "PolicyName",
     "PolicyNames",
     "BypassPolicyLockoutSafetyCheck",
+    # grants: never GrantToken(s) (see _op_CreateGrant)
+    "GranteePrincipal",
+    "RetiringPrincipal",
+    "Operations",
+    "Constraints",
+    "Name",
+    "GrantId",
 }
 
 # ------------------------------------------------------------ request members
@@ -173,6 +186,7 @@ _AUDITED_FIELDS = {
 # surrogates (see _check_text), like every string in the request.
 _STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
 _CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
+_CONSTRAINTS = "constraints"
 _CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
 _PAGING = {"Limit": _INTEGER, "Marker": _STRING}
 REQUEST_MEMBERS: dict[str, dict[str, str]] = {
@@ -263,6 +277,24 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     },
     "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
     "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
+    "CreateGrant": {
+        "KeyId": _STRING,
+        "GranteePrincipal": _STRING,
+        "RetiringPrincipal": _STRING,
+        "Operations": _STRINGS,
+        "Constraints": _CONSTRAINTS,
+        "Name": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "ListGrants": {"KeyId": _STRING, "GrantId": _STRING, "GranteePrincipal": _STRING, **_PAGING},
+    "ListRetirableGrants": {"RetiringPrincipal": _STRING, **_PAGING},
+    "RetireGrant": {
+        "GrantToken": _STRING,
+        "KeyId": _STRING,
+        "GrantId": _STRING,
+        "DryRun": _BOOLEAN,
+    },
+    "RevokeGrant": {"KeyId": _STRING, "GrantId": _STRING, "DryRun": _BOOLEAN},
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -294,6 +326,9 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "TagResource",
         "UntagResource",
         "PutKeyPolicy",
+        "CreateGrant",
+        "RetireGrant",
+        "RevokeGrant",
     }
 )
 KEY_USE_OPERATIONS = frozenset(
@@ -316,6 +351,7 @@ _KIND_NAMES = {
     _STRINGS: "a List of Strings",
     _TAGS: "a List of Tags",
     _RECIPIENT: "a RecipientInfo structure",
+    _CONSTRAINTS: "a GrantConstraints structure",
 }
 
 
@@ -351,6 +387,10 @@ def _check_member(path: str, value: object, kind: str) -> None:
         )
     elif kind == _RECIPIENT:
         ok = type(value) is dict
+    elif kind == _CONSTRAINTS:
+        ok = type(value) is dict and all(
+            item is None or _is_string_map(item) for item in value.values()
+        )
     else:  # pragma: no cover - a typo in REQUEST_MEMBERS
         raise AssertionError(f"unknown member kind {kind!r}")
     if not ok:
@@ -573,6 +613,13 @@ class KeyService:
         #: request. An entry is dropped when its policy is written, never replaced, so a
         #: write rolled back (its audit record failed) leaves the stored text in force.
         self._policy_texts: dict[str, str | None] = {}
+        #: each key's grants by grantee ARN, loaded on first use; an entry is dropped
+        #: when the key's grants are written (as _policy_texts), never replaced
+        self._grants: dict[str, dict[str, tuple[Grant, ...]]] = {}
+        #: the request being handled: its GrantTokens, and the grants that allowed it
+        #: (additionalEventData.grantId); reset by handle()
+        self._request_tokens: tuple[GrantToken, ...] = ()
+        self._grant_ids: list[str] = []
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
         self._unaudited_since = 0.0
@@ -614,11 +661,16 @@ class KeyService:
         response: dict[str, Any] | None = None
         error: KMSError | None = None
         recorded = False
+        self._request_tokens = ()
+        self._grant_ids = []
         try:
             method = self._operations.get(operation)
             if method is None:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
             check_request(operation, params)
+            if "GrantTokens" in REQUEST_MEMBERS[operation]:
+                # garbage is refused before anything runs (InvalidGrantTokenException)
+                self._request_tokens = grants.read_tokens(params.get("GrantTokens"))
             if operation in STATE_CHANGING_OPERATIONS:
                 with self.keystore.transaction():
                     response = method(params, caller)
@@ -755,6 +807,7 @@ class KeyService:
                         with self.keystore.transaction() as db:
                             self.keystore.destroy_key(db, key.key_id, now)
                             self._policy_texts.pop(key.key_id, None)
+                            self._grants.pop(key.key_id, None)
                             self._record(self._service_event("DeleteKey", key.key_id), durable=True)
                         self._forget_ciphers(key.key_id)
                         deleted.append(key.key_id)
@@ -817,6 +870,7 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         request_alias: str | None = None,
+        extra_conditions: dict[str, Any] | None = None,
     ) -> RequestContext:
         """What the key policy sees of a request: the caller's global condition keys
         (aws:PrincipalArn, kms:CallerAccount, kmsfs:Caller*, ...), the encryption
@@ -832,6 +886,8 @@ class KeyService:
                 conditions[ENCRYPTION_CONTEXT_PREFIX + name] = value
         if request_alias is not None:
             conditions["kms:RequestAlias"] = request_alias
+        if extra_conditions:
+            conditions.update(extra_conditions)
         return RequestContext(
             principal.arn,
             principal.is_root,
@@ -848,12 +904,26 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> tuple[bool, str]:
+        """Whether the key policy, or else one of the caller's grants on the key, allows
+        the request (and AWS's refusal message if not). An explicit Deny in the key
+        policy wins over grants ("an explicit deny in any of these policies overrides
+        the allow", AWS KMS "Determining access to AWS KMS keys"). Grants are consulted
+        only when the policy does not allow, so the default policy's fast path (its
+        principals) costs nothing more. A grant that allowed the request is noted for
+        the audit record (additionalEventData.grantId)."""
         principal = self.principal(caller)
         policy, conditional = self._policy(key)
         if conditional:
             context = self._request_context(
-                principal, "kms:" + operation, key, encryption_context, _alias_named(named)
+                principal,
+                "kms:" + operation,
+                key,
+                encryption_context,
+                _alias_named(named),
+                extra_conditions,
             )
         else:
             # Only Condition blocks read condition keys: a policy without any (the
@@ -869,6 +939,11 @@ class KeyService:
         decision = evaluate(policy, context)
         if decision.allowed:
             return True, ""
+        if decision.effect != "Deny" and operation in grants.GRANT_OPERATIONS:
+            grant = self._grant_allowing(principal, operation, key, encryption_context, new_grant)
+            if grant is not None:
+                self._grant_ids.append(grant.grant_id)
+                return True, ""
         action, resource = context.action, context.resource
         # AWS's AccessDeniedException message shape
         if decision.effect == "Deny":
@@ -887,13 +962,26 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        *,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> None:
-        """Refuse with AccessDeniedException unless the key policy allows the request.
+        """Refuse with AccessDeniedException unless the key policy (or a grant) allows
+        the request.
 
         Policies apply to every caller, root (uid 0) included, as in AWS; the default
         policy allows root. (kmsfs's one exception, for PutKeyPolicy and GetKeyPolicy
-        only, is in those operations.)"""
-        allowed, message = self._allowed(caller, operation, key, encryption_context, named)
+        only, is in those operations.) The request's GrantTokens must name grants of
+        this key (of either key for ReEncrypt): InvalidGrantTokenException otherwise."""
+        if operation not in ("ReEncryptFrom", "ReEncryptTo"):
+            for token in self._request_tokens:
+                if token.key_id != key.key_id:
+                    raise InvalidGrantTokenException(
+                        f"A grant token does not name a grant of {self.arn(key.key_id)}."
+                    )
+        allowed, message = self._allowed(
+            caller, operation, key, encryption_context, named, extra_conditions, new_grant
+        )
         if not allowed:
             raise AccessDeniedException(message)
 
@@ -953,6 +1041,193 @@ class KeyService:
         self._authorize(caller, "ListKeyPolicies", key)
         page, extra = self._page(params, ["default"], 100, 1000)
         return {"PolicyNames": page, **extra}
+
+    # ----------------------------------------------------------------- grants
+    def _grants_of(self, key_id: str) -> dict[str, tuple[Grant, ...]]:
+        """The key's grants by grantee ARN (cached; one query per key)."""
+        index = self._grants.get(key_id)
+        if index is None:
+            by_grantee: dict[str, list[Grant]] = {}
+            for grant in self.keystore.list_grants(key_id):
+                by_grantee.setdefault(grant.grantee, []).append(grant)
+            index = {grantee: tuple(found) for grantee, found in by_grantee.items()}
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key_id] = index
+        return index
+
+    def _grant_allowing(
+        self,
+        principal: Principal,
+        operation: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None,
+        new_grant: Grant | None,
+    ) -> Grant | None:
+        index = self._grants_of(key.key_id)
+        if not index:
+            return None
+        for arn in principal.arns:
+            grant = grants.allowing_grant(
+                index.get(arn, ()), operation, encryption_context, new_grant
+            )
+            if grant is not None:
+                return grant
+        return None
+
+    def _op_CreateGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        # KeyId: key id or key ARN (AWS's CreateGrant takes no alias)
+        key = self._resolve(params, allow_alias=False)
+        grantee = grants.check_principal(
+            params.get("GranteePrincipal"), "GranteePrincipal", self.account
+        )
+        retiring = None
+        if params.get("RetiringPrincipal") is not None:
+            retiring = grants.check_principal(
+                params["RetiringPrincipal"], "RetiringPrincipal", self.account
+            )
+        operations = grants.parse_operations(params.get("Operations"))
+        constraints = grants.parse_constraints(params.get("Constraints"), operations)
+        grant = Grant(
+            grant_id=grants.new_grant_id(),
+            key_id=key.key_id,
+            name=grants.parse_name(params.get("Name")),
+            grantee=grantee,
+            retiring=retiring,
+            operations=operations,
+            constraints=constraints,
+            creation_date=self.clock(),
+            issuing_account=root_arn(self.account),
+        )
+        # the condition keys AWS fills for CreateGrant; kms:EncryptionContext:* see the
+        # grant's constraints
+        extra: dict[str, Any] = {
+            "kms:GrantOperations": list(operations),
+            "kms:GranteePrincipal": grantee,
+            "kms:GrantIsForAWSResource": False,
+        }
+        if retiring is not None:
+            extra["kms:RetiringPrincipal"] = retiring
+        self._authorize(
+            caller,
+            "CreateGrant",
+            key,
+            constraints.context_for_policy(),
+            extra_conditions=extra,
+            new_grant=grant,
+        )
+        self._require_not_pending(key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if grant.name:
+                # a retry with the same Name and parameters returns the existing grant
+                # and a new token (AWS CreateGrant, Name)
+                for existing in self.keystore.list_grants_named(key.key_id, grant.name):
+                    if existing.same_request(grant):
+                        return {
+                            "GrantToken": grants.make_token(key.key_id, existing.grant_id),
+                            "GrantId": existing.grant_id,
+                        }
+            if self.keystore.count_grants(db, key.key_id) >= grants.MAX_GRANTS_PER_KEY:
+                raise LimitExceededException(
+                    f"{self.arn(key.key_id)} has {grants.MAX_GRANTS_PER_KEY} grants, the "
+                    "most a key can have; retire or revoke some first"
+                )
+            grant = dataclasses.replace(grant, token=grants.make_token(key.key_id, grant.grant_id))
+            self.keystore.insert_grant(db, grant)
+        self._grants.pop(key.key_id, None)
+        return {"GrantToken": grant.token, "GrantId": grant.grant_id}
+
+    def _op_ListGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        grant_id = None
+        if params.get("GrantId") is not None:
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grantee = _string(params, "GranteePrincipal", max_len=256)
+        self._authorize(caller, "ListGrants", key)  # key policy only: not grantable
+        key_arn = self.arn(key.key_id)
+        entries = [
+            grant.list_entry(key_arn)
+            for grant in self.keystore.list_grants(key.key_id)
+            if grant_id in (None, grant.grant_id) and grantee in (None, grant.grantee)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _op_ListRetirableGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        retiring = _string(params, "RetiringPrincipal", required=True, max_len=256)
+        assert retiring is not None
+        principal = self.principal(caller)
+        # kmsfs: AWS governs ListRetirableGrants by IAM policies only; without IAM, a
+        # principal may list the grants it may retire, and root anyone's.
+        if retiring not in principal.arns and not principal.is_root:
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: "
+                f"kms:ListRetirableGrants for {retiring}: only that principal itself or "
+                "root may list its retirable grants"
+            )
+        entries = [
+            grant.list_entry(self.arn(grant.key_id))
+            for grant in self.keystore.list_retirable_grants(retiring)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _grant_named(self, params: dict[str, Any]) -> tuple[KeyRecord, Grant]:
+        """RetireGrant's grant: by GrantToken, or by KeyId and GrantId."""
+        token = _string(params, "GrantToken", max_len=grants.MAX_GRANT_TOKEN_CHARS)
+        if token is not None:
+            named = grants.read_token(token)
+            given_key = params.get("KeyId")
+            if (
+                given_key is not None
+                and self._resolve(params, allow_alias=False).key_id != named.key_id
+            ):
+                raise ValidationException("GrantToken and KeyId name different keys")
+            if params.get("GrantId") not in (None, named.grant_id):
+                raise ValidationException("GrantToken and GrantId name different grants")
+            key_id, grant_id = named.key_id, named.grant_id
+            key = self.keystore.get_key(key_id)
+        else:
+            if params.get("KeyId") is None or params.get("GrantId") is None:
+                raise ValidationException("RetireGrant needs GrantToken, or KeyId and GrantId")
+            key = self._resolve(params, allow_alias=False)
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grant = self.keystore.get_grant(key.key_id, grant_id) if key is not None else None
+        if key is None or grant is None:
+            raise NotFoundException(f"Grant ID {grant_id} not found")
+        return key, grant
+
+    def _op_RetireGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, grant = self._grant_named(params)
+        principal = self.principal(caller)
+        # "The grant determines who can retire it" (Retiring and revoking grants):
+        # no key policy check
+        if not grants.may_retire(grant, principal.arns, principal.root_arn):
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: kms:RetireGrant on "
+                f"resource: {self.arn(key.key_id)} because it is neither the grant's "
+                "retiring principal nor its grantee with RetireGrant in the grant"
+            )
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            self.keystore.delete_grant(db, key.key_id, grant.grant_id)
+        self._grants.pop(key.key_id, None)
+        self._grant_ids.append(grant.grant_id)  # audited: which grant went away
+        return {}
+
+    def _op_RevokeGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        _string(params, "GrantId", required=True, max_len=128)
+        grant_id = grants.check_grant_id(params["GrantId"])
+        # "access to the RevokeGrant operation is controlled through key policies"
+        self._authorize(caller, "RevokeGrant", key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if not self.keystore.delete_grant(db, key.key_id, grant_id):
+                raise NotFoundException(f"Grant ID {grant_id} not found")
+        self._grants.pop(key.key_id, None)
+        return {}
 
     # --------------------------------------------------------------- helpers
     def arn(self, key_id: str) -> str:
@@ -1612,6 +1887,10 @@ class KeyService:
         if error is not None:
             event["errorCode"] = error.aws_type
             event["errorMessage"] = error.message
+        if self._grant_ids:
+            # CloudTrail: the grant that allowed the call (or that RetireGrant retired)
+            ids = list(dict.fromkeys(self._grant_ids))
+            event["additionalEventData"] = {"grantId": ids[0] if len(ids) == 1 else ids}
         return event
 
     def _service_event(self, name: str, key_id: str | None) -> dict[str, Any]:
