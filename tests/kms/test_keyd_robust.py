@@ -204,6 +204,7 @@ def test_every_member_of_every_operation_is_type_checked(kms: Harness) -> None:
         "strings": ["a", 1],
         "tags": [{"TagKey": 1, "TagValue": "v"}],
         "recipient": "x",
+        "constraints": {"EncryptionContextSubset": {"k": 1}},
     }
     for operation, members in REQUEST_MEMBERS.items():
         for name, kind in members.items():
