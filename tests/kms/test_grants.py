@@ -9,6 +9,7 @@ KMS's.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from kmsfs.errors import (
 )
 from kmsfs.kms import grants
 from kmsfs.kms.caller import Caller
-from kmsfs.kms.keystore import Keystore, RootKeySource
+from kmsfs.kms.keystore import DB_NAME, Keystore, RootKeySource
 from kmsfs.kms.principal import Principal
 from kmsfs.kms.service import KeyService
 
@@ -641,3 +642,16 @@ def test_tokens_round_trip_and_differ() -> None:
     assert first != second
     assert grants.read_token(first) == grants.GrantToken(key_id, grant_id)
     assert grants.read_token(second) == grants.GrantToken(key_id, grant_id)
+
+
+def test_a_keystore_made_before_grants_gets_the_table_on_open(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    blob = kms.data_key(A, key_id)
+    kms.keystore.close()
+    with sqlite3.connect(kms.path / DB_NAME) as db:
+        db.execute("DROP TABLE grants")
+    db.close()
+    kms.keystore = Keystore.open(kms.path, RootKeySource.from_key_file(kms.root_key))
+    kms.service = kms._service()
+    kms.grant(key_id, B_ARN, ["Decrypt"])
+    assert kms.decrypt(B, blob)
