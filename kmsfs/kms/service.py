@@ -986,7 +986,12 @@ class KeyService:
             raise AccessDeniedException(message)
 
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
-        return self._allowed(caller, "DescribeKey", key)[0]
+        """For filtering listings: a grant that makes a key visible did not allow the
+        listing itself, so it is not named in the listing's audit record."""
+        noted = len(self._grant_ids)
+        allowed = self._allowed(caller, "DescribeKey", key)[0]
+        del self._grant_ids[noted:]
+        return allowed
 
     def _check_new_policy(
         self, params: dict[str, Any], caller: Caller, key: KeyRecord, text: str

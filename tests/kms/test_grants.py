@@ -655,3 +655,14 @@ def test_a_keystore_made_before_grants_gets_the_table_on_open(kms: Harness) -> N
     kms.service = kms._service()
     kms.grant(key_id, B_ARN, ["Decrypt"])
     assert kms.decrypt(B, blob)
+
+
+def test_a_describe_key_grant_makes_the_key_visible_in_listings(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    kms.call(A, "CreateAlias", AliasName="alias/shared", TargetKeyId=key_id)
+    assert kms.call(B, "ListKeys")["Keys"] == []
+    kms.grant(key_id, B_ARN, ["DescribeKey"])
+    assert [k["KeyId"] for k in kms.call(B, "ListKeys")["Keys"]] == [key_id]
+    assert "additionalEventData" not in kms.events[-1]  # the grant did not allow ListKeys
+    assert [a["AliasName"] for a in kms.call(B, "ListAliases")["Aliases"]] == ["alias/shared"]
+    assert [k["KeyId"] for k in kms.call(C, "ListKeys")["Keys"]] == []
