@@ -175,6 +175,7 @@ CONDITION_KEYS: tuple[str, ...] = (
     "kms:GranteePrincipal",
     "kms:RetiringPrincipal",
     "kms:GrantIsForAWSResource",
+    "kms:GrantConstraintType",
     "kms:KeySpec",
     "kms:KeyUsage",
     "kms:KeyOrigin",

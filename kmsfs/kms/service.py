@@ -1113,6 +1113,8 @@ class KeyService:
         }
         if retiring is not None:
             extra["kms:RetiringPrincipal"] = retiring
+        # kms:GrantConstraintType: which constraint types the grant has
+        extra["kms:GrantConstraintType"] = list(constraints.to_json() or ())
         self._authorize(
             caller,
             "CreateGrant",

@@ -362,6 +362,26 @@ def test_kms_grant_operations_condition_in_the_key_policy(kms: Harness) -> None:
         kms.grant(key_id, A_ARN, ["Decrypt"], caller=B)
 
 
+def test_kms_grant_constraint_type_condition(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    text = policy(
+        allow(A_ARN),
+        allow(
+            B_ARN,
+            "kms:CreateGrant",
+            Condition={"StringEquals": {"kms:GrantConstraintType": "EncryptionContextSubset"}},
+        ),
+    )
+    kms.call(A, "PutKeyPolicy", KeyId=key_id, PolicyName="default", Policy=text)
+    kms.grant(
+        key_id, C_ARN, ["Decrypt"], caller=B, Constraints={"EncryptionContextSubset": {"a": "b"}}
+    )
+    for constraints in ({"EncryptionContextEquals": {"a": "b"}}, None):
+        extra = {"Constraints": constraints} if constraints else {}
+        with pytest.raises(AccessDeniedException):
+            kms.grant(key_id, C_ARN, ["Decrypt"], caller=B, **extra)
+
+
 def test_kms_retiring_principal_and_encryption_context_conditions(kms: Harness) -> None:
     key_id = kms.create_key(A)
     text = policy(
