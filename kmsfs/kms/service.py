@@ -620,6 +620,8 @@ class KeyService:
         #: (additionalEventData.grantId); reset by handle()
         self._request_tokens: tuple[GrantToken, ...] = ()
         self._grant_ids: list[str] = []
+        #: the key of the grant RetireGrant retired (its record's resources entry)
+        self._grant_key_id: str | None = None
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
         self._unaudited_since = 0.0
@@ -663,6 +665,7 @@ class KeyService:
         recorded = False
         self._request_tokens = ()
         self._grant_ids = []
+        self._grant_key_id = None
         try:
             method = self._operations.get(operation)
             if method is None:
@@ -1221,6 +1224,7 @@ class KeyService:
             self.keystore.delete_grant(db, key.key_id, grant.grant_id)
         self._grants.pop(key.key_id, None)
         self._grant_ids.append(grant.grant_id)  # audited: which grant went away
+        self._grant_key_id = key.key_id
         return {}
 
     def _op_RevokeGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -1887,6 +1891,8 @@ class KeyService:
             "recipientAccountId": self.account,
         }
         key_arn = _key_arn_of(response)
+        if key_arn is None and self._grant_key_id is not None:
+            key_arn = self.arn(self._grant_key_id)  # RetireGrant by token names no key
         if key_arn:
             event["resources"] = [
                 {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": key_arn}

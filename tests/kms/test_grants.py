@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmsfs.errors import (
     AccessDeniedException,
@@ -482,6 +484,8 @@ def test_who_may_retire_a_grant(kms: Harness) -> None:
             kms.call(caller, "RetireGrant", KeyId=key_id, GrantId=retirable["GrantId"])
     kms.call(C, "RetireGrant", GrantToken=retirable["GrantToken"])
     assert kms.events[-1]["additionalEventData"] == {"grantId": retirable["GrantId"]}
+    # the token names no key in the request: the record's resources entry does
+    assert kms.events[-1]["resources"][0]["ARN"] == kms.arn(key_id)
     # the grantee may, when the grant includes RetireGrant
     own = kms.grant(key_id, B_ARN, ["Decrypt", "RetireGrant"])
     kms.call(B, "RetireGrant", KeyId=key_id, GrantId=own["GrantId"])
@@ -653,6 +657,27 @@ def test_constraint_strictness_rule() -> None:
     assert C_(equals={"a": "b"}).at_least_as_strict_as(equals_ab)
     assert not C_(subset={"a": "b"}).at_least_as_strict_as(equals_ab)
     assert not C_(equals={"a": "b", "c": "d"}).at_least_as_strict_as(equals_ab)
+
+
+_pairs = st.dictionaries(
+    st.sampled_from(["a", "A", "b", "c"]), st.sampled_from(["1", "2"]), max_size=3
+)
+_constraints = st.builds(
+    grants.Constraints,
+    equals=st.none() | _pairs.filter(bool),
+    subset=st.none() | _pairs.filter(bool),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(child=_constraints, parent=_constraints, contexts=st.lists(_pairs, max_size=6))
+def test_a_stricter_grant_never_accepts_a_context_its_parent_refuses(
+    child: grants.Constraints, parent: grants.Constraints, contexts: list[dict[str, str]]
+) -> None:
+    if child.at_least_as_strict_as(parent):
+        for context in [*contexts, dict(child.equals or {}), dict(child.subset or {})]:
+            if child.matches(context):
+                assert parent.matches(context)
 
 
 def test_tokens_round_trip_and_differ() -> None:
