@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kmsfs.errors import (
@@ -651,6 +651,7 @@ def test_constraint_strictness_rule() -> None:
     assert C_(subset={"a": "b", "c": "d"}).at_least_as_strict_as(subset_ab)
     assert C_(equals={"A": "b", "c": "d"}).at_least_as_strict_as(subset_ab)
     assert not C_(subset={"c": "d"}).at_least_as_strict_as(subset_ab)
+    assert not subset_ab.at_least_as_strict_as(C_(subset={"a": "b", "c": "d"}))
     assert not C_().at_least_as_strict_as(subset_ab)
     assert C_(subset={"x": "y"}).at_least_as_strict_as(C_())
     equals_ab = C_(equals={"a": "b"})
@@ -659,9 +660,7 @@ def test_constraint_strictness_rule() -> None:
     assert not C_(equals={"a": "b", "c": "d"}).at_least_as_strict_as(equals_ab)
 
 
-_pairs = st.dictionaries(
-    st.sampled_from(["a", "A", "b", "c"]), st.sampled_from(["1", "2"]), max_size=3
-)
+_pairs = st.dictionaries(st.sampled_from(["a", "A", "b"]), st.sampled_from(["1", "2"]), max_size=3)
 _constraints = st.builds(
     grants.Constraints,
     equals=st.none() | _pairs.filter(bool),
@@ -669,8 +668,13 @@ _constraints = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(child=_constraints, parent=_constraints, contexts=st.lists(_pairs, max_size=6))
+@example(
+    child=grants.Constraints(subset={"a": "1"}),
+    parent=grants.Constraints(subset={"a": "1", "b": "1"}),
+    contexts=[],
+)
 def test_a_stricter_grant_never_accepts_a_context_its_parent_refuses(
     child: grants.Constraints, parent: grants.Constraints, contexts: list[dict[str, str]]
 ) -> None:
