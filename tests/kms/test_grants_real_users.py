@@ -116,12 +116,14 @@ def test_the_grantee_may_retire_its_grant_by_token_when_the_grant_allows_it(
     keyd = shared_keyd
     key_id = json.loads(keyd.kmsfs("keys", "create", "--json").stdout)["KeyMetadata"]["KeyId"]
     blob = keyd.kmsfs("keys", "encrypt", "--key", key_id, input=b"secret").stdout
-    created = json.loads(
-        keyd.kmsfs(
-            "keys", "grant", "create", key_id, "--grantee", str(NOBODY),
-            "--operations", "Decrypt,RetireGrant", "--json",
-        ).stdout
-    )  # fmt: skip
+    printed = keyd.kmsfs(
+        "keys", "grant", "create", key_id, "--grantee", str(NOBODY),
+        "--operations", "Decrypt,RetireGrant",
+    ).stdout.decode()  # fmt: skip
+    created = dict(line.split(None, 1) for line in printed.splitlines())
+    assert set(created) == {"GrantId", "GrantToken"}
+    listed = keyd.kmsfs("keys", "grant", "list", key_id).stdout.decode()
+    assert created["GrantId"] in listed and "Decrypt,RetireGrant" in listed
     assert as_nobody(keyd, "keys", "decrypt", input=blob).stdout == b"secret"
     retired = as_nobody(keyd, "keys", "grant", "retire", "--token", created["GrantToken"])
     assert retired.returncode == 0, retired.stderr.decode()
