@@ -145,6 +145,8 @@ class AccessDeniedException(KMSError):
     """The caller may not perform this operation on this resource."""
 
     aws_type = "AccessDeniedException"
+    #: the ARN of the key the refusal concerns (keyd puts it in the audit record)
+    resource_arn: str | None = None
 
 
 class MalformedPolicyDocumentException(KMSError):

@@ -99,11 +99,18 @@ class Keyd:
             args += ["--root-key-file", str(self.root_key)]
         return [*args, *extra]
 
-    def start(self, *extra: str, root_key: bool = True, env: dict[str, str] | None = None) -> None:
+    def start(
+        self,
+        *extra: str,
+        root_key: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
+        """Serve; ``prefix`` runs keyd under another command (setpriv: another user)."""
         assert self.process is None or self.process.poll() is not None
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [*KMSFS, *self.serve_args(*extra, root_key=root_key)],
+                [*prefix, *KMSFS, *self.serve_args(*extra, root_key=root_key)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

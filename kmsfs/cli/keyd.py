@@ -78,10 +78,15 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
     from kmsfs.background import start_detached
     from kmsfs.kms.daemon import run_keyd
     from kmsfs.kms.paths import resolve_keystore_dir, resolve_socket_path
+    from kmsfs.kms.principal import AccountAccess
 
     keystore_dir = resolve_keystore_dir(args.keystore)
     socket_path = resolve_socket_path(args.socket)
     socket_mode = int(args.socket_mode, 8)
+    try:
+        account_access = AccountAccess.parse(args.account_users)
+    except ValueError as exc:
+        raise UsageError(f"--account-users: {exc}") from None
     if args.daemon:
         source = root_key_source(args)
         argv = [
@@ -96,6 +101,8 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         ]
         if source.key_file is not None:
             argv += ["--root-key-file", str(os.path.abspath(source.key_file))]
+        if args.account_users is not None:
+            argv += ["--account-users", args.account_users]
         log_path = keystore_dir / "keyd.log"
         pid = start_detached(argv, log_path, what="keyd", passphrase=source.passphrase)
         print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
@@ -110,6 +117,7 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         socket_path,
         socket_mode=socket_mode,
         ready_fd=args.ready_fd,
+        account_access=account_access,
     )
 
 
@@ -253,6 +261,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     _root_options(serve_parser, credentials=True)
     serve_parser.add_argument("--socket", help="socket path (default: per-user or /run/kmsfs)")
     serve_parser.add_argument("--socket-mode", default="0600", help="socket file mode (octal)")
+    serve_parser.add_argument(
+        "--account-users",
+        metavar="LIST",
+        help="who may CreateKey and GenerateRandom (no key policy covers them): login names, "
+        "uids and @groups, comma-separated; root always may (default: every local user)",
+    )
     serve_parser.add_argument("-d", "--daemon", action="store_true", help="detach")
     serve_parser.add_argument("--debug", action="store_true", help="log debug messages")
     serve_parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -285,3 +299,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")
     _keystore_options(verify)
     verify.set_defaults(func=cmd_audit_verify)
+
+    from kmsfs.cli import keyd_admin
+
+    keyd_admin.add_parsers(keyd)

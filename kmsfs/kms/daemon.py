@@ -29,6 +29,7 @@ from kmsfs.kms.keystore import (
     read_passphrase_file,
 )
 from kmsfs.kms.paths import remember_keyd_socket
+from kmsfs.kms.principal import AccountAccess
 from kmsfs.kms.server import serve
 from kmsfs.kms.service import KeyService
 from kmsfs.systemd import Notifier, credential_path
@@ -99,7 +100,7 @@ def source_from_credential(name: str, *, root_key: bool) -> RootKeySource:
 
 
 def open_service(
-    keystore_dir: Path, source: RootKeySource
+    keystore_dir: Path, source: RootKeySource, account_access: AccountAccess | None = None
 ) -> tuple[Keystore, AuditLog, KeyService]:
     check_keystore_permissions(keystore_dir)
     keystore = Keystore.open(keystore_dir, source)
@@ -108,7 +109,7 @@ def open_service(
     except BaseException:
         keystore.close()
         raise
-    return keystore, audit, KeyService(keystore, audit)
+    return keystore, audit, KeyService(keystore, audit, account_access=account_access)
 
 
 def run_keyd(
@@ -120,6 +121,7 @@ def run_keyd(
     maintenance_interval: float = 60.0,
     ready_fd: int | None = None,
     notifier: Notifier | None = None,
+    account_access: AccountAccess | None = None,
 ) -> None:
     """Serve keyd in this process until SIGTERM or SIGINT.
 
@@ -130,7 +132,7 @@ def run_keyd(
         notifier = Notifier.from_environment()
     harden_process(log)
     raise_fd_limit()
-    keystore, audit, service = open_service(keystore_dir, source)
+    keystore, audit, service = open_service(keystore_dir, source, account_access)
     try:
         trio.run(
             _serve_until_signalled,

@@ -23,6 +23,7 @@ Nothing here logs or raises with key material in the message.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
@@ -164,11 +165,29 @@ class RootKeySource:
 
 
 def create_root_key_file(path: Path) -> None:
-    """Write 32 random bytes (base64, one line) to a new file with mode 0600."""
+    """Write 32 random bytes (base64, one line) to a new file with mode 0600.
+
+    The file appears whole or not at all: written and fsynced under a temporary name,
+    then linked to ``path`` (which must not exist: link fails rather than replace) and
+    the folder fsynced, so a kill never leaves a truncated key file behind."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, base64.b64encode(os.urandom(ROOT_KEY_BYTES)) + b"\n")
+        try:
+            os.write(fd, base64.b64encode(os.urandom(ROOT_KEY_BYTES)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -248,6 +267,60 @@ def _material_aad(key_id: str, version: int) -> bytes:
     return f"kmsfs-cmk-material-v1|{key_id}|{version}".encode()
 
 
+def protect_root_key(
+    root_key: bytes, keystore_id: str, source: RootKeySource, kdf_seconds: float = MIN_KDF_SECONDS
+) -> dict[str, Any]:
+    """The ``root_protection`` setting: the root key wrapped under the key-encryption
+    key of *source* (Argon2id of a passphrase, with fresh salt and calibrated cost; or
+    a root key file, created if missing)."""
+    protection: dict[str, Any] = {"kind": source.kind}
+    if source.passphrase is not None:
+        salt = os.urandom(16)
+        params = _calibrate_argon2(kdf_seconds)
+        kek = _derive_kek(source.passphrase, salt, params)
+        protection.update(kdf="argon2id", salt=_b64(salt), **params)
+    else:
+        assert source.key_file is not None
+        if not source.key_file.exists():
+            create_root_key_file(source.key_file)
+        kek = read_root_key_file(source.key_file)
+    nonce = os.urandom(12)
+    wrapped = AESGCM(kek).encrypt(nonce, root_key, _root_wrap_aad(keystore_id))
+    protection.update(nonce=_b64(nonce), wrapped_root_key=_b64(wrapped))
+    return protection
+
+
+def check_root_protection(text: str) -> dict[str, Any]:
+    """Parse a ``root_protection`` setting and check its shape (not its secret: that
+    takes the passphrase or key file). Raises ValueError saying what is wrong."""
+    try:
+        protection = json.loads(text)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(protection, dict):
+        raise ValueError("not a JSON object")
+    kind = protection.get("kind")
+    if kind not in ("passphrase", "key-file"):
+        raise ValueError("kind must be 'passphrase' or 'key-file'")
+    try:
+        nonce = base64.b64decode(protection["nonce"], validate=True)
+        wrapped = base64.b64decode(protection["wrapped_root_key"], validate=True)
+        if kind == "passphrase":
+            if protection.get("kdf") != "argon2id":
+                raise ValueError("kdf must be argon2id")
+            if len(base64.b64decode(protection["salt"], validate=True)) < 16:
+                raise ValueError("salt too short")
+            for name, least in (("memory_cost", 8 * 1024), ("lanes", 1), ("iterations", 1)):
+                value = protection[name]
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"{name} must be an integer >= {least}")
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"missing or malformed field ({exc})") from None
+    if len(nonce) != 12 or len(wrapped) != ROOT_KEY_BYTES + 16:
+        raise ValueError("nonce or wrapped key has the wrong length")
+    return protection
+
+
 # --------------------------------------------------------------------- records
 @dataclass
 class KeyRecord:
@@ -296,7 +369,10 @@ class Keystore:
     def __init__(self, path: Path, db: sqlite3.Connection, root_key: bytes) -> None:
         self.path = path
         self._db = db
+        self._root_key = root_key
         self._root = AESGCM(root_key)
+        #: the new root key of a rotate_root_key whose transaction has not committed
+        self._pending_root: tuple[bytes, AESGCM] | None = None
         self.scrub_pending = False
         self._savepoints = 0  # names nested transactions (savepoints) uniquely
 
@@ -330,18 +406,7 @@ class Keystore:
 
         keystore_id = str(uuid.uuid4())
         root_key = os.urandom(ROOT_KEY_BYTES)
-        protection: dict[str, Any] = {"kind": source.kind}
-        if source.passphrase is not None:
-            salt = os.urandom(16)
-            params = _calibrate_argon2(kdf_seconds)
-            kek = _derive_kek(source.passphrase, salt, params)
-            protection.update(kdf="argon2id", salt=_b64(salt), **params)
-        else:
-            assert source.key_file is not None
-            kek = read_root_key_file(source.key_file)
-        nonce = os.urandom(12)
-        wrapped = AESGCM(kek).encrypt(nonce, root_key, _root_wrap_aad(keystore_id))
-        protection.update(nonce=_b64(nonce), wrapped_root_key=_b64(wrapped))
+        protection = protect_root_key(root_key, keystore_id, source, kdf_seconds)
 
         db = _connect(path / DB_NAME)
         try:
@@ -469,6 +534,63 @@ class Keystore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    # ------------------------------------------------------------- root secret
+    def protection_for(self, source: RootKeySource, kdf_seconds: float = MIN_KDF_SECONDS) -> str:
+        """This keystore's root key wrapped for *source*, as ``root_protection`` text:
+        what ``kmsfs keyd passwd`` stores (with :meth:`set_root_protection`)."""
+        return json.dumps(
+            protect_root_key(self._root_key, self.meta("keystore_id"), source, kdf_seconds)
+        )
+
+    def set_root_protection(self, db: sqlite3.Connection, text: str) -> None:
+        """Replace how the root key is stored (one row: atomic with its transaction).
+
+        Only a wrapping of *this* root key belongs here (build it with
+        :meth:`protection_for`); without the new secret nothing here can unwrap it, so
+        only its shape is checked (:func:`check_root_protection`)."""
+        check_root_protection(text)
+        db.execute("UPDATE meta SET value = ? WHERE name = 'root_protection'", (text,))
+
+    def rotate_root_key(self, db: sqlite3.Connection, source: RootKeySource) -> int:
+        """A new root key: every sealed record is resealed under it and the new key is
+        wrapped for *source*, all in the caller's transaction (one commit: a kill at any
+        point leaves the old root key and records, or the new ones). Returns the number
+        of records resealed. The new key is used only once the transaction commits."""
+        new_key = os.urandom(ROOT_KEY_BYTES)
+        new_root = AESGCM(new_key)
+        rows = db.execute("SELECT key_id, version, sealed FROM key_versions").fetchall()
+        for row in rows:
+            key_id, version, sealed = row[0], row[1], bytes(row[2])
+            aad = _material_aad(key_id, version)
+            try:
+                material = self._root.decrypt(sealed[:12], sealed[12:], aad)
+            except InvalidTag:
+                raise KeystoreError(
+                    f"sealed material of key {key_id} version {version} failed authentication"
+                ) from None
+            nonce = os.urandom(12)
+            db.execute(
+                "UPDATE key_versions SET sealed = ? WHERE key_id = ? AND version = ?",
+                (nonce + new_root.encrypt(nonce, material, aad), key_id, version),
+            )
+        protection = protect_root_key(new_key, self.meta("keystore_id"), source)
+        db.execute(
+            "UPDATE meta SET value = ? WHERE name = 'root_protection'", (json.dumps(protection),)
+        )
+        self._pending_root = (new_key, new_root)
+        return len(rows)
+
+    def root_key_aborted(self) -> None:
+        """Forget the new root key of a :meth:`rotate_root_key` that was rolled back."""
+        self._pending_root = None
+
+    def root_key_committed(self) -> None:
+        """Start using the root key of a committed :meth:`rotate_root_key`."""
+        pending = self._pending_root
+        if pending is not None:
+            self._root_key, self._root = pending
+            self._pending_root = None
 
     # ------------------------------------------------------------ key material
     def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:

@@ -55,6 +55,10 @@ def resolve_keystore_dir(explicit: str | os.PathLike[str] | None = None) -> Path
     return default_keystore_dir()
 
 
+#: root's keyd, and a system keyd serving every user of the machine
+SYSTEM_SOCKET = Path("/run/kmsfs/keyd.sock")
+
+
 def default_socket_path() -> Path:
     """``/run/kmsfs/keyd.sock`` for root, else ``$XDG_RUNTIME_DIR/kmsfs/keyd.sock``.
 
@@ -66,7 +70,7 @@ def default_socket_path() -> Path:
     same way).
     """
     if os.geteuid() == 0:
-        return Path("/run/kmsfs/keyd.sock")
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "kmsfs" / "keyd.sock"
@@ -191,7 +195,13 @@ def keyd_candidates(
             candidates.append(KeydCandidate(Path(configured), str(config_path), False))
         elif configured is not None:
             skipped.append(f"{config_path}: {USER_CONFIG_SOCKET} is not an absolute path")
-    candidates.append(KeydCandidate(default_socket_path(), "the default", False))
+    default = default_socket_path()
+    candidates.append(KeydCandidate(default, "the default", False))
+    if default != SYSTEM_SOCKET:
+        # a user's last resort: the machine's system keyd (one keyd serving every user,
+        # its socket open to all and its key policies deciding; see the README's "Who
+        # runs keyd"). It is trusted like any other: owned by root, you or --keyd-uid.
+        candidates.append(KeydCandidate(SYSTEM_SOCKET, "the system keyd", False))
     return candidates, skipped
 
 

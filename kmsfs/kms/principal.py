@@ -248,3 +248,47 @@ class PrincipalResolver:
                     self._cache.clear()
             self._cache[cache_key] = (now, principal)
         return principal
+
+
+@dataclass(frozen=True)
+class AccountAccess:
+    """Who may call the account-level operations (CreateKey, GenerateRandom), which
+    in AWS an IAM policy governs and no key policy can: ``None`` sets mean everyone.
+
+    Given to keyd as ``--account-users`` (see :meth:`parse`); root always may.
+    """
+
+    uids: frozenset[int] | None = None
+    groups: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str | None) -> AccountAccess:
+        """``alice,1001,@staff``: login names, uids and ``@group`` names (a comma list).
+        Raises ValueError naming an unknown user or group."""
+        if text is None:
+            return cls()
+        uids: set[int] = set()
+        groups: set[str] = set()
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            if item.startswith("@"):
+                name = item[1:]
+                try:
+                    grp.getgrnam(name) if not name.isdigit() else grp.getgrgid(int(name))
+                except KeyError:
+                    raise ValueError(f"no group {name!r}") from None
+                groups.add(group_name(int(name)) if name.isdigit() else name)
+            elif item.isdigit():
+                uids.add(int(item))
+            else:
+                try:
+                    uids.add(pwd.getpwnam(item).pw_uid)
+                except KeyError:
+                    raise ValueError(f"no user {item!r}") from None
+        return cls(frozenset(uids), frozenset(groups))
+
+    def allows(self, principal: Principal) -> bool:
+        if self.uids is None or principal.is_root or principal.uid in self.uids:
+            return True
+        return any(name in self.groups for name in principal.groups)

@@ -66,6 +66,7 @@ from kmsfs.errors import (
     ValidationException,
 )
 from kmsfs.kms import grants
+from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.grants import Grant, GrantToken
 from kmsfs.kms.keystore import KeyRecord, Keystore
@@ -79,7 +80,7 @@ from kmsfs.kms.policy import (
     root_arn,
     would_lock_out,
 )
-from kmsfs.kms.principal import Principal, PrincipalResolver, login_name
+from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -157,6 +158,11 @@ _AUDITED_FIELDS = {
     "DryRun",
     "PolicyName",
     "PolicyNames",
+    "Destination",
+    "DatabaseSha256",
+    "ProtectionKind",
+    "PreviousProtectionKind",
+    "ResealedRecords",
     "BypassPolicyLockoutSafetyCheck",
     # grants: never GrantToken(s) (see _op_CreateGrant)
     "GranteePrincipal",
@@ -295,6 +301,7 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
         "DryRun": _BOOLEAN,
     },
     "RevokeGrant": {"KeyId": _STRING, "GrantId": _STRING, "DryRun": _BOOLEAN},
+    **ADMIN_REQUEST_MEMBERS,
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -329,6 +336,7 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "CreateGrant",
         "RetireGrant",
         "RevokeGrant",
+        *ADMIN_OPERATIONS,
     }
 )
 KEY_USE_OPERATIONS = frozenset(
@@ -578,8 +586,9 @@ def _symmetric_algorithm(params: dict[str, Any], name: str = "EncryptionAlgorith
         )
 
 
-class KeyService:
-    """AWS KMS operations on one keystore. Not thread-safe: call from one thread."""
+class KeyService(KeystoreAdmin):
+    """AWS KMS operations on one keystore (and kmsfs's keystore operations, see
+    kmsfs.kms.admin). Not thread-safe: call from one thread."""
 
     def __init__(
         self,
@@ -589,6 +598,7 @@ class KeyService:
         clock: Callable[[], float] = time.time,
         principals: Callable[[Caller], Principal] | None = None,
         owner_uid: int | None = None,
+        account_access: AccountAccess | None = None,
     ) -> None:
         self.keystore = keystore
         self.audit = audit
@@ -601,6 +611,8 @@ class KeyService:
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
+        self.account_access = account_access or AccountAccess()
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
         #: the default policy with this uid as its creator (see policy_text)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -627,6 +639,9 @@ class KeyService:
         self._unaudited_since = 0.0
         self._unaudited_until = 0.0
         self._audit_problem: str | None = None
+        #: (action, on_abort) pairs an operation asked to run once its transaction
+        #: committed, or to undo if it did not (see _after_commit)
+        self._commit_actions: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self._operations: dict[str, Callable[[dict[str, Any], Caller], dict[str, Any]]] = {
             name: getattr(self, "_op_" + name) for name in self.operation_names()
         }
@@ -675,15 +690,26 @@ class KeyService:
                 # garbage is refused before anything runs (InvalidGrantTokenException)
                 self._request_tokens = grants.read_tokens(params.get("GrantTokens"))
             if operation in STATE_CHANGING_OPERATIONS:
-                with self.keystore.transaction():
-                    response = method(params, caller)
-                    self._record(
-                        self._audit_event(
-                            operation, params, caller, request_id, started, response, None
-                        ),
-                        durable=True,
-                    )
-                    recorded = True
+                self._commit_actions.clear()
+                try:
+                    with self.keystore.transaction():
+                        response = method(params, caller)
+                        self._record(
+                            self._audit_event(
+                                operation, params, caller, request_id, started, response, None
+                            ),
+                            durable=True,
+                        )
+                        recorded = True
+                except BaseException:
+                    for _action, on_abort in self._commit_actions:
+                        if on_abort is not None:
+                            on_abort()
+                    raise
+                finally:
+                    actions, self._commit_actions = self._commit_actions, []
+                for action, _on_abort in actions:
+                    action()
             else:
                 response = method(params, caller)
                 if operation in KEY_USE_OPERATIONS:
@@ -722,6 +748,13 @@ class KeyService:
                         error,
                     )
                 )
+
+    def _after_commit(
+        self, action: Callable[[], None], *, on_abort: Callable[[], None] | None = None
+    ) -> None:
+        """Run *action* once this state change committed (its audit record on disk),
+        or *on_abort* if it is rolled back."""
+        self._commit_actions.append((action, on_abort))
 
     # ------------------------------------------------------------ audit writing
     def _record(self, event: dict[str, Any], *, durable: bool) -> None:
@@ -881,6 +914,9 @@ class KeyService:
         kms:KeySpec and kms:KeyUsage, and kms:RequestAlias when the request named the
         key by an alias. kms:ViaService is absent: no AWS service calls keyd."""
         conditions: dict[str, Any] = principal.condition_keys()
+        now = self.clock()
+        conditions["aws:CurrentTime"] = _iso(now)
+        conditions["aws:EpochTime"] = int(now)
         conditions["kms:KeySpec"] = key.key_spec
         conditions["kms:KeyUsage"] = key.key_usage
         if encryption_context:
@@ -891,6 +927,10 @@ class KeyService:
             conditions["kms:RequestAlias"] = request_alias
         if extra_conditions:
             conditions.update(extra_conditions)
+        # kms:ResourceAliases: every alias of the key, whichever name the request used
+        conditions["kms:ResourceAliases"] = [
+            alias.alias_name for alias in self.keystore.list_aliases(key.key_id)
+        ]
         return RequestContext(
             principal.arn,
             principal.is_root,
@@ -898,6 +938,7 @@ class KeyService:
             action,
             self.arn(key.key_id),
             conditions,
+            _other_arns(principal),
         )
 
     def _allowed(
@@ -938,6 +979,7 @@ class KeyService:
                 self.account,
                 "kms:" + operation,
                 self.arn(key.key_id),
+                other_arns=_other_arns(principal),
             )
         decision = evaluate(policy, context)
         if decision.allowed:
@@ -986,7 +1028,22 @@ class KeyService:
             caller, operation, key, encryption_context, named, extra_conditions, new_grant
         )
         if not allowed:
-            raise AccessDeniedException(message)
+            error = AccessDeniedException(message)
+            error.resource_arn = self.arn(key.key_id)  # for the refusal's audit record
+            raise error
+
+    def _authorize_account_level(self, caller: Caller, operation: str) -> None:
+        """CreateKey and GenerateRandom concern no key, so no key policy decides them;
+        in AWS an IAM policy does. Here: every local principal, unless keyd was started
+        with --account-users (root always)."""
+        principal = self.principal(caller)
+        if not self.account_access.allows(principal):
+            # AWS's message shape for a request no identity-based policy allows
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: kms:{operation} "
+                f"on resource: * because no identity-based policy allows the "
+                f"kms:{operation} action"
+            )
 
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
         """For filtering listings: a grant that makes a key visible did not allow the
@@ -1002,7 +1059,9 @@ class KeyService:
         """Validate a policy and run AWS's lockout safety check unless bypassed."""
         bypass = _field(params, "BypassPolicyLockoutSafetyCheck", bool, False)
         policy = parse_policy(text)
-        if not bypass:
+        # root of the machine may always call PutKeyPolicy (see _op_PutKeyPolicy), so no
+        # policy can lock it out: the check would refuse its repairs for nothing
+        if not bypass and not self.principal(caller).is_root:
             context = self._request_context(self.principal(caller), "kms:PutKeyPolicy", key)
             if would_lock_out(policy, context):
                 # AWS answers a self-locking policy with MalformedPolicyDocumentException
@@ -1408,6 +1467,7 @@ class KeyService:
 
     # ------------------------------------------------------------- key admin
     def _op_CreateKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        self._authorize_account_level(caller, "CreateKey")
         description = _string(params, "Description", min_len=0, max_len=8192) or ""
         key_spec = _string(params, "KeySpec", choices=_KNOWN_KEY_SPECS)
         legacy_spec = _string(params, "CustomerMasterKeySpec", choices=_KNOWN_KEY_SPECS)
@@ -1443,8 +1503,8 @@ class KeyService:
             current_version=1,
             creator_uid=caller.uid,
         )
-        # CreateKey is account-level (AWS checks it against IAM policies only): every
-        # local principal may create keys. Without Policy the key gets AWS's default
+        # CreateKey is account-level (AWS checks it against IAM policies only): see
+        # _authorize_account_level. Without Policy the key gets AWS's default
         # policy (root may do kms:*) plus kms:* for its creator (see default_policy).
         if policy is None:
             policy = default_policy(self.account, self.principal(caller).arn)
@@ -1696,6 +1756,7 @@ class KeyService:
 
     def _op_GenerateRandom(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         count = _integer(params, "NumberOfBytes", 1, MAX_DATA_KEY_BYTES, required=True)
+        self._authorize_account_level(caller, "GenerateRandom")
         if params.get("CustomKeyStoreId") is not None:
             raise UnsupportedOperationException("custom key stores are not supported")
         if params.get("Recipient") is not None:
@@ -1890,7 +1951,7 @@ class KeyService:
             "eventType": "AwsApiCall",
             "recipientAccountId": self.account,
         }
-        key_arn = _key_arn_of(response)
+        key_arn = _key_arn_of(response) or getattr(error, "resource_arn", None)
         if key_arn is None and self._grant_key_id is not None:
             key_arn = self.arn(self._grant_key_id)  # RetireGrant by token names no key
         if key_arn:
@@ -1929,6 +1990,12 @@ class KeyService:
         event["eventType"] = "AwsServiceEvent"
         event["recipientAccountId"] = self.account
         return event
+
+
+def _other_arns(principal: Principal) -> tuple[str, ...]:
+    """The ARNs besides ``principal.arn`` that name the caller in a key policy's
+    Principal: for uid 0, ``...:user/<its login name>`` besides the root ARN."""
+    return principal.arns[1:] if principal.is_root else ()
 
 
 def _safe_fields(values: dict[str, Any]) -> dict[str, Any]:

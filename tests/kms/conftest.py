@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.server import serve
+from tests.conftest import Keyd, run_kmsfs
+from tests.kms.users import ACCOUNT
 
 SECRET = "plaintext-SECRET-do-not-leak"
 DATA_KEY = bytes(range(32))
@@ -185,3 +188,18 @@ def fake_service() -> type[FakeService]:
 @pytest.fixture
 def keyd(start_keyd: Callable[..., RunningKeyd]) -> RunningKeyd:
     return start_keyd()
+
+
+@pytest.fixture
+def shared_keyd(keyd_factory: Callable[..., Keyd], short_tmp: Path) -> Keyd:
+    """root's keyd as a system keyd: a keystore of account 123456789012, its socket open
+    to every user (--socket-mode 0666) in a root-owned directory every user can search."""
+    keyd = keyd_factory()
+    run_kmsfs(
+        "keyd", "init", "--keystore", str(keyd.keystore), "--root-key-file",
+        str(keyd.root_key), "--account-id", ACCOUNT,
+    )  # fmt: skip
+    os.chmod(short_tmp, 0o755)
+    os.chmod(keyd.workdir, 0o755)
+    keyd.start("--socket-mode", "0666")
+    return keyd

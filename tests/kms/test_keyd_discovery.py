@@ -55,6 +55,7 @@ def place(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable
     monkeypatch.delenv(KEYD_UID_ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(short_tmp / "config"))
     monkeypatch.setattr(paths, "default_socket_path", lambda: short_tmp / "default" / "keyd.sock")
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", short_tmp / "system" / "keyd.sock")
     listeners: list[Listener] = []
 
     def make(name: str, live: bool | None = True) -> Path:
@@ -108,6 +109,16 @@ def test_the_hint_comes_before_the_user_config_and_the_default(place) -> None:
     assert find_keyd(None) == configured
     user_config_path().unlink()
     assert find_keyd(None, hint=None) == default
+
+
+def test_a_user_without_a_keyd_of_her_own_finds_the_system_keyd(place) -> None:
+    """The machine's system keyd (/run/kmsfs/keyd.sock) comes last: after the user's own
+    default socket, which wins when a keyd answers there."""
+    system = place("system")
+    place("default", live=None)
+    assert find_keyd(None) == system
+    default = place("default")
+    assert find_keyd(None) == default
 
 
 def test_places_where_nothing_answers_are_passed_over(place) -> None:

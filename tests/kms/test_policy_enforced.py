@@ -27,7 +27,7 @@ from kmsfs.errors import (
 )
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import DB_NAME, Keystore, RootKeySource
-from kmsfs.kms.principal import Principal
+from kmsfs.kms.principal import AccountAccess, Principal
 from kmsfs.kms.service import KeyService
 
 REGION = "eu-test-1"
@@ -289,6 +289,10 @@ def test_refusals_are_audited_with_access_denied(kms: Harness) -> None:
     assert event["errorCode"] == "AccessDeniedException"
     assert event["userIdentity"]["arn"] == B_ARN
     assert kms.arn(key_id) in event["errorMessage"]
+    # the refused request's record names the key it was about, as a success's does
+    assert event["resources"] == [
+        {"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": kms.arn(key_id)}
+    ]
     kms.put_policy(A, key_id, policy(allow(A_ARN)))
     put = kms.events[-1]
     assert put["eventName"] == "PutKeyPolicy" and "errorCode" not in put
@@ -344,6 +348,42 @@ def test_request_alias_condition(kms: Harness) -> None:
         kms.call(B, "Encrypt", KeyId=key_id, Plaintext=b64(b"x"))
 
 
+def test_resource_aliases_condition_sees_every_alias_of_the_key(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    condition = {"ForAnyValue:StringLike": {"kms:ResourceAliases": "alias/team-*"}}
+    kms.put_policy(
+        A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Encrypt", Condition=condition))
+    )
+    with pytest.raises(AccessDeniedException):
+        kms.call(B, "Encrypt", KeyId=key_id, Plaintext=b64(b"x"))
+    kms.call(A, "CreateAlias", AliasName="alias/team-blue", TargetKeyId=key_id)
+    kms.call(A, "CreateAlias", AliasName="alias/other", TargetKeyId=key_id)
+    # by id, by the matching alias, by the other alias: the key has a matching alias
+    for name in (key_id, "alias/team-blue", "alias/other"):
+        kms.call(B, "Encrypt", KeyId=name, Plaintext=b64(b"x"))
+    kms.call(A, "DeleteAlias", AliasName="alias/team-blue")
+    with pytest.raises(AccessDeniedException):
+        kms.call(B, "Encrypt", KeyId="alias/other", Plaintext=b64(b"x"))
+
+
+def test_root_is_also_named_by_its_user_arn(kms: Harness) -> None:
+    """uid 0 is the account root and the IAM user named after its login name: a
+    statement naming ...:user/root applies to it (and not to anyone else)."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    root_user = f"arn:aws:iam::{ACCOUNT}:user/root"
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(root_user, "kms:Decrypt")))
+    assert kms.decrypt(ROOT, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.data_key(ROOT, key_id)  # only Decrypt was allowed to user/root
+    deny = {**allow(root_user, "kms:Decrypt"), "Effect": "Deny"}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(ROOT_ARN), deny))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(ROOT, blob)  # a Deny naming user/root reaches uid 0 too
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+
+
 def test_existing_keys_without_a_stored_policy_keep_working_for_keyd_owner(
     kms: Harness,
 ) -> None:
@@ -380,3 +420,86 @@ def test_policies_go_away_with_the_key(kms: Harness) -> None:
         assert db.execute("SELECT * FROM key_policies").fetchall() == []
     finally:
         db.close()
+
+
+def test_account_level_operations_can_be_limited(tmp_path: Path) -> None:
+    """CreateKey and GenerateRandom concern no key: every local principal may call them
+    unless keyd is given --account-users (root always may)."""
+    harness = Harness(tmp_path)
+    try:
+        harness.service = KeyService(
+            harness.keystore,
+            harness.events,
+            principals=principal_of,
+            account_access=AccountAccess(frozenset({A.uid})),
+        )
+        harness.create_key(A)
+        harness.create_key(ROOT)
+        assert harness.call(A, "GenerateRandom", NumberOfBytes=8)["Plaintext"]
+        for operation, params in (("CreateKey", {}), ("GenerateRandom", {"NumberOfBytes": 8})):
+            with pytest.raises(AccessDeniedException) as refused:
+                harness.call(B, operation, **params)
+            assert refused.value.message == (
+                f"User: {B_ARN} is not authorized to perform: kms:{operation} on resource: * "
+                f"because no identity-based policy allows the kms:{operation} action"
+            )
+            assert harness.events[-1]["errorCode"] == "AccessDeniedException"
+        assert len(harness.keystore.list_keys()) == 2
+    finally:
+        harness.keystore.close()
+
+
+def test_account_access_by_name_uid_and_group() -> None:
+    import grp
+    import pwd
+
+    nobody = pwd.getpwuid(65534)
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    access = AccountAccess.parse(f"{nobody.pw_name}, 4321 ,@{group}")
+    assert access.uids == frozenset({65534, 4321})
+    assert access.groups == frozenset({group})
+
+    def who(uid: int, groups: tuple[str, ...] = ()) -> Principal:
+        return Principal(ACCOUNT, uid, uid, 1, None, groups, None)
+
+    assert access.allows(who(4321)) and access.allows(who(0))
+    assert not access.allows(who(4322))
+    assert access.allows(who(4322, (group,)))
+    assert AccountAccess.parse(None).allows(who(4322))
+    with pytest.raises(ValueError, match="no user 'no-such-user-kmsfs'"):
+        AccountAccess.parse("no-such-user-kmsfs")
+    with pytest.raises(ValueError, match="no group 'no-such-group-kmsfs'"):
+        AccountAccess.parse("@no-such-group-kmsfs")
+
+
+def test_time_conditions_see_keyds_clock(kms: Harness) -> None:
+    """aws:CurrentTime / aws:EpochTime with the Date operators: a key shared until a date."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    until = {"DateLessThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=until)))
+    kms.service.clock = lambda: 1893455999.0  # 2029-12-31T23:59:59Z
+    assert kms.decrypt(B, blob) == plaintext
+    kms.service.clock = lambda: 1893456000.0  # 2030-01-01T00:00:00Z
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    epoch = {"NumericLessThan": {"aws:EpochTime": 1893456000}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=epoch)))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    kms.service.clock = lambda: 1893455000.0
+    assert kms.decrypt(B, blob) == plaintext
+
+
+def test_principal_arn_conditions(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    anyone_but_root = {
+        **allow("*", "kms:Decrypt"),
+        "Principal": "*",
+        "Condition": {"ArnLike": {"aws:PrincipalArn": f"arn:aws:iam::{ACCOUNT}:user/uid-43*"}},
+    }
+    kms.put_policy(A, key_id, policy(allow(A_ARN), anyone_but_root))
+    assert kms.decrypt(B, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(ROOT, blob)  # root's aws:PrincipalArn is ...:root

@@ -9,15 +9,12 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import KMSFS, Keyd, run_kmsfs
-
-ACCOUNT = "123456789012"
-NOBODY = 65534
+from tests.kms.users import ACCOUNT, NOBODY
 
 
 def _whoami(keyd: Keyd, *, as_nobody: bool = False) -> dict[str, object]:
@@ -35,21 +32,6 @@ def _whoami(keyd: Keyd, *, as_nobody: bool = False) -> dict[str, object]:
 def _audit(keyd: Keyd, *args: str) -> list[dict[str, object]]:
     out = keyd.kmsfs("keyd", "audit", "tail", "--json", "-n", "100", *args).stdout.decode()
     return [json.loads(line) for line in out.splitlines()]
-
-
-@pytest.fixture
-def shared_keyd(keyd_factory: Callable[..., Keyd], short_tmp: Path) -> Keyd:
-    """root's keyd on a keystore of account 123456789012, its socket open to every
-    user (--socket-mode 0666) in a root-owned directory every user can search."""
-    keyd = keyd_factory()
-    run_kmsfs(
-        "keyd", "init", "--keystore", str(keyd.keystore), "--root-key-file",
-        str(keyd.root_key), "--account-id", ACCOUNT,
-    )  # fmt: skip
-    os.chmod(short_tmp, 0o755)
-    os.chmod(keyd.workdir, 0o755)
-    keyd.start("--socket-mode", "0666")
-    return keyd
 
 
 def test_whoami_as_root(shared_keyd: Keyd) -> None:
