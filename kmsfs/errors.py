@@ -148,6 +148,18 @@ class LimitExceededException(KMSError):
     aws_type = "LimitExceededException"
 
 
+class InvalidGrantTokenException(KMSError):
+    """A grant token is not one keyd issued, or names a grant of another key."""
+
+    aws_type = "InvalidGrantTokenException"
+
+
+class InvalidGrantIdException(KMSError):
+    """A grant id is malformed (AWS: 64 hexadecimal characters)."""
+
+    aws_type = "InvalidGrantIdException"
+
+
 class AccessDeniedException(KMSError):
     """The caller may not perform this operation on this resource."""
 
@@ -248,6 +260,8 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         InvalidMarkerException,
         TagException,
         LimitExceededException,
+        InvalidGrantTokenException,
+        InvalidGrantIdException,
         AccessDeniedException,
         MalformedPolicyDocumentException,
         UnknownOperationException,

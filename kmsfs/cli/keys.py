@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pwd
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -321,6 +322,191 @@ def cmd_policy(args: argparse.Namespace) -> None:
     print(f"{args.key}: key policy replaced")
 
 
+# -------------------------------------------------------------------- grants
+def principal_arn(user: str, account: str) -> str:
+    """The principal ARN keyd uses for *user*: a login name, a uid or an ARN (kept as
+    given). uid 0 / root is the account root (``arn:aws:iam::ACCOUNT:root``); another
+    uid is ``...:user/<login name>``, or ``...:user/uid-<n>`` when it has no name, as
+    keyd names callers (kmsfs.kms.principal)."""
+    if user.startswith("arn:"):
+        return user
+    if user.isdigit():
+        uid = int(user)
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid-{uid}"
+    else:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise UsageError(
+                f"no user named {user!r} (give a login name, a uid or an ARN)"
+            ) from None
+        name = user
+    if uid == 0:
+        return f"arn:aws:iam::{account}:root"
+    return f"arn:aws:iam::{account}:user/{name}"
+
+
+def parse_operations(text: str) -> list[str]:
+    """``Decrypt,GenerateDataKey`` -> the Operations list (keyd checks the names)."""
+    operations = [item.strip() for item in text.split(",") if item.strip()]
+    if not operations:
+        raise UsageError("--operations needs at least one operation, e.g. Decrypt")
+    return operations
+
+
+def _account(client) -> str:
+    return client.call("GetCallerIdentity", {})["Account"]
+
+
+def _check_grant_args(args: argparse.Namespace) -> str | None:
+    """A usage error (printed with the usage line) before anything is sent."""
+    if args.grant_command == "retire":
+        if args.token is not None and (args.key or args.grant_id):
+            return "grant retire: give either --token or KEY GRANT_ID, not both"
+        if args.token is None and not (args.key and args.grant_id):
+            return "grant retire: give --token TOKEN, or KEY and GRANT_ID"
+    return None
+
+
+def cmd_grant_create(args: argparse.Namespace) -> None:
+    operations = parse_operations(args.operations)
+    subset = parse_pairs(args.context_subset, "--context-subset")
+    equals = parse_pairs(args.context_equals, "--context-equals")
+    with _client(args) as client:
+        account = _account(client)
+        params: dict[str, Any] = {
+            "KeyId": _key_id(client, args.key),  # CreateGrant takes no alias
+            "GranteePrincipal": principal_arn(args.grantee, account),
+            "Operations": operations,
+        }
+        if args.retiring:
+            params["RetiringPrincipal"] = principal_arn(args.retiring, account)
+        if args.name:
+            params["Name"] = args.name
+        constraints: dict[str, dict[str, str]] = {}
+        if subset:
+            constraints["EncryptionContextSubset"] = subset
+        if equals:
+            constraints["EncryptionContextEquals"] = equals
+        if constraints:
+            params["Constraints"] = constraints
+        response = client.call("CreateGrant", params)
+    if args.json:
+        print_json(response)
+    else:
+        print_record({"GrantId": response["GrantId"], "GrantToken": response["GrantToken"]})
+
+
+def _constraints_text(entry: dict[str, Any]) -> str:
+    constraints = entry.get("Constraints") or {}
+    parts = []
+    for kind, label in (
+        ("EncryptionContextEquals", "equals:"),
+        ("EncryptionContextSubset", "subset:"),
+    ):
+        pairs = constraints.get(kind)
+        if pairs:
+            parts.append(label + ",".join(f"{k}={v}" for k, v in sorted(pairs.items())))
+    return " ".join(parts) or "-"
+
+
+def cmd_grant_list(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        entries = _all_pages(client, "ListGrants", {"KeyId": _key_id(client, args.key)}, "Grants")
+    if args.json:
+        print_json(entries)
+        return
+    rows = [
+        {
+            "GrantId": entry["GrantId"],
+            "Grantee": entry["GranteePrincipal"],
+            "Operations": ",".join(entry["Operations"]),
+            "Context": _constraints_text(entry),
+            "Retiring": entry.get("RetiringPrincipal") or "-",
+            "Name": entry.get("Name") or "-",
+            "Created": when(entry.get("CreationDate")),
+        }
+        for entry in entries
+    ]
+    print_table(
+        rows, ["GrantId", "Grantee", "Operations", "Context", "Retiring", "Name", "Created"]
+    )
+
+
+def cmd_grant_retire(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.token is not None:
+            client.call("RetireGrant", {"GrantToken": args.token})
+        else:
+            key_id = _key_id(client, args.key)
+            client.call("RetireGrant", {"KeyId": key_id, "GrantId": args.grant_id})
+    print("grant retired")
+
+
+def cmd_grant_revoke(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        client.call("RevokeGrant", {"KeyId": _key_id(client, args.key), "GrantId": args.grant_id})
+    print(f"{args.grant_id}: revoked")
+
+
+def _add_grant_parsers(keys: argparse._SubParsersAction) -> None:
+    grant = keys.add_parser(
+        "grant", help="grants: let another user use a key (create/list/retire/revoke)"
+    ).add_subparsers(dest="grant_command", required=True, metavar="ACTION")
+    user_help = "a login name, a uid or a principal ARN"
+
+    create = grant.add_parser("create", help="create a grant (prints GrantId and GrantToken)")
+    client_options(create)
+    create.add_argument("key", help="key id, key ARN or alias/NAME")
+    create.add_argument("--grantee", required=True, metavar="USER", help=f"who: {user_help}")
+    create.add_argument(
+        "--operations",
+        required=True,
+        metavar="OP,OP",
+        help="grant operations, comma-separated (Decrypt, Encrypt, GenerateDataKey, "
+        "GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, "
+        "CreateGrant, RetireGrant, ...)",
+    )
+    create.add_argument("--retiring", metavar="USER", help=f"who may retire it: {user_help}")
+    create.add_argument("--name", help="a name: the same name and parameters give the same grant")
+    create.add_argument(
+        "--context-subset",
+        action="append",
+        metavar="KEY=VALUE",
+        help="allow only requests whose encryption context includes this pair (repeatable)",
+    )
+    create.add_argument(
+        "--context-equals",
+        action="append",
+        metavar="KEY=VALUE",
+        help="allow only requests whose encryption context is exactly these pairs (repeatable)",
+    )
+    create.set_defaults(func=cmd_grant_create)
+
+    listing = grant.add_parser("list", help="list a key's grants")
+    client_options(listing)
+    listing.add_argument("key", help="key id, key ARN or alias/NAME")
+    listing.set_defaults(func=cmd_grant_list)
+
+    retire = grant.add_parser(
+        "retire", help="retire a grant (its retiring principal, or its grantee if allowed)"
+    )
+    client_options(retire)
+    retire.add_argument("key", nargs="?", help="key id, key ARN or alias/NAME")
+    retire.add_argument("grant_id", nargs="?", help="the grant id")
+    retire.add_argument("--token", help="the grant token instead of KEY GRANT_ID")
+    retire.set_defaults(func=cmd_grant_retire, check_args=_check_grant_args)
+
+    revoke = grant.add_parser("revoke", help="revoke a grant (needs kms:RevokeGrant on the key)")
+    client_options(revoke)
+    revoke.add_argument("key", help="key id, key ARN or alias/NAME")
+    revoke.add_argument("grant_id", help="the grant id")
+    revoke.set_defaults(func=cmd_grant_revoke)
+
+
 # -------------------------------------------------------------------- parser
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="manage and use keys in keyd").add_subparsers(
@@ -419,6 +605,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="put: allow a policy that stops you from changing it again "
         "(AWS's BypassPolicyLockoutSafetyCheck)",
     )
+    _add_grant_parsers(keys)
     tags = key_command("tags", "list/add/remove tags", cmd_tags)
     tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
     tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")

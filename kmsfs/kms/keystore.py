@@ -2,7 +2,8 @@
 
 Layout of the keystore directory (mode 0700)::
 
-    keystore.db     SQLite (WAL, synchronous=FULL, secure_delete): keys, versions, aliases, tags
+    keystore.db     SQLite (WAL, synchronous=FULL, secure_delete): keys, versions, aliases,
+                    tags, key policies, grants
     audit.log       hash-chained JSON lines (kmsfs.kms.audit)
 
 Key material of every CMK version is stored only sealed with AES-256-GCM under the
@@ -47,6 +48,7 @@ from kmsfs.errors import (
     KeystoreNotFound,
     WrongRootKey,
 )
+from kmsfs.kms.grants import Constraints, Grant
 
 log = logging.getLogger("kmsfs.keystore")
 
@@ -110,6 +112,28 @@ CREATE TABLE IF NOT EXISTS key_policies (
 )
 """
 
+# Grants (issue 14; AWS KMS CreateGrant), one row per grant, created on open in older
+# keystores like key_policies. operations is a JSON list, constraints the JSON
+# GrantConstraints structure (NULL without constraints), grant_token the token
+# CreateGrant first returned (a token names a grant; it grants nothing by itself).
+_GRANT_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id),
+    name TEXT NOT NULL DEFAULT '',
+    grantee_principal TEXT NOT NULL,
+    retiring_principal TEXT,
+    operations TEXT NOT NULL,
+    constraints TEXT,
+    creation_date REAL NOT NULL,
+    issuing_account TEXT NOT NULL,
+    grant_token TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, creation_date)",
+    "CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal)",
+)
+
 # Imported key material (BYOK, Origin=EXTERNAL keys; kmsfs/kms/byok.py): how the current
 # material expires, and a check value of the first material imported (SHA-256 of a
 # label, the key id and the material: reveals nothing of 256 random bits), so that a
@@ -122,7 +146,7 @@ CREATE TABLE IF NOT EXISTS imported_key_material (
     material_check BLOB NOT NULL
 )
 """
-_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA)
+_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA, *_GRANT_SCHEMA)
 
 
 # ------------------------------------------------------------------- root key
@@ -676,12 +700,14 @@ class Keystore:
         return [KeyVersion(**dict(row)) for row in rows]
 
     def destroy_key(self, db: sqlite3.Connection, key_id: str, when: float) -> None:
-        """Remove a key, its material, aliases and tags; remember that it existed."""
+        """Remove a key, its material, aliases, tags, policy and grants; remember that it
+        existed."""
         db.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM tags WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM key_policies WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM imported_key_material WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
         db.execute(
             "INSERT OR REPLACE INTO deleted_keys (key_id, deletion_date) VALUES (?, ?)",
@@ -714,6 +740,62 @@ class Keystore:
             "INSERT OR REPLACE INTO key_policies (key_id, policy) VALUES (?, ?)", (key_id, policy)
         )
 
+    # ----------------------------------------------------------------- grants
+    def insert_grant(self, db: sqlite3.Connection, grant: Grant) -> None:
+        db.execute(
+            "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal, "
+            "operations, constraints, creation_date, issuing_account, grant_token) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                grant.grant_id,
+                grant.key_id,
+                grant.name,
+                grant.grantee,
+                grant.retiring,
+                grant.operations_json(),
+                grant.constraints_json(),
+                grant.creation_date,
+                grant.issuing_account,
+                grant.token,
+            ),
+        )
+
+    def list_grants(self, key_id: str) -> list[Grant]:
+        """The key's grants, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? ORDER BY creation_date, grant_id", (key_id,)
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def list_retirable_grants(self, retiring_principal: str) -> list[Grant]:
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE retiring_principal = ? ORDER BY creation_date, grant_id",
+            (retiring_principal,),
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def list_grants_named(self, key_id: str, name: str) -> list[Grant]:
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? AND name = ? ORDER BY creation_date",
+            (key_id, name),
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def get_grant(self, key_id: str, grant_id: str) -> Grant | None:
+        row = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? AND grant_id = ?", (key_id, grant_id)
+        ).fetchone()
+        return _grant_from_row(row) if row is not None else None
+
+    def count_grants(self, db: sqlite3.Connection, key_id: str) -> int:
+        return db.execute("SELECT COUNT(*) FROM grants WHERE key_id = ?", (key_id,)).fetchone()[0]
+
+    def delete_grant(self, db: sqlite3.Connection, key_id: str, grant_id: str) -> bool:
+        cursor = db.execute(
+            "DELETE FROM grants WHERE key_id = ? AND grant_id = ?", (key_id, grant_id)
+        )
+        return cursor.rowcount > 0
+
     # ---------------------------------------------------------------- aliases
     def get_alias(self, alias_name: str) -> AliasRecord | None:
         row = self._db.execute(
@@ -736,6 +818,22 @@ class Keystore:
             "SELECT tag_key, tag_value FROM tags WHERE key_id = ? ORDER BY tag_key", (key_id,)
         ).fetchall()
         return [(row[0], row[1]) for row in rows]
+
+
+def _grant_from_row(row: sqlite3.Row) -> Grant:
+    constraints = json.loads(row["constraints"]) if row["constraints"] else None
+    return Grant(
+        grant_id=row["grant_id"],
+        key_id=row["key_id"],
+        name=row["name"],
+        grantee=row["grantee_principal"],
+        retiring=row["retiring_principal"],
+        operations=tuple(json.loads(row["operations"])),
+        constraints=Constraints.from_json(constraints),
+        creation_date=row["creation_date"],
+        issuing_account=row["issuing_account"],
+        token=row["grant_token"],
+    )
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -48,12 +49,14 @@ from kmsfs.errors import (
     IncorrectKeyException,
     InvalidAliasNameException,
     InvalidCiphertextException,
+    InvalidGrantTokenException,
     InvalidMarkerException,
     KMSError,
     KMSInternalException,
     KMSInvalidMacException,
     KMSInvalidSignatureException,
     KMSInvalidStateException,
+    LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
     SerializationException,
@@ -63,10 +66,11 @@ from kmsfs.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
-from kmsfs.kms import asymmetric
+from kmsfs.kms import asymmetric, grants
 from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
 from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
 from kmsfs.kms.caller import Caller
+from kmsfs.kms.grants import Grant, GrantToken
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
     ENCRYPTION_CONTEXT_PREFIX,
@@ -75,6 +79,7 @@ from kmsfs.kms.policy import (
     default_policy,
     evaluate,
     parse_policy,
+    root_arn,
     would_lock_out,
 )
 from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
@@ -176,6 +181,13 @@ _AUDITED_FIELDS = {
     "KeyPairSpec",
     "SignatureValid",
     "MacValid",
+    # grants: never GrantToken(s) (see _op_CreateGrant)
+    "GranteePrincipal",
+    "RetiringPrincipal",
+    "Operations",
+    "Constraints",
+    "Name",
+    "GrantId",
 }
 
 # ------------------------------------------------------------ request members
@@ -198,6 +210,7 @@ _AUDITED_FIELDS = {
 _STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
 _CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
 _NUMBER = "number"
+_CONSTRAINTS = "constraints"
 _CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
 _PAGING = {"Limit": _INTEGER, "Marker": _STRING}
 REQUEST_MEMBERS: dict[str, dict[str, str]] = {
@@ -337,6 +350,24 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
         "Recipient": _RECIPIENT,
         **_CRYPTO_COMMON,
     },
+    "CreateGrant": {
+        "KeyId": _STRING,
+        "GranteePrincipal": _STRING,
+        "RetiringPrincipal": _STRING,
+        "Operations": _STRINGS,
+        "Constraints": _CONSTRAINTS,
+        "Name": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "ListGrants": {"KeyId": _STRING, "GrantId": _STRING, "GranteePrincipal": _STRING, **_PAGING},
+    "ListRetirableGrants": {"RetiringPrincipal": _STRING, **_PAGING},
+    "RetireGrant": {
+        "GrantToken": _STRING,
+        "KeyId": _STRING,
+        "GrantId": _STRING,
+        "DryRun": _BOOLEAN,
+    },
+    "RevokeGrant": {"KeyId": _STRING, "GrantId": _STRING, "DryRun": _BOOLEAN},
     **ADMIN_REQUEST_MEMBERS,
     **BYOK_REQUEST_MEMBERS,
 }
@@ -370,6 +401,9 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "TagResource",
         "UntagResource",
         "PutKeyPolicy",
+        "CreateGrant",
+        "RetireGrant",
+        "RevokeGrant",
         *ADMIN_OPERATIONS,
         *BYOK_STATE_CHANGING,
     }
@@ -414,6 +448,7 @@ _KIND_NAMES = {
     _TAGS: "a List of Tags",
     _RECIPIENT: "a RecipientInfo structure",
     _NUMBER: "a Timestamp",
+    _CONSTRAINTS: "a GrantConstraints structure",
 }
 
 
@@ -451,6 +486,10 @@ def _check_member(path: str, value: object, kind: str) -> None:
         ok = type(value) is dict
     elif kind == _NUMBER:
         ok = type(value) in (int, float)  # a timestamp (epoch seconds)
+    elif kind == _CONSTRAINTS:
+        ok = type(value) is dict and all(
+            item is None or _is_string_map(item) for item in value.values()
+        )
     else:  # pragma: no cover - a typo in REQUEST_MEMBERS
         raise AssertionError(f"unknown member kind {kind!r}")
     if not ok:
@@ -662,6 +701,8 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         self.account_access = account_access or AccountAccess()
         #: unsealed private keys of asymmetric CMKs, by (key id, version)
         self._private_keys: dict[tuple[str, int], asymmetric.PrivateKey] = {}
+        #: the request being handled (its algorithm members become condition keys)
+        self._params: dict[str, Any] = {}
         #: the result of slow_work for the request being handled (see handle)
         self._prepared: tuple[tuple[str, str], Any] | None = None
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
@@ -676,6 +717,15 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         #: request. An entry is dropped when its policy is written, never replaced, so a
         #: write rolled back (its audit record failed) leaves the stored text in force.
         self._policy_texts: dict[str, str | None] = {}
+        #: each key's grants by grantee ARN, loaded on first use; an entry is dropped
+        #: when the key's grants are written (as _policy_texts), never replaced
+        self._grants: dict[str, dict[str, tuple[Grant, ...]]] = {}
+        #: the request being handled: its GrantTokens, and the grants that allowed it
+        #: (additionalEventData.grantId); reset by handle()
+        self._request_tokens: tuple[GrantToken, ...] = ()
+        self._grant_ids: list[str] = []
+        #: the key of the grant RetireGrant retired (its record's resources entry)
+        self._grant_key_id: str | None = None
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
         self._unaudited_since = 0.0
@@ -762,11 +812,18 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         error: KMSError | None = None
         recorded = False
         self._prepared = prepared
+        self._params = params if isinstance(params, dict) else {}
+        self._request_tokens = ()
+        self._grant_ids = []
+        self._grant_key_id = None
         try:
             method = self._operations.get(operation)
             if method is None:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
             check_request(operation, params)
+            if "GrantTokens" in REQUEST_MEMBERS[operation]:
+                # garbage is refused before anything runs (InvalidGrantTokenException)
+                self._request_tokens = grants.read_tokens(params.get("GrantTokens"))
             if operation in STATE_CHANGING_OPERATIONS:
                 self._commit_actions.clear()
                 try:
@@ -815,6 +872,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             raise error from exc
         finally:
             self._prepared = None
+            self._params = {}
             if error is not None or not recorded:
                 self._record_best_effort(
                     self._audit_event(
@@ -923,6 +981,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
                         with self.keystore.transaction() as db:
                             self.keystore.destroy_key(db, key.key_id, now)
                             self._policy_texts.pop(key.key_id, None)
+                            self._grants.pop(key.key_id, None)
                             self._record(self._service_event("DeleteKey", key.key_id), durable=True)
                         self._forget_ciphers(key.key_id)
                         deleted.append(key.key_id)
@@ -996,6 +1055,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         request_alias: str | None = None,
+        extra_conditions: dict[str, Any] | None = None,
     ) -> RequestContext:
         """What the key policy sees of a request: the caller's global condition keys
         (aws:PrincipalArn, kms:CallerAccount, kmsfs:Caller*, ...), the encryption
@@ -1008,12 +1068,16 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         conditions["aws:EpochTime"] = int(now)
         conditions["kms:KeySpec"] = key.key_spec
         conditions["kms:KeyUsage"] = key.key_usage
+        conditions["kms:KeyOrigin"] = key.origin
+        conditions.update(_algorithm_keys(action, self._params))
         if encryption_context:
             conditions["kms:EncryptionContextKeys"] = list(encryption_context)
             for name, value in encryption_context.items():
                 conditions[ENCRYPTION_CONTEXT_PREFIX + name] = value
         if request_alias is not None:
             conditions["kms:RequestAlias"] = request_alias
+        if extra_conditions:
+            conditions.update(extra_conditions)
         # kms:ResourceAliases: every alias of the key, whichever name the request used
         conditions["kms:ResourceAliases"] = [
             alias.alias_name for alias in self.keystore.list_aliases(key.key_id)
@@ -1035,12 +1099,26 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> tuple[bool, str]:
+        """Whether the key policy, or else one of the caller's grants on the key, allows
+        the request (and AWS's refusal message if not). An explicit Deny in the key
+        policy wins over grants ("an explicit deny in any of these policies overrides
+        the allow", AWS KMS "Determining access to AWS KMS keys"). Grants are consulted
+        only when the policy does not allow, so the default policy's fast path (its
+        principals) costs nothing more. A grant that allowed the request is noted for
+        the audit record (additionalEventData.grantId)."""
         principal = self.principal(caller)
         policy, conditional = self._policy(key)
         if conditional:
             context = self._request_context(
-                principal, "kms:" + operation, key, encryption_context, _alias_named(named)
+                principal,
+                "kms:" + operation,
+                key,
+                encryption_context,
+                _alias_named(named),
+                extra_conditions,
             )
         else:
             # Only Condition blocks read condition keys: a policy without any (the
@@ -1057,6 +1135,11 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         decision = evaluate(policy, context)
         if decision.allowed:
             return True, ""
+        if decision.effect != "Deny" and operation in grants.GRANT_OPERATIONS:
+            grant = self._grant_allowing(principal, operation, key, encryption_context, new_grant)
+            if grant is not None:
+                self._grant_ids.append(grant.grant_id)
+                return True, ""
         action, resource = context.action, context.resource
         # AWS's AccessDeniedException message shape
         if decision.effect == "Deny":
@@ -1075,13 +1158,26 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        *,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> None:
-        """Refuse with AccessDeniedException unless the key policy allows the request.
+        """Refuse with AccessDeniedException unless the key policy (or a grant) allows
+        the request.
 
         Policies apply to every caller, root (uid 0) included, as in AWS; the default
         policy allows root. (kmsfs's one exception, for PutKeyPolicy and GetKeyPolicy
-        only, is in those operations.)"""
-        allowed, message = self._allowed(caller, operation, key, encryption_context, named)
+        only, is in those operations.) The request's GrantTokens must name grants of
+        this key (of either key for ReEncrypt): InvalidGrantTokenException otherwise."""
+        if operation not in ("ReEncryptFrom", "ReEncryptTo"):
+            for token in self._request_tokens:
+                if token.key_id != key.key_id:
+                    raise InvalidGrantTokenException(
+                        f"A grant token does not name a grant of {self.arn(key.key_id)}."
+                    )
+        allowed, message = self._allowed(
+            caller, operation, key, encryption_context, named, extra_conditions, new_grant
+        )
         if not allowed:
             error = AccessDeniedException(message)
             error.resource_arn = self.arn(key.key_id)  # for the refusal's audit record
@@ -1101,7 +1197,12 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             )
 
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
-        return self._allowed(caller, "DescribeKey", key)[0]
+        """For filtering listings: a grant that makes a key visible did not allow the
+        listing itself, so it is not named in the listing's audit record."""
+        noted = len(self._grant_ids)
+        allowed = self._allowed(caller, "DescribeKey", key)[0]
+        del self._grant_ids[noted:]
+        return allowed
 
     def _check_new_policy(
         self, params: dict[str, Any], caller: Caller, key: KeyRecord, text: str
@@ -1158,6 +1259,196 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         self._authorize(caller, "ListKeyPolicies", key)
         page, extra = self._page(params, ["default"], 100, 1000)
         return {"PolicyNames": page, **extra}
+
+    # ----------------------------------------------------------------- grants
+    def _grants_of(self, key_id: str) -> dict[str, tuple[Grant, ...]]:
+        """The key's grants by grantee ARN (cached; one query per key)."""
+        index = self._grants.get(key_id)
+        if index is None:
+            by_grantee: dict[str, list[Grant]] = {}
+            for grant in self.keystore.list_grants(key_id):
+                by_grantee.setdefault(grant.grantee, []).append(grant)
+            index = {grantee: tuple(found) for grantee, found in by_grantee.items()}
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key_id] = index
+        return index
+
+    def _grant_allowing(
+        self,
+        principal: Principal,
+        operation: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None,
+        new_grant: Grant | None,
+    ) -> Grant | None:
+        index = self._grants_of(key.key_id)
+        if not index:
+            return None
+        for arn in principal.arns:
+            grant = grants.allowing_grant(
+                index.get(arn, ()), operation, encryption_context, new_grant
+            )
+            if grant is not None:
+                return grant
+        return None
+
+    def _op_CreateGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        # KeyId: key id or key ARN (AWS's CreateGrant takes no alias)
+        key = self._resolve(params, allow_alias=False)
+        grantee = grants.check_principal(
+            params.get("GranteePrincipal"), "GranteePrincipal", self.account
+        )
+        retiring = None
+        if params.get("RetiringPrincipal") is not None:
+            retiring = grants.check_principal(
+                params["RetiringPrincipal"], "RetiringPrincipal", self.account
+            )
+        operations = grants.parse_operations(params.get("Operations"))
+        constraints = grants.parse_constraints(params.get("Constraints"), operations)
+        grant = Grant(
+            grant_id=grants.new_grant_id(),
+            key_id=key.key_id,
+            name=grants.parse_name(params.get("Name")),
+            grantee=grantee,
+            retiring=retiring,
+            operations=operations,
+            constraints=constraints,
+            creation_date=self.clock(),
+            issuing_account=root_arn(self.account),
+        )
+        # the condition keys AWS fills for CreateGrant; kms:EncryptionContext:* see the
+        # grant's constraints
+        extra: dict[str, Any] = {
+            "kms:GrantOperations": list(operations),
+            "kms:GranteePrincipal": grantee,
+            "kms:GrantIsForAWSResource": False,
+        }
+        if retiring is not None:
+            extra["kms:RetiringPrincipal"] = retiring
+        # kms:GrantConstraintType: which constraint types the grant has
+        extra["kms:GrantConstraintType"] = list(constraints.to_json() or ())
+        self._authorize(
+            caller,
+            "CreateGrant",
+            key,
+            constraints.context_for_policy(),
+            extra_conditions=extra,
+            new_grant=grant,
+        )
+        self._require_not_pending(key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if grant.name:
+                # a retry with the same Name and parameters returns the existing grant
+                # and a new token (AWS CreateGrant, Name)
+                for existing in self.keystore.list_grants_named(key.key_id, grant.name):
+                    if existing.same_request(grant):
+                        return {
+                            "GrantToken": grants.make_token(key.key_id, existing.grant_id),
+                            "GrantId": existing.grant_id,
+                        }
+            if self.keystore.count_grants(db, key.key_id) >= grants.MAX_GRANTS_PER_KEY:
+                raise LimitExceededException(
+                    f"{self.arn(key.key_id)} has {grants.MAX_GRANTS_PER_KEY} grants, the "
+                    "most a key can have; retire or revoke some first"
+                )
+            grant = dataclasses.replace(grant, token=grants.make_token(key.key_id, grant.grant_id))
+            self.keystore.insert_grant(db, grant)
+        self._grants.pop(key.key_id, None)
+        return {"GrantToken": grant.token, "GrantId": grant.grant_id}
+
+    def _op_ListGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        grant_id = None
+        if params.get("GrantId") is not None:
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grantee = _string(params, "GranteePrincipal", max_len=256)
+        self._authorize(caller, "ListGrants", key)  # key policy only: not grantable
+        key_arn = self.arn(key.key_id)
+        entries = [
+            grant.list_entry(key_arn)
+            for grant in self.keystore.list_grants(key.key_id)
+            if grant_id in (None, grant.grant_id) and grantee in (None, grant.grantee)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _op_ListRetirableGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        retiring = _string(params, "RetiringPrincipal", required=True, max_len=256)
+        assert retiring is not None
+        principal = self.principal(caller)
+        # kmsfs: AWS governs ListRetirableGrants by IAM policies only; without IAM, a
+        # principal may list the grants it may retire, and root anyone's.
+        if retiring not in principal.arns and not principal.is_root:
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: "
+                f"kms:ListRetirableGrants for {retiring}: only that principal itself or "
+                "root may list its retirable grants"
+            )
+        entries = [
+            grant.list_entry(self.arn(grant.key_id))
+            for grant in self.keystore.list_retirable_grants(retiring)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _grant_named(self, params: dict[str, Any]) -> tuple[KeyRecord, Grant]:
+        """RetireGrant's grant: by GrantToken, or by KeyId and GrantId."""
+        token = _string(params, "GrantToken", max_len=grants.MAX_GRANT_TOKEN_CHARS)
+        if token is not None:
+            named = grants.read_token(token)
+            given_key = params.get("KeyId")
+            if (
+                given_key is not None
+                and self._resolve(params, allow_alias=False).key_id != named.key_id
+            ):
+                raise ValidationException("GrantToken and KeyId name different keys")
+            if params.get("GrantId") not in (None, named.grant_id):
+                raise ValidationException("GrantToken and GrantId name different grants")
+            key_id, grant_id = named.key_id, named.grant_id
+            key = self.keystore.get_key(key_id)
+        else:
+            if params.get("KeyId") is None or params.get("GrantId") is None:
+                raise ValidationException("RetireGrant needs GrantToken, or KeyId and GrantId")
+            key = self._resolve(params, allow_alias=False)
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grant = self.keystore.get_grant(key.key_id, grant_id) if key is not None else None
+        if key is None or grant is None:
+            raise NotFoundException(f"Grant ID {grant_id} not found")
+        return key, grant
+
+    def _op_RetireGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, grant = self._grant_named(params)
+        principal = self.principal(caller)
+        # "The grant determines who can retire it" (Retiring and revoking grants):
+        # no key policy check
+        if not grants.may_retire(grant, principal.arns, principal.root_arn):
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: kms:RetireGrant on "
+                f"resource: {self.arn(key.key_id)} because it is neither the grant's "
+                "retiring principal nor its grantee with RetireGrant in the grant"
+            )
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            self.keystore.delete_grant(db, key.key_id, grant.grant_id)
+        self._grants.pop(key.key_id, None)
+        self._grant_ids.append(grant.grant_id)  # audited: which grant went away
+        self._grant_key_id = key.key_id
+        return {}
+
+    def _op_RevokeGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        _string(params, "GrantId", required=True, max_len=128)
+        grant_id = grants.check_grant_id(params["GrantId"])
+        # "access to the RevokeGrant operation is controlled through key policies"
+        self._authorize(caller, "RevokeGrant", key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if not self.keystore.delete_grant(db, key.key_id, grant_id):
+                raise NotFoundException(f"Grant ID {grant_id} not found")
+        self._grants.pop(key.key_id, None)
+        return {}
 
     # --------------------------------------------------------------- helpers
     def arn(self, key_id: str) -> str:
@@ -2214,6 +2505,8 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             "recipientAccountId": self.account,
         }
         key_arn = _key_arn_of(response) or getattr(error, "resource_arn", None)
+        if key_arn is None and self._grant_key_id is not None:
+            key_arn = self.arn(self._grant_key_id)  # RetireGrant by token names no key
         if key_arn:
             event["resources"] = [
                 {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": key_arn}
@@ -2221,6 +2514,10 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         if error is not None:
             event["errorCode"] = error.aws_type
             event["errorMessage"] = error.message
+        if self._grant_ids:
+            # CloudTrail: the grant that allowed the call (or that RetireGrant retired)
+            ids = list(dict.fromkeys(self._grant_ids))
+            event["additionalEventData"] = {"grantId": ids[0] if len(ids) == 1 else ids}
         return event
 
     def _service_event(self, name: str, key_id: str | None) -> dict[str, Any]:
@@ -2246,6 +2543,48 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         event["eventType"] = "AwsServiceEvent"
         event["recipientAccountId"] = self.account
         return event
+
+
+#: AWS KMS condition keys an operation's own members set: (action, key, member,
+#: value when the member is absent). kms:EncryptionAlgorithm is SYMMETRIC_DEFAULT when a
+#: symmetric request names none, as for AWS's default algorithm.
+_ALGORITHM_KEYS: dict[str, tuple[tuple[str, str | None, str | None], ...]] = {
+    "kms:Encrypt": (("kms:EncryptionAlgorithm", "EncryptionAlgorithm", "SYMMETRIC_DEFAULT"),),
+    "kms:Decrypt": (("kms:EncryptionAlgorithm", "EncryptionAlgorithm", "SYMMETRIC_DEFAULT"),),
+    "kms:GenerateDataKey": (("kms:EncryptionAlgorithm", None, "SYMMETRIC_DEFAULT"),),
+    "kms:GenerateDataKeyWithoutPlaintext": (
+        ("kms:EncryptionAlgorithm", None, "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:ReEncryptFrom": (
+        ("kms:EncryptionAlgorithm", "SourceEncryptionAlgorithm", "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:ReEncryptTo": (
+        ("kms:EncryptionAlgorithm", "DestinationEncryptionAlgorithm", "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:Sign": (
+        ("kms:SigningAlgorithm", "SigningAlgorithm", None),
+        ("kms:MessageType", "MessageType", "RAW"),
+    ),
+    "kms:Verify": (
+        ("kms:SigningAlgorithm", "SigningAlgorithm", None),
+        ("kms:MessageType", "MessageType", "RAW"),
+    ),
+    "kms:GenerateMac": (("kms:MacAlgorithm", "MacAlgorithm", None),),
+    "kms:VerifyMac": (("kms:MacAlgorithm", "MacAlgorithm", None),),
+    "kms:DeriveSharedSecret": (("kms:KeyAgreementAlgorithm", "KeyAgreementAlgorithm", None),),
+    "kms:GenerateDataKeyPair": (("kms:DataKeyPairSpec", "KeyPairSpec", None),),
+    "kms:GenerateDataKeyPairWithoutPlaintext": (("kms:DataKeyPairSpec", "KeyPairSpec", None),),
+}
+
+
+def _algorithm_keys(action: str, params: dict[str, Any]) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for name, member, default in _ALGORITHM_KEYS.get(action, ()):
+        value = params.get(member) if member else None
+        value = value if isinstance(value, str) else default
+        if value is not None:
+            keys[name] = value
+    return keys
 
 
 def _other_arns(principal: Principal) -> tuple[str, ...]:

@@ -205,6 +205,7 @@ def test_every_member_of_every_operation_is_type_checked(kms: Harness) -> None:
         "tags": [{"TagKey": 1, "TagValue": "v"}],
         "recipient": "x",
         "number": "1800000000",
+        "constraints": {"EncryptionContextSubset": {"k": 1}},
     }
     for operation, members in REQUEST_MEMBERS.items():
         for name, kind in members.items():

@@ -382,3 +382,39 @@ def test_cli_help_lists_the_commands() -> None:
     text = run_kmsfs("keyd", "--help").stdout.decode()
     for name in ("backup", "restore", "passwd", "rotate-root-key"):
         assert name in text
+
+
+def test_rotate_root_key_keeps_asymmetric_and_hmac_keys(live_keyd: Keyd) -> None:
+    keyd = live_keyd
+    message = base64.b64encode(b"signed before and after").decode()
+    with keyd.client() as client:
+        rsa_id = client.call("CreateKey", {"KeySpec": "RSA_2048", "KeyUsage": "SIGN_VERIFY"})[
+            "KeyMetadata"
+        ]["KeyId"]
+        hmac_id = client.call(
+            "CreateKey", {"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}
+        )["KeyMetadata"]["KeyId"]
+        public_before = client.call("GetPublicKey", {"KeyId": rsa_id})["PublicKey"]
+        mac = client.call(
+            "GenerateMac", {"KeyId": hmac_id, "Message": message, "MacAlgorithm": "HMAC_SHA_256"}
+        )["Mac"]
+    keyd.stop()
+    run_kmsfs(
+        "keyd", "rotate-root-key", "--keystore", str(keyd.keystore), "--root-key-file",
+        str(keyd.root_key),
+    )  # fmt: skip
+    keyd.start()
+    with keyd.client() as client:
+        assert client.call("GetPublicKey", {"KeyId": rsa_id})["PublicKey"] == public_before
+        signature = client.call(
+            "Sign", {"KeyId": rsa_id, "Message": message, "SigningAlgorithm": "RSASSA_PSS_SHA_256"}
+        )["Signature"]
+        assert client.call(
+            "Verify",
+            {"KeyId": rsa_id, "Message": message, "Signature": signature,
+             "SigningAlgorithm": "RSASSA_PSS_SHA_256"},
+        )["SignatureValid"]  # fmt: skip
+        assert client.call(
+            "VerifyMac",
+            {"KeyId": hmac_id, "Message": message, "Mac": mac, "MacAlgorithm": "HMAC_SHA_256"},
+        )["MacValid"]
