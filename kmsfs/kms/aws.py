@@ -46,6 +46,9 @@ __all__ = ["AsyncAwsKMSClient", "AwsEndpoint", "AwsKMSClient", "check_endpoint_u
 
 #: attempts per call in botocore's standard retry mode (its default is 3)
 MAX_ATTEMPTS = 4
+#: the mount's: it retries throttling itself (below) within its own deadline, and says
+#: EIO soon when the service cannot be reached, as with keyd
+MOUNT_MAX_ATTEMPTS = 2
 CONNECT_TIMEOUT = 5.0
 #: the AWS error codes that mean "too many requests": back off and try again
 THROTTLING_CODES = frozenset(
@@ -100,7 +103,9 @@ def _is_loopback(host: str) -> bool:
 class AwsKMSClient(KMSOperations[dict[str, Any]]):
     """Blocking KMS client over botocore (thread-safe, as botocore's clients are)."""
 
-    def __init__(self, endpoint: AwsEndpoint, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, endpoint: AwsEndpoint, *, timeout: float = 10.0, max_attempts: int = MAX_ATTEMPTS
+    ) -> None:
         if endpoint.endpoint_url is not None:
             check_endpoint_url(endpoint.endpoint_url)
         self.endpoint = endpoint
@@ -114,7 +119,7 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
                 config=botocore.config.Config(
                     connect_timeout=min(CONNECT_TIMEOUT, timeout),
                     read_timeout=timeout,
-                    retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                    retries={"mode": "standard", "max_attempts": max_attempts},
                     user_agent_extra="kmsfs",
                 ),
             )
@@ -186,7 +191,7 @@ class AsyncAwsKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
     """
 
     def __init__(self, endpoint: AwsEndpoint, *, timeout: float = 10.0) -> None:
-        self._client = AwsKMSClient(endpoint, timeout=timeout)
+        self._client = AwsKMSClient(endpoint, timeout=timeout, max_attempts=MOUNT_MAX_ATTEMPTS)
         self.endpoint = endpoint
 
     async def __aenter__(self) -> Self:
