@@ -109,6 +109,20 @@ CREATE TABLE IF NOT EXISTS key_policies (
 )
 """
 
+# Access keys for SigV4-signed callers (issue 16; kmsfs.kms.credentials), one row per
+# access key id: the IAM user it signs for, its secret sealed under the root key (AAD:
+# the access key id), Active or Inactive (IAM's words). Created on open for keystores
+# made before it, as key_policies; an older kmsfs ignores the table.
+_CREDENTIALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS credentials (
+    access_key_id TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    sealed_secret BLOB NOT NULL,
+    status TEXT NOT NULL,
+    create_date REAL NOT NULL
+)
+"""
+
 
 # ------------------------------------------------------------------- root key
 @dataclass(frozen=True)
@@ -326,6 +340,7 @@ class Keystore:
                 if statement.strip():
                     db.execute(statement)
             db.execute(_POLICY_SCHEMA)
+            db.execute(_CREDENTIALS_SCHEMA)
             meta = {
                 "schema_version": str(SCHEMA_VERSION),
                 "keystore_id": keystore_id,
@@ -391,6 +406,7 @@ class Keystore:
                 raise WrongRootKey(f"wrong {what} for keystore {path}") from None
             # migration: keystores made before key policies get the (empty) table
             db.execute(_POLICY_SCHEMA)
+            db.execute(_CREDENTIALS_SCHEMA)
         except BaseException:
             db.close()
             raise
@@ -461,6 +477,22 @@ class Keystore:
             raise KeystoreError(
                 f"sealed material of key {key_id} version {version} failed authentication"
             ) from None
+
+    def seal_secret(self, label: str, secret: bytes) -> bytes:
+        """Seal a secret other than key material (an access key's secret) under the root
+        key; *label* (e.g. ``credential:<access key id>``) is the associated data."""
+        nonce = os.urandom(12)
+        return nonce + self._root.encrypt(nonce, secret, b"kmsfs-secret:" + label.encode())
+
+    def unseal_secret(self, label: str, sealed: bytes) -> bytes:
+        try:
+            return self._root.decrypt(sealed[:12], sealed[12:], b"kmsfs-secret:" + label.encode())
+        except InvalidTag:
+            raise KeystoreError(f"sealed secret {label} failed authentication") from None
+
+    def query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only statement (for tables kept by other modules)."""
+        return self._db.execute(sql, parameters).fetchall()
 
     # ------------------------------------------------------------------- keys
     def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes) -> None:

@@ -1,0 +1,285 @@
+"""AWS Signature Version 4 verification of requests keyd receives.
+
+Requests over TCP must be signed as AWS's SDKs sign KMS requests
+(``Authorization: AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/kms/aws4_request,
+SignedHeaders=..., Signature=...``). keyd recomputes the signature with **botocore's own
+canonicaliser** (:class:`botocore.auth.SigV4Auth`: canonical request, string to sign,
+signing key), restricted to the headers the client says it signed, and compares with
+:func:`hmac.compare_digest`. Nothing here canonicalises by hand.
+
+What is refused, with AWS's error types (all HTTP 400, as AWS answers them):
+
+- no ``Authorization`` header, or one that is not ``AWS4-HMAC-SHA256`` with
+  ``Credential``, ``SignedHeaders`` and ``Signature``; no ``X-Amz-Date``; ``host`` or
+  ``x-amz-date`` not signed: ``IncompleteSignature``;
+- a signature that does not match, a credential scope for another service than ``kms``,
+  a region keyd does not serve, a scope date other than the request's, an
+  ``X-Amz-Date`` more than 5 minutes from keyd's clock (AWS's window), an
+  ``X-Amz-Content-SHA256`` that is not the body's hash: ``InvalidSignatureException``;
+- an access key id keyd does not know or one that is Inactive, and any
+  ``X-Amz-Security-Token`` (keyd issues no temporary credentials):
+  ``UnrecognizedClientException`` with AWS's words ("The security token included in the
+  request is invalid.").
+
+Like AWS, a valid request may be replayed within the 5-minute window; plain HTTP is
+therefore allowed only on loopback (see :mod:`kmsfs.kms.server`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.compat import HTTPHeaders
+from botocore.credentials import Credentials
+
+from kmsfs.errors import (
+    IncompleteSignature,
+    InvalidSignatureException,
+    KMSError,
+    UnrecognizedClientException,
+)
+
+SERVICE = "kms"
+ALGORITHM = "AWS4-HMAC-SHA256"
+#: AWS's window for X-Amz-Date (either side of the server's clock)
+MAX_SKEW_SECONDS = 5 * 60
+_AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
+_INVALID_TOKEN = "The security token included in the request is invalid."
+_MISMATCH = (
+    "The request signature we calculated does not match the signature you provided. "
+    "Check your AWS Secret Access Key and signing method. Consult the service "
+    "documentation for details."
+)
+
+#: access key id -> (IAM user name, secret access key), None if unknown or Inactive
+CredentialLookup = Callable[[str], "tuple[str, str] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIdentity:
+    """Who a verified request was signed by."""
+
+    user_name: str
+    access_key_id: str
+
+
+class _ReceivedRequestSigner(SigV4Auth):
+    """botocore's SigV4 signer, told which headers the received request signed.
+
+    botocore's own ``headers_to_sign`` picks the headers of a request it is about to
+    send; for a received one the set is the client's ``SignedHeaders``. Everything else
+    (canonical request, string to sign, signing key, signature) is botocore's code.
+    """
+
+    def __init__(
+        self, credentials: Credentials, region: str, signed_header_names: Sequence[str]
+    ) -> None:
+        super().__init__(credentials, SERVICE, region)
+        self._signed_header_names = signed_header_names
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+        header_map = HTTPHeaders()
+        for name in self._signed_header_names:
+            for value in request.headers.get_all(name) or ():
+                header_map[name] = value
+        return header_map
+
+
+def _refuse(cls: type[KMSError], message: str, access_key_id: str | None) -> KMSError:
+    error = cls(message)
+    #: the access key id the request claimed, for the audit record of the refusal
+    error.claimed_access_key_id = access_key_id  # type: ignore[attr-defined]
+    return error
+
+
+def claimed_access_key_id(error: KMSError) -> str | None:
+    return getattr(error, "claimed_access_key_id", None)
+
+
+def _parse_authorization(value: str) -> tuple[str, list[str], list[str], str]:
+    """(access key id, scope [date, region, service, terminator], signed headers,
+    signature) of an ``Authorization`` header; IncompleteSignature if garbled."""
+    algorithm, _, rest = value.strip().partition(" ")
+    if algorithm != ALGORITHM:
+        raise _refuse(
+            IncompleteSignature,
+            f"Unsupported Authorization Type; keyd accepts only {ALGORITHM}",
+            None,
+        )
+    fields: dict[str, str] = {}
+    for part in rest.split(","):
+        name, equals, field_value = part.strip().partition("=")
+        if equals:
+            fields[name] = field_value
+    missing = [name for name in ("Credential", "SignedHeaders", "Signature") if name not in fields]
+    if missing:
+        raise _refuse(
+            IncompleteSignature,
+            " ".join(f"Authorization header requires '{name}' parameter." for name in missing),
+            None,
+        )
+    credential = fields["Credential"].split("/")
+    if len(credential) != 5 or not credential[0]:
+        raise _refuse(
+            IncompleteSignature,
+            "Authorization header's Credential is not ACCESS_KEY_ID/DATE/REGION/SERVICE/"
+            "aws4_request",
+            None,
+        )
+    signed_headers = fields["SignedHeaders"].split(";")
+    if any(not name or name != name.lower().strip() for name in signed_headers):
+        raise _refuse(
+            IncompleteSignature, "SignedHeaders must be lower-case names separated by ';'", None
+        )
+    return credential[0], credential[1:], signed_headers, fields["Signature"]
+
+
+class SigV4Verifier:
+    """Verifies the SigV4 signature of received requests against keyd's access keys."""
+
+    def __init__(
+        self,
+        credentials: CredentialLookup,
+        regions: Iterable[str],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.credentials = credentials
+        self.regions = frozenset(regions)
+        self.clock = clock
+
+    def verify(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> SignedIdentity:
+        """The identity of a correctly signed request; raises the AWS error otherwise.
+
+        *headers* are the received header fields (h11's lower-case names and raw values).
+        """
+        try:
+            fields = [(name.decode("ascii"), value.decode("utf-8")) for name, value in headers]
+        except UnicodeDecodeError:
+            raise _refuse(IncompleteSignature, "header fields must be UTF-8", None) from None
+        by_name: dict[str, str] = {}
+        for name, value in fields:
+            by_name.setdefault(name.lower(), value)
+        authorization = by_name.get("authorization")
+        if authorization is None:
+            raise _refuse(
+                IncompleteSignature,
+                "Request is missing Authentication Token: keyd over TCP needs requests "
+                "signed with AWS Signature Version 4",
+                None,
+            )
+        access_key_id, scope, signed_headers, signature = _parse_authorization(authorization)
+        if "x-amz-security-token" in by_name:
+            # keyd issues no session tokens, so none can be valid
+            raise _refuse(UnrecognizedClientException, _INVALID_TOKEN, access_key_id)
+        amz_date = by_name.get("x-amz-date", "")
+        if not _AMZ_DATE.fullmatch(amz_date):
+            raise _refuse(
+                IncompleteSignature,
+                "Authorization header requires existence of either a 'X-Amz-Date' or a "
+                "'Date' header (keyd: X-Amz-Date, as YYYYMMDDTHHMMSSZ).",
+                access_key_id,
+            )
+        for required in ("host", "x-amz-date"):
+            if required not in signed_headers:
+                raise _refuse(
+                    IncompleteSignature,
+                    f"'{required}' must be a 'SignedHeader' in the AWS Authorization.",
+                    access_key_id,
+                )
+        scope_date, region, service, terminator = scope
+        if terminator != "aws4_request":
+            raise _refuse(
+                IncompleteSignature,
+                "Credential should be scoped with a valid terminator: 'aws4_request'",
+                access_key_id,
+            )
+        if service != SERVICE:
+            raise _refuse(
+                InvalidSignatureException,
+                f"Credential should be scoped to correct service: '{SERVICE}'.",
+                access_key_id,
+            )
+        if region not in self.regions:
+            raise _refuse(
+                InvalidSignatureException,
+                "Credential should be scoped to a valid region (keyd serves "
+                f"{', '.join(sorted(self.regions))}).",
+                access_key_id,
+            )
+        if scope_date != amz_date[:8]:
+            raise _refuse(
+                InvalidSignatureException,
+                f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of "
+                f"date from HTTP: '{scope_date}' != '{amz_date[:8]}', from '{amz_date}'.",
+                access_key_id,
+            )
+        self._check_time(amz_date, access_key_id)
+        found = self.credentials(access_key_id)
+        if found is None:
+            raise _refuse(UnrecognizedClientException, _INVALID_TOKEN, access_key_id)
+        user_name, secret = found
+        content_sha256 = by_name.get("x-amz-content-sha256")
+        if content_sha256 is not None and not hmac.compare_digest(
+            content_sha256.encode(), hashlib.sha256(body).hexdigest().encode()
+        ):
+            raise _refuse(
+                InvalidSignatureException,
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
+                access_key_id,
+            )
+        if not _SIGNATURE.fullmatch(signature):
+            raise _refuse(InvalidSignatureException, _MISMATCH, access_key_id)
+        request = AWSRequest(method=method, url="http://keyd" + target, data=body)
+        for name, value in fields:
+            request.headers[name] = value
+        request.context["timestamp"] = amz_date
+        signer = _ReceivedRequestSigner(
+            Credentials(access_key_id, secret), region, sorted(set(signed_headers))
+        )
+        for name in signed_headers:
+            if name not in by_name:
+                raise _refuse(InvalidSignatureException, _MISMATCH, access_key_id)
+        canonical_request = signer.canonical_request(request)
+        string_to_sign = signer.string_to_sign(request, canonical_request)
+        expected = signer.signature(string_to_sign, request)
+        if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii")):
+            raise _refuse(InvalidSignatureException, _MISMATCH, access_key_id)
+        return SignedIdentity(user_name, access_key_id)
+
+    def _check_time(self, amz_date: str, access_key_id: str) -> None:
+        try:
+            signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
+        except ValueError:
+            raise _refuse(
+                IncompleteSignature, f"X-Amz-Date {amz_date!r} is not a date", access_key_id
+            ) from None
+        now = self.clock()
+        if abs(now - signed_at) > MAX_SKEW_SECONDS:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+            bound = time.strftime(
+                "%Y%m%dT%H%M%SZ",
+                time.gmtime(now - MAX_SKEW_SECONDS if signed_at < now else now + MAX_SKEW_SECONDS),
+            )
+            if signed_at < now:
+                message = f"Signature expired: {amz_date} is now earlier than {bound} "
+                message += f"({stamp} - 5 min.)"
+            else:
+                message = f"Signature not yet current: {amz_date} is still later than {bound} "
+                message += f"({stamp} + 5 min.)"
+            raise _refuse(InvalidSignatureException, message, access_key_id)
