@@ -213,3 +213,16 @@ def test_async_client_raises_other_errors_at_once(endpoint: AwsEndpoint) -> None
         with pytest.raises(AccessDeniedException):
             trio.run(client.decrypt, b"blob")
         stub.assert_no_pending_responses()
+
+
+def test_fstab_options_name_the_aws_service() -> None:
+    from kmsfs.fs.fstab import apply_options, parse_options
+    from kmsfs.fs.mount import MountOptions, service_options
+
+    parsed = parse_options(
+        ["rw,aws_endpoint_url=https://keyd.example.test:4599,aws_profile=ops,aws_region=local"]
+    )
+    options = apply_options(parsed, MountOptions())
+    assert service_options(options) == KeyServiceOptions(
+        aws_endpoint_url="https://keyd.example.test:4599", aws_profile="ops", aws_region="local"
+    )
