@@ -201,7 +201,7 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
         context = {**config.file_context, **context}
         service = resolve(config, options)
     else:
-        service = resolve_for_key(_header_key_arn(source), options)
+        service = resolve_for_key(_header_key_arn(source) if options.wants_aws else None, options)
     with (
         _input(source) as src,
         _output(args.dst, force=args.force) as dst,

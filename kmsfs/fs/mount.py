@@ -137,6 +137,7 @@ def _choose_key_service(
     """(service, the key's metadata, kmsfs.conf's key_service entry) for ``kmsfs init``."""
     region = key_arn_region(key)
     wants_aws = options.kind == KEY_SERVICE_AWS or (options.kind is None and options.wants_aws)
+    keyd_error: Exception | None = None
     if not wants_aws and options.kind is None and region is not None and ":key/" in key:
         # an ARN: keyd's own key, or one in AWS KMS (any ARN that is not keyd's)
         keyd = KeyService(
@@ -153,6 +154,7 @@ def _choose_key_service(
             if isinstance(error, KMSError) and error.aws_type != "NotFoundException":
                 raise
             log.info("%s is not a key of %s (%s): using AWS KMS", key, keyd.describe(), error)
+            keyd_error = error
             wants_aws = True
     if not wants_aws:
         keyd = KeyService(
@@ -170,7 +172,16 @@ def _choose_key_service(
     service = resolve_key_service(
         FsConfig(filesystem_id="0" * 32, key_arn=key, key_service=stored), options
     )
-    return service, _describe_known_key(service, key), stored
+    try:
+        return service, _describe_known_key(service, key), stored
+    except (KeydUnavailable, KMSError, UsageError) as error:
+        if keyd_error is None:
+            raise
+        # chosen because keyd did not know the ARN: say both, one may be a typo
+        raise UsageError(
+            f"{key}: keyd does not have it ({keyd_error}), and {service.describe()} "
+            f"answered: {error} (--key-service keyd|aws to choose)"
+        ) from None
 
 
 #: share (percent) of the kernel's dirty-page limit the mount may use; the kernel's

@@ -123,6 +123,8 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
                     user_agent_extra="kmsfs",
                 ),
             )
+            # the endpoint botocore chose ($AWS_ENDPOINT_URL_KMS, a profile's setting) too
+            check_endpoint_url(self._client.meta.endpoint_url)
         except botocore.exceptions.ProfileNotFound:
             raise UsageError(f"AWS profile {endpoint.profile!r} is not configured") from None
         except botocore.exceptions.BotoCoreError as error:

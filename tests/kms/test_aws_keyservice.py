@@ -226,3 +226,15 @@ def test_fstab_options_name_the_aws_service() -> None:
     assert service_options(options) == KeyServiceOptions(
         aws_endpoint_url="https://keyd.example.test:4599", aws_profile="ops", aws_region="local"
     )
+
+
+def test_plain_http_endpoint_from_the_environment_is_refused_too(monkeypatch) -> None:
+    """Data keys never cross a network in plaintext, whoever named the endpoint."""
+    aws_environment(monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://10.1.2.3:4599")
+    with pytest.raises(UsageError, match="plain HTTP"):
+        AwsKMSClient(AwsEndpoint("eu-west-1"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:4599")
+    assert AwsKMSClient(AwsEndpoint("eu-west-1"))._client.meta.endpoint_url.startswith(
+        "http://127.0.0.1"
+    )
