@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -158,11 +159,11 @@ def print_info(
     record["ChunkSize"] = config.chunk_size
     record["KeyArn"] = config.key_arn
     key_state = authenticated = "not checked"
-    service = resolve(
-        config, service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
-    )
+    options = service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
+    service = None
     tampered: ConfigError | None = None
     try:
+        service = resolve(config, options)
         with service.client() as client:
             try:
                 key_state = client.describe_key(config.key_arn)["KeyMetadata"]["KeyState"]
@@ -180,8 +181,15 @@ def print_info(
                     authenticated = "NO"
                     tampered = error
     except KeydUnavailable as error:
-        key_state = f"unknown (keyd unreachable: {error})"
-        authenticated = "not checked (no keyd)"
+        if config.key_service is None:
+            key_state = f"unknown (keyd unreachable: {error})"
+            authenticated = "not checked (no keyd)"
+        else:
+            key_state = f"unknown (key service unreachable: {error})"
+            authenticated = "not checked (no key service)"
+    except UsageError as error:  # e.g. an endpoint kmsfs.conf names that you did not
+        key_state = f"unknown ({error})"
+        authenticated = "not checked"
     record["KeyState"] = key_state
     record["Authenticated"] = authenticated
     record["Names"] = settings["Names"]
@@ -189,7 +197,9 @@ def print_info(
     record["Created"] = config.created or "-"
     record["KeydSocketHint"] = config.keyd_socket or "-"
     if config.key_service is not None:
-        record["KeyService"] = service.describe()
+        record["KeyService"] = (
+            service.describe() if service is not None else json.dumps(config.key_service.document())
+        )
     counts = count_backing(Path(cipherdir))
     record["Files"] = counts.files
     record["Directories"] = counts.directories

@@ -96,6 +96,9 @@ def test_aws_endpoint_from_kmsfs_conf_needs_the_users_word(
     refused = run_kmsfs("ls", str(cipher), check=False)
     assert refused.returncode == 2
     assert b"not AWS's own" in refused.stderr and proxy.url.encode() in refused.stderr
+    # info still describes the cipher directory, saying why it did not ask the service
+    shown = json.loads(run_kmsfs("info", str(cipher), "--json").stdout)
+    assert shown["Authenticated"] == "not checked" and "not AWS's own" in shown["KeyState"]
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", proxy.url)
     assert run_kmsfs("ls", str(cipher)).returncode == 0
 
