@@ -168,12 +168,14 @@ def tune_bdi(mountpoint: Path) -> dict[str, Any]:
     return report
 
 
-def start_logged(cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_logged(
+    cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a daemon with its output in ``log_path``, in its own session: Ctrl-C reaches
     only us, and we stop what we started in order."""
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            list(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
 
 
@@ -360,11 +362,9 @@ class Rig:
             env=env,
         )
         log_path = self.base / "kmsfs-aws-mount.log"
-        proc = subprocess.Popen(
+        proc = start_logged(
             [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f", "--aws-endpoint-url", url],
-            stdin=subprocess.DEVNULL,
-            stdout=open(log_path, "wb"),  # noqa: SIM115 - the child holds it
-            stderr=subprocess.STDOUT,
+            log_path,
             env=env,
         )
         self.systems[AWS_SYSTEM] = System(AWS_SYSTEM, mnt, proc, log_path)
