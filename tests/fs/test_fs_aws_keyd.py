@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,50 @@ def test_init_picks_aws_for_an_arn_keyd_does_not_know(
         "profile": None,
     }
     assert run_kmsfs("ls", str(theirs), env=env).returncode == 0
+
+
+@dataclass
+class _Host:
+    """What the mount helper needs of a keyd: here, another host's environment."""
+
+    socket: Path
+    env: dict[str, str]
+
+
+def test_each_host_mounts_with_its_own_credentials(
+    tls_keyd: TcpKeyd, fs_root: Path, mounts: MountFactory
+) -> None:
+    """Host A (alice) makes the cipher directory; host B (bob, its own access key) is
+    refused until the key policy names bob, then reads A's files and writes its own."""
+    alice = tls_keyd.client()
+    key = alice.create_key(Description="shared")["KeyMetadata"]
+    cipher = fs_root / f"aws-hosts-{os.urandom(3).hex()}"
+    run_kmsfs("init", str(cipher), "--key", key["Arn"], "--aws-endpoint-url", tls_keyd.url)
+    host_a = mounts.mount(cipher, None)
+    (host_a.mnt / "from-a").write_bytes(b"written on host A")
+    host_a.unmount_clean()  # one writer at a time
+
+    bob_key_id, bob_secret = tls_keyd.create_credentials("bob")
+    host_b = _Host(
+        tls_keyd.keyd.socket,
+        {**os.environ, "AWS_ACCESS_KEY_ID": bob_key_id, "AWS_SECRET_ACCESS_KEY": bob_secret},
+    )
+    with pytest.raises(AssertionError, match="refused the filesystem's key"):
+        mounts.mount(cipher, None, keyd=host_b)
+
+    policy = json.loads(alice.get_key_policy(KeyId=key["KeyId"], PolicyName="default")["Policy"])
+    account = key["Arn"].split(":")[4]
+    policy["Statement"].append(
+        {
+            "Sid": "HostB",
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:aws:iam::{account}:user/bob"},
+            "Action": ["kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
+            "Resource": "*",
+        }
+    )
+    alice.put_key_policy(KeyId=key["KeyId"], PolicyName="default", Policy=json.dumps(policy))
+    mount_b = mounts.mount(cipher, None, keyd=host_b)
+    assert (mount_b.mnt / "from-a").read_bytes() == b"written on host A"
+    (mount_b.mnt / "from-b").write_bytes(b"written on host B")
+    assert (mount_b.mnt / "from-b").read_bytes() == b"written on host B"
