@@ -136,6 +136,8 @@ def _choose_key_service(
 ) -> tuple[KeyService, dict, AwsKeyService | None]:
     """(service, the key's metadata, kmsfs.conf's key_service entry) for ``kmsfs init``."""
     region = key_arn_region(key)
+    if options.kind == KEY_SERVICE_KEYD and options.wants_aws:
+        raise UsageError("--key-service keyd and the --aws-* options exclude each other")
     wants_aws = options.kind == KEY_SERVICE_AWS or (options.kind is None and options.wants_aws)
     keyd_error: Exception | None = None
     if not wants_aws and options.kind is None and region is not None and ":key/" in key:
@@ -430,6 +432,8 @@ def mount_foreground(
         check_mountpoint(mountpoint, options, cipherdir=cipherdir)
         # not from kmsfs.conf unless the user named none: see keyd_endpoint and keyservice
         service = resolve_key_service(config, service_options(options))
+        if config.key_service is not None and options.keyd_socket:
+            log.info("the CMK is in %s: --keyd-socket is not used", service.describe())
         os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
         harden_process(log)  # it holds the metadata key and data keys: as keyd does
         _raise_open_file_limit()

@@ -238,3 +238,15 @@ def test_plain_http_endpoint_from_the_environment_is_refused_too(monkeypatch) ->
     assert AwsKMSClient(AwsEndpoint("eu-west-1"))._client.meta.endpoint_url.startswith(
         "http://127.0.0.1"
     )
+
+
+def test_init_refuses_keyd_with_aws_options(tmp_path: Path) -> None:
+    from kmsfs.fs.mount import init_cipherdir
+
+    with pytest.raises(UsageError, match="exclude each other"):
+        init_cipherdir(
+            tmp_path / "c",
+            ARN,
+            key_service_options=KeyServiceOptions(kind="keyd", aws_profile="ops"),
+        )
+    assert not (tmp_path / "c").exists()
