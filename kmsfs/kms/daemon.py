@@ -144,14 +144,12 @@ def run_keyd(
     harden_process(log)
     raise_fd_limit()
     keystore, audit, service = open_service(keystore_dir, source, account_access)
-    verifier = None
-    if endpoints:
-        from kmsfs.kms.credentials import CredentialStore
-        from kmsfs.kms.sigv4 import SigV4Verifier
+    # also without --listen: a signed request on the socket is verified (and then the
+    # signed user is the caller), never taken for the peer's uid unchecked
+    from kmsfs.kms.credentials import CredentialStore
+    from kmsfs.kms.sigv4 import SigV4Verifier
 
-        verifier = SigV4Verifier(
-            CredentialStore(keystore).lookup, [keystore.meta("region"), *regions]
-        )
+    verifier = SigV4Verifier(CredentialStore(keystore).lookup, [keystore.meta("region"), *regions])
     try:
         trio.run(
             _serve_until_signalled,

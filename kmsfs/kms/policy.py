@@ -79,6 +79,7 @@ and "Single-valued vs. multivalued context keys"):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -211,9 +212,18 @@ BASE_OPERATORS: tuple[str, ...] = (
     "NumericGreaterThanEquals",
     "Bool",
     "Null",
+    # aws:SourceIp of network callers (keyd over TCP): an address or CIDR block
+    "IpAddress",
+    "NotIpAddress",
 )
 NEGATED_OPERATORS = frozenset(
-    {"StringNotEquals", "StringNotEqualsIgnoreCase", "StringNotLike", "NumericNotEquals"}
+    {
+        "StringNotEquals",
+        "StringNotEqualsIgnoreCase",
+        "StringNotLike",
+        "NumericNotEquals",
+        "NotIpAddress",
+    }
 )
 SET_PREFIXES = ("ForAnyValue", "ForAllValues")
 
@@ -618,6 +628,11 @@ def _compile_values(base: str, raw: Any, place: str) -> tuple[Any, ...]:
             if text.lower() not in ("true", "false"):
                 raise _fail(place, f"{text!r} is not true or false")
             values.append(text.lower() == "true")
+        elif base in ("IpAddress", "NotIpAddress"):
+            try:
+                values.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise _fail(place, f"{text!r} is not an IP address or CIDR block") from None
         elif base in ("StringLike", "StringNotLike"):
             values.append(_glob_regex(text, ignore_case=False))
         elif base in ("StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"):
@@ -693,6 +708,12 @@ def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]
     if base in ("StringLike", "StringNotLike"):
         text = _as_text(request_value)
         return any(regex.fullmatch(text) is not None for regex in policy_values)
+    if base in ("IpAddress", "NotIpAddress"):
+        try:
+            address = ipaddress.ip_address(_as_text(request_value))
+        except ValueError:
+            return False
+        return any(address in network for network in policy_values)
     if base == "Bool":
         text = _as_text(request_value).lower()
         if text not in ("true", "false"):

@@ -517,6 +517,15 @@ class _Server:
                 peer = uid
                 caller = Caller(uid=uid, gid=gid, pid=pid)
             who = f"uid {peer}" if endpoint is None else f"address {peer}"
+            refusing = (
+                self.active_connections >= self.max_connections
+                or self.connections_by_uid[peer] >= self.limits.max_connections_per_uid
+            )
+            if refusing and endpoint is not None and endpoint.ssl_context is not None:
+                # a TLS client cannot read a plain-HTTP refusal: close (it retries)
+                logger.debug("keyd: refusing a TLS connection from %s: at a limit", peer)
+                sock.close()
+                continue
             if self.active_connections >= self.max_connections:
                 nursery.start_soon(
                     self._reject,

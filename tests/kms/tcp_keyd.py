@@ -89,9 +89,9 @@ class TcpKeyd:
 
 
 def start_tcp_keyd(
-    keyd_factory: Callable[..., Keyd], *, tls: bool = False, user: str = "alice"
+    keyd_factory: Callable[..., Keyd], *, tls: bool = False, user: str = "alice", name: str = "k"
 ) -> TcpKeyd:
-    keyd = keyd_factory()
+    keyd = keyd_factory(name)
     keyd.init()
     cert = None
     extra: list[str] = []

@@ -255,15 +255,15 @@ def test_key_policy_applies_to_signed_users_with_source_ip(tcp_keyd: TcpKeyd) ->
                         "Principal": {"AWS": bob_arn},
                         "Action": "kms:Decrypt",
                         "Resource": "*",
-                        "Condition": {"StringEquals": {"aws:SourceIp": source_ip}},
+                        "Condition": {"IpAddress": {"aws:SourceIp": source_ip}},
                     },
                 ],
             }
         )
 
-    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("127.0.0.1"))
+    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("127.0.0.0/8"))
     assert bob.decrypt(CiphertextBlob=blob)["Plaintext"] == b"x"
-    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("192.0.2.1"))
+    alice.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy("192.0.2.0/24"))
     with pytest.raises(ClientError, match="AccessDeniedException"):
         bob.decrypt(CiphertextBlob=blob)
 
@@ -285,7 +285,7 @@ def test_ipv6_loopback_and_tls_with_the_self_signed_cert(
     tcp = start_tcp_keyd(keyd_factory, tls=True)
     assert tcp.client().list_keys()["Keys"] == []
     # the same certificate on [::1]
-    other = keyd_factory("v6")
+    other = keyd_factory("v6")  # (the TLS keyd above is "k")
     other.init()
     port = free_port("::1")
     other.start("--listen", f"[::1]:{port}")
@@ -313,3 +313,53 @@ def test_tls_cert_prints_its_fingerprint(keyd_factory: Callable[..., Keyd]) -> N
     expected = ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
     assert f"SHA-256 fingerprint: {expected}" in out
     assert (keyd.keystore / "tls-key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_garbage_and_oversized_requests_over_tcp_leave_keyd_serving(
+    keyd_factory: Callable[..., Keyd],
+) -> None:
+    plain = start_tcp_keyd(keyd_factory)
+    with socket.create_connection(("127.0.0.1", plain.port), timeout=30) as raw:
+        raw.sendall(b"\x00\xff garbage \r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+    body, headers = _signed("ListKeys", {"Pad": "x" * 300_000}, plain.access_key_id, plain.secret)
+    status, _ = _post_tcp(plain.port, body, headers)
+    assert status == 413
+    assert plain.client().list_keys()["Keys"] == []
+    # TLS listener: plain HTTP and half a handshake are dropped, keyd serves on
+    secure = start_tcp_keyd(keyd_factory, tls=True, name="tls")
+    with socket.create_connection(("127.0.0.1", secure.port), timeout=30) as raw:
+        raw.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            answer = raw.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(b"HTTP/")
+    half = socket.create_connection(("127.0.0.1", secure.port), timeout=30)
+    try:
+        half.sendall(b"\x16\x03\x01\x00\x10")  # a ClientHello that never completes
+        assert secure.client().list_keys()["Keys"] == []
+    finally:
+        half.close()
+
+
+def test_signed_request_on_the_socket_is_verified_without_listen(live_keyd: Keyd) -> None:
+    """keyd serving only its socket still verifies a signature it is sent: a wrong one
+    is refused, not taken as the peer's own request."""
+    tcp = TcpKeyd(live_keyd, 0, "", "")
+    access_key_id, secret = tcp.create_credentials("dave")
+    body, headers = _signed("GetCallerIdentity", {}, access_key_id, "W" * 40)
+    status, answer = _post_unix(live_keyd.socket, body, headers)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    body, headers = _signed("GetCallerIdentity", {}, access_key_id, secret)
+    status, answer = _post_unix(live_keyd.socket, body, headers)
+    assert status == 200 and answer["Arn"].endswith(":user/dave")
+
+
+def test_audit_tail_names_signed_callers_by_access_key_and_address(tcp_keyd: TcpKeyd) -> None:
+    tcp_keyd.client().list_keys()
+    lines = tcp_keyd.keyd.kmsfs("keyd", "audit", "tail", "-n", "5").stdout.decode().splitlines()
+    listed = [line for line in lines if "ListKeys" in line]
+    assert f"alice({tcp_keyd.access_key_id}@127.0.0.1)" in listed[-1]
+    by_user = tcp_keyd.keyd.kmsfs("keyd", "audit", "tail", "--user", "alice", "--json")
+    assert by_user.stdout.strip()

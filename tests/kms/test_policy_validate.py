@@ -387,6 +387,8 @@ def test_every_operator_with_prefixes_and_ifexists_parses(base: str) -> None:
         value: Any = "10"
     elif base in ("Bool", "Null"):
         value = "true"
+    elif base.endswith("IpAddress"):
+        value = ["10.0.0.0/8", "::1"]
     else:
         value = ["a*", "b"]
     for prefix in ("", "ForAnyValue:", "ForAllValues:"):

@@ -145,3 +145,35 @@ def test_missing_date_is_incomplete() -> None:
     headers = _replace(_sign(), b"x-amz-date", None)
     with pytest.raises(IncompleteSignature, match="X-Amz-Date"):
         _verifier().verify("POST", "/", headers, BODY)
+
+
+def test_a_header_signed_twice_is_canonicalised_as_botocore_does() -> None:
+    headers = _sign(extra={"X-Amz-Meta": "a"})
+    # the same header sent twice and signed so: botocore joins the values with ","
+    from botocore.auth import SigV4Auth as Signer
+
+    request = AWSRequest(
+        method="POST",
+        url="http://127.0.0.1:4599/",
+        data=BODY,
+        headers={"X-Amz-Target": "TrentService.ListKeys", "Host": "127.0.0.1:4599"},
+    )
+    request.headers.add_header("X-Amz-Meta", "one")
+    request.headers.add_header("X-Amz-Meta", "two")
+    Signer(Credentials(ACCESS_KEY, SECRET), "kms", REGION).add_auth(request)
+    headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]
+    assert sum(1 for name, _ in headers if name == b"x-amz-meta") == 2
+    assert _verifier().verify("POST", "/", headers, BODY).user_name == "alice"
+    reordered = [h for h in headers if h[0] != b"x-amz-meta"] + [
+        (b"x-amz-meta", b"two"),
+        (b"x-amz-meta", b"one"),
+    ]
+    with pytest.raises(InvalidSignatureException):
+        _verifier().verify("POST", "/", reordered, BODY)
+
+
+@pytest.mark.parametrize("date", ["20261399T000000Z", "20260101T250000Z", "20260101T006100Z"])
+def test_impossible_dates_are_refused(date: str) -> None:
+    headers = _replace(_sign(), b"x-amz-date", date.encode())
+    with pytest.raises(IncompleteSignature):
+        _verifier().verify("POST", "/", headers, BODY)
