@@ -24,6 +24,7 @@ until its caller's deadline: a read waiting for its data key is slowed, not fail
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import random
 import urllib.parse
@@ -145,10 +146,12 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
         self._client.close()
 
     def _execute(self, request: KMSRequest) -> dict[str, Any]:
-        return self.call(request.operation, request.params)
+        return request.decode_result(self.call(request.operation, request.params))
 
     def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Call ``operation`` (AWS's name, e.g. ``GenerateDataKey``); binary fields are bytes."""
+        """Call ``operation`` (AWS's name, e.g. ``GenerateDataKey``) with ``params`` (binary
+        values as bytes); the result as keyd's clients' ``call`` gives it: JSON types, binary
+        fields as base64 strings (the convenience methods decode them to bytes)."""
         method = getattr(self._client, xform_name(operation))
         try:
             result = method(**params)
@@ -170,6 +173,9 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
         except botocore.exceptions.ParamValidationError as error:
             raise UsageError(f"{operation}: {_one_line(error)}") from None
         result.pop("ResponseMetadata", None)
+        for name, value in result.items():
+            if isinstance(value, bytes | bytearray):
+                result[name] = base64.b64encode(value).decode("ascii")
         return result
 
 
@@ -212,7 +218,7 @@ class AsyncAwsKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         await trio.lowlevel.checkpoint()
 
     async def _execute(self, request: KMSRequest) -> dict[str, Any]:
-        return await self.call(request.operation, request.params)
+        return request.decode_result(await self.call(request.operation, request.params))
 
     async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
         backoff = THROTTLE_BACKOFF_FIRST

@@ -250,3 +250,14 @@ def test_init_refuses_keyd_with_aws_options(tmp_path: Path) -> None:
             key_service_options=KeyServiceOptions(kind="keyd", aws_profile="ops"),
         )
     assert not (tmp_path / "c").exists()
+
+
+def test_call_gives_binary_fields_as_base64_like_keyds_client(endpoint: AwsEndpoint) -> None:
+    """Code written against KMSClient.call (binary fields as base64 strings) works on both."""
+    import base64
+
+    client = AwsKMSClient(endpoint)
+    with Stubber(client._client) as stub:
+        stub.add_response("decrypt", {"Plaintext": b"k" * 32, "KeyId": ARN})
+        result = client.call("Decrypt", {"CiphertextBlob": b"blob", "KeyId": ARN})
+    assert result == {"Plaintext": base64.b64encode(b"k" * 32).decode(), "KeyId": ARN}
