@@ -238,6 +238,27 @@ class DependencyTimeoutException(KMSError):
     status = 503
 
 
+class IncompleteSignature(KMSError):
+    """A request over TCP without a complete AWS Signature V4 (no or garbled
+    ``Authorization`` header, a required header not signed)."""
+
+    aws_type = "IncompleteSignature"
+
+
+class InvalidSignatureException(KMSError):
+    """A SigV4 signature that does not match, is stale, or is scoped to another
+    region or service."""
+
+    aws_type = "InvalidSignatureException"
+
+
+class UnrecognizedClientException(KMSError):
+    """An access key id keyd does not know, one that is disabled, or a security token
+    keyd did not issue."""
+
+    aws_type = "UnrecognizedClientException"
+
+
 _KMS_ERRORS: dict[str, type[KMSError]] = {
     cls.aws_type: cls
     for cls in (
@@ -269,6 +290,9 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         DryRunOperationException,
         KMSInternalException,
         DependencyTimeoutException,
+        IncompleteSignature,
+        InvalidSignatureException,
+        UnrecognizedClientException,
     )
 }
 

@@ -72,6 +72,103 @@ def cmd_keyd_init(args: argparse.Namespace) -> None:
     keystore.close()
     how = f"root key file {source.key_file}" if source.key_file else "a passphrase"
     print(f"created keystore {path}, protected by {how}")
+    if args.tls:
+        _make_tls_cert(path / "tls-cert.pem", path / "tls-key.pem", args.tls_name, force=False)
+
+
+def _make_tls_cert(cert, key, names, *, force: bool) -> None:
+    from kmsfs.kms.tls import make_self_signed
+
+    # inside the keystore every file must be private (check_keystore_permissions)
+    in_keystore = cert.parent.resolve() == key.parent.resolve()
+    mode = 0o600 if in_keystore else 0o644
+    fingerprint = make_self_signed(cert, key, names or (), overwrite=force, cert_mode=mode)
+    print(f"TLS certificate {cert} (mode {mode:04o}; key {key}, mode 0600)")
+    print(f"SHA-256 fingerprint: {fingerprint}")
+
+
+def cmd_keyd_tls_cert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from kmsfs.kms.paths import resolve_keystore_dir
+    from kmsfs.kms.tls import CERT_NAME, KEY_NAME
+
+    directory = resolve_keystore_dir(args.keystore)
+    cert = Path(args.cert) if args.cert else directory / CERT_NAME
+    key = Path(args.key) if args.key else directory / KEY_NAME
+    _make_tls_cert(cert, key, args.name, force=args.force)
+
+
+# --------------------------------------------------------------- credentials
+def _open_credentials(args: argparse.Namespace):
+    from kmsfs.kms.credentials import CredentialStore
+    from kmsfs.kms.keystore import Keystore, check_keystore_permissions
+    from kmsfs.kms.paths import resolve_keystore_dir
+
+    path = resolve_keystore_dir(args.keystore)
+    check_keystore_permissions(path)
+    keystore = Keystore.open(path, root_key_source(args))
+    return keystore, CredentialStore(keystore)
+
+
+def cmd_credentials_create(args: argparse.Namespace) -> None:
+    from kmsfs.kms.credentials import check_user_name
+
+    check_user_name(args.user)  # before asking for a passphrase
+    keystore, store = _open_credentials(args)
+    try:
+        access_key, secret = store.create(args.user)
+        account = keystore.meta("account")
+    finally:
+        keystore.close()
+    if args.json:  # IAM CreateAccessKey's response shape
+        body = {
+            "AccessKey": {
+                **access_key.as_iam(),
+                "SecretAccessKey": secret,
+            }
+        }
+        print(json.dumps(body, indent=2))
+        return
+    print(f"user:              arn:aws:iam::{account}:user/{access_key.user_name}")
+    print(f"access key id:     {access_key.access_key_id}")
+    print(f"secret access key: {secret}")
+    print("(the secret is shown only now; keyd keeps it sealed under the root key)")
+
+
+def cmd_credentials_list(args: argparse.Namespace) -> None:
+    keystore, store = _open_credentials(args)
+    try:
+        keys = store.list(args.user)
+    finally:
+        keystore.close()
+    if args.json:  # IAM ListAccessKeys's shape
+        print(json.dumps({"AccessKeyMetadata": [key.as_iam() for key in keys]}, indent=2))
+        return
+    from kmsfs.cli.common import print_table
+
+    print_table([key.as_iam() for key in keys], ["UserName", "AccessKeyId", "Status", "CreateDate"])
+
+
+def cmd_credentials_status(args: argparse.Namespace) -> None:
+    from kmsfs.kms.credentials import ACTIVE, INACTIVE
+
+    status = ACTIVE if args.credentials_command == "enable" else INACTIVE
+    keystore, store = _open_credentials(args)
+    try:
+        key = store.set_status(args.access_key_id, status)
+    finally:
+        keystore.close()
+    print(f"access key {key.access_key_id} of user {key.user_name}: {key.status}")
+
+
+def cmd_credentials_delete(args: argparse.Namespace) -> None:
+    keystore, store = _open_credentials(args)
+    try:
+        store.delete(args.access_key_id)
+    finally:
+        keystore.close()
+    print(f"access key {args.access_key_id} deleted")
 
 
 def cmd_keyd_serve(args: argparse.Namespace) -> None:
@@ -103,6 +200,14 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
             argv += ["--root-key-file", str(os.path.abspath(source.key_file))]
         if args.account_users is not None:
             argv += ["--account-users", args.account_users]
+        for address in args.listen or ():
+            argv += ["--listen", address]
+        for region in args.extra_region or ():
+            argv += ["--region", region]
+        if args.tls_cert:
+            argv += ["--tls-cert", os.path.abspath(args.tls_cert)]
+        if args.tls_key:
+            argv += ["--tls-key", os.path.abspath(args.tls_key)]
         log_path = keystore_dir / "keyd.log"
         pid = start_detached(argv, log_path, what="keyd", passphrase=source.passphrase)
         print(f"keyd running as pid {pid} on {socket_path} (log: {log_path})")
@@ -111,6 +216,13 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s keyd[%(process)d] %(levelname)s %(message)s",
     )
+    from pathlib import Path
+
+    from kmsfs.kms.daemon import tcp_endpoints
+
+    tls_cert = Path(args.tls_cert) if args.tls_cert else None
+    tls_key = Path(args.tls_key) if args.tls_key else None
+    tcp_endpoints(args.listen or (), tls_cert, tls_key)  # one clear line before unsealing
     run_keyd(
         keystore_dir,
         root_key_source(args),
@@ -118,6 +230,10 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         socket_mode=socket_mode,
         ready_fd=args.ready_fd,
         account_access=account_access,
+        listen=args.listen or (),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        regions=args.extra_region or (),
     )
 
 
@@ -254,7 +370,64 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="the 12-digit AWS account id in key and principal ARNs (stored in the "
         "keystore; default 000000000000, which keystores made before this option keep)",
     )
+    init.add_argument(
+        "--tls",
+        action="store_true",
+        help="also make a self-signed TLS certificate for --listen (tls-cert.pem, "
+        "tls-key.pem in the keystore) and print its SHA-256 fingerprint",
+    )
+    init.add_argument(
+        "--tls-name",
+        action="append",
+        metavar="NAME",
+        help="a host name or address the certificate is for (repeatable; localhost, "
+        "127.0.0.1 and ::1 always)",
+    )
     init.set_defaults(func=cmd_keyd_init)
+
+    tls = keyd.add_parser(
+        "tls-cert", help="make a self-signed TLS certificate for keyd serve --listen"
+    )
+    _keystore_options(tls)
+    tls.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="a host name or address the certificate is for (repeatable; localhost, "
+        "127.0.0.1 and ::1 always)",
+    )
+    tls.add_argument("--cert", help="certificate file (default: KEYSTORE/tls-cert.pem)")
+    tls.add_argument("--key", help="private key file, written 0600 (default: KEYSTORE/tls-key.pem)")
+    tls.add_argument("--force", action="store_true", help="replace existing files")
+    tls.set_defaults(func=cmd_keyd_tls_cert)
+
+    credentials = keyd.add_parser(
+        "credentials", help="access keys for AWS SigV4 clients (boto3, aws CLI, SDKs)"
+    ).add_subparsers(dest="credentials_command", required=True, metavar="SUBCOMMAND")
+    create = credentials.add_parser(
+        "create", help="make an access key for arn:aws:iam::ACCOUNT:user/NAME (secret shown once)"
+    )
+    _keystore_options(create)
+    _root_options(create)
+    create.add_argument("--user", required=True, metavar="NAME", help="the IAM user name")
+    create.add_argument("--json", action="store_true", help="IAM CreateAccessKey's JSON shape")
+    create.set_defaults(func=cmd_credentials_create)
+    listing = credentials.add_parser("list", help="list access keys (never their secrets)")
+    _keystore_options(listing)
+    _root_options(listing)
+    listing.add_argument("--user", metavar="NAME", help="only this user's keys")
+    listing.add_argument("--json", action="store_true", help="IAM ListAccessKeys's JSON shape")
+    listing.set_defaults(func=cmd_credentials_list)
+    for name, what, func in (
+        ("disable", "refuse an access key from the next request on (Inactive)", None),
+        ("enable", "make an Inactive access key Active again", None),
+        ("delete", "delete an access key", cmd_credentials_delete),
+    ):
+        command = credentials.add_parser(name, help=what)
+        _keystore_options(command)
+        _root_options(command)
+        command.add_argument("access_key_id", metavar="ACCESS_KEY_ID")
+        command.set_defaults(func=func or cmd_credentials_status)
 
     serve_parser = keyd.add_parser("serve", help="unseal the keystore and serve on a socket")
     _keystore_options(serve_parser)
@@ -266,6 +439,22 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="LIST",
         help="who may CreateKey and GenerateRandom (no key policy covers them): login names, "
         "uids and @groups, comma-separated; root always may (default: every local user)",
+    )
+    serve_parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS:PORT",
+        help="also serve AWS SigV4-signed requests over TCP (127.0.0.1:4599, [::1]:4599; "
+        "repeatable); plain HTTP only on loopback, else give --tls-cert/--tls-key",
+    )
+    serve_parser.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (chain)")
+    serve_parser.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    serve_parser.add_argument(
+        "--region",
+        dest="extra_region",
+        action="append",
+        metavar="REGION",
+        help="a region signed requests may be scoped to, besides the keystore's (repeatable)",
     )
     serve_parser.add_argument("-d", "--daemon", action="store_true", help="detach")
     serve_parser.add_argument("--debug", action="store_true", help="log debug messages")

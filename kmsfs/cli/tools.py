@@ -14,13 +14,15 @@ from typing import Any, BinaryIO
 from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
+    aws_options,
     context_option,
+    key_service_options,
     keyd_options,
     parse_pairs,
     print_json,
     print_record,
 )
-from kmsfs.errors import UsageError
+from kmsfs.errors import KmsfsError, UsageError
 
 
 # ------------------------------------------------------------ single files
@@ -233,6 +235,7 @@ def _ingest_settings(args: argparse.Namespace, public_key) -> tuple[str, dict[st
 
 def cmd_encrypt(args: argparse.Namespace) -> None:
     from kmsfs.format import encrypt_stream
+    from kmsfs.fs.keyservice import data_key_provider, resolve_for_key
 
     if args.public_key:
         # write-only ingestion: no keyd, the data key wrapped to a recipient's public key
@@ -244,22 +247,21 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
             raise UsageError(f"cannot read {args.public_key}: {error.strerror}") from None
         public_key = load_recipient_public_key(pem, args.public_key)
         key_id, context, chunk_size = _ingest_settings(args, public_key)
-        key_provider: Any = RecipientKeyProvider(public_key, key_id)
+        providing: Any = contextlib.nullcontext(RecipientKeyProvider(public_key, key_id))
     else:
-        from kmsfs.kms.datakeys import KeydDataKeyProvider
-
         key_id, chunk_size = args.key, args.chunk_size
         context = parse_pairs(args.context, "--context")
-        key_provider = KeydDataKeyProvider(args.keyd_socket)
+        providing = data_key_provider(resolve_for_key(args.key, key_service_options(args)))
     with (
         _input(args.src) as src,
         _output(args.dst, force=args.force) as dst,
         progress.bar(args, total=progress.stream_size(src), what="encrypt") as shown,
+        providing as provider,
     ):
         encrypt_stream(
             progress.CountingReader(src, shown),
             dst,
-            key_provider=key_provider,
+            key_provider=provider,
             key_id=key_id,
             encryption_context=context,
             chunk_size=chunk_size,
@@ -268,45 +270,66 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
 
 def cmd_decrypt(args: argparse.Namespace) -> None:
     from kmsfs.format import decrypt_stream
-    from kmsfs.kms.datakeys import KeydDataKeyProvider
+    from kmsfs.fs.keyservice import data_key_provider, resolve, resolve_for_key
 
     context = parse_pairs(args.context, "--context")
     source = args.src
     recipient_keys = None  # a single file: whatever recipient CMK its slot names
+    options = key_service_options(args)
     if args.cipherdir:
-        from kmsfs.fs.config import keyd_endpoint
         from kmsfs.fs.offline import open_tree
 
-        config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+        config, tree = open_tree(Path(args.cipherdir), service_options=options)
         source = os.fsdecode(tree.resolve(args.src))
         context = {**config.file_context, **context}
-        keyd_socket = str(keyd_endpoint(args.keyd_socket, config))
+        service = resolve(config, options)
         recipient_keys = config.recipient_key_arns
     else:
-        keyd_socket = args.keyd_socket
+        service = resolve_for_key(_header_key_arn(source) if options.wants_aws else None, options)
     with (
         _input(source) as src,
         _output(args.dst, force=args.force) as dst,
         progress.bar(args, total=progress.stream_size(src), what="decrypt") as shown,
+        data_key_provider(service, recipient_keys=recipient_keys) as provider,
     ):
         decrypt_stream(
             progress.CountingReader(src, shown),
             dst,
-            key_provider=KeydDataKeyProvider(keyd_socket, recipient_keys=recipient_keys),
+            key_provider=provider,
             encryption_context=context,
         )
+
+
+def _header_key_arn(path: str) -> str | None:
+    """The key ARN a ciphertext file's header names (for the region of the aws key
+    service), or None (stdin, no header, unreadable: the command says why later)."""
+    if path == "-" or not os.path.isfile(path):
+        return None
+    from kmsfs.format import inspect
+
+    try:
+        return inspect(path).key_arn
+    except (OSError, ValueError, KmsfsError):
+        return None
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from kmsfs.errors import FormatError
     from kmsfs.format import inspect, verify
-    from kmsfs.kms.datakeys import KeydDataKeyProvider, blob_key_version
+    from kmsfs.fs.keyservice import data_key_provider, resolve_for_key
+    from kmsfs.kms.datakeys import blob_key_version
 
     if os.path.isdir(args.file) and os.path.exists(os.path.join(args.file, "kmsfs.conf")):
         # a cipher directory has no header to show: describe it as `kmsfs info` does
         from kmsfs.cli.fs import print_info
 
-        print_info(args.file, args.keyd_socket, keyd_uid=args.keyd_uid, as_json=args.json)
+        print_info(
+            args.file,
+            args.keyd_socket,
+            keyd_uid=args.keyd_uid,
+            as_json=args.json,
+            service_options=key_service_options(args),
+        )
         return
     try:
         info = inspect(args.file)
@@ -333,11 +356,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     report = None
     if args.verify:
         try:
-            report = verify(
-                args.file,
-                key_provider=KeydDataKeyProvider(args.keyd_socket),
-                encryption_context=parse_pairs(args.context, "--context"),
-            )
+            with data_key_provider(
+                resolve_for_key(info.key_arn, key_service_options(args))
+            ) as provider:
+                report = verify(
+                    args.file,
+                    key_provider=provider,
+                    encryption_context=parse_pairs(args.context, "--context"),
+                )
         except OSError as error:  # e.g. removed or made unreadable since inspect()
             raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
         record["Chunks"] = report.chunks
@@ -393,6 +419,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     context_option(encrypt_file, "encryption context pair (repeatable)")
     encrypt_file.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE_CLI)
     keyd_options(encrypt_file)
+    aws_options(encrypt_file)
     _force_option(encrypt_file)
     progress.add_progress_options(encrypt_file)
     encrypt_file.set_defaults(func=cmd_encrypt, check_args=_check_encrypt_args)
@@ -402,6 +429,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     decrypt_file.add_argument("dst")
     context_option(decrypt_file, "require this encryption context pair")
     keyd_options(decrypt_file)
+    aws_options(decrypt_file)
     decrypt_file.add_argument(
         "--cipherdir",
         help="SRC is a path inside this cipher directory as seen at the mountpoint",
@@ -418,5 +446,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     context_option(inspect_file, "require this encryption context pair")
     keyd_options(inspect_file)
+    aws_options(inspect_file)
     inspect_file.add_argument("--json", action="store_true", help="print JSON")
     inspect_file.set_defaults(func=cmd_inspect)

@@ -10,6 +10,8 @@ It holds no secret. Fields (version 2)::
       "chunk_size": 65536,
       "plaintext_names": false,            # names and symlink targets encrypted (default)
       "keyd_socket": "/run/kmsfs/keyd.sock",     # or null; only ever a hint (see below)
+      "key_service": {"type": "aws", "region": "eu-west-1",   # only when the CMK is not
+                      "endpoint_url": null, "profile": null}, # keyd's: see AwsKeyService
       "created": "2026-11-29T05:00:00Z",
       "metadata_key": {                    # a data key for the filesystem's own metadata
         "wrapped": "<base64 CiphertextBlob>",    # (names, symlinks, xattrs), wrapped by keyd
@@ -44,6 +46,14 @@ with ``hmac.compare_digest``:
 - the **MAC** (info ``kmsfs.conf mac``): HMAC-SHA256 over :data:`SEAL_LABEL` and the
   canonical JSON (sorted keys, no spaces, ASCII) of every field above but ``mac`` as this
   kmsfs reads them, unknown extra fields included.
+
+The key service. Without ``key_service`` the CMK is keyd's (the socket chosen as
+:func:`keyd_endpoint` says). With ``{"type": "aws", ...}`` it lives in AWS KMS or another
+KMS-compatible endpoint, called through botocore with the mounting user's own
+credentials (never stored here): see :class:`AwsKeyService` and
+:mod:`kmsfs.fs.keyservice`. The entry is sealed with everything else, and like
+``keyd_socket`` it is a hint until then, which is why an endpoint URL it names is only
+used when it is AWS's own or the mounting user names it too.
 
 Version 1 files (made before sealing existed) have neither: they are refused until
 their owner has looked at the settings and sealed them (``kmsfs seal CIPHERDIR``).
@@ -117,6 +127,59 @@ class RecipientKey:
         }
 
 
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+KEY_SERVICE_AWS = "aws"
+
+
+@dataclass(frozen=True)
+class AwsKeyService:
+    """kmsfs.conf's ``key_service`` entry for a CMK in AWS KMS (or a KMS-compatible
+    endpoint): the region, an optional endpoint URL and profile name. No credentials."""
+
+    region: str
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "type": KEY_SERVICE_AWS,
+            "region": self.region,
+            "endpoint_url": self.endpoint_url,
+            "profile": self.profile,
+        }
+
+    @classmethod
+    def from_document(cls, document: object) -> AwsKeyService:
+        """Parse the entry; ValueError names what is wrong."""
+        if not isinstance(document, dict):
+            raise ValueError("key_service is not an object")
+        if document.get("type") != KEY_SERVICE_AWS:
+            raise ValueError(f"key_service type {document.get('type')!r} is not 'aws'")
+        unknown = set(document) - {"type", "region", "endpoint_url", "profile"}
+        if unknown:
+            raise ValueError(f"key_service has unknown fields {sorted(unknown)}")
+        region = document.get("region")
+        endpoint_url = document.get("endpoint_url")
+        profile = document.get("profile")
+        if not isinstance(region, str) or not _REGION.fullmatch(region):
+            raise ValueError("key_service region is not a region name")
+        if endpoint_url is not None and not (
+            isinstance(endpoint_url, str) and endpoint_url.startswith(("https://", "http://"))
+        ):
+            raise ValueError("key_service endpoint_url is not an http(s) URL")
+        if profile is not None and not (isinstance(profile, str) and profile):
+            raise ValueError("key_service profile is not a name")
+        return cls(region, endpoint_url, profile)
+
+
+def key_arn_region(key_arn: str) -> str | None:
+    """The region an ARN names (``arn:aws:kms:REGION:ACCOUNT:key/ID``), else None."""
+    parts = key_arn.split(":", 5)
+    if len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and _REGION.fullmatch(parts[3]):
+        return parts[3]
+    return None
+
+
 def _derive(metadata_key: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(metadata_key)
 
@@ -127,6 +190,8 @@ class FsConfig:
     key_arn: str
     chunk_size: int = DEFAULT_CHUNK_SIZE
     keyd_socket: str | None = None
+    #: None: the CMK is keyd's
+    key_service: AwsKeyService | None = None
     created: str = ""
     metadata_key_wrapped: bytes = b""
     plaintext_names: bool = False
@@ -187,7 +252,7 @@ class FsConfig:
         }
         if self.sealed:
             metadata_key["commitment"] = base64.b64encode(self.metadata_key_commitment).decode()
-        return {
+        document: dict[str, Any] = {
             "config_version": self.config_version,
             "format_version": self.format_version,
             "filesystem_id": self.filesystem_id,
@@ -199,6 +264,9 @@ class FsConfig:
             "metadata_key": metadata_key,
             **self.extra,
         }
+        if self.key_service is not None:  # absent for keyd: older configs' MACs still hold
+            document["key_service"] = self.key_service.document()
+        return document
 
     def _mac(self, metadata_key: bytes) -> bytes:
         canonical = json.dumps(
@@ -268,6 +336,7 @@ class FsConfig:
                 "chunk_size",
                 "plaintext_names",
                 "keyd_socket",
+                "key_service",
                 "created",
                 "metadata_key",
                 "mac",
@@ -289,12 +358,16 @@ class FsConfig:
                 raise ValueError("keyd_socket is not a string")
             if not isinstance(metadata_key, dict):
                 raise ValueError("metadata_key is not an object")
+            key_service = document.get("key_service")
+            if key_service is not None:
+                key_service = AwsKeyService.from_document(key_service)
             config = cls(
                 filesystem_id=filesystem_id,
                 key_arn=document["key_arn"],
                 chunk_size=chunk_size,
                 plaintext_names=plaintext_names,
                 keyd_socket=keyd_socket,
+                key_service=key_service,
                 created=str(document.get("created", "")),
                 metadata_key_wrapped=base64.b64decode(metadata_key["wrapped"], validate=True),
                 extra={k: v for k, v in document.items() if k not in known},

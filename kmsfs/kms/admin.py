@@ -273,8 +273,9 @@ class KeystoreAdmin:
         raise NotImplementedError  # KeyService's
 
     def _require_keystore_owner(self, caller: Caller, operation: str) -> None:
-        """Root, or the uid keyd runs as (who holds the keystore's files anyway)."""
-        if caller.uid not in (0, self.owner_uid):
+        """Root, or the uid keyd runs as (who holds the keystore's files anyway); a
+        SigV4-signed request is its signed user's, never a local uid's."""
+        if self.principal(caller).uid not in (0, self.owner_uid) or caller.signed_user:
             raise AccessDeniedException(
                 f"User: {self.principal(caller).arn} is not authorized to perform: "
                 f"kmsfs:{operation}: only root and keyd's own user (uid {self.owner_uid}) "

@@ -1662,6 +1662,10 @@ def format_event_line(event: Mapping[str, Any]) -> str:
     identity = identity if isinstance(identity, Mapping) else {}
     user = identity.get("userName") or "?"
     uid = identity.get("uid", "?")
+    if uid is None:  # a SigV4-signed caller (keyd over TCP): its access key and address
+        uid = identity.get("accessKeyId") or "?"
+        if event.get("sourceIPAddress"):
+            uid = f"{uid}@{event['sourceIPAddress']}"
     error = event.get("errorCode")
     if error:
         message = event.get("errorMessage")

@@ -47,6 +47,7 @@ from kmsfs.errors import (
     IncorrectKeyMaterialException,
     InvalidCiphertextException,
     InvalidImportTokenException,
+    KeystoreError,
     KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
@@ -234,7 +235,7 @@ class ImportedMaterial:
                 ).decode(),
             }
         ).encode()
-        token = self.keystore.seal_blob(b"import-token|" + key.key_id.encode(), payload)
+        token = self.keystore.seal_secret(f"import-token:{key.key_id}", payload)
         public = private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -284,8 +285,11 @@ class ImportedMaterial:
             raise UnsupportedOperationException(
                 "kmsfs imports symmetric key material only (KeySpec SYMMETRIC_DEFAULT)"
             )
-        opened = self.keystore.unseal_blob(b"import-token|" + key.key_id.encode(), token)
-        if opened is None:
+        try:
+            opened = self.keystore.unseal_secret(f"import-token:{key.key_id}", token)
+        except KeystoreError:
+            opened = None
+        if opened is None or len(token) < 28:
             raise InvalidImportTokenException(
                 f"The import token is not valid for {self.arn(key.key_id)}: use the ImportToken "
                 "from the GetParametersForImport response for this key"

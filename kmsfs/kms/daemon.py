@@ -12,6 +12,7 @@ import os
 import resource
 import shlex
 import signal
+import ssl
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from kmsfs.kms.keystore import (
 )
 from kmsfs.kms.paths import remember_keyd_socket
 from kmsfs.kms.principal import AccountAccess
-from kmsfs.kms.server import serve
+from kmsfs.kms.server import TcpEndpoint, parse_listen, serve
 from kmsfs.kms.service import KeyService
 from kmsfs.systemd import Notifier, credential_path
 
@@ -122,17 +123,33 @@ def run_keyd(
     ready_fd: int | None = None,
     notifier: Notifier | None = None,
     account_access: AccountAccess | None = None,
+    listen: Sequence[str] = (),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    regions: Sequence[str] = (),
 ) -> None:
     """Serve keyd in this process until SIGTERM or SIGINT.
+
+    ``listen``: TCP addresses (``127.0.0.1:4599``, ``[::1]:4599``) served beside the
+    socket, with TLS from ``tls_cert``/``tls_key`` when given (required for addresses
+    other than loopback), SigV4-signed requests only, for the keystore's region and
+    ``regions``.
 
     Under systemd (``Type=notify``: ``$NOTIFY_SOCKET`` set) it sends ``READY=1`` once
     the socket listens and ``STOPPING=1`` when a signal starts the shutdown.
     """
     if notifier is None:
         notifier = Notifier.from_environment()
+    endpoints = tcp_endpoints(listen, tls_cert, tls_key)
     harden_process(log)
     raise_fd_limit()
     keystore, audit, service = open_service(keystore_dir, source, account_access)
+    # also without --listen: a signed request on the socket is verified (and then the
+    # signed user is the caller), never taken for the peer's uid unchecked
+    from kmsfs.kms.credentials import CredentialStore
+    from kmsfs.kms.sigv4 import SigV4Verifier
+
+    verifier = SigV4Verifier(CredentialStore(keystore).lookup, [keystore.meta("region"), *regions])
     try:
         trio.run(
             _serve_until_signalled,
@@ -143,6 +160,8 @@ def run_keyd(
             maintenance_interval,
             ready_fd,
             notifier,
+            endpoints,
+            verifier,
         )
     finally:
         audit.close()
@@ -158,6 +177,8 @@ async def _serve_until_signalled(
     maintenance_interval: float,
     ready_fd: int | None,
     notifier: Notifier,
+    endpoints: Sequence[TcpEndpoint] = (),
+    verifier: object = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -167,6 +188,8 @@ async def _serve_until_signalled(
                     socket_path,
                     socket_mode=socket_mode,
                     maintenance_interval=maintenance_interval,
+                    tcp=endpoints,
+                    verifier=verifier,  # type: ignore[arg-type]
                     task_status=task_status,
                 )
             )
@@ -180,6 +203,42 @@ async def _serve_until_signalled(
                 notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def tcp_endpoints(
+    listen: Sequence[str], tls_cert: Path | None, tls_key: Path | None
+) -> list[TcpEndpoint]:
+    """The ``--listen`` endpoints, checked before anything is unsealed: each parses, and
+    each without TLS is a loopback address (:func:`kmsfs.kms.server.check_endpoint`)."""
+    from kmsfs.kms.server import check_endpoint
+
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if tls_cert is not None and not listen:
+        raise UsageError("--tls-cert needs --listen ADDRESS:PORT")
+    context = None
+    if tls_cert is not None and tls_key is not None:
+        context = server_tls_context(tls_cert, tls_key)
+    endpoints = [TcpEndpoint(*parse_listen(text), ssl_context=context) for text in listen]
+    for endpoint in endpoints:
+        check_endpoint(endpoint)
+    return endpoints
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2+ with Python's defaults for servers, serving ``cert`` (chain) and ``key``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--tls-cert/--tls-key: {exc.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(
+            f"--tls-cert {cert} / --tls-key {key}: cannot load them "
+            f"({getattr(exc, 'reason', None) or exc.__class__.__name__})"
+        ) from None
+    return context
 
 
 def _remember_socket(socket_path: Path) -> None:

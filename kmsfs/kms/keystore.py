@@ -112,6 +112,20 @@ CREATE TABLE IF NOT EXISTS key_policies (
 )
 """
 
+# Access keys for SigV4-signed callers (issue 16; kmsfs.kms.credentials), one row per
+# access key id: the IAM user it signs for, its secret sealed under the root key (AAD:
+# the access key id), Active or Inactive (IAM's words). Created on open for keystores
+# made before it, as key_policies; an older kmsfs ignores the table.
+_CREDENTIALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS credentials (
+    access_key_id TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    sealed_secret BLOB NOT NULL,
+    status TEXT NOT NULL,
+    create_date REAL NOT NULL
+)
+"""
+
 # Grants (issue 14; AWS KMS CreateGrant), one row per grant, created on open in older
 # keystores like key_policies. operations is a JSON list, constraints the JSON
 # GrantConstraints structure (NULL without constraints), grant_token the token
@@ -146,7 +160,10 @@ CREATE TABLE IF NOT EXISTS imported_key_material (
     material_check BLOB NOT NULL
 )
 """
-_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA, *_GRANT_SCHEMA)
+#: columns holding secrets sealed with Keystore.seal_secret (resealed by rotate_root_key):
+#: (table, id column, sealed column, label prefix)
+_SEALED_SECRET_COLUMNS = (("credentials", "access_key_id", "sealed_secret", "credential:"),)
+_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA, _CREDENTIALS_SCHEMA, *_GRANT_SCHEMA)
 
 
 # ------------------------------------------------------------------- root key
@@ -585,6 +602,25 @@ class Keystore:
                 "UPDATE key_versions SET sealed = ? WHERE key_id = ? AND version = ?",
                 (nonce + new_root.encrypt(nonce, material, aad), key_id, version),
             )
+        # secrets of other tables sealed with seal_secret (access keys' secrets), each
+        # bound to its label: (table, id column, sealed column, label prefix)
+        for table, id_column, sealed_column, prefix in _SEALED_SECRET_COLUMNS:
+            sealed_rows = db.execute(f"SELECT {id_column}, {sealed_column} FROM {table}").fetchall()
+            for row_id, sealed in sealed_rows:
+                aad = b"kmsfs-secret:" + (prefix + row_id).encode()
+                sealed = bytes(sealed)
+                try:
+                    secret = self._root.decrypt(sealed[:12], sealed[12:], aad)
+                except InvalidTag:
+                    raise KeystoreError(
+                        f"sealed secret {prefix}{row_id} failed authentication"
+                    ) from None
+                nonce = os.urandom(12)
+                db.execute(
+                    f"UPDATE {table} SET {sealed_column} = ? WHERE {id_column} = ?",
+                    (nonce + new_root.encrypt(nonce, secret, aad), row_id),
+                )
+            rows = [*rows, *sealed_rows]
         protection = protect_root_key(new_key, self.meta("keystore_id"), source)
         db.execute(
             "UPDATE meta SET value = ? WHERE name = 'root_protection'", (json.dumps(protection),)
@@ -624,6 +660,22 @@ class Keystore:
                 f"sealed material of key {key_id} version {version} failed authentication"
             ) from None
 
+    def seal_secret(self, label: str, secret: bytes) -> bytes:
+        """Seal a secret other than key material (an access key's secret) under the root
+        key; *label* (e.g. ``credential:<access key id>``) is the associated data."""
+        nonce = os.urandom(12)
+        return nonce + self._root.encrypt(nonce, secret, b"kmsfs-secret:" + label.encode())
+
+    def unseal_secret(self, label: str, sealed: bytes) -> bytes:
+        try:
+            return self._root.decrypt(sealed[:12], sealed[12:], b"kmsfs-secret:" + label.encode())
+        except InvalidTag:
+            raise KeystoreError(f"sealed secret {label} failed authentication") from None
+
+    def query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only statement (for tables kept by other modules)."""
+        return self._db.execute(sql, parameters).fetchall()
+
     # ------------------------------------------------------------------- keys
     def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes | None) -> None:
         """Insert a key and its first version's material (None: a key for imported
@@ -635,20 +687,6 @@ class Keystore:
         db.execute(f"INSERT INTO keys ({columns}) VALUES ({marks})", values)
         if material is not None:
             self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
-
-    # a sealed blob of keyd's own (an import token) under the root key, bound to a label
-    def seal_blob(self, label: bytes, data: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._root.encrypt(nonce, data, b"kmsfs-blob-v1|" + label)
-
-    def unseal_blob(self, label: bytes, blob: bytes) -> bytes | None:
-        """The data of :meth:`seal_blob`, or None if it fails authentication."""
-        if len(blob) < 12 + 16:
-            return None
-        try:
-            return self._root.decrypt(blob[:12], blob[12:], b"kmsfs-blob-v1|" + label)
-        except InvalidTag:
-            return None
 
     def insert_version(
         self,

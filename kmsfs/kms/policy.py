@@ -777,6 +777,12 @@ def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]
     if base in ("StringLike", "StringNotLike"):
         text = _as_text(request_value)
         return any(regex.fullmatch(text) is not None for regex in policy_values)
+    if base in ("IpAddress", "NotIpAddress"):
+        try:
+            address = ipaddress.ip_address(_as_text(request_value))
+        except ValueError:
+            return False
+        return any(address in network for network in policy_values)
     if base == "Bool":
         text = _as_text(request_value).lower()
         if text not in ("true", "false"):
@@ -784,12 +790,6 @@ def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]
         return any((text == "true") == value for value in policy_values)
     if base.startswith("Arn"):
         return any(_arn_matches(request_value, patterns) for patterns in policy_values)
-    if base in ("IpAddress", "NotIpAddress"):
-        try:
-            address = ipaddress.ip_address(_as_text(request_value))
-        except ValueError:
-            return False
-        return any(address in network for network in policy_values)
     if base == "BinaryEquals":
         if isinstance(request_value, bytes):
             data = request_value

@@ -24,11 +24,21 @@ when keyd does not run as root, or a process that has exited).
 
 Looking these up costs two small /proc reads per request; :class:`PrincipalResolver`
 keeps the answer for a second per process.
+
+A request signed with AWS Signature V4 (keyd over TCP, or a signed request on the
+socket; :mod:`kmsfs.kms.sigv4`) is the signed IAM user's, ``...:user/<name>`` from
+``kmsfs keyd credentials create --user NAME``: a :class:`Principal` with no uid, gid, pid,
+groups or executable, carrying the access key id and the peer's address
+(``aws:SourceIp``, CloudTrail's ``sourceIPAddress``). Its ``principalId`` is a stable
+``AIDA...`` id derived from the account and name, like IAM's unique user ids. Such a
+user is never root, whatever its name (``kmsfs keyd credentials`` refuses ``root``).
 """
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
 import os
 import pwd
 import time
@@ -74,15 +84,23 @@ class Principal:
     """The caller of one request, as policies and audit records see it."""
 
     account: str
-    uid: int
-    gid: int
-    pid: int
-    #: login name, None when the uid has none
+    #: None for a SigV4-signed user (see the module's docstring)
+    uid: int | None
+    gid: int | None
+    pid: int | None
+    #: login name (None when the uid has none), or the signed IAM user's name
     login: str | None
     #: supplementary groups (and the primary group), names or numbers, sorted
     groups: tuple[str, ...]
     #: realpath of the process's executable, None when unreadable
     executable: str | None
+    #: the access key id of a SigV4-signed request (None for a peer-credentials caller)
+    access_key_id: str | None = None
+    #: the peer's IP address (TCP), None on the Unix socket
+    source_ip: str | None = None
+    #: False only for the record of a network request refused before it was
+    #: authenticated (bad signature, unknown access key): no one is named then
+    authenticated: bool = True
 
     @property
     def is_root(self) -> bool:
@@ -115,31 +133,46 @@ class Principal:
     @property
     def identity_type(self) -> str:
         """CloudTrail's ``userIdentity.type``."""
+        if not self.authenticated:
+            return "Unknown"
         return "Root" if self.is_root else "IAMUser"
 
     @property
     def principal_id(self) -> str:
         """CloudTrail's ``principalId``: the account id for root (as AWS records its root
         user), else the uid as text (AWS's unique user id; here the uid is that id)."""
-        return self.account if self.is_root else str(self.uid)
+        if self.is_root:
+            return self.account
+        if self.uid is None:
+            return signed_user_id(self.account, self.user_name)
+        return str(self.uid)
 
     def condition_keys(self) -> dict[str, Any]:
         """The global condition keys this caller brings to every request."""
-        return {
+        keys: dict[str, Any] = {
             "aws:PrincipalArn": self.arn,
             "aws:PrincipalAccount": self.account,
             "aws:username": self.user_name,
-            "aws:userid": str(self.uid),
+            "aws:userid": self.principal_id if self.uid is None else str(self.uid),
             "kms:CallerAccount": self.account,
-            "kmsfs:CallerUid": str(self.uid),
+            "kmsfs:CallerUid": None if self.uid is None else str(self.uid),
             "kmsfs:CallerGroups": list(self.groups),
             "kmsfs:CallerExecutable": self.executable,
         }
+        if self.source_ip is not None:  # network callers only, as in AWS
+            keys["aws:SourceIp"] = self.source_ip
+        return keys
 
     def user_identity(self) -> dict[str, Any]:
-        """The audit record's ``userIdentity``: CloudTrail's fields, plus kmsfs's
-        ``uid``, ``gid``, ``pid`` and ``executable``."""
-        return {
+        """The audit record's ``userIdentity``: CloudTrail's fields (``accessKeyId``
+        for a signed request), plus kmsfs's ``uid``, ``gid``, ``pid`` and ``executable``."""
+        if not self.authenticated:
+            # nobody was authenticated: name no one (CloudTrail's "Unknown" identity)
+            unknown: dict[str, Any] = {"type": "Unknown", "accountId": self.account}
+            if self.access_key_id is not None:
+                unknown["accessKeyId"] = self.access_key_id
+            return unknown
+        identity: dict[str, Any] = {
             "type": self.identity_type,
             "principalId": self.principal_id,
             "arn": self.arn,
@@ -150,6 +183,9 @@ class Principal:
             "pid": self.pid,
             "executable": self.executable,
         }
+        if self.access_key_id is not None:
+            identity["accessKeyId"] = self.access_key_id
+        return identity
 
     def caller_identity(self) -> dict[str, Any]:
         """The GetCallerIdentity answer (STS's Arn/Account/UserId, plus kmsfs's own)."""
@@ -181,8 +217,51 @@ def _groups_from_user_db(login: str | None, gid: int) -> list[int]:
         return [gid]
 
 
+def signed_user_id(account: str, user_name: str) -> str:
+    """A stable IAM-style unique id (``AIDA`` + 17 base32 characters) for a signed user."""
+    digest = hashlib.sha256(f"{account}:{user_name}".encode()).digest()
+    return "AIDA" + base64.b32encode(digest).decode("ascii")[:17]
+
+
+def signed_principal(caller: Caller, account: str) -> Principal:
+    """The principal of a SigV4-signed request: the IAM user it was signed for."""
+    assert caller.signed_user is not None
+    return Principal(
+        account=account,
+        uid=None,
+        gid=None,
+        pid=None,
+        login=caller.signed_user,
+        groups=(),
+        executable=None,
+        access_key_id=caller.access_key_id,
+        source_ip=caller.source_ip,
+    )
+
+
+def unauthenticated_principal(caller: Caller, account: str) -> Principal:
+    """Who a refused, unauthenticated network request is recorded as: no user, the
+    access key id it claimed (if any) and its address."""
+    return Principal(
+        account=account,
+        uid=caller.uid,
+        gid=caller.gid,
+        pid=caller.pid,
+        login="anonymous",
+        groups=(),
+        executable=None,
+        access_key_id=caller.access_key_id,
+        source_ip=caller.source_ip,
+        authenticated=False,
+    )
+
+
 def resolve(caller: Caller, account: str, *, proc: str = "/proc") -> Principal:
     """Look up *caller*'s groups and executable now (see the module's docstring)."""
+    if caller.signed_user is not None:
+        return signed_principal(caller, account)
+    if caller.uid is None or caller.gid is None or caller.pid is None:
+        return unauthenticated_principal(caller, account)
     login = login_name(caller.uid)
     base = f"{proc}/{caller.pid}"
     status = _read_text(f"{base}/status")
@@ -235,6 +314,8 @@ class PrincipalResolver:
         self._cache: dict[tuple[int, int, int], tuple[float, Principal]] = {}
 
     def __call__(self, caller: Caller) -> Principal:
+        if caller.signed_user is not None or caller.uid is None:
+            return resolve(caller, self.account)  # no /proc lookup to save
         now = self.clock()
         cache_key = (caller.pid, caller.uid, caller.gid)
         cached = self._cache.get(cache_key)

@@ -21,22 +21,34 @@ failing with EMFILE/ENFILE does not stop the daemon: a spare descriptor kept for
 is given up for a moment to accept the waiting client and answer it 503, so it is
 told instead of hanging in the backlog, and open connections are served on.
 
+keyd on the network (``--listen HOST:PORT``, :class:`TcpEndpoint`): the same
+connection handling and limits serve TCP listeners beside the Unix socket, with TLS
+(``trio.SSLStream``) when a certificate is given; plain HTTP only on loopback
+addresses. A TCP request must carry a valid AWS Signature V4
+(:mod:`kmsfs.kms.sigv4`; the signed IAM user is the caller; the per-uid quota counts
+per source address). A signed request on the Unix socket is verified too, and then the
+signed user is the caller. Refused signatures are answered with AWS's error types and
+audited (``KeyService.record_refused``).
+
 Nothing from a request body is ever logged: it may hold plaintext.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import resource
 import socket
+import ssl
 import stat
 import struct
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -48,6 +60,7 @@ import trio
 from kmsfs.errors import (
     KeydAlreadyRunning,
     KMSError,
+    KMSInternalException,
     UnknownOperationException,
     UsageError,
 )
@@ -61,7 +74,15 @@ from kmsfs.kms.protocol import (
     encode_response_body,
 )
 
-__all__ = ["KeyServiceLike", "KeydAlreadyRunning", "ServerLimits", "DEFAULT_LIMITS", "serve"]
+__all__ = [
+    "KeyServiceLike",
+    "KeydAlreadyRunning",
+    "ServerLimits",
+    "DEFAULT_LIMITS",
+    "TcpEndpoint",
+    "parse_listen",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +113,54 @@ class KeyServiceLike(Protocol):
     ) -> dict[str, Any]: ...
 
     def run_maintenance(self) -> object: ...
+
+
+class SignatureVerifier(Protocol):
+    """What the server needs from :class:`kmsfs.kms.sigv4.SigV4Verifier`."""
+
+    def verify(
+        self, method: str, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TcpEndpoint:
+    """One ``--listen`` address: an IP literal and a port, with TLS or (loopback only)
+    without."""
+
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:4599``, ``[::1]:4599``, ``0.0.0.0:443``, ``localhost:4599`` ->
+    (IP literal, port). Raises UsageError naming what is wrong."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        port_text = rest[1:] if bracket and rest.startswith(":") else None
+    else:
+        host, colon, port_text_raw = text.rpartition(":")
+        port_text = port_text_raw if colon else None
+    if not host or port_text is None or not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"--listen {text}: give ADDRESS:PORT, e.g. 127.0.0.1:4599 or [::1]:4599")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(
+            f"--listen {text}: {host!r} is not an IP address (keyd binds addresses, not host names)"
+        ) from None
+    return host, int(port_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +218,14 @@ async def serve(
     socket_mode: int = 0o600,
     maintenance_interval: float = 60.0,
     limits: ServerLimits = DEFAULT_LIMITS,
+    tcp: Sequence[TcpEndpoint] = (),
+    verifier: SignatureVerifier | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``service`` on the Unix socket ``socket_path`` until cancelled.
+
+    With ``tcp`` endpoints, also on those (each needs TLS unless it is a loopback
+    address; requests there must be signed, checked by ``verifier``).
 
     Creates the socket's directory (mode 0700) if missing, replaces a stale socket
     file, refuses with :class:`KeydAlreadyRunning` if a live keyd answers there,
@@ -160,27 +234,84 @@ async def serve(
     once clients can connect. The socket file is removed on exit.
     """
     socket_path = Path(socket_path)
+    for endpoint in tcp:
+        check_endpoint(endpoint)
+    if tcp and verifier is None:
+        raise UsageError("keyd over TCP needs a signature verifier (SigV4 credentials)")
     _prepare_directory(socket_path.parent)
     await _remove_stale_socket(socket_path)
-    listener = await _bind(socket_path, socket_mode, limits.backlog)
+    # TCP first: once the socket answers (what clients and tests wait for), all listen
+    tcp_listeners: list[tuple[trio.socket.SocketType, TcpEndpoint]] = []
+    try:
+        for endpoint in tcp:
+            tcp_listeners.append(await _bind_tcp(endpoint, limits.backlog))
+        listener = await _bind(socket_path, socket_mode, limits.backlog)
+    except BaseException:
+        for tcp_listener, _endpoint in tcp_listeners:
+            tcp_listener.close()
+        raise
     identity: tuple[int, int] | None = None
     server: _Server | None = None
     try:
         bound = os.stat(socket_path)
         identity = (bound.st_dev, bound.st_ino)
         _run_maintenance(service)
-        server = _Server(service, limits)
+        server = _Server(service, limits, verifier)
         logger.debug("keyd serves at most %d connections", server.max_connections)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_maintenance_loop, service, maintenance_interval)
             nursery.start_soon(server.accept_loop, listener, nursery)
+            for tcp_listener, endpoint in tcp_listeners:
+                nursery.start_soon(server.accept_loop, tcp_listener, nursery, endpoint)
+                logger.info("keyd listening on %s", endpoint)
             logger.debug("keyd listening on %s", socket_path)
             task_status.started(socket_path)
     finally:
         listener.close()
+        for tcp_listener, _endpoint in tcp_listeners:
+            tcp_listener.close()
         if server is not None:
             server.close()
         _unlink_if_ours(socket_path, identity)
+
+
+def check_endpoint(endpoint: TcpEndpoint) -> None:
+    """Plain HTTP only on loopback: elsewhere signed requests could be read and replayed
+    (for 5 minutes) by anyone on the path, and responses (data keys) read."""
+    if endpoint.ssl_context is None and not endpoint.is_loopback:
+        raise UsageError(
+            f"--listen {endpoint.host}:{endpoint.port}: plain HTTP is allowed only on "
+            "loopback addresses; give --tls-cert and --tls-key (kmsfs keyd tls-cert makes them)"
+        )
+
+
+async def _bind_tcp(
+    endpoint: TcpEndpoint, backlog: int
+) -> tuple[trio.socket.SocketType, TcpEndpoint]:
+    """Bind and listen; returns the listener and the endpoint with the port bound (for
+    port 0)."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            await listener.bind((endpoint.host, endpoint.port))
+            listener.listen(backlog)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise KeydAlreadyRunning(
+                    f"cannot listen on {endpoint.host}:{endpoint.port}: the address is in use"
+                ) from None
+            raise UsageError(
+                f"cannot listen on {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
+            ) from None
+    except BaseException:
+        listener.close()
+        raise
+    port = listener.getsockname()[1]
+    return listener, dataclasses.replace(endpoint, port=port)
 
 
 def _prepare_directory(directory: Path) -> None:
@@ -335,12 +466,19 @@ _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPSta
 
 
 class _Server:
-    def __init__(self, service: KeyServiceLike, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        service: KeyServiceLike,
+        limits: ServerLimits,
+        verifier: SignatureVerifier | None = None,
+    ) -> None:
         self.service = service
         self.limits = limits
+        self.verifier = verifier
         self.max_connections = effective_max_connections(limits)
         self.active_connections = 0
-        self.connections_by_uid: collections.Counter[int] = collections.Counter()
+        #: open connections per uid (Unix socket) or per source address (TCP)
+        self.connections_by_uid: collections.Counter[int | str | None] = collections.Counter()
         #: a descriptor held in reserve, given up to accept-and-refuse at the fd limit
         self._spare_fd: int | None = _open_spare_fd()
         self._at_fd_limit = False
@@ -354,10 +492,15 @@ class _Server:
             os.close(self._spare_fd)
             self._spare_fd = None
 
-    async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    async def accept_loop(
+        self,
+        listener: trio.socket.SocketType,
+        nursery: trio.Nursery,
+        endpoint: TcpEndpoint | None = None,
+    ) -> None:
         while True:
             try:
-                sock, _ = await listener.accept()
+                sock, address = await listener.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     await self._refuse_at_fd_limit(listener, nursery)
@@ -369,12 +512,33 @@ class _Server:
             if self._at_fd_limit:
                 self._at_fd_limit = False
                 logger.warning("keyd: file descriptors available again; accepting connections")
-            try:
-                pid, uid, gid = _PEERCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-                )
-            except OSError as exc:
-                logger.debug("keyd: no peer credentials: %s", exc.strerror or exc)
+            if endpoint is not None:
+                source_ip = address[0]
+                peer: int | str | None = source_ip
+                caller = Caller(uid=None, gid=None, pid=None, source_ip=source_ip)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # only latency is at stake
+            else:
+                try:
+                    pid, uid, gid = _PEERCRED.unpack(
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                    )
+                except OSError as exc:
+                    logger.debug("keyd: no peer credentials: %s", exc.strerror or exc)
+                    sock.close()
+                    continue
+                peer = uid
+                caller = Caller(uid=uid, gid=gid, pid=pid)
+            who = f"uid {peer}" if endpoint is None else f"address {peer}"
+            refusing = (
+                self.active_connections >= self.max_connections
+                or self.connections_by_uid[peer] >= self.limits.max_connections_per_uid
+            )
+            if refusing and endpoint is not None and endpoint.ssl_context is not None:
+                # a TLS client cannot read a plain-HTTP refusal: close (it retries)
+                logger.debug("keyd: refusing a TLS connection from %s: at a limit", peer)
                 sock.close()
                 continue
             if self.active_connections >= self.max_connections:
@@ -385,7 +549,7 @@ class _Server:
                     "ServiceUnavailableException",
                     "keyd is serving too many connections; try again",
                 )
-            elif self.connections_by_uid[uid] >= self.limits.max_connections_per_uid:
+            elif self.connections_by_uid[peer] >= self.limits.max_connections_per_uid:
                 # AWS's name for "this caller asks too much" (its SDKs retry it with
                 # backoff), with HTTP's status for a per-client limit.
                 nursery.start_soon(
@@ -393,13 +557,13 @@ class _Server:
                     sock,
                     HTTPStatus.TOO_MANY_REQUESTS,
                     "ThrottlingException",
-                    f"uid {uid} holds {self.limits.max_connections_per_uid} connections to "
+                    f"{who} holds {self.limits.max_connections_per_uid} connections to "
                     "keyd already; close some or try again",
                 )
             else:
                 self.active_connections += 1
-                self.connections_by_uid[uid] += 1
-                nursery.start_soon(self._serve_connection, sock, Caller(uid=uid, gid=gid, pid=pid))
+                self.connections_by_uid[peer] += 1
+                nursery.start_soon(self._serve_connection, sock, caller, peer, endpoint)
 
     async def _refuse_at_fd_limit(
         self, listener: trio.socket.SocketType, nursery: trio.Nursery
@@ -467,11 +631,24 @@ class _Server:
             except OSError as exc:
                 logger.debug("keyd: rejected connection vanished: %s", exc.strerror or exc)
 
-    async def _serve_connection(self, sock: trio.socket.SocketType, caller: Caller) -> None:
-        peer = f"pid {caller.pid}"
+    async def _serve_connection(
+        self,
+        sock: trio.socket.SocketType,
+        caller: Caller,
+        quota_key: int | str | None,
+        endpoint: TcpEndpoint | None = None,
+    ) -> None:
+        peer = f"pid {caller.pid}" if endpoint is None else f"{caller.source_ip}"
+        transport: _Transport | None = None
         try:
             with sock:
-                connection = _Connection(self, sock, caller)
+                if endpoint is not None and endpoint.ssl_context is not None:
+                    transport = await self._tls_handshake(sock, endpoint.ssl_context)
+                    if transport is None:
+                        return
+                else:
+                    transport = _SocketTransport(sock)
+                connection = _Connection(self, transport, caller, signed_only=endpoint is not None)
                 await connection.run()
         except OSError as exc:
             logger.debug("keyd connection from %s lost: %s", peer, exc.strerror or exc)
@@ -481,10 +658,29 @@ class _Server:
             # A bug in this module; the daemon must outlive it.
             logger.exception("keyd connection from %s failed unexpectedly", peer)
         finally:
+            if transport is not None:
+                await transport.close()
             self.active_connections -= 1
-            self.connections_by_uid[caller.uid] -= 1
-            if not self.connections_by_uid[caller.uid]:
-                del self.connections_by_uid[caller.uid]
+            self.connections_by_uid[quota_key] -= 1
+            if not self.connections_by_uid[quota_key]:
+                del self.connections_by_uid[quota_key]
+
+    async def _tls_handshake(
+        self, sock: trio.socket.SocketType, context: ssl.SSLContext
+    ) -> _Transport | None:
+        """TLS on an accepted socket, within the request read deadline (a client that
+        never finishes its handshake holds a connection no longer than a slow request)."""
+        stream = trio.SSLStream(
+            trio.SocketStream(sock), context, server_side=True, https_compatible=True
+        )
+        try:
+            with trio.fail_after(self.limits.request_read_timeout):
+                await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            logger.debug("keyd: TLS handshake failed: %s", exc.__cause__ or exc)
+            await trio.aclose_forcefully(stream)
+            return None
+        return _TLSTransport(stream)
 
 
 def _run_at_low_priority(function: Callable[[], Any]) -> Any:
@@ -522,15 +718,74 @@ def _open_spare_fd() -> int | None:
         return None
 
 
+class _Transport(Protocol):
+    async def recv(self, max_bytes: int) -> bytes: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    def shutdown_write(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _SocketTransport:
+    """A plain socket (Unix, or TCP on loopback)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def recv(self, max_bytes: int) -> bytes:
+        return await self.sock.recv(max_bytes)
+
+    async def send_all(self, data: bytes) -> None:
+        await _send_all(self.sock, data)
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    async def close(self) -> None:
+        self.sock.close()
+
+
+class _TLSTransport:
+    """TLS over TCP; trio's stream errors become OSError, as a socket's would be."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+
+    async def recv(self, max_bytes: int) -> bytes:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionResetError(f"TLS connection broken: {exc.__cause__ or exc}") from None
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionResetError(f"TLS connection broken: {exc.__cause__ or exc}") from None
+
+    def shutdown_write(self) -> None:
+        pass  # TLS has no half-close; lingering just reads what still comes
+
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
 class _Connection:
     """One client connection: read a request, answer it, repeat (keep-alive)."""
 
-    def __init__(self, server: _Server, sock: trio.socket.SocketType, caller: Caller) -> None:
+    def __init__(
+        self, server: _Server, sock: _Transport, caller: Caller, *, signed_only: bool = False
+    ) -> None:
         self.server = server
         self.service = server.service
         self.limits = server.limits
+        self.verifier = server.verifier
         self.sock = sock
         self.caller = caller
+        #: TCP: every request must carry a valid SigV4 signature
+        self.signed_only = signed_only
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.limits.max_header_bytes
         )
@@ -675,14 +930,17 @@ class _Connection:
         """The complete response (head and body) to one request."""
         request_id = str(uuid.uuid4())
         operation = ""
+        caller = self.caller
         try:
+            if self.signed_only or any(name == b"authorization" for name, _ in request.headers):
+                caller = self._authenticate(request, body, request_id)
             operation = self._operation(request)
             params = decode_request_body(body)
             if prepared is None:
-                result = self.service.handle(operation, params, self.caller, request_id)
+                result = self.service.handle(operation, params, caller, request_id)
             else:
                 result = self.service.handle(  # type: ignore[call-arg]
-                    operation, params, self.caller, request_id, prepared=prepared
+                    operation, params, caller, request_id, prepared=prepared
                 )
             payload = encode_response_body(result)
         except _HTTPError as error:
@@ -691,10 +949,10 @@ class _Connection:
             return self._error_bytes(error.status, error.aws_type, error.message, request_id)
         except Exception:
             logger.exception(
-                "keyd internal error in %s (request id %s, caller pid %s)",
+                "keyd internal error in %s (request id %s, caller %s)",
                 operation or "?",
                 request_id,
-                self.caller.pid,
+                self._peer(),
             )
             return self._error_bytes(
                 500,
@@ -703,6 +961,36 @@ class _Connection:
                 request_id,
             )
         return _response(self.h11, 200, payload, request_id, close=False)
+
+    def _authenticate(self, request: h11.Request, body: bytes, request_id: str) -> Caller:
+        """The caller a signed request is from (the signed IAM user), or the AWS error,
+        audited. Without a verifier (tests of the bare server) the socket's caller."""
+        if self.verifier is None:
+            if self.signed_only:
+                raise KMSInternalException("keyd has no signature verifier")
+            return self.caller
+        try:
+            identity = self.verifier.verify(
+                request.method.decode("ascii", "replace"),
+                request.target.decode("ascii", "replace"),
+                list(request.headers),
+                body,
+            )
+        except KMSError as error:
+            refused = dataclasses.replace(self.caller, access_key_id=claimed_access_key_id(error))
+            record_refused = getattr(self.service, "record_refused", None)
+            if record_refused is not None:
+                record_refused(_operation_for_audit(request), refused, request_id, error)
+            logger.debug("keyd: refused signature from %s: %s", self._peer(), error.aws_type)
+            raise
+        return dataclasses.replace(
+            self.caller, signed_user=identity.user_name, access_key_id=identity.access_key_id
+        )
+
+    def _peer(self) -> str:
+        if self.caller.source_ip is not None:
+            return self.caller.source_ip
+        return f"pid {self.caller.pid}"
 
     def _operation(self, request: h11.Request) -> str:
         if request.method != b"POST":
@@ -744,7 +1032,7 @@ class _Connection:
             str(uuid.uuid4()),
             close=error.close,
         )
-        logger.debug("keyd: %s from pid %s: %s", error.status, self.caller.pid, error.message)
+        logger.debug("keyd: %s from %s: %s", error.status, self._peer(), error.message)
         await self._send(data)
 
     async def _linger(self) -> None:
@@ -755,7 +1043,7 @@ class _Connection:
         bounded time and number of bytes.
         """
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.shutdown_write()
         except OSError:
             return
         budget = _LINGER_BYTES
@@ -768,9 +1056,24 @@ class _Connection:
 
     async def _send(self, data: bytes) -> None:
         with trio.move_on_after(self.limits.send_timeout) as scope:
-            await _send_all(self.sock, data)
+            await self.sock.send_all(data)
         if scope.cancelled_caught:
             raise TimeoutError("client stopped reading its response")
+
+
+def claimed_access_key_id(error: KMSError) -> str | None:
+    """The access key id a refused request claimed (set by kmsfs.kms.sigv4)."""
+    return getattr(error, "claimed_access_key_id", None)
+
+
+def _operation_for_audit(request: h11.Request) -> str:
+    """The operation a refused request named, for its audit record ("Unknown" if none)."""
+    for name, value in request.headers:
+        if name == b"x-amz-target" and value.startswith(_TARGET_PREFIX):
+            operation = value[len(_TARGET_PREFIX) :]
+            if operation.isalnum() and len(operation) <= 64:
+                return operation.decode("ascii")
+    return "Unknown"
 
 
 def _response(

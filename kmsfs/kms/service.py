@@ -893,6 +893,15 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         or *on_abort* if it is rolled back."""
         self._commit_actions.append((action, on_abort))
 
+    def record_refused(
+        self, operation: str, caller: Caller, request_id: str, error: KMSError
+    ) -> None:
+        """Audit a request the server refused before it reached :meth:`handle` (a
+        missing, stale or wrong SigV4 signature, an unknown or disabled access key)."""
+        self._record_best_effort(
+            self._audit_event(operation, {}, caller, request_id, self.clock(), None, error)
+        )
+
     # ------------------------------------------------------------ audit writing
     def _record(self, event: dict[str, Any], *, durable: bool) -> None:
         """Write one audit record, after a pending ``AuditGap`` record if there is one.
@@ -2504,6 +2513,8 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             "eventType": "AwsApiCall",
             "recipientAccountId": self.account,
         }
+        if caller.source_ip is not None:  # CloudTrail's field; network callers only
+            event["sourceIPAddress"] = caller.source_ip
         key_arn = _key_arn_of(response) or getattr(error, "resource_arn", None)
         if key_arn is None and self._grant_key_id is not None:
             key_arn = self.arn(self._grant_key_id)  # RetireGrant by token names no key
