@@ -23,6 +23,13 @@ class UsageError(KmsfsError):
     exit_code = 2
 
 
+class InvalidSignature(KmsfsError):
+    """``kmsfs verify`` / ``verify-mac``: the signature or MAC does not verify (exit 1,
+    as ``openssl dgst -verify``)."""
+
+    exit_code = 1
+
+
 # --------------------------------------------------------------------------- KMS
 class KMSError(KmsfsError):
     """An error of the AWS KMS API, carrying AWS's error type name.
@@ -105,6 +112,18 @@ class InvalidKeyUsageException(KMSError):
     aws_type = "InvalidKeyUsageException"
 
 
+class KMSInvalidSignatureException(KMSError):
+    """Verify: the signature does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidSignatureException"
+
+
+class KMSInvalidMacException(KMSError):
+    """VerifyMac: the MAC does not verify with the key, algorithm and message."""
+
+    aws_type = "KMSInvalidMacException"
+
+
 class InvalidArnException(KMSError):
     """The ARN is malformed."""
 
@@ -127,6 +146,18 @@ class LimitExceededException(KMSError):
     """A quota was exceeded."""
 
     aws_type = "LimitExceededException"
+
+
+class InvalidGrantTokenException(KMSError):
+    """A grant token is not one keyd issued, or names a grant of another key."""
+
+    aws_type = "InvalidGrantTokenException"
+
+
+class InvalidGrantIdException(KMSError):
+    """A grant id is malformed (AWS: 64 hexadecimal characters)."""
+
+    aws_type = "InvalidGrantIdException"
 
 
 class AccessDeniedException(KMSError):
@@ -160,6 +191,24 @@ class DryRunOperationException(KMSError):
 
     aws_type = "DryRunOperationException"
     status = 412
+
+
+class InvalidImportTokenException(KMSError):
+    """An import token that is not valid for this key (ImportKeyMaterial)."""
+
+    aws_type = "InvalidImportTokenException"
+
+
+class ExpiredImportTokenException(KMSError):
+    """An import token past its ParametersValidTo (ImportKeyMaterial)."""
+
+    aws_type = "ExpiredImportTokenException"
+
+
+class IncorrectKeyMaterialException(KMSError):
+    """Reimported key material that is not the key's original material."""
+
+    aws_type = "IncorrectKeyMaterialException"
 
 
 class KMSInternalException(KMSError):
@@ -213,6 +262,9 @@ class UnrecognizedClientException(KMSError):
 _KMS_ERRORS: dict[str, type[KMSError]] = {
     cls.aws_type: cls
     for cls in (
+        InvalidImportTokenException,
+        ExpiredImportTokenException,
+        IncorrectKeyMaterialException,
         NotFoundException,
         DisabledException,
         KMSInvalidStateException,
@@ -223,10 +275,14 @@ _KMS_ERRORS: dict[str, type[KMSError]] = {
         InvalidAliasNameException,
         UnsupportedOperationException,
         InvalidKeyUsageException,
+        KMSInvalidSignatureException,
+        KMSInvalidMacException,
         InvalidArnException,
         InvalidMarkerException,
         TagException,
         LimitExceededException,
+        InvalidGrantTokenException,
+        InvalidGrantIdException,
         AccessDeniedException,
         MalformedPolicyDocumentException,
         UnknownOperationException,

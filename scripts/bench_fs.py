@@ -17,6 +17,11 @@ Workloads (--only takes these names, comma-separated):
              read every file, rm -rf
   keyd       GenerateDataKey and Decrypt round trips per second, 1 and 8 clients (kmsfs only)
 
+--aws-provider adds a fourth system, kmsfs-aws: a second kmsfs mount whose key service
+is ``aws`` (botocore, SigV4) pointed at this run's keyd over loopback TCP
+(``keyd serve --listen``), and a column "kmsfs-aws vs kmsfs" (> 1: the aws provider is
+better).
+
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
 ~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
 keyd 1 s, one copy of the stdlib, 1 repetition: about 1.5 minutes. Every figure is the
@@ -48,7 +53,8 @@ from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-SYSTEMS = ("kmsfs", "gocryptfs", "plain")
+SYSTEMS = ["kmsfs", "gocryptfs", "plain"]  # + "kmsfs-aws" with --aws-provider
+AWS_SYSTEM = "kmsfs-aws"
 WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
 READ_AHEAD_KB = 1024
 #: the share of the dirty-page limit kmsfs's mount gives itself (--max-dirty-ratio's
@@ -162,12 +168,14 @@ def tune_bdi(mountpoint: Path) -> dict[str, Any]:
     return report
 
 
-def start_logged(cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_logged(
+    cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a daemon with its output in ``log_path``, in its own session: Ctrl-C reaches
     only us, and we stop what we started in order."""
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            list(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
 
 
@@ -179,6 +187,14 @@ def wait_for_mount(mountpoint: Path, proc: subprocess.Popen[bytes], what: str, l
         if time.monotonic() > deadline:
             raise BenchError(f"{what} did not mount within 60 s: {tail(log_path)}")
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tail(path: Path, lines: int = 8) -> str:
@@ -256,6 +272,9 @@ class Rig:
     keyd_socket: Path | None = None
     key_alias: str = "alias/bench"
     bdi: dict[str, Any] = field(default_factory=dict)
+    #: keyd's TCP listener and the access key of the aws provider's mount (--aws-provider)
+    tcp_port: int | None = None
+    aws_env: dict[str, str] = field(default_factory=dict)
 
     def start_keyd(self) -> None:
         keyd_dir = self.base / "keyd"
@@ -266,10 +285,26 @@ class Rig:
             [self.kmsfs_bin, "keyd", "init", "--keystore", str(keystore)]
             + ["--root-key-file", str(root_key)]
         )
+        listen: list[str] = []
+        if self.tcp_port is not None:
+            created = run(
+                [self.kmsfs_bin, "keyd", "credentials", "create", "--user", "bench", "--json"]
+                + ["--keystore", str(keystore), "--root-key-file", str(root_key)]
+            )
+            access_key = json.loads(created.stdout)["AccessKey"]
+            self.aws_env = {
+                "AWS_ACCESS_KEY_ID": access_key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": access_key["SecretAccessKey"],
+                "AWS_CONFIG_FILE": "/dev/null",
+                "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+            listen = ["--listen", f"127.0.0.1:{self.tcp_port}"]
         log_path = keyd_dir / "keyd.log"
         self.keyd = start_logged(
             [self.kmsfs_bin, "keyd", "serve", "--keystore", str(keystore)]
-            + ["--root-key-file", str(root_key), "--socket", str(self.keyd_socket)],
+            + ["--root-key-file", str(root_key), "--socket", str(self.keyd_socket)]
+            + listen,
             log_path,
         )
         deadline = time.monotonic() + 30
@@ -300,6 +335,41 @@ class Rig:
         self.systems["kmsfs"] = System("kmsfs", mnt, proc, log_path)
         wait_for_mount(mnt, proc, "kmsfs mount", log_path)
         self.bdi["kmsfs"] = tune_bdi(mnt)
+
+    def start_kmsfs_aws(self) -> None:
+        """kmsfs with the aws key service (botocore + SigV4) on this keyd's TCP listener;
+        its CMK made over TCP by the access key's principal (the default key policy lets
+        the creator use it)."""
+        import botocore.session
+
+        assert self.tcp_port is not None
+        url = f"http://127.0.0.1:{self.tcp_port}"
+        kms = botocore.session.Session().create_client(
+            "kms",
+            region_name="local",
+            endpoint_url=url,
+            aws_access_key_id=self.aws_env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.aws_env["AWS_SECRET_ACCESS_KEY"],
+        )
+        key_arn = kms.create_key(Description="scripts/bench --aws-provider")["KeyMetadata"]["Arn"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(self.aws_env)
+        cipher, mnt = self.base / "kmsfs-aws.cipher", self.base / "kmsfs-aws.mnt"
+        cipher.mkdir()
+        mnt.mkdir()
+        run(
+            [self.kmsfs_bin, "init", str(cipher), "--key", key_arn, "--aws-endpoint-url", url],
+            env=env,
+        )
+        log_path = self.base / "kmsfs-aws-mount.log"
+        proc = start_logged(
+            [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f", "--aws-endpoint-url", url],
+            log_path,
+            env=env,
+        )
+        self.systems[AWS_SYSTEM] = System(AWS_SYSTEM, mnt, proc, log_path)
+        wait_for_mount(mnt, proc, "kmsfs mount (aws provider)", log_path)
+        self.bdi[AWS_SYSTEM] = tune_bdi(mnt)
 
     def start_gocryptfs(self) -> None:
         cipher, mnt = self.base / "gocryptfs.cipher", self.base / "gocryptfs.mnt"
@@ -332,7 +402,7 @@ class Rig:
         }
 
     def close(self) -> None:
-        for name in ("kmsfs", "gocryptfs"):
+        for name in ("kmsfs", AWS_SYSTEM, "gocryptfs"):
             system = self.systems.get(name)
             if system is not None:
                 try:
@@ -367,9 +437,9 @@ class Metric:
         values = self.runs.get(system)
         return statistics.median(values) if values else None
 
-    def ratio(self, other: str) -> float | None:
-        """kmsfs against `other`, oriented so that > 1 means kmsfs is better."""
-        mine, theirs = self.median("kmsfs"), self.median(other)
+    def ratio(self, other: str, mine_name: str = "kmsfs") -> float | None:
+        """kmsfs (or ``mine_name``) against `other`, oriented so that > 1 means it is better."""
+        mine, theirs = self.median(mine_name), self.median(other)
         if mine is None or theirs is None or mine == 0 or theirs == 0:
             return None
         return mine / theirs if self.higher_is_better else theirs / mine
@@ -395,6 +465,11 @@ class Results:
                 "median": {s: m.median(s) for s in SYSTEMS if s in m.runs},
                 "kmsfs_vs_gocryptfs": m.ratio("gocryptfs"),
                 "kmsfs_vs_plain": m.ratio("plain"),
+                **(
+                    {"kmsfs_aws_vs_kmsfs": m.ratio("kmsfs", AWS_SYSTEM)}
+                    if AWS_SYSTEM in SYSTEMS
+                    else {}
+                ),
             }
             for m in self.metrics.values()
         ]
@@ -409,18 +484,15 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 def table(results: Results) -> str:
-    head = [
-        "workload",
-        "unit",
-        "kmsfs",
-        "gocryptfs",
-        "plain",
-        "kmsfs vs gocryptfs",
-        "kmsfs vs plain",
-    ]
+    aws = AWS_SYSTEM in SYSTEMS
+    head = ["workload", "unit", *SYSTEMS, "kmsfs vs gocryptfs", "kmsfs vs plain"]
+    if aws:
+        head.append("kmsfs-aws vs kmsfs")
     rows = [head]
     for m in results.metrics.values():
         ratios = [m.ratio("gocryptfs"), m.ratio("plain")]
+        if aws:
+            ratios.append(m.ratio("kmsfs", AWS_SYSTEM))
         rows.append(
             [m.label, m.unit]
             + [fmt(m.median(s), m.unit) for s in SYSTEMS]
@@ -770,6 +842,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, help="sequential file size in MiB (1024; quick 256)")
     parser.add_argument("--repeat", type=int, help="repetitions per workload (3; quick 1)")
     parser.add_argument("--only", help=f"comma-separated workloads: {','.join(WORKLOADS)}")
+    parser.add_argument(
+        "--aws-provider",
+        action="store_true",
+        help="also mount kmsfs with the aws key service pointed at this run's keyd over "
+        "loopback TCP + SigV4 (system kmsfs-aws)",
+    )
     parser.add_argument("--fio-seconds", type=int, help="seconds per fio run (20; quick 5)")
     parser.add_argument(
         "--plain-fio-seconds",
@@ -876,8 +954,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if fstype in ("tmpfs", "ramfs"):
             log(f"warning: {base} is on {fstype}, not a disk; use --workdir")
+        if args.aws_provider:
+            rig.tcp_port = free_port()
+            SYSTEMS.insert(1, AWS_SYSTEM)
         rig.start_keyd()
         rig.start_kmsfs()
+        if args.aws_provider:
+            rig.start_kmsfs_aws()
         rig.start_gocryptfs()
         rig.start_plain()
         report["bdi"] = rig.bdi

@@ -114,6 +114,52 @@ OPERATIONS: dict[str, dict[str, str]] = {
     "TagResource": {"KeyId": KEY, "Tags": "TAGS"},
     "UntagResource": {"KeyId": KEY, "TagKeys": "LS"},
     "ListResourceTags": {"KeyId": KEY, "Limit": "I", "Marker": "S"},
+    "GetPublicKey": {"KeyId": KEY, "GrantTokens": "LS"},
+    "Sign": {
+        "KeyId": KEY,
+        "Message": "BLOB",
+        "MessageType": "S",
+        "SigningAlgorithm": "S",
+        "GrantTokens": "LS",
+        "DryRun": "B",
+    },
+    "Verify": {
+        "KeyId": KEY,
+        "Message": "BLOB",
+        "MessageType": "S",
+        "Signature": "BLOB",
+        "SigningAlgorithm": "S",
+        "GrantTokens": "LS",
+        "DryRun": "B",
+    },
+    "GenerateMac": {"KeyId": KEY, "Message": "BLOB", "MacAlgorithm": "S", "DryRun": "B"},
+    "VerifyMac": {
+        "KeyId": KEY,
+        "Message": "BLOB",
+        "Mac": "BLOB",
+        "MacAlgorithm": "S",
+        "DryRun": "B",
+    },
+    "GenerateDataKeyPair": {
+        "KeyId": KEY,
+        "KeyPairSpec": "S",
+        "EncryptionContext": "CTX",
+        "Recipient": "REC",
+        "DryRun": "B",
+    },
+    "GenerateDataKeyPairWithoutPlaintext": {
+        "KeyId": KEY,
+        "KeyPairSpec": "S",
+        "EncryptionContext": "CTX",
+        "DryRun": "B",
+    },
+    "DeriveSharedSecret": {
+        "KeyId": KEY,
+        "KeyAgreementAlgorithm": "S",
+        "PublicKey": "BLOB",
+        "Recipient": "REC",
+        "DryRun": "B",
+    },
 }
 ALL_MEMBERS = sorted(
     {(name, kind) for members in OPERATIONS.values() for name, kind in members.items()}
@@ -128,6 +174,17 @@ ENUM_WORDS = [
     "SIGN_VERIFY",
     "EXTERNAL",
     "RSAES_OAEP_SHA_1",
+    "ECC_NIST_P256",
+    "ECC_SECG_P256K1",
+    "HMAC_256",
+    "GENERATE_VERIFY_MAC",
+    "KEY_AGREEMENT",
+    "ECDSA_SHA_256",
+    "RSASSA_PSS_SHA_256",
+    "HMAC_SHA_256",
+    "ECDH",
+    "RAW",
+    "DIGEST",
 ]
 
 

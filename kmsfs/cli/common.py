@@ -100,6 +100,45 @@ def keyd_options(
     )
 
 
+def aws_options(parser: argparse.ArgumentParser, *, init: bool = False) -> None:
+    """--aws-endpoint-url/--aws-profile (and --aws-region): the ``aws`` key service
+    (kmsfs.fs.keyservice); for ``init`` also --key-service."""
+    group = parser.add_argument_group("AWS KMS (a CMK outside keyd, through botocore)")
+    if init:
+        group.add_argument(
+            "--key-service",
+            choices=("keyd", "aws"),
+            help="where the CMK lives (default: aws for a key ARN keyd does not know or when "
+            "an --aws-* option is given, else keyd); recorded in kmsfs.conf",
+        )
+    group.add_argument(
+        "--aws-endpoint-url",
+        metavar="URL",
+        help="a KMS-compatible endpoint instead of AWS's own (https, or http on loopback)",
+    )
+    group.add_argument(
+        "--aws-profile", metavar="NAME", help="the AWS profile whose credentials to use"
+    )
+    if not init:
+        group.add_argument(
+            "--aws-region", metavar="REGION", help="the region (default: the key ARN's)"
+        )
+
+
+def key_service_options(args: argparse.Namespace):
+    """The command line's choices about the key service (kmsfs.fs.keyservice)."""
+    from kmsfs.fs.keyservice import KeyServiceOptions
+
+    return KeyServiceOptions(
+        keyd_socket=getattr(args, "keyd_socket", None),
+        keyd_uid=getattr(args, "keyd_uid", None),
+        kind=getattr(args, "key_service", None),
+        aws_endpoint_url=getattr(args, "aws_endpoint_url", None),
+        aws_profile=getattr(args, "aws_profile", None),
+        aws_region=getattr(args, "aws_region", None),
+    )
+
+
 def export_keyd_uid(args: argparse.Namespace) -> None:
     """--keyd-uid reaches every client of this process (and a detached mount) as the
     environment variable the clients read."""

@@ -19,7 +19,7 @@ from kmsfs.errors import KmsfsError
 #: sysexits' habit) for usage, 128+N the shell's for a signal.
 EXIT_STATUSES: dict[int, str] = {
     0: "success",
-    1: "any other failure (e.g. a system call failed)",
+    1: "a signature or MAC that does not verify; any other failure (e.g. a system call failed)",
     2: "usage: bad arguments, a missing or unreadable file, an output that exists",
     3: "refused by the key service (the AWS error name is printed)",
     4: "keyd unreachable or not trusted",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,8 @@ from kmsfs.cli import progress
 from kmsfs.cli.common import (
     DEFAULT_CHUNK_SIZE_CLI,
     KEYD_HINT_HELP,
+    aws_options,
+    key_service_options,
     keyd_options,
     non_negative_int,
     percent,
@@ -27,7 +30,7 @@ from kmsfs.errors import UsageError
 def cmd_ls(args: argparse.Namespace) -> None:
     from kmsfs.fs.offline import list_entries, open_tree
 
-    _config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
+    _config, tree = open_tree(Path(args.cipherdir), service_options=key_service_options(args))
     entries = list_entries(tree, args.path or "", recursive=args.recursive)
     if not args.recursive:
         listed = list(entries)
@@ -56,12 +59,12 @@ _REPAIRED = "repaired: "
 def cmd_fsck(args: argparse.Namespace) -> None:
     from kmsfs.errors import FormatError, Truncated
     from kmsfs.format import repair, verify
-    from kmsfs.fs.config import keyd_endpoint
+    from kmsfs.fs.keyservice import resolve
     from kmsfs.fs.offline import count_backing, fsck, open_tree
-    from kmsfs.kms.datakeys import KeydDataKeyProvider
 
-    config, tree = open_tree(Path(args.cipherdir), args.keyd_socket)
-    provider = KeydDataKeyProvider(str(keyd_endpoint(args.keyd_socket, config)))
+    options = key_service_options(args)
+    config, tree = open_tree(Path(args.cipherdir), service_options=options)
+    provider = resolve(config, options).data_key_provider(recipient_keys=config.recipient_key_arns)
 
     def verify_file(backing: bytes) -> str | None:
         report = verify(backing, key_provider=provider, encryption_context=config.file_context)
@@ -126,16 +129,27 @@ def cmd_info(args: argparse.Namespace) -> None:
     """What ``gocryptfs -info`` shows, for a cipher directory: its settings as kmsfs.conf
     records them, the CMK's state in keyd (and whether the config is authentic), and what
     it holds. Without keyd it says so and still prints the rest."""
-    print_info(args.cipherdir, args.keyd_socket, keyd_uid=args.keyd_uid, as_json=args.json)
+    print_info(
+        args.cipherdir,
+        args.keyd_socket,
+        keyd_uid=args.keyd_uid,
+        as_json=args.json,
+        service_options=key_service_options(args),
+    )
 
 
 def print_info(
-    cipherdir: str, keyd_socket: str | None, *, keyd_uid: str | None, as_json: bool
+    cipherdir: str,
+    keyd_socket: str | None,
+    *,
+    keyd_uid: str | None,
+    as_json: bool,
+    service_options: Any = None,
 ) -> None:
     from kmsfs.errors import KeydUnavailable, KMSError
-    from kmsfs.fs.config import ConfigError, keyd_endpoint, load_config
+    from kmsfs.fs.config import ConfigError, load_config
+    from kmsfs.fs.keyservice import KeyServiceOptions, resolve
     from kmsfs.fs.offline import count_backing, describe_settings, unlock_config
-    from kmsfs.kms.client import KMSClient
 
     config = load_config(Path(cipherdir), allow_unsealed=True)
     record: dict[str, Any] = {"CipherDir": cipherdir}
@@ -145,10 +159,12 @@ def print_info(
     record["ChunkSize"] = config.chunk_size
     record["KeyArn"] = config.key_arn
     key_state = authenticated = "not checked"
-    socket_path = keyd_endpoint(keyd_socket, config)
+    options = service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
+    service = None
     tampered: ConfigError | None = None
     try:
-        with KMSClient(socket_path, keyd_uid=keyd_uid) as client:
+        service = resolve(config, options)
+        with service.client() as client:
             try:
                 key_state = client.describe_key(config.key_arn)["KeyMetadata"]["KeyState"]
             except KMSError as error:
@@ -165,14 +181,25 @@ def print_info(
                     authenticated = "NO"
                     tampered = error
     except KeydUnavailable as error:
-        key_state = f"unknown (keyd unreachable: {error})"
-        authenticated = "not checked (no keyd)"
+        if config.key_service is None:
+            key_state = f"unknown (keyd unreachable: {error})"
+            authenticated = "not checked (no keyd)"
+        else:
+            key_state = f"unknown (key service unreachable: {error})"
+            authenticated = "not checked (no key service)"
+    except UsageError as error:  # e.g. an endpoint kmsfs.conf names that you did not
+        key_state = f"unknown ({error})"
+        authenticated = "not checked"
     record["KeyState"] = key_state
     record["Authenticated"] = authenticated
     record["Names"] = settings["Names"]
     record["FilesystemId"] = config.filesystem_id
     record["Created"] = config.created or "-"
     record["KeydSocketHint"] = config.keyd_socket or "-"
+    if config.key_service is not None:
+        record["KeyService"] = (
+            service.describe() if service is not None else json.dumps(config.key_service.document())
+        )
     counts = count_backing(Path(cipherdir))
     record["Files"] = counts.files
     record["Directories"] = counts.directories
@@ -202,8 +229,15 @@ def cmd_init(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         plaintext_names=args.plaintext_names,
         keyd_uid=args.keyd_uid,
+        recipient_key=args.recipient_key,
+        key_service_options=key_service_options(args),
     )
     print(f"initialised {args.cipherdir}: filesystem {config.filesystem_id}, key {config.key_arn}")
+    if config.recipient_key is not None:
+        print(
+            f"files written with the public key of {config.recipient_key.key_arn} are accepted "
+            "(kmsfs encrypt --public-key)"
+        )
 
 
 def cmd_seal(args: argparse.Namespace) -> None:
@@ -227,7 +261,11 @@ def cmd_seal(args: argparse.Namespace) -> None:
         )
 
     config, sealed_now = seal_cipherdir(
-        Path(args.cipherdir), args.keyd_socket, keyd_uid=args.keyd_uid, confirm=confirm
+        Path(args.cipherdir),
+        args.keyd_socket,
+        keyd_uid=args.keyd_uid,
+        confirm=confirm,
+        service_options=key_service_options(args),
     )
     if sealed_now:
         print(f"sealed {args.cipherdir}/kmsfs.conf (filesystem {config.filesystem_id})")
@@ -245,6 +283,9 @@ def cmd_mount(args: argparse.Namespace) -> None:
         foreground=args.foreground,
         keyd_socket=args.keyd_socket,
         keyd_uid=args.keyd_uid,
+        aws_endpoint_url=args.aws_endpoint_url,
+        aws_profile=args.aws_profile,
+        aws_region=args.aws_region,
         debug=args.debug,
         key_cache_seconds=args.key_cache_seconds,
         nonempty=args.nonempty,
@@ -283,6 +324,12 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv += ["--keyd-socket", args.keyd_socket]
     if args.keyd_uid:
         argv += ["--keyd-uid", args.keyd_uid]
+    if args.aws_endpoint_url:
+        argv += ["--aws-endpoint-url", args.aws_endpoint_url]
+    if args.aws_profile:
+        argv += ["--aws-profile", args.aws_profile]
+    if args.aws_region:
+        argv += ["--aws-region", args.aws_region]
     if args.debug:
         argv.append("--debug")
     if args.nonempty:
@@ -316,6 +363,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("path", nargs="?", help="a directory, as seen at the mountpoint")
     ls.add_argument("-R", "--recursive", action="store_true")
     keyd_options(ls, KEYD_HINT_HELP)
+    aws_options(ls)
     ls.add_argument("--json", action="store_true")
     progress.add_progress_options(ls)
     ls.set_defaults(func=cmd_ls)
@@ -337,6 +385,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "write of data that was never fsync'd, or tampering)",
     )
     keyd_options(fsck_parser, KEYD_HINT_HELP)
+    aws_options(fsck_parser)
     progress.add_progress_options(fsck_parser)
     fsck_parser.set_defaults(func=cmd_fsck)
     info = commands.add_parser(
@@ -344,6 +393,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     info.add_argument("cipherdir")
     keyd_options(info, KEYD_HINT_HELP)
+    aws_options(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
@@ -355,6 +405,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "keyd's socket (recorded in kmsfs.conf as a hint for later mounts; "
         "default: $KMSFS_KEYD_SOCKET, else ~/.config/kmsfs/config, else the default socket)",
     )
+    aws_options(init_fs, init=True)
     init_fs.add_argument(
         "--chunk-size",
         type=int,
@@ -366,6 +417,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave file names and symlink targets unencrypted",
     )
+    init_fs.add_argument(
+        "--recipient-key",
+        metavar="KEY",
+        help="also accept files written with this RSA ENCRYPT_DECRYPT CMK's public key "
+        "alone (write-only ingestion: kmsfs encrypt --public-key; needs --plaintext-names "
+        "for files written into the directory)",
+    )
     init_fs.set_defaults(func=cmd_init)
 
     seal = commands.add_parser(
@@ -374,6 +432,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     seal.add_argument("cipherdir")
     seal.add_argument("--yes", action="store_true", help="seal without asking")
     keyd_options(seal, KEYD_HINT_HELP)
+    aws_options(seal)
     seal.set_defaults(func=cmd_seal)
 
     mount = commands.add_parser(
@@ -392,10 +451,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="OPTIONS",
         help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
         "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
-        "keyd_socket=, keyd_uid=, key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "keyd_socket=, keyd_uid=, aws_endpoint_url=, aws_profile=, aws_region=, "
+        "key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
         "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)
+    aws_options(mount)
     mount.add_argument("--debug", action="store_true", help="log debug messages")
     mount.add_argument(
         "--nonempty",

@@ -507,3 +507,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")
     _keystore_options(verify)
     verify.set_defaults(func=cmd_audit_verify)
+
+    from kmsfs.cli import keyd_admin
+
+    keyd_admin.add_parsers(keyd)

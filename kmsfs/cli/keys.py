@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pwd
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,8 +67,16 @@ def _key_row(metadata: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
 def cmd_keys_create(args: argparse.Namespace) -> None:
     tags = [{"TagKey": k, "TagValue": v} for k, v in parse_pairs(args.tag, "--tag").items()]
     params: dict[str, Any] = {"Description": args.description or ""}
+    if args.spec:
+        params["KeySpec"] = args.spec
+    if args.usage:
+        params["KeyUsage"] = args.usage
     if tags:
         params["Tags"] = tags
+    if getattr(args, "origin", None):
+        params["Origin"] = args.origin
+    if getattr(args, "key_id", None):
+        params["KeyId"] = args.key_id  # kmsfs's own member (kmsfs/kms/byok.py)
     with _client(args) as client:
         metadata = client.call("CreateKey", params)["KeyMetadata"]
         if args.alias:
@@ -81,8 +90,29 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
                 "Arn": metadata["Arn"],
                 "Alias": args.alias or "-",
                 "State": metadata["KeyState"],
+                "KeySpec": metadata.get("KeySpec", "-"),
+                "KeyUsage": metadata.get("KeyUsage", "-"),
             }
         )
+
+
+def cmd_keys_public_key(args: argparse.Namespace) -> None:
+    """GetPublicKey: the DER SubjectPublicKeyInfo keyd returns, as PEM (default) or DER."""
+    import base64
+
+    from kmsfs.cli.tools import output_file
+
+    with _client(args) as client:
+        response = client.call("GetPublicKey", {"KeyId": args.key})
+    der = base64.b64decode(response["PublicKey"])
+    if args.der:
+        data = der
+    else:
+        lines = base64.encodebytes(der).decode("ascii").replace("\n", "")
+        body = "\n".join(lines[i : i + 64] for i in range(0, len(lines), 64))
+        data = f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n".encode()
+    with output_file(args.output or "-", force=args.force) as stream:
+        stream.write(data)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -292,6 +322,191 @@ def cmd_policy(args: argparse.Namespace) -> None:
     print(f"{args.key}: key policy replaced")
 
 
+# -------------------------------------------------------------------- grants
+def principal_arn(user: str, account: str) -> str:
+    """The principal ARN keyd uses for *user*: a login name, a uid or an ARN (kept as
+    given). uid 0 / root is the account root (``arn:aws:iam::ACCOUNT:root``); another
+    uid is ``...:user/<login name>``, or ``...:user/uid-<n>`` when it has no name, as
+    keyd names callers (kmsfs.kms.principal)."""
+    if user.startswith("arn:"):
+        return user
+    if user.isdigit():
+        uid = int(user)
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid-{uid}"
+    else:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise UsageError(
+                f"no user named {user!r} (give a login name, a uid or an ARN)"
+            ) from None
+        name = user
+    if uid == 0:
+        return f"arn:aws:iam::{account}:root"
+    return f"arn:aws:iam::{account}:user/{name}"
+
+
+def parse_operations(text: str) -> list[str]:
+    """``Decrypt,GenerateDataKey`` -> the Operations list (keyd checks the names)."""
+    operations = [item.strip() for item in text.split(",") if item.strip()]
+    if not operations:
+        raise UsageError("--operations needs at least one operation, e.g. Decrypt")
+    return operations
+
+
+def _account(client) -> str:
+    return client.call("GetCallerIdentity", {})["Account"]
+
+
+def _check_grant_args(args: argparse.Namespace) -> str | None:
+    """A usage error (printed with the usage line) before anything is sent."""
+    if args.grant_command == "retire":
+        if args.token is not None and (args.key or args.grant_id):
+            return "grant retire: give either --token or KEY GRANT_ID, not both"
+        if args.token is None and not (args.key and args.grant_id):
+            return "grant retire: give --token TOKEN, or KEY and GRANT_ID"
+    return None
+
+
+def cmd_grant_create(args: argparse.Namespace) -> None:
+    operations = parse_operations(args.operations)
+    subset = parse_pairs(args.context_subset, "--context-subset")
+    equals = parse_pairs(args.context_equals, "--context-equals")
+    with _client(args) as client:
+        account = _account(client)
+        params: dict[str, Any] = {
+            "KeyId": _key_id(client, args.key),  # CreateGrant takes no alias
+            "GranteePrincipal": principal_arn(args.grantee, account),
+            "Operations": operations,
+        }
+        if args.retiring:
+            params["RetiringPrincipal"] = principal_arn(args.retiring, account)
+        if args.name:
+            params["Name"] = args.name
+        constraints: dict[str, dict[str, str]] = {}
+        if subset:
+            constraints["EncryptionContextSubset"] = subset
+        if equals:
+            constraints["EncryptionContextEquals"] = equals
+        if constraints:
+            params["Constraints"] = constraints
+        response = client.call("CreateGrant", params)
+    if args.json:
+        print_json(response)
+    else:
+        print_record({"GrantId": response["GrantId"], "GrantToken": response["GrantToken"]})
+
+
+def _constraints_text(entry: dict[str, Any]) -> str:
+    constraints = entry.get("Constraints") or {}
+    parts = []
+    for kind, label in (
+        ("EncryptionContextEquals", "equals:"),
+        ("EncryptionContextSubset", "subset:"),
+    ):
+        pairs = constraints.get(kind)
+        if pairs:
+            parts.append(label + ",".join(f"{k}={v}" for k, v in sorted(pairs.items())))
+    return " ".join(parts) or "-"
+
+
+def cmd_grant_list(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        entries = _all_pages(client, "ListGrants", {"KeyId": _key_id(client, args.key)}, "Grants")
+    if args.json:
+        print_json(entries)
+        return
+    rows = [
+        {
+            "GrantId": entry["GrantId"],
+            "Grantee": entry["GranteePrincipal"],
+            "Operations": ",".join(entry["Operations"]),
+            "Context": _constraints_text(entry),
+            "Retiring": entry.get("RetiringPrincipal") or "-",
+            "Name": entry.get("Name") or "-",
+            "Created": when(entry.get("CreationDate")),
+        }
+        for entry in entries
+    ]
+    print_table(
+        rows, ["GrantId", "Grantee", "Operations", "Context", "Retiring", "Name", "Created"]
+    )
+
+
+def cmd_grant_retire(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.token is not None:
+            client.call("RetireGrant", {"GrantToken": args.token})
+        else:
+            key_id = _key_id(client, args.key)
+            client.call("RetireGrant", {"KeyId": key_id, "GrantId": args.grant_id})
+    print("grant retired")
+
+
+def cmd_grant_revoke(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        client.call("RevokeGrant", {"KeyId": _key_id(client, args.key), "GrantId": args.grant_id})
+    print(f"{args.grant_id}: revoked")
+
+
+def _add_grant_parsers(keys: argparse._SubParsersAction) -> None:
+    grant = keys.add_parser(
+        "grant", help="grants: let another user use a key (create/list/retire/revoke)"
+    ).add_subparsers(dest="grant_command", required=True, metavar="ACTION")
+    user_help = "a login name, a uid or a principal ARN"
+
+    create = grant.add_parser("create", help="create a grant (prints GrantId and GrantToken)")
+    client_options(create)
+    create.add_argument("key", help="key id, key ARN or alias/NAME")
+    create.add_argument("--grantee", required=True, metavar="USER", help=f"who: {user_help}")
+    create.add_argument(
+        "--operations",
+        required=True,
+        metavar="OP,OP",
+        help="grant operations, comma-separated (Decrypt, Encrypt, GenerateDataKey, "
+        "GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, "
+        "CreateGrant, RetireGrant, ...)",
+    )
+    create.add_argument("--retiring", metavar="USER", help=f"who may retire it: {user_help}")
+    create.add_argument("--name", help="a name: the same name and parameters give the same grant")
+    create.add_argument(
+        "--context-subset",
+        action="append",
+        metavar="KEY=VALUE",
+        help="allow only requests whose encryption context includes this pair (repeatable)",
+    )
+    create.add_argument(
+        "--context-equals",
+        action="append",
+        metavar="KEY=VALUE",
+        help="allow only requests whose encryption context is exactly these pairs (repeatable)",
+    )
+    create.set_defaults(func=cmd_grant_create)
+
+    listing = grant.add_parser("list", help="list a key's grants")
+    client_options(listing)
+    listing.add_argument("key", help="key id, key ARN or alias/NAME")
+    listing.set_defaults(func=cmd_grant_list)
+
+    retire = grant.add_parser(
+        "retire", help="retire a grant (its retiring principal, or its grantee if allowed)"
+    )
+    client_options(retire)
+    retire.add_argument("key", nargs="?", help="key id, key ARN or alias/NAME")
+    retire.add_argument("grant_id", nargs="?", help="the grant id")
+    retire.add_argument("--token", help="the grant token instead of KEY GRANT_ID")
+    retire.set_defaults(func=cmd_grant_retire, check_args=_check_grant_args)
+
+    revoke = grant.add_parser("revoke", help="revoke a grant (needs kms:RevokeGrant on the key)")
+    client_options(revoke)
+    revoke.add_argument("key", help="key id, key ARN or alias/NAME")
+    revoke.add_argument("grant_id", help="the grant id")
+    revoke.set_defaults(func=cmd_grant_revoke)
+
+
 # -------------------------------------------------------------------- parser
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="manage and use keys in keyd").add_subparsers(
@@ -316,8 +531,33 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--alias", help="also create this alias (alias/NAME)")
     create.add_argument("--description", default="", help="free text")
     create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="add a tag")
+    create.add_argument(
+        "--spec",
+        metavar="KEY_SPEC",
+        help="AWS KeySpec: SYMMETRIC_DEFAULT (default), RSA_2048/3072/4096, ECC_NIST_P256/"
+        "P384/P521, ECC_SECG_P256K1, HMAC_224/256/384/512",
+    )
+    create.add_argument(
+        "--usage",
+        metavar="KEY_USAGE",
+        help="AWS KeyUsage: ENCRYPT_DECRYPT (default), SIGN_VERIFY, GENERATE_VERIFY_MAC, "
+        "KEY_AGREEMENT",
+    )
+    from kmsfs.cli import keys_import
+
+    keys_import.add_create_options(create)
     key_command("list", "list keys", cmd_keys_list, positional_key=False)
     key_command("describe", "show one key", cmd_keys_describe)
+    public_key = key_command(
+        "public-key",
+        "export an asymmetric key's public key (GetPublicKey), PEM unless --der",
+        cmd_keys_public_key,
+    )
+    public_format = public_key.add_mutually_exclusive_group()
+    public_format.add_argument("--pem", action="store_true", help="PEM (the default)")
+    public_format.add_argument("--der", action="store_true", help="DER SubjectPublicKeyInfo")
+    public_key.add_argument("-o", "--output", metavar="FILE", help="write here (default stdout)")
+    public_key.add_argument("-f", "--force", action="store_true", help="replace FILE if it exists")
     key_command("enable", "enable a key", _simple("EnableKey", "enabled"))
     key_command("disable", "disable a key", _simple("DisableKey", "disabled"))
     key_command("rotate", "rotate now (new key version)", _simple("RotateKeyOnDemand", "rotated"))
@@ -365,6 +605,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="put: allow a policy that stops you from changing it again "
         "(AWS's BypassPolicyLockoutSafetyCheck)",
     )
+    _add_grant_parsers(keys)
     tags = key_command("tags", "list/add/remove tags", cmd_tags)
     tags.add_argument("action", nargs="?", default="list", choices=["list", "add", "remove"])
     tags.add_argument("pairs", nargs="*", help="KEY=VALUE to add, or KEY to remove")
+    keys_import.add_parsers(key_command)

@@ -15,9 +15,10 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from kmsfs.errors import CorruptHeader, InvalidCiphertextException, UnsupportedFormat
+from kmsfs.errors import CorruptHeader, InvalidCiphertextException, UnsupportedFormat, UsageError
 from kmsfs.format import _rng
 from kmsfs.format.keys import (
+    DATA_KEY_SIZE,
     FILE_ID_CONTEXT_KEY,
     FILE_ID_SIZE,
     DataKeyProvider,
@@ -29,8 +30,11 @@ from kmsfs.format.offsets import HEADER_SIZE, check_chunk_size
 MAGIC = b"\x8bKMSFS\r\n"
 #: the version new files get: 2 stores holes as runs with one marker each (README.md)
 FORMAT_VERSION = 2
+#: version 3 is version 2 whose key slots may be of another kind than a key-service blob:
+#: files written to a recipient's public key (RSA-OAEP, write-only ingestion) get it
+RECIPIENT_FORMAT_VERSION = 3
 #: versions this code reads and writes (a version-1 file keeps a marker per hole chunk)
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 FIXED_SIZE = 576
 CONTEXT_OFFSET = 64
@@ -41,7 +45,8 @@ WRAPPED_KEY_CAPACITY = 512
 KEY_ARN_CAPACITY = 144
 
 _FIXED = struct.Struct(">8sHHI16s32s")  # magic, version, context length, chunk size, id, commitment
-_SLOT_HEAD = struct.Struct(">QHHI")  # generation, wrapped key length, ARN length, reserved
+# generation, wrapped key length, ARN length, slot kind (version 3; zero before), 3 reserved
+_SLOT_HEAD = struct.Struct(">QHHB3s")
 _SLOT_KEY_OFFSET = 16
 _SLOT_ARN_OFFSET = _SLOT_KEY_OFFSET + WRAPPED_KEY_CAPACITY  # 528
 _SLOT_MAC_OFFSET = _SLOT_ARN_OFFSET + KEY_ARN_CAPACITY  # 672
@@ -101,6 +106,26 @@ def decode_context(encoded: bytes) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- key slots
+class SlotKind(enum.IntEnum):
+    """What a key slot's wrapped key is (byte 12 of the slot; version 3 files only)."""
+
+    #: the key service's blob (GenerateDataKey's CiphertextBlob), unwrapped by Decrypt
+    #: with the file's encryption context
+    KMS_BLOB = 0
+    #: RSAES-OAEP-SHA-256 to the public key of the asymmetric CMK the slot's key ARN
+    #: names, of the recipient payload (:func:`recipient_payload`); unwrapped by Decrypt
+    #: with that KeyId and EncryptionAlgorithm RSAES_OAEP_SHA_256
+    RSAES_OAEP_SHA_256 = 1
+
+
+#: the AWS KMS EncryptionAlgorithm of each asymmetric slot kind
+SLOT_KIND_ALGORITHMS = {SlotKind.RSAES_OAEP_SHA_256: "RSAES_OAEP_SHA_256"}
+
+#: first bytes of a recipient payload (README.md, *Recipient slots*)
+RECIPIENT_PAYLOAD_MAGIC = b"kmsfsRK1"
+RECIPIENT_PAYLOAD_SIZE = 8 + DATA_KEY_SIZE + FILE_ID_SIZE + 32
+
+
 class SlotState(enum.Enum):
     EMPTY = "empty"
     VALID = "valid"
@@ -116,6 +141,7 @@ class KeySlot:
     key_arn: str
     mac: bytes
     raw: bytes = field(repr=False)
+    kind: SlotKind = SlotKind.KMS_BLOB
 
     @property
     def mac_input(self) -> bytes:
@@ -135,7 +161,12 @@ def _slot_mac(header_key: bytes, fixed: bytes, slot_body: bytes) -> bytes:
 
 
 def build_slot(
-    header_key: bytes, fixed: bytes, generation: int, wrapped_key: bytes, key_arn: str
+    header_key: bytes,
+    fixed: bytes,
+    generation: int,
+    wrapped_key: bytes,
+    key_arn: str,
+    kind: SlotKind = SlotKind.KMS_BLOB,
 ) -> bytes:
     """The 736 bytes of a key slot (MAC and checksum included)."""
     arn_bytes = key_arn.encode("utf-8")
@@ -147,8 +178,10 @@ def build_slot(
         raise ValueError(f"key ARN is {len(arn_bytes)} bytes; a key slot holds {KEY_ARN_CAPACITY}")
     if generation < 1:
         raise ValueError("slot generations start at 1")
+    if kind != SlotKind.KMS_BLOB and (not arn_bytes or _version_of(fixed) < 3):
+        raise ValueError("a recipient slot needs format version 3 and the recipient's key ARN")
     body = (
-        _SLOT_HEAD.pack(generation, len(wrapped_key), len(arn_bytes), 0)
+        _SLOT_HEAD.pack(generation, len(wrapped_key), len(arn_bytes), int(kind), bytes(3))
         + wrapped_key.ljust(WRAPPED_KEY_CAPACITY, b"\0")
         + arn_bytes.ljust(KEY_ARN_CAPACITY, b"\0")
     )
@@ -156,16 +189,26 @@ def build_slot(
     return body + _slot_checksum(body)
 
 
-def parse_slot(raw: bytes) -> tuple[SlotState, KeySlot | None]:
-    """Classify one slot; a slot whose checksum holds but whose fields do not is CorruptHeader."""
+def _version_of(fixed: bytes) -> int:
+    return struct.unpack_from(">H", fixed, 8)[0]
+
+
+def parse_slot(raw: bytes, version: int) -> tuple[SlotState, KeySlot | None]:
+    """Classify one slot; a slot whose checksum holds but whose fields do not is CorruptHeader.
+
+    Before format version 3 the kind byte is reserved (zero) like the 3 bytes after it.
+    """
     if raw == _EMPTY_SLOT:
         return SlotState.EMPTY, None
     if not hmac.compare_digest(_slot_checksum(raw[:_SLOT_CHECK_OFFSET]), raw[_SLOT_CHECK_OFFSET:]):
         return SlotState.DAMAGED, None
-    generation, key_length, arn_length, reserved = _SLOT_HEAD.unpack_from(raw, 0)
+    generation, key_length, arn_length, kind_byte, reserved = _SLOT_HEAD.unpack_from(raw, 0)
+    known_kinds = tuple(SlotKind) if version >= RECIPIENT_FORMAT_VERSION else (SlotKind.KMS_BLOB,)
     if (
         generation < 1
-        or reserved
+        or reserved != bytes(3)
+        or kind_byte not in known_kinds
+        or (kind_byte != SlotKind.KMS_BLOB and arn_length == 0)
         or not 1 <= key_length <= WRAPPED_KEY_CAPACITY
         or arn_length > KEY_ARN_CAPACITY
         or not _is_zero(raw[_SLOT_KEY_OFFSET + key_length : _SLOT_ARN_OFFSET])
@@ -182,6 +225,7 @@ def parse_slot(raw: bytes) -> tuple[SlotState, KeySlot | None]:
         key_arn=key_arn,
         mac=raw[_SLOT_MAC_OFFSET:_SLOT_CHECK_OFFSET],
         raw=raw,
+        kind=SlotKind(kind_byte),
     )
     return SlotState.VALID, slot
 
@@ -244,7 +288,7 @@ class Header:
         if not _is_zero(raw[context_end:FIXED_SIZE]):
             raise CorruptHeader("non-zero padding after the encryption context")
         context = decode_context(raw[CONTEXT_OFFSET:context_end])
-        parsed = [parse_slot(raw[offset : offset + SLOT_SIZE]) for offset in SLOT_OFFSETS]
+        parsed = [parse_slot(raw[offset : offset + SLOT_SIZE], version) for offset in SLOT_OFFSETS]
         states = (parsed[0][0], parsed[1][0])
         slots = (parsed[0][1], parsed[1][1])
         valid = [index for index in (0, 1) if slots[index] is not None]
@@ -278,6 +322,7 @@ def build_header(
     wrapped_key: bytes,
     key_arn: str,
     format_version: int = FORMAT_VERSION,
+    slot_kind: SlotKind = SlotKind.KMS_BLOB,
 ) -> bytes:
     """The 2048 header bytes of a new file: slot 0 holds the key (generation 1), slot 1 empty."""
     check_chunk_size(chunk_size)
@@ -287,7 +332,7 @@ def build_header(
     fixed = _FIXED.pack(
         MAGIC, format_version, len(encoded), chunk_size, keys.file_id, keys.commitment
     ) + encoded.ljust(CONTEXT_CAPACITY, b"\0")
-    slot = build_slot(keys.header_key, fixed, 1, wrapped_key, key_arn)
+    slot = build_slot(keys.header_key, fixed, 1, wrapped_key, key_arn, slot_kind)
     return fixed + slot + _EMPTY_SLOT
 
 
@@ -301,7 +346,12 @@ def create_header(
     """Make a new file id, ask the provider for a data key bound to it, build the header.
 
     ``format_version`` 1 exists for tests and golden vectors of version-1 files.
+    A provider with a ``slot_kind`` other than KMS_BLOB (a recipient's public key,
+    :class:`kmsfs.format.recipient.RecipientKeyProvider`) makes a version-3 file.
     """
+    slot_kind = SlotKind(getattr(key_provider, "slot_kind", SlotKind.KMS_BLOB))
+    if slot_kind != SlotKind.KMS_BLOB:
+        format_version = RECIPIENT_FORMAT_VERSION
     check_chunk_size(chunk_size)
     stored = dict(encryption_context or {})
     encode_context(stored)  # reject a bad context before asking for a key
@@ -317,7 +367,9 @@ def create_header(
         )
     keys = FileKeys.derive(bytes(data_key), file_id)
     header = Header.parse(
-        build_header(keys, chunk_size, stored, bytes(wrapped_key), key_arn, format_version)
+        build_header(
+            keys, chunk_size, stored, bytes(wrapped_key), key_arn, format_version, slot_kind
+        )
     )
     return header, keys
 
@@ -339,6 +391,65 @@ def unwrap_data_key(key_provider: DataKeyProvider, header: Header, wrapped_key: 
         raise CorruptHeader("the key service rejected the wrapped key or its context") from error
 
 
+def unwrap_slot(key_provider: DataKeyProvider, header: Header, slot: KeySlot) -> bytes:
+    """The data key of ``slot``, of whichever kind (not yet checked against the header's
+    commitment and MACs: :func:`authenticate_header` does that)."""
+    if slot.kind == SlotKind.KMS_BLOB:
+        return unwrap_data_key(key_provider, header, slot.wrapped_key)
+    decrypt_recipient_key = getattr(key_provider, "decrypt_recipient_key", None)
+    if decrypt_recipient_key is None:
+        raise UsageError(
+            "this file's data key is wrapped to a recipient's public key (format version 3), "
+            "which this key provider cannot unwrap"
+        )
+    try:
+        payload = decrypt_recipient_key(
+            slot.key_arn, slot.wrapped_key, SLOT_KIND_ALGORITHMS[slot.kind]
+        )
+    except InvalidCiphertextException as error:
+        raise CorruptHeader("the key service rejected the recipient slot's wrapped key") from error
+    return data_key_from_recipient_payload(header, bytes(payload))
+
+
+# --------------------------------------------------------------- recipient payload
+def _context_digest(full_context: Mapping[str, str]) -> bytes:
+    """SHA-256 of the whole encryption context (file id entry included) in the canonical
+    encoding of the header's context field."""
+    items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in full_context.items())
+    parts = [struct.pack(">H", len(items))]
+    for key_bytes, value_bytes in items:
+        parts += [struct.pack(">H", len(key_bytes)), key_bytes]
+        parts += [struct.pack(">H", len(value_bytes)), value_bytes]
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def recipient_payload(data_key: bytes, full_context: Mapping[str, str]) -> bytes:
+    """What a recipient slot encrypts to the public key: the data key bound to the file id
+    and the whole encryption context, as the key service binds a blob to its context.
+
+    ``magic (8) ‖ data key (32) ‖ file id (16) ‖ SHA-256(canonical full context) (32)``
+    """
+    if len(data_key) != DATA_KEY_SIZE:
+        raise ValueError("a data key is 32 bytes")
+    file_id = bytes.fromhex(full_context[FILE_ID_CONTEXT_KEY])
+    return RECIPIENT_PAYLOAD_MAGIC + data_key + file_id + _context_digest(full_context)
+
+
+def data_key_from_recipient_payload(header: Header, payload: bytes) -> bytes:
+    """The data key in ``payload`` if it was made for this header's file id and context,
+    else CorruptHeader (a slot copied from another file, or a context edited)."""
+    if len(payload) != RECIPIENT_PAYLOAD_SIZE or payload[:8] != RECIPIENT_PAYLOAD_MAGIC:
+        raise CorruptHeader("the recipient slot does not hold a kmsfs recipient payload")
+    data_key = payload[8 : 8 + DATA_KEY_SIZE]
+    bound_file_id = payload[8 + DATA_KEY_SIZE : 8 + DATA_KEY_SIZE + FILE_ID_SIZE]
+    bound_context = payload[8 + DATA_KEY_SIZE + FILE_ID_SIZE :]
+    if not hmac.compare_digest(bound_file_id, header.file_id) or not hmac.compare_digest(
+        bound_context, _context_digest(header.full_context)
+    ):
+        raise CorruptHeader("the recipient slot was made for another file id or context")
+    return data_key
+
+
 def unlock_header(
     header: Header,
     key_provider: DataKeyProvider,
@@ -346,7 +457,7 @@ def unlock_header(
 ) -> FileKeys:
     """Unwrap the active slot's key, then check the key commitment and the slot MACs."""
     check_expected_context(header, expected_context)
-    data_key = unwrap_data_key(key_provider, header, header.active_slot.wrapped_key)
+    data_key = unwrap_slot(key_provider, header, header.active_slot)
     return authenticate_header(header, data_key)
 
 

@@ -31,6 +31,13 @@ class DataKeyProvider(Protocol):
     (file_id, data_key, wrapped_key, key_arn)``: a key made ahead of time for a file id
     it chose, bound to ``full_context(file_id, stored_context)``. When present, a new
     header uses it instead of :meth:`generate_data_key` (the mount's pool of keys).
+
+    To read recipient slots (format version 3, README.md *Recipient slots*) a provider
+    offers ``decrypt_recipient_key(key_id, wrapped_key, encryption_algorithm) -> bytes``:
+    the key service's Decrypt with that KeyId and EncryptionAlgorithm, returning its
+    Plaintext (raising InvalidCiphertextException when the ciphertext does not decrypt).
+    A provider with ``slot_kind`` set (:class:`kmsfs.format.recipient.RecipientKeyProvider`)
+    writes recipient slots.
     """
 
     def generate_data_key(

@@ -54,6 +54,9 @@ class HeaderInfo:
     encryption_context: dict[str, str] = field(default_factory=dict)  # the stored entries
     key_slot: int | None = None
     key_generation: int | None = None
+    #: the active slot's kind: "KMS_BLOB" (the key service's blob) or "RSAES_OAEP_SHA_256"
+    #: (wrapped to a recipient's public key, format version 3)
+    slot_kind: str | None = None
     inactive_slot: str | None = None  # "empty", "valid" (older wrapping) or "damaged"
     size_problem: str | None = None
 
@@ -118,6 +121,7 @@ def _info(header: Header | None, disk_size: int) -> HeaderInfo:
         encryption_context=dict(header.context),
         key_slot=header.active,
         key_generation=slot.generation,
+        slot_kind=slot.kind.name,
         inactive_slot=header.inactive_state.value,
         size_problem=problem,
     )

@@ -10,6 +10,8 @@ It holds no secret. Fields (version 2)::
       "chunk_size": 65536,
       "plaintext_names": false,            # names and symlink targets encrypted (default)
       "keyd_socket": "/run/kmsfs/keyd.sock",     # or null; only ever a hint (see below)
+      "key_service": {"type": "aws", "region": "eu-west-1",   # only when the CMK is not
+                      "endpoint_url": null, "profile": null}, # keyd's: see AwsKeyService
       "created": "2026-11-29T05:00:00Z",
       "metadata_key": {                    # a data key for the filesystem's own metadata
         "wrapped": "<base64 CiphertextBlob>",    # (names, symlinks, xattrs), wrapped by keyd
@@ -18,6 +20,18 @@ It holds no secret. Fields (version 2)::
       },
       "mac": "<base64 HMAC-SHA256>"        # over every other field, see below
     }
+
+and, in a cipher directory that takes files written with a public key (``kmsfs init
+--recipient-key``; format version 3, kmsfs/format/README.md *Recipient slots*)::
+
+      "recipient_key": {
+        "key_arn": "arn:aws:kms:...:key/<uuid>",  # an RSA ENCRYPT_DECRYPT CMK
+        "public_key": "<base64 DER SubjectPublicKeyInfo>",   # its GetPublicKey output
+        "encryption_algorithm": "RSAES_OAEP_SHA_256"
+      }
+
+sealed with the rest: a recipient slot is accepted only for that CMK, and only once the
+config has been authenticated; without the field every recipient slot is refused.
 
 Sealing. Whoever can write the cipher directory can write this file, so nothing in it
 is used before it is authenticated (a flipped ``plaintext_names`` sent new names to disk
@@ -32,6 +46,14 @@ with ``hmac.compare_digest``:
 - the **MAC** (info ``kmsfs.conf mac``): HMAC-SHA256 over :data:`SEAL_LABEL` and the
   canonical JSON (sorted keys, no spaces, ASCII) of every field above but ``mac`` as this
   kmsfs reads them, unknown extra fields included.
+
+The key service. Without ``key_service`` the CMK is keyd's (the socket chosen as
+:func:`keyd_endpoint` says). With ``{"type": "aws", ...}`` it lives in AWS KMS or another
+KMS-compatible endpoint, called through botocore with the mounting user's own
+credentials (never stored here): see :class:`AwsKeyService` and
+:mod:`kmsfs.fs.keyservice`. The entry is sealed with everything else, and like
+``keyd_socket`` it is a hint until then, which is why an endpoint URL it names is only
+used when it is AWS's own or the mounting user names it too.
 
 Version 1 files (made before sealing existed) have neither: they are refused until
 their owner has looked at the settings and sealed them (``kmsfs seal CIPHERDIR``).
@@ -85,6 +107,79 @@ class ConfigTampered(ConfigError):
     """kmsfs.conf failed authentication: a field, its MAC or its wrapped key was changed."""
 
 
+RECIPIENT_KEY_FIELD = "recipient_key"
+RECIPIENT_ALGORITHM = "RSAES_OAEP_SHA_256"
+
+
+@dataclass(frozen=True)
+class RecipientKey:
+    """The CMK whose public key may write files into the cipher directory."""
+
+    key_arn: str
+    public_key_der: bytes
+    encryption_algorithm: str = RECIPIENT_ALGORITHM
+
+    def to_document(self) -> dict[str, str]:
+        return {
+            "key_arn": self.key_arn,
+            "public_key": base64.b64encode(self.public_key_der).decode(),
+            "encryption_algorithm": self.encryption_algorithm,
+        }
+
+
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+KEY_SERVICE_AWS = "aws"
+
+
+@dataclass(frozen=True)
+class AwsKeyService:
+    """kmsfs.conf's ``key_service`` entry for a CMK in AWS KMS (or a KMS-compatible
+    endpoint): the region, an optional endpoint URL and profile name. No credentials."""
+
+    region: str
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "type": KEY_SERVICE_AWS,
+            "region": self.region,
+            "endpoint_url": self.endpoint_url,
+            "profile": self.profile,
+        }
+
+    @classmethod
+    def from_document(cls, document: object) -> AwsKeyService:
+        """Parse the entry; ValueError names what is wrong."""
+        if not isinstance(document, dict):
+            raise ValueError("key_service is not an object")
+        if document.get("type") != KEY_SERVICE_AWS:
+            raise ValueError(f"key_service type {document.get('type')!r} is not 'aws'")
+        unknown = set(document) - {"type", "region", "endpoint_url", "profile"}
+        if unknown:
+            raise ValueError(f"key_service has unknown fields {sorted(unknown)}")
+        region = document.get("region")
+        endpoint_url = document.get("endpoint_url")
+        profile = document.get("profile")
+        if not isinstance(region, str) or not _REGION.fullmatch(region):
+            raise ValueError("key_service region is not a region name")
+        if endpoint_url is not None and not (
+            isinstance(endpoint_url, str) and endpoint_url.startswith(("https://", "http://"))
+        ):
+            raise ValueError("key_service endpoint_url is not an http(s) URL")
+        if profile is not None and not (isinstance(profile, str) and profile):
+            raise ValueError("key_service profile is not a name")
+        return cls(region, endpoint_url, profile)
+
+
+def key_arn_region(key_arn: str) -> str | None:
+    """The region an ARN names (``arn:aws:kms:REGION:ACCOUNT:key/ID``), else None."""
+    parts = key_arn.split(":", 5)
+    if len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and _REGION.fullmatch(parts[3]):
+        return parts[3]
+    return None
+
+
 def _derive(metadata_key: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(metadata_key)
 
@@ -95,6 +190,8 @@ class FsConfig:
     key_arn: str
     chunk_size: int = DEFAULT_CHUNK_SIZE
     keyd_socket: str | None = None
+    #: None: the CMK is keyd's
+    key_service: AwsKeyService | None = None
     created: str = ""
     metadata_key_wrapped: bytes = b""
     plaintext_names: bool = False
@@ -116,6 +213,34 @@ class FsConfig:
         return {FS_ID_CONTEXT_KEY: self.filesystem_id, PURPOSE_CONTEXT_KEY: "metadata"}
 
     @property
+    def recipient_key(self) -> RecipientKey | None:
+        """The recipient CMK (``recipient_key``), or None. Like every field, trust it only
+        after :meth:`verify`."""
+        document = self.extra.get(RECIPIENT_KEY_FIELD)
+        if document is None:
+            return None
+        where = self.source or CONFIG_NAME
+        try:
+            if not isinstance(document, dict):
+                raise ValueError("not an object")
+            key_arn = document["key_arn"]
+            algorithm = document.get("encryption_algorithm", RECIPIENT_ALGORITHM)
+            if not isinstance(key_arn, str) or not key_arn:
+                raise ValueError("key_arn is not a string")
+            if algorithm != RECIPIENT_ALGORITHM:
+                raise ValueError(f"encryption_algorithm must be {RECIPIENT_ALGORITHM}")
+            public_key_der = base64.b64decode(document["public_key"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise ConfigError(f"{where}: recipient_key is not valid ({exc})") from None
+        return RecipientKey(key_arn, public_key_der, algorithm)
+
+    @property
+    def recipient_key_arns(self) -> frozenset[str]:
+        """The CMKs whose recipient slots this cipher directory accepts (zero or one)."""
+        recipient = self.recipient_key
+        return frozenset() if recipient is None else frozenset({recipient.key_arn})
+
+    @property
     def sealed(self) -> bool:
         return self.config_version == CONFIG_VERSION
 
@@ -127,7 +252,7 @@ class FsConfig:
         }
         if self.sealed:
             metadata_key["commitment"] = base64.b64encode(self.metadata_key_commitment).decode()
-        return {
+        document: dict[str, Any] = {
             "config_version": self.config_version,
             "format_version": self.format_version,
             "filesystem_id": self.filesystem_id,
@@ -139,6 +264,9 @@ class FsConfig:
             "metadata_key": metadata_key,
             **self.extra,
         }
+        if self.key_service is not None:  # absent for keyd: older configs' MACs still hold
+            document["key_service"] = self.key_service.document()
+        return document
 
     def _mac(self, metadata_key: bytes) -> bytes:
         canonical = json.dumps(
@@ -208,6 +336,7 @@ class FsConfig:
                 "chunk_size",
                 "plaintext_names",
                 "keyd_socket",
+                "key_service",
                 "created",
                 "metadata_key",
                 "mac",
@@ -229,12 +358,16 @@ class FsConfig:
                 raise ValueError("keyd_socket is not a string")
             if not isinstance(metadata_key, dict):
                 raise ValueError("metadata_key is not an object")
+            key_service = document.get("key_service")
+            if key_service is not None:
+                key_service = AwsKeyService.from_document(key_service)
             config = cls(
                 filesystem_id=filesystem_id,
                 key_arn=document["key_arn"],
                 chunk_size=chunk_size,
                 plaintext_names=plaintext_names,
                 keyd_socket=keyd_socket,
+                key_service=key_service,
                 created=str(document.get("created", "")),
                 metadata_key_wrapped=base64.b64decode(metadata_key["wrapped"], validate=True),
                 extra={k: v for k, v in document.items() if k not in known},

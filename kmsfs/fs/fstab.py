@@ -88,6 +88,9 @@ NOT_FOR_FUSE = frozenset(
 VALUED_OPTIONS = (
     "keyd_socket",
     "keyd_uid",
+    "aws_endpoint_url",
+    "aws_profile",
+    "aws_region",
     "key_cache_seconds",
     "busy_poll_us",
     "max_dirty_ratio",
@@ -189,7 +192,16 @@ def apply_options(parsed: ParsedOptions, options: MountOptions) -> MountOptions:
         options.idle_seconds = float(settings["idle"]) or None
     if "busy_poll_us" in settings:
         options.busy_poll_seconds = int(settings["busy_poll_us"]) / 1e6
-    for name in ("keyd_socket", "keyd_uid", "key_cache_seconds", "max_dirty_ratio", "log_file"):
+    for name in (
+        "keyd_socket",
+        "keyd_uid",
+        "aws_endpoint_url",
+        "aws_profile",
+        "aws_region",
+        "key_cache_seconds",
+        "max_dirty_ratio",
+        "log_file",
+    ):
         if name in settings:
             setattr(options, name, settings[name])
     return options

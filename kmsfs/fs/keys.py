@@ -20,6 +20,7 @@ see :mod:`kmsfs.hardening`).
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
@@ -31,12 +32,14 @@ from dataclasses import dataclass
 import trio
 
 from kmsfs.errors import (
+    CorruptHeader,
     KeydUnavailable,
     KMSError,
 )
-from kmsfs.format.header import Header
+from kmsfs.format.header import SLOT_KIND_ALGORITHMS, Header, SlotKind
 from kmsfs.format.keys import FILE_ID_SIZE, full_context
 from kmsfs.fs.config import FsConfig
+from kmsfs.kms.datakeys import check_recipient_key
 
 log = logging.getLogger("kmsfs.mount")
 
@@ -121,12 +124,35 @@ class KeyManager:
 
     # ---------------------------------------------------------------- unwrap
     async def unwrap(self, header: Header) -> bytes:
-        """The plaintext data key of an existing file (from the cache or keyd)."""
-        wrapped = header.active_slot.wrapped_key
+        """The plaintext data key of an existing file (from the cache or keyd).
+
+        For a recipient slot (format version 3) it is what keyd's RSA Decrypt returns,
+        the payload holding the data key, bound to the file id and context: the format
+        checks it when the file is opened (``FileKeyProvider.decrypt_recipient_key``).
+        Only the recipient CMK the sealed kmsfs.conf names is asked (else CorruptHeader).
+        """
+        slot = header.active_slot
+        wrapped = slot.wrapped_key
         cache_key = (header.file_id, bytes(wrapped))
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > self._clock():
             return cached[0]
+        if slot.kind != SlotKind.KMS_BLOB:
+            try:
+                check_recipient_key(slot.key_arn, self._config.recipient_key_arns)
+            except CorruptHeader as error:
+                log.error("file id %s refused: %s", header.file_id.hex(), error)
+                raise
+            response = await self._call(
+                self._client.call,
+                "Decrypt",
+                {
+                    "KeyId": slot.key_arn,
+                    "CiphertextBlob": bytes(wrapped),
+                    "EncryptionAlgorithm": SLOT_KIND_ALGORITHMS[slot.kind],
+                },
+            )
+            return base64.b64decode(response["Plaintext"])
         response = await self._call(
             self._client.decrypt, bytes(wrapped), encryption_context=header.full_context
         )
@@ -212,6 +238,8 @@ class FileKeyProvider:
     """
 
     def __init__(self, data_key: bytes | None = None) -> None:
+        #: the data key, or for a recipient slot (format version 3) keyd's RSA Decrypt
+        #: output that holds it, which the format checks against the header
         self.data_key = data_key
         self.prepared: PreparedKey | None = None
 
@@ -219,6 +247,12 @@ class FileKeyProvider:
         if self.data_key is None:
             raise KeydUnavailable("the file's data key was not fetched")
         return self.data_key
+
+    def decrypt_recipient_key(
+        self, key_id: str, wrapped_key: bytes, encryption_algorithm: str
+    ) -> bytes:
+        """A recipient slot's payload, fetched beforehand (:meth:`KeyManager.unwrap`)."""
+        return self.decrypt_data_key(wrapped_key, {})
 
     def generate_data_key(
         self, key_id: str, encryption_context: dict[str, str]

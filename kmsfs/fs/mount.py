@@ -16,6 +16,7 @@ import tracemalloc
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -33,20 +34,27 @@ from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
 from kmsfs.fs.config import (
+    KEY_SERVICE_AWS,
+    RECIPIENT_ALGORITHM,
+    RECIPIENT_KEY_FIELD,
+    AwsKeyService,
     FsConfig,
-    keyd_endpoint,
+    RecipientKey,
+    key_arn_region,
     load_config,
     unwrap_refused,
     write_new_config,
 )
 from kmsfs.fs.keys import KeyManager
+from kmsfs.fs.keyservice import KEYD as KEY_SERVICE_KEYD
+from kmsfs.fs.keyservice import KeyService, KeyServiceOptions
+from kmsfs.fs.keyservice import resolve as resolve_key_service
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
 from kmsfs.hardening import harden_process, is_dumpable
-from kmsfs.kms.client import AsyncKMSClient, KMSClient
 from kmsfs.systemd import Notifier
 
 log = logging.getLogger("kmsfs.mount")
@@ -72,8 +80,18 @@ def init_cipherdir(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     plaintext_names: bool = False,
     keyd_uid: str | None = None,
+    recipient_key: str | None = None,
+    key_service_options: KeyServiceOptions | None = None,
 ) -> FsConfig:
-    """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``."""
+    """Make ``cipherdir`` (empty or new) a cipher directory whose files use ``key``.
+
+    The key service is keyd unless the user asks for AWS (an ``--aws-*`` option or
+    ``--key-service aws``) or ``key`` is a key ARN that keyd does not know (or no keyd
+    answers): then AWS KMS in the ARN's region, recorded in kmsfs.conf's ``key_service``.
+
+    ``recipient_key`` (an RSA ENCRYPT_DECRYPT CMK) also lets files written with its public
+    key alone into it (``kmsfs encrypt --public-key``): its ARN and public key are sealed
+    into kmsfs.conf."""
     try:
         check_chunk_size(chunk_size)
     except ValueError as error:
@@ -84,21 +102,20 @@ def init_cipherdir(
             raise UsageError(f"{cipherdir} is not a directory")
         if any(cipherdir.iterdir()):
             raise UsageError(f"{cipherdir} is not empty: kmsfs init needs an empty directory")
-    with KMSClient(keyd_socket, keyd_uid=keyd_uid) as client:
-        try:
-            metadata = client.describe_key(key)["KeyMetadata"]
-        except KMSError as error:
-            if error.aws_type == "NotFoundException":
-                raise UsageError(f"unknown key {key}: {error.message}") from None
-            raise
-        _require_enabled_key(metadata)
-        config = FsConfig(
-            filesystem_id=uuid.uuid4().hex,
-            key_arn=metadata["Arn"],
-            chunk_size=chunk_size,
-            keyd_socket=str(keyd_socket) if keyd_socket else None,
-            plaintext_names=plaintext_names,
-        )
+    options = key_service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
+    service, metadata, stored = _choose_key_service(key, options)
+    _require_enabled_key(metadata)
+    config = FsConfig(
+        filesystem_id=uuid.uuid4().hex,
+        key_arn=metadata["Arn"],
+        chunk_size=chunk_size,
+        keyd_socket=str(keyd_socket) if keyd_socket and stored is None else None,
+        key_service=stored,
+        plaintext_names=plaintext_names,
+    )
+    with service.client() as client:
+        if recipient_key is not None:
+            config.extra[RECIPIENT_KEY_FIELD] = _recipient_key(client, recipient_key).to_document()
         # with its plaintext, to seal the config (see kmsfs/fs/config.py)
         metadata_key = client.generate_data_key(
             config.key_arn, encryption_context=config.metadata_key_context
@@ -110,6 +127,102 @@ def init_cipherdir(
         CipherTree(os.fsencode(cipherdir), None).write_dir_id(os.fsencode(cipherdir))
     write_new_config(cipherdir, config)
     return config
+
+
+def _recipient_key(client: Any, key: str) -> RecipientKey:
+    """The recipient CMK's ARN and public key, checked to be usable for recipient slots
+    (an enabled RSA key for ENCRYPT_DECRYPT that offers RSAES_OAEP_SHA_256)."""
+    import base64
+
+    from kmsfs.format.recipient import load_recipient_public_key
+
+    try:
+        metadata = client.describe_key(key)["KeyMetadata"]
+    except KMSError as error:
+        if error.aws_type == "NotFoundException":
+            raise UsageError(f"unknown recipient key {key}: {error.message}") from None
+        raise
+    _require_enabled_key(metadata)
+    spec, usage = metadata.get("KeySpec", ""), metadata.get("KeyUsage", "")
+    if (
+        not spec.startswith("RSA_")
+        or usage != "ENCRYPT_DECRYPT"
+        or RECIPIENT_ALGORITHM not in metadata.get("EncryptionAlgorithms", [])
+    ):
+        raise UsageError(
+            f"recipient key {key} is {spec or '?'} for {usage or '?'}: it must be an RSA key "
+            f"(RSA_2048/3072/4096) for ENCRYPT_DECRYPT, which offers {RECIPIENT_ALGORITHM}"
+        )
+    public_key_der = base64.b64decode(client.call("GetPublicKey", {"KeyId": key})["PublicKey"])
+    load_recipient_public_key(public_key_der, f"the public key of {key}")
+    return RecipientKey(metadata["Arn"], public_key_der)
+
+
+def _describe_known_key(service: KeyService, key: str) -> dict:
+    with service.client() as client:
+        try:
+            return client.describe_key(key)["KeyMetadata"]
+        except KMSError as error:
+            if error.aws_type == "NotFoundException":
+                raise UsageError(
+                    f"unknown key {key} ({service.describe()}): {error.message}"
+                ) from None
+            raise
+
+
+def _choose_key_service(
+    key: str, options: KeyServiceOptions
+) -> tuple[KeyService, dict, AwsKeyService | None]:
+    """(service, the key's metadata, kmsfs.conf's key_service entry) for ``kmsfs init``."""
+    region = key_arn_region(key)
+    if options.kind == KEY_SERVICE_KEYD and options.wants_aws:
+        raise UsageError("--key-service keyd and the --aws-* options exclude each other")
+    wants_aws = options.kind == KEY_SERVICE_AWS or (options.kind is None and options.wants_aws)
+    keyd_error: Exception | None = None
+    if not wants_aws and options.kind is None and region is not None and ":key/" in key:
+        # an ARN: keyd's own key, or one in AWS KMS (any ARN that is not keyd's)
+        keyd = KeyService(
+            KEY_SERVICE_KEYD,
+            keyd_socket=options.keyd_socket,
+            keyd_uid=options.keyd_uid,
+        )
+        try:
+            with keyd.client() as client:
+                return keyd, client.describe_key(key)["KeyMetadata"], None
+        except KeydUntrusted:
+            raise
+        except (KeydUnavailable, KMSError) as error:
+            if isinstance(error, KMSError) and error.aws_type != "NotFoundException":
+                raise
+            log.info("%s is not a key of %s (%s): using AWS KMS", key, keyd.describe(), error)
+            keyd_error = error
+            wants_aws = True
+    if not wants_aws:
+        keyd = KeyService(
+            KEY_SERVICE_KEYD,
+            keyd_socket=options.keyd_socket,
+            keyd_uid=options.keyd_uid,
+        )
+        return keyd, _describe_known_key(keyd, key), None
+    region = options.aws_region or region
+    if region is None:
+        raise UsageError(
+            f"--key {key}: a key in AWS KMS is named by its ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)"
+        )
+    stored = AwsKeyService(region, options.aws_endpoint_url, options.aws_profile)
+    service = resolve_key_service(
+        FsConfig(filesystem_id="0" * 32, key_arn=key, key_service=stored), options
+    )
+    try:
+        return service, _describe_known_key(service, key), stored
+    except (KeydUnavailable, KMSError, UsageError) as error:
+        if keyd_error is None:
+            raise
+        # chosen because keyd did not know the ARN: say both, one may be a typo
+        raise UsageError(
+            f"{key}: keyd does not have it ({keyd_error}), and {service.describe()} "
+            f"answered: {error} (--key-service keyd|aws to choose)"
+        ) from None
 
 
 #: share (percent) of the kernel's dirty-page limit the mount may use; the kernel's
@@ -125,6 +238,10 @@ class MountOptions:
     keyd_socket: str | None = None
     #: a service account whose keyd is trusted too (kmsfs.kms.trust; else $KMSFS_KEYD_UID)
     keyd_uid: str | None = None
+    #: override kmsfs.conf's AWS key service entry (kmsfs.fs.keyservice)
+    aws_endpoint_url: str | None = None
+    aws_profile: str | None = None
+    aws_region: str | None = None
     debug: bool = False
     key_cache_seconds: float = 60.0
     busy_poll_seconds: float = DEFAULT_WINDOW
@@ -352,8 +469,10 @@ def mount_foreground(
     lock_fd = lock_cipherdir(cipherdir)
     try:
         check_mountpoint(mountpoint, options, cipherdir=cipherdir)
-        # not from kmsfs.conf unless the user named none: see keyd_endpoint
-        socket = keyd_endpoint(options.keyd_socket, config)
+        # not from kmsfs.conf unless the user named none: see keyd_endpoint and keyservice
+        service = resolve_key_service(config, service_options(options))
+        if config.key_service is not None and options.keyd_socket:
+            log.info("the CMK is in %s: --keyd-socket is not used", service.describe())
         os.umask(0)  # modes arrive with the caller's umask applied; apply them exactly
         harden_process(log)  # it holds the metadata key and data keys: as keyd does
         _raise_open_file_limit()
@@ -361,11 +480,21 @@ def mount_foreground(
         # child (fusermount3) can speak for the service
         notifier = Notifier.from_environment()
         trio.run(
-            _serve, Path(cipherdir), Path(mountpoint), config, options, socket, ready_fd, notifier
+            _serve, Path(cipherdir), Path(mountpoint), config, options, service, ready_fd, notifier
         )
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def service_options(options: MountOptions) -> KeyServiceOptions:
+    return KeyServiceOptions(
+        keyd_socket=options.keyd_socket,
+        keyd_uid=options.keyd_uid,
+        aws_endpoint_url=options.aws_endpoint_url,
+        aws_profile=options.aws_profile,
+        aws_region=options.aws_region,
+    )
 
 
 def check_mount(cipherdir: Path, mountpoint: Path, options: MountOptions) -> bool:
@@ -403,11 +532,11 @@ async def _serve(
     mountpoint: Path,
     config: FsConfig,
     options: MountOptions,
-    socket: Path,
+    service: KeyService,
     ready_fd: int | None,
     notifier: Notifier,
 ) -> None:
-    async with AsyncKMSClient(socket, keyd_uid=options.keyd_uid) as client:
+    async with service.async_client() as client:
         try:
             # The metadata key first, with the CMK kmsfs.conf names, and the config
             # authenticated with it before anything else in it is used.
@@ -426,9 +555,11 @@ async def _serve(
         except KeydUntrusted:
             raise
         except KeydUnavailable as error:
-            raise MountError(f"cannot reach keyd: {error}") from None
+            raise MountError(f"cannot reach {service.describe()}: {error}") from None
         except KMSError as error:
-            raise MountError(f"keyd refused the filesystem's key: {error}") from None
+            raise MountError(
+                f"{service.describe()} refused the filesystem's key: {error}"
+            ) from None
         keys = KeyManager(client, config, cache_seconds=options.key_cache_seconds)
         root = os.fsencode(cipherdir.resolve())
         names = None if config.plaintext_names else NameCipher(metadata_key)
@@ -449,7 +580,11 @@ async def _serve(
             raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
         waiter = session.install()
         log.info(
-            "mounted %s on %s (key %s, keyd %s)", cipherdir, mountpoint, config.key_arn, socket
+            "mounted %s on %s (key %s, %s)",
+            cipherdir,
+            mountpoint,
+            config.key_arn,
+            service.describe(),
         )
         signalled: list[int] = []
         unmount = True

@@ -18,11 +18,12 @@ from pathlib import Path
 from kmsfs.errors import FormatError, KMSError, KmsfsError, UsageError
 from kmsfs.fs.config import (
     FsConfig,
-    keyd_endpoint,
     load_config,
     unwrap_refused,
     write_new_config,
 )
+from kmsfs.fs.keyservice import KeyServiceOptions
+from kmsfs.fs.keyservice import resolve as resolve_key_service
 from kmsfs.fs.names import (
     LONGNAME_SUFFIX,
     NameCipher,
@@ -30,10 +31,19 @@ from kmsfs.fs.names import (
     is_longname,
 )
 from kmsfs.fs.tree import CipherTree, Entry
-from kmsfs.kms.client import KMSClient
+from kmsfs.kms.client import KMSOperations
+
+# KMSClient or AwsKMSClient (kmsfs.fs.keyservice): the blocking clients' shared methods
+KeyServiceClient = KMSOperations
 
 
-def unlock_config(client: KMSClient, config: FsConfig) -> bytes:
+def _options(
+    keyd_socket: str | None, keyd_uid: str | None, service_options: KeyServiceOptions | None
+) -> KeyServiceOptions:
+    return service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
+
+
+def unlock_config(client: KeyServiceClient, config: FsConfig) -> bytes:
     """Unwrap the metadata key with the config's CMK, authenticate the config; the key.
 
     Nothing else of ``config`` may be used before this returns.
@@ -43,7 +53,7 @@ def unlock_config(client: KMSClient, config: FsConfig) -> bytes:
     return metadata_key
 
 
-def _unwrap_metadata_key(client: KMSClient, config: FsConfig) -> bytes:
+def _unwrap_metadata_key(client: KeyServiceClient, config: FsConfig) -> bytes:
     """The metadata key, unwrapped by keyd with the CMK kmsfs.conf names (not verified)."""
     try:
         return client.decrypt(
@@ -56,13 +66,19 @@ def _unwrap_metadata_key(client: KMSClient, config: FsConfig) -> bytes:
 
 
 def open_tree(
-    cipherdir: Path, keyd_socket: str | None = None, *, keyd_uid: str | None = None
+    cipherdir: Path,
+    keyd_socket: str | None = None,
+    *,
+    keyd_uid: str | None = None,
+    service_options: KeyServiceOptions | None = None,
 ) -> tuple[FsConfig, CipherTree]:
     """The cipher directory's authenticated config and its tree (names decrypted unless the
-    config says they are plaintext), through the keyd :func:`keyd_endpoint` chooses."""
+    config says they are plaintext), through the key service kmsfs.conf names (keyd: the
+    socket :func:`keyd_endpoint` chooses; see :mod:`kmsfs.fs.keyservice`)."""
     config = load_config(cipherdir)
     root = os.fsencode(Path(cipherdir).resolve())
-    with KMSClient(keyd_endpoint(keyd_socket, config), keyd_uid=keyd_uid) as client:
+    service = resolve_key_service(config, _options(keyd_socket, keyd_uid, service_options))
+    with service.client() as client:
         metadata_key = unlock_config(client, config)
     if config.plaintext_names:
         return config, CipherTree(root, None)
@@ -82,6 +98,11 @@ def describe_settings(config: FsConfig) -> list[tuple[str, str]]:
         ("ChunkSize", str(config.chunk_size)),
         ("Names", names),
         ("KeydSocketHint", config.keyd_socket or "-"),
+        *(
+            [("KeyService", json.dumps(config.key_service.document()))]
+            if config.key_service is not None
+            else []
+        ),
         ("Created", config.created or "-"),
         *((name, json.dumps(value)) for name, value in sorted(config.extra.items())),
     ]
@@ -132,6 +153,7 @@ def seal_cipherdir(
     *,
     keyd_uid: str | None = None,
     confirm: Callable[[FsConfig], bool],
+    service_options: KeyServiceOptions | None = None,
 ) -> tuple[FsConfig, bool]:
     """Seal an unsealed (version 1) kmsfs.conf after ``confirm(config)`` says yes.
 
@@ -140,7 +162,8 @@ def seal_cipherdir(
     whose wrapped key or key ARN was changed is refused here too.
     """
     config = load_config(cipherdir, allow_unsealed=True)
-    with KMSClient(keyd_endpoint(keyd_socket, config), keyd_uid=keyd_uid) as client:
+    service = resolve_key_service(config, _options(keyd_socket, keyd_uid, service_options))
+    with service.client() as client:
         if config.sealed:
             unlock_config(client, config)
             return config, False

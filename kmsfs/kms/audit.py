@@ -678,6 +678,11 @@ class AuditLog:
             return False
         return True
 
+    def head(self) -> tuple[int, str]:
+        """The chain's end: the last line's seq and the digest the next line will carry."""
+        with self._lock:
+            return self._seq, self._digest
+
     def datasync(self) -> None:
         """Flush the lines appended so far to disk (``fdatasync``), without the head.
 

@@ -123,11 +123,18 @@ class KMSOperations(Generic[ResultT]):
         *,
         encryption_context: Mapping[str, str] | None = None,
         key_id: str | None = None,
+        encryption_algorithm: str | None = None,
     ) -> ResultT:
-        """Decrypt: ``Plaintext`` as bytes, ``KeyId``."""
+        """Decrypt: ``Plaintext`` as bytes, ``KeyId``, ``EncryptionAlgorithm``.
+
+        RSA keys: give ``key_id`` and ``encryption_algorithm`` (``RSAES_OAEP_SHA_256``...).
+        """
         return self._execute(
             KMSRequest.decrypt(
-                ciphertext_blob, encryption_context=encryption_context, key_id=key_id
+                ciphertext_blob,
+                encryption_context=encryption_context,
+                key_id=key_id,
+                encryption_algorithm=encryption_algorithm,
             )
         )
 
@@ -137,10 +144,16 @@ class KMSOperations(Generic[ResultT]):
         plaintext: bytes,
         *,
         encryption_context: Mapping[str, str] | None = None,
+        encryption_algorithm: str | None = None,
     ) -> ResultT:
-        """Encrypt: ``CiphertextBlob`` as bytes, ``KeyId``."""
+        """Encrypt: ``CiphertextBlob`` as bytes, ``KeyId``, ``EncryptionAlgorithm``."""
         return self._execute(
-            KMSRequest.encrypt(key_id, plaintext, encryption_context=encryption_context)
+            KMSRequest.encrypt(
+                key_id,
+                plaintext,
+                encryption_context=encryption_context,
+                encryption_algorithm=encryption_algorithm,
+            )
         )
 
     def re_encrypt(
@@ -170,6 +183,67 @@ class KMSOperations(Generic[ResultT]):
     def generate_random(self, number_of_bytes: int) -> ResultT:
         """GenerateRandom: ``Plaintext`` as bytes."""
         return self._execute(KMSRequest.generate_random(number_of_bytes))
+
+    # -- asymmetric and HMAC keys (binary fields come back as bytes) ---------------
+    def get_public_key(self, key_id: str) -> ResultT:
+        """GetPublicKey: ``PublicKey`` (DER SubjectPublicKeyInfo) as bytes, ``KeySpec``,
+        ``KeyUsage`` and the algorithm lists."""
+        return self._execute(KMSRequest.get_public_key(key_id))
+
+    def sign(
+        self, key_id: str, message: bytes, signing_algorithm: str, *, message_type: str = "RAW"
+    ) -> ResultT:
+        """Sign: ``Signature`` as bytes. ``message_type="DIGEST"`` signs a digest."""
+        return self._execute(
+            KMSRequest.sign(key_id, message, signing_algorithm, message_type=message_type)
+        )
+
+    def verify(
+        self,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        signing_algorithm: str,
+        *,
+        message_type: str = "RAW",
+    ) -> ResultT:
+        """Verify: ``SignatureValid`` true, or raises KMSInvalidSignatureException."""
+        return self._execute(
+            KMSRequest.verify(
+                key_id, message, signature, signing_algorithm, message_type=message_type
+            )
+        )
+
+    def generate_mac(self, key_id: str, message: bytes, mac_algorithm: str) -> ResultT:
+        """GenerateMac: ``Mac`` as bytes."""
+        return self._execute(KMSRequest.generate_mac(key_id, message, mac_algorithm))
+
+    def verify_mac(self, key_id: str, message: bytes, mac: bytes, mac_algorithm: str) -> ResultT:
+        """VerifyMac: ``MacValid`` true, or raises KMSInvalidMacException."""
+        return self._execute(KMSRequest.verify_mac(key_id, message, mac, mac_algorithm))
+
+    def generate_data_key_pair(
+        self,
+        key_id: str,
+        key_pair_spec: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        without_plaintext: bool = False,
+    ) -> ResultT:
+        """GenerateDataKeyPair(WithoutPlaintext): ``PrivateKeyCiphertextBlob``,
+        ``PrivateKeyPlaintext`` (unless without_plaintext) and ``PublicKey`` as bytes."""
+        return self._execute(
+            KMSRequest.generate_data_key_pair(
+                key_id,
+                key_pair_spec,
+                encryption_context=encryption_context,
+                without_plaintext=without_plaintext,
+            )
+        )
+
+    def derive_shared_secret(self, key_id: str, public_key: bytes) -> ResultT:
+        """DeriveSharedSecret (ECDH): ``SharedSecret`` as bytes."""
+        return self._execute(KMSRequest.derive_shared_secret(key_id, public_key))
 
 
 class _LostBeforeResponse(Exception):

@@ -2,7 +2,8 @@
 
 Layout of the keystore directory (mode 0700)::
 
-    keystore.db     SQLite (WAL, synchronous=FULL, secure_delete): keys, versions, aliases, tags
+    keystore.db     SQLite (WAL, synchronous=FULL, secure_delete): keys, versions, aliases,
+                    tags, key policies, grants
     audit.log       hash-chained JSON lines (kmsfs.kms.audit)
 
 Key material of every CMK version is stored only sealed with AES-256-GCM under the
@@ -22,6 +23,7 @@ Nothing here logs or raises with key material in the message.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
@@ -46,6 +48,7 @@ from kmsfs.errors import (
     KeystoreNotFound,
     WrongRootKey,
 )
+from kmsfs.kms.grants import Constraints, Grant
 
 log = logging.getLogger("kmsfs.keystore")
 
@@ -123,6 +126,45 @@ CREATE TABLE IF NOT EXISTS credentials (
 )
 """
 
+# Grants (issue 14; AWS KMS CreateGrant), one row per grant, created on open in older
+# keystores like key_policies. operations is a JSON list, constraints the JSON
+# GrantConstraints structure (NULL without constraints), grant_token the token
+# CreateGrant first returned (a token names a grant; it grants nothing by itself).
+_GRANT_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id),
+    name TEXT NOT NULL DEFAULT '',
+    grantee_principal TEXT NOT NULL,
+    retiring_principal TEXT,
+    operations TEXT NOT NULL,
+    constraints TEXT,
+    creation_date REAL NOT NULL,
+    issuing_account TEXT NOT NULL,
+    grant_token TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, creation_date)",
+    "CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal)",
+)
+
+# Imported key material (BYOK, Origin=EXTERNAL keys; kmsfs/kms/byok.py): how the current
+# material expires, and a check value of the first material imported (SHA-256 of a
+# label, the key id and the material: reveals nothing of 256 random bits), so that a
+# reimport of different material is refused as AWS refuses it. Added like key_policies.
+_IMPORT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS imported_key_material (
+    key_id TEXT PRIMARY KEY REFERENCES keys(key_id),
+    expiration_model TEXT,
+    valid_to REAL,
+    material_check BLOB NOT NULL
+)
+"""
+#: columns holding secrets sealed with Keystore.seal_secret (resealed by rotate_root_key):
+#: (table, id column, sealed column, label prefix)
+_SEALED_SECRET_COLUMNS = (("credentials", "access_key_id", "sealed_secret", "credential:"),)
+_EXTRA_SCHEMAS = (_POLICY_SCHEMA, _IMPORT_SCHEMA, _CREDENTIALS_SCHEMA, *_GRANT_SCHEMA)
+
 
 # ------------------------------------------------------------------- root key
 @dataclass(frozen=True)
@@ -154,11 +196,29 @@ class RootKeySource:
 
 
 def create_root_key_file(path: Path) -> None:
-    """Write 32 random bytes (base64, one line) to a new file with mode 0600."""
+    """Write 32 random bytes (base64, one line) to a new file with mode 0600.
+
+    The file appears whole or not at all: written and fsynced under a temporary name,
+    then linked to ``path`` (which must not exist: link fails rather than replace) and
+    the folder fsynced, so a kill never leaves a truncated key file behind."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, base64.b64encode(os.urandom(ROOT_KEY_BYTES)) + b"\n")
+        try:
+            os.write(fd, base64.b64encode(os.urandom(ROOT_KEY_BYTES)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -238,6 +298,60 @@ def _material_aad(key_id: str, version: int) -> bytes:
     return f"kmsfs-cmk-material-v1|{key_id}|{version}".encode()
 
 
+def protect_root_key(
+    root_key: bytes, keystore_id: str, source: RootKeySource, kdf_seconds: float = MIN_KDF_SECONDS
+) -> dict[str, Any]:
+    """The ``root_protection`` setting: the root key wrapped under the key-encryption
+    key of *source* (Argon2id of a passphrase, with fresh salt and calibrated cost; or
+    a root key file, created if missing)."""
+    protection: dict[str, Any] = {"kind": source.kind}
+    if source.passphrase is not None:
+        salt = os.urandom(16)
+        params = _calibrate_argon2(kdf_seconds)
+        kek = _derive_kek(source.passphrase, salt, params)
+        protection.update(kdf="argon2id", salt=_b64(salt), **params)
+    else:
+        assert source.key_file is not None
+        if not source.key_file.exists():
+            create_root_key_file(source.key_file)
+        kek = read_root_key_file(source.key_file)
+    nonce = os.urandom(12)
+    wrapped = AESGCM(kek).encrypt(nonce, root_key, _root_wrap_aad(keystore_id))
+    protection.update(nonce=_b64(nonce), wrapped_root_key=_b64(wrapped))
+    return protection
+
+
+def check_root_protection(text: str) -> dict[str, Any]:
+    """Parse a ``root_protection`` setting and check its shape (not its secret: that
+    takes the passphrase or key file). Raises ValueError saying what is wrong."""
+    try:
+        protection = json.loads(text)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(protection, dict):
+        raise ValueError("not a JSON object")
+    kind = protection.get("kind")
+    if kind not in ("passphrase", "key-file"):
+        raise ValueError("kind must be 'passphrase' or 'key-file'")
+    try:
+        nonce = base64.b64decode(protection["nonce"], validate=True)
+        wrapped = base64.b64decode(protection["wrapped_root_key"], validate=True)
+        if kind == "passphrase":
+            if protection.get("kdf") != "argon2id":
+                raise ValueError("kdf must be argon2id")
+            if len(base64.b64decode(protection["salt"], validate=True)) < 16:
+                raise ValueError("salt too short")
+            for name, least in (("memory_cost", 8 * 1024), ("lanes", 1), ("iterations", 1)):
+                value = protection[name]
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"{name} must be an integer >= {least}")
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"missing or malformed field ({exc})") from None
+    if len(nonce) != 12 or len(wrapped) != ROOT_KEY_BYTES + 16:
+        raise ValueError("nonce or wrapped key has the wrong length")
+    return protection
+
+
 # --------------------------------------------------------------------- records
 @dataclass
 class KeyRecord:
@@ -286,7 +400,10 @@ class Keystore:
     def __init__(self, path: Path, db: sqlite3.Connection, root_key: bytes) -> None:
         self.path = path
         self._db = db
+        self._root_key = root_key
         self._root = AESGCM(root_key)
+        #: the new root key of a rotate_root_key whose transaction has not committed
+        self._pending_root: tuple[bytes, AESGCM] | None = None
         self.scrub_pending = False
         self._savepoints = 0  # names nested transactions (savepoints) uniquely
 
@@ -320,18 +437,7 @@ class Keystore:
 
         keystore_id = str(uuid.uuid4())
         root_key = os.urandom(ROOT_KEY_BYTES)
-        protection: dict[str, Any] = {"kind": source.kind}
-        if source.passphrase is not None:
-            salt = os.urandom(16)
-            params = _calibrate_argon2(kdf_seconds)
-            kek = _derive_kek(source.passphrase, salt, params)
-            protection.update(kdf="argon2id", salt=_b64(salt), **params)
-        else:
-            assert source.key_file is not None
-            kek = read_root_key_file(source.key_file)
-        nonce = os.urandom(12)
-        wrapped = AESGCM(kek).encrypt(nonce, root_key, _root_wrap_aad(keystore_id))
-        protection.update(nonce=_b64(nonce), wrapped_root_key=_b64(wrapped))
+        protection = protect_root_key(root_key, keystore_id, source, kdf_seconds)
 
         db = _connect(path / DB_NAME)
         try:
@@ -339,8 +445,8 @@ class Keystore:
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute(_POLICY_SCHEMA)
-            db.execute(_CREDENTIALS_SCHEMA)
+            for schema in _EXTRA_SCHEMAS:
+                db.execute(schema)
             meta = {
                 "schema_version": str(SCHEMA_VERSION),
                 "keystore_id": keystore_id,
@@ -405,8 +511,8 @@ class Keystore:
                 what = "passphrase" if source.passphrase is not None else "root key file"
                 raise WrongRootKey(f"wrong {what} for keystore {path}") from None
             # migration: keystores made before key policies get the (empty) table
-            db.execute(_POLICY_SCHEMA)
-            db.execute(_CREDENTIALS_SCHEMA)
+            for schema in _EXTRA_SCHEMAS:
+                db.execute(schema)
         except BaseException:
             db.close()
             raise
@@ -457,6 +563,82 @@ class Keystore:
                 self._db.execute("ROLLBACK")
             raise
 
+    # ------------------------------------------------------------- root secret
+    def protection_for(self, source: RootKeySource, kdf_seconds: float = MIN_KDF_SECONDS) -> str:
+        """This keystore's root key wrapped for *source*, as ``root_protection`` text:
+        what ``kmsfs keyd passwd`` stores (with :meth:`set_root_protection`)."""
+        return json.dumps(
+            protect_root_key(self._root_key, self.meta("keystore_id"), source, kdf_seconds)
+        )
+
+    def set_root_protection(self, db: sqlite3.Connection, text: str) -> None:
+        """Replace how the root key is stored (one row: atomic with its transaction).
+
+        Only a wrapping of *this* root key belongs here (build it with
+        :meth:`protection_for`); without the new secret nothing here can unwrap it, so
+        only its shape is checked (:func:`check_root_protection`)."""
+        check_root_protection(text)
+        db.execute("UPDATE meta SET value = ? WHERE name = 'root_protection'", (text,))
+
+    def rotate_root_key(self, db: sqlite3.Connection, source: RootKeySource) -> int:
+        """A new root key: every sealed record is resealed under it and the new key is
+        wrapped for *source*, all in the caller's transaction (one commit: a kill at any
+        point leaves the old root key and records, or the new ones). Returns the number
+        of records resealed. The new key is used only once the transaction commits."""
+        new_key = os.urandom(ROOT_KEY_BYTES)
+        new_root = AESGCM(new_key)
+        rows = db.execute("SELECT key_id, version, sealed FROM key_versions").fetchall()
+        for row in rows:
+            key_id, version, sealed = row[0], row[1], bytes(row[2])
+            aad = _material_aad(key_id, version)
+            try:
+                material = self._root.decrypt(sealed[:12], sealed[12:], aad)
+            except InvalidTag:
+                raise KeystoreError(
+                    f"sealed material of key {key_id} version {version} failed authentication"
+                ) from None
+            nonce = os.urandom(12)
+            db.execute(
+                "UPDATE key_versions SET sealed = ? WHERE key_id = ? AND version = ?",
+                (nonce + new_root.encrypt(nonce, material, aad), key_id, version),
+            )
+        # secrets of other tables sealed with seal_secret (access keys' secrets), each
+        # bound to its label: (table, id column, sealed column, label prefix)
+        for table, id_column, sealed_column, prefix in _SEALED_SECRET_COLUMNS:
+            sealed_rows = db.execute(f"SELECT {id_column}, {sealed_column} FROM {table}").fetchall()
+            for row_id, sealed in sealed_rows:
+                aad = b"kmsfs-secret:" + (prefix + row_id).encode()
+                sealed = bytes(sealed)
+                try:
+                    secret = self._root.decrypt(sealed[:12], sealed[12:], aad)
+                except InvalidTag:
+                    raise KeystoreError(
+                        f"sealed secret {prefix}{row_id} failed authentication"
+                    ) from None
+                nonce = os.urandom(12)
+                db.execute(
+                    f"UPDATE {table} SET {sealed_column} = ? WHERE {id_column} = ?",
+                    (nonce + new_root.encrypt(nonce, secret, aad), row_id),
+                )
+            rows = [*rows, *sealed_rows]
+        protection = protect_root_key(new_key, self.meta("keystore_id"), source)
+        db.execute(
+            "UPDATE meta SET value = ? WHERE name = 'root_protection'", (json.dumps(protection),)
+        )
+        self._pending_root = (new_key, new_root)
+        return len(rows)
+
+    def root_key_aborted(self) -> None:
+        """Forget the new root key of a :meth:`rotate_root_key` that was rolled back."""
+        self._pending_root = None
+
+    def root_key_committed(self) -> None:
+        """Start using the root key of a committed :meth:`rotate_root_key`."""
+        pending = self._pending_root
+        if pending is not None:
+            self._root_key, self._root = pending
+            self._pending_root = None
+
     # ------------------------------------------------------------ key material
     def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -495,13 +677,16 @@ class Keystore:
         return self._db.execute(sql, parameters).fetchall()
 
     # ------------------------------------------------------------------- keys
-    def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes) -> None:
+    def insert_key(self, db: sqlite3.Connection, record: KeyRecord, material: bytes | None) -> None:
+        """Insert a key and its first version's material (None: a key for imported
+        material, which has none until ImportKeyMaterial)."""
         values = dict(record.__dict__)
         values["rotation_enabled"] = int(record.rotation_enabled)
         columns = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         db.execute(f"INSERT INTO keys ({columns}) VALUES ({marks})", values)
-        self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
+        if material is not None:
+            self.insert_version(db, record.key_id, 1, material, record.creation_date, None)
 
     def insert_version(
         self,
@@ -553,11 +738,14 @@ class Keystore:
         return [KeyVersion(**dict(row)) for row in rows]
 
     def destroy_key(self, db: sqlite3.Connection, key_id: str, when: float) -> None:
-        """Remove a key, its material, aliases and tags; remember that it existed."""
+        """Remove a key, its material, aliases, tags, policy and grants; remember that it
+        existed."""
         db.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM tags WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM key_policies WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM imported_key_material WHERE key_id = ?", (key_id,))
+        db.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
         db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
         db.execute(
             "INSERT OR REPLACE INTO deleted_keys (key_id, deletion_date) VALUES (?, ?)",
@@ -590,6 +778,62 @@ class Keystore:
             "INSERT OR REPLACE INTO key_policies (key_id, policy) VALUES (?, ?)", (key_id, policy)
         )
 
+    # ----------------------------------------------------------------- grants
+    def insert_grant(self, db: sqlite3.Connection, grant: Grant) -> None:
+        db.execute(
+            "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal, "
+            "operations, constraints, creation_date, issuing_account, grant_token) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                grant.grant_id,
+                grant.key_id,
+                grant.name,
+                grant.grantee,
+                grant.retiring,
+                grant.operations_json(),
+                grant.constraints_json(),
+                grant.creation_date,
+                grant.issuing_account,
+                grant.token,
+            ),
+        )
+
+    def list_grants(self, key_id: str) -> list[Grant]:
+        """The key's grants, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? ORDER BY creation_date, grant_id", (key_id,)
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def list_retirable_grants(self, retiring_principal: str) -> list[Grant]:
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE retiring_principal = ? ORDER BY creation_date, grant_id",
+            (retiring_principal,),
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def list_grants_named(self, key_id: str, name: str) -> list[Grant]:
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? AND name = ? ORDER BY creation_date",
+            (key_id, name),
+        ).fetchall()
+        return [_grant_from_row(row) for row in rows]
+
+    def get_grant(self, key_id: str, grant_id: str) -> Grant | None:
+        row = self._db.execute(
+            "SELECT * FROM grants WHERE key_id = ? AND grant_id = ?", (key_id, grant_id)
+        ).fetchone()
+        return _grant_from_row(row) if row is not None else None
+
+    def count_grants(self, db: sqlite3.Connection, key_id: str) -> int:
+        return db.execute("SELECT COUNT(*) FROM grants WHERE key_id = ?", (key_id,)).fetchone()[0]
+
+    def delete_grant(self, db: sqlite3.Connection, key_id: str, grant_id: str) -> bool:
+        cursor = db.execute(
+            "DELETE FROM grants WHERE key_id = ? AND grant_id = ?", (key_id, grant_id)
+        )
+        return cursor.rowcount > 0
+
     # ---------------------------------------------------------------- aliases
     def get_alias(self, alias_name: str) -> AliasRecord | None:
         row = self._db.execute(
@@ -612,6 +856,22 @@ class Keystore:
             "SELECT tag_key, tag_value FROM tags WHERE key_id = ? ORDER BY tag_key", (key_id,)
         ).fetchall()
         return [(row[0], row[1]) for row in rows]
+
+
+def _grant_from_row(row: sqlite3.Row) -> Grant:
+    constraints = json.loads(row["constraints"]) if row["constraints"] else None
+    return Grant(
+        grant_id=row["grant_id"],
+        key_id=row["key_id"],
+        name=row["name"],
+        grantee=row["grantee_principal"],
+        retiring=row["retiring_principal"],
+        operations=tuple(json.loads(row["operations"])),
+        constraints=Constraints.from_json(constraints),
+        creation_date=row["creation_date"],
+        issuing_account=row["issuing_account"],
+        token=row["grant_token"],
+    )
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:

@@ -79,6 +79,9 @@ and "Single-valued vs. multivalued context keys"):
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
 import ipaddress
 import json
 import math
@@ -176,17 +179,25 @@ CONDITION_KEYS: tuple[str, ...] = (
     "kms:GranteePrincipal",
     "kms:RetiringPrincipal",
     "kms:GrantIsForAWSResource",
+    "kms:GrantConstraintType",
     "kms:KeySpec",
     "kms:KeyUsage",
     "kms:KeyOrigin",
     "kms:RequestAlias",
     "kms:ResourceAliases",
     "kms:EncryptionAlgorithm",
+    "kms:SigningAlgorithm",
+    "kms:MessageType",
+    "kms:MacAlgorithm",
+    "kms:KeyAgreementAlgorithm",
+    "kms:DataKeyPairSpec",
     "aws:PrincipalArn",
     "aws:username",
     "aws:userid",
     "aws:SourceIp",
     "aws:PrincipalAccount",
+    "aws:CurrentTime",
+    "aws:EpochTime",
     "kmsfs:CallerUid",
     "kmsfs:CallerGroups",
     "kmsfs:CallerExecutable",
@@ -210,11 +221,21 @@ BASE_OPERATORS: tuple[str, ...] = (
     "NumericLessThanEquals",
     "NumericGreaterThan",
     "NumericGreaterThanEquals",
+    "DateEquals",
+    "DateNotEquals",
+    "DateLessThan",
+    "DateLessThanEquals",
+    "DateGreaterThan",
+    "DateGreaterThanEquals",
     "Bool",
-    "Null",
-    # aws:SourceIp of network callers (keyd over TCP): an address or CIDR block
+    "BinaryEquals",
     "IpAddress",
     "NotIpAddress",
+    "ArnEquals",
+    "ArnNotEquals",
+    "ArnLike",
+    "ArnNotLike",
+    "Null",
 )
 NEGATED_OPERATORS = frozenset(
     {
@@ -222,7 +243,10 @@ NEGATED_OPERATORS = frozenset(
         "StringNotEqualsIgnoreCase",
         "StringNotLike",
         "NumericNotEquals",
+        "DateNotEquals",
         "NotIpAddress",
+        "ArnNotEquals",
+        "ArnNotLike",
     }
 )
 SET_PREFIXES = ("ForAnyValue", "ForAllValues")
@@ -628,11 +652,26 @@ def _compile_values(base: str, raw: Any, place: str) -> tuple[Any, ...]:
             if text.lower() not in ("true", "false"):
                 raise _fail(place, f"{text!r} is not true or false")
             values.append(text.lower() == "true")
+        elif base.startswith("Date"):
+            moment = _as_date(item)
+            if moment is None:
+                raise _fail(place, f"{text!r} is not a date (ISO 8601 or epoch seconds)")
+            values.append(moment)
         elif base in ("IpAddress", "NotIpAddress"):
             try:
                 values.append(ipaddress.ip_network(text, strict=False))
             except ValueError:
                 raise _fail(place, f"{text!r} is not an IP address or CIDR block") from None
+        elif base.startswith("Arn"):
+            parts = text.split(":", 5)
+            if len(parts) != 6 or parts[0] not in ("arn", "*"):
+                raise _fail(place, f"{text!r} is not an ARN (six parts separated by ':')")
+            values.append(tuple(_glob_regex(part, ignore_case=False) for part in parts))
+        elif base == "BinaryEquals":
+            try:
+                values.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise _fail(place, f"{text!r} is not base64") from None
         elif base in ("StringLike", "StringNotLike"):
             values.append(_glob_regex(text, ignore_case=False))
         elif base in ("StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"):
@@ -697,6 +736,36 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
+def _as_date(value: Any) -> float | None:
+    """A policy or request date as epoch seconds: epoch seconds (a number), or ISO 8601
+    text ("2026-12-07", "2026-12-07T10:00:00Z", with an offset); a time without a zone
+    is UTC. IAM: "Date condition operators ... compare a context key to a date/time
+    value. You can use ISO 8601 date formats or epoch (UNIX) time."""
+    number = _as_number(value)
+    if number is not None:
+        return number
+    if not isinstance(value, str) or not value or value[0] not in "0123456789":
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def _arn_matches(request_value: Any, patterns: tuple[re.Pattern[str], ...]) -> bool:
+    """IAM Arn operators: "Each of the six colon-delimited components of the ARN is
+    checked separately and each can include multi-character match wildcards (*) or
+    single-character match wildcards (?)" -- ArnEquals and ArnLike alike."""
+    parts = _as_text(request_value).split(":", 5)
+    if len(parts) != 6:
+        return False
+    pairs = zip(patterns, parts, strict=True)
+    return all(regex.fullmatch(part) is not None for regex, part in pairs)
+
+
 def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]) -> bool:
     """Does one request value match any policy value under the positive form of base?"""
     if base in ("StringEquals", "StringNotEquals"):
@@ -719,7 +788,22 @@ def _value_matches(base: str, request_value: Any, policy_values: tuple[Any, ...]
         if text not in ("true", "false"):
             return False
         return any((text == "true") == value for value in policy_values)
-    number = _as_number(request_value)
+    if base.startswith("Arn"):
+        return any(_arn_matches(request_value, patterns) for patterns in policy_values)
+    if base == "BinaryEquals":
+        if isinstance(request_value, bytes):
+            data = request_value
+        else:
+            try:
+                data = base64.b64decode(_as_text(request_value), validate=True)
+            except (binascii.Error, ValueError):
+                return False
+        return any(data == value for value in policy_values)
+    if base.startswith("Date"):
+        number = _as_date(request_value)
+        base = "Numeric" + base[len("Date") :]
+    else:
+        number = _as_number(request_value)
     if number is None:
         return False
     if base in ("NumericEquals", "NumericNotEquals"):

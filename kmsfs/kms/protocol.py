@@ -195,11 +195,13 @@ class KMSRequest:
         *,
         encryption_context: Mapping[str, str] | None = None,
         key_id: str | None = None,
+        encryption_algorithm: str | None = None,
     ) -> KMSRequest:
         params = _drop_none(
             CiphertextBlob=ciphertext_blob,
             EncryptionContext=dict(encryption_context) if encryption_context else None,
             KeyId=key_id,
+            EncryptionAlgorithm=encryption_algorithm,
         )
         return cls("Decrypt", params, ("Plaintext",))
 
@@ -210,11 +212,13 @@ class KMSRequest:
         plaintext: bytes,
         *,
         encryption_context: Mapping[str, str] | None = None,
+        encryption_algorithm: str | None = None,
     ) -> KMSRequest:
         params = _drop_none(
             KeyId=key_id,
             Plaintext=plaintext,
             EncryptionContext=dict(encryption_context) if encryption_context else None,
+            EncryptionAlgorithm=encryption_algorithm,
         )
         return cls("Encrypt", params, ("CiphertextBlob",))
 
@@ -248,6 +252,83 @@ class KMSRequest:
     @classmethod
     def generate_random(cls, number_of_bytes: int) -> KMSRequest:
         return cls("GenerateRandom", {"NumberOfBytes": number_of_bytes}, ("Plaintext",))
+
+    # -- asymmetric and HMAC keys --------------------------------------------------
+    @classmethod
+    def get_public_key(cls, key_id: str) -> KMSRequest:
+        return cls("GetPublicKey", {"KeyId": key_id}, ("PublicKey",))
+
+    @classmethod
+    def sign(
+        cls, key_id: str, message: bytes, signing_algorithm: str, *, message_type: str = "RAW"
+    ) -> KMSRequest:
+        params = {
+            "KeyId": key_id,
+            "Message": message,
+            "MessageType": message_type,
+            "SigningAlgorithm": signing_algorithm,
+        }
+        return cls("Sign", params, ("Signature",))
+
+    @classmethod
+    def verify(
+        cls,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        signing_algorithm: str,
+        *,
+        message_type: str = "RAW",
+    ) -> KMSRequest:
+        params = {
+            "KeyId": key_id,
+            "Message": message,
+            "MessageType": message_type,
+            "Signature": signature,
+            "SigningAlgorithm": signing_algorithm,
+        }
+        return cls("Verify", params)
+
+    @classmethod
+    def generate_mac(cls, key_id: str, message: bytes, mac_algorithm: str) -> KMSRequest:
+        params = {"KeyId": key_id, "Message": message, "MacAlgorithm": mac_algorithm}
+        return cls("GenerateMac", params, ("Mac",))
+
+    @classmethod
+    def verify_mac(cls, key_id: str, message: bytes, mac: bytes, mac_algorithm: str) -> KMSRequest:
+        params = {"KeyId": key_id, "Message": message, "Mac": mac, "MacAlgorithm": mac_algorithm}
+        return cls("VerifyMac", params)
+
+    @classmethod
+    def generate_data_key_pair(
+        cls,
+        key_id: str,
+        key_pair_spec: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        without_plaintext: bool = False,
+    ) -> KMSRequest:
+        params = _drop_none(
+            KeyId=key_id,
+            KeyPairSpec=key_pair_spec,
+            EncryptionContext=dict(encryption_context) if encryption_context else None,
+        )
+        if without_plaintext:
+            return cls(
+                "GenerateDataKeyPairWithoutPlaintext",
+                params,
+                ("PrivateKeyCiphertextBlob", "PublicKey"),
+            )
+        return cls(
+            "GenerateDataKeyPair",
+            params,
+            ("PrivateKeyCiphertextBlob", "PrivateKeyPlaintext", "PublicKey"),
+        )
+
+    @classmethod
+    def derive_shared_secret(cls, key_id: str, public_key: bytes) -> KMSRequest:
+        params = {"KeyId": key_id, "KeyAgreementAlgorithm": "ECDH", "PublicKey": public_key}
+        return cls("DeriveSharedSecret", params, ("SharedSecret",))
 
 
 # ----------------------------------------------------------------- connection errors

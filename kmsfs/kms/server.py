@@ -3,7 +3,11 @@
 The server knows HTTP, sockets and peer credentials, and nothing about keys: every
 request becomes one synchronous ``service.handle(operation, params, caller, request_id)``
 call, made directly in the connection's trio task (it is sub-millisecond; a thread hop
-would cost more than the call). This module is the one place that maps
+would cost more than the call). The one exception is work that takes long: a service
+may name it (``slow_operations`` and ``slow_work``, e.g. generating an RSA_4096 key
+pair, up to seconds), and the server runs that part in a worker thread first (at most
+:data:`SLOW_WORK_THREADS` at once) and hands its result to ``handle``, so other clients
+are not stalled meanwhile. This module is the one place that maps
 :class:`kmsfs.errors.KMSError` to AWS error bodies and HTTP status codes.
 
 Protection against misbehaving clients (all in :class:`ServerLimits`): a body limit
@@ -42,8 +46,9 @@ import socket
 import ssl
 import stat
 import struct
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -92,6 +97,12 @@ _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
 _INTERNAL_ERROR_MESSAGE = "An internal error occurred in keyd (request id {request_id})."
+#: slow work (key pair generation) running at once: more requests wait for a slot. One
+#: per core: a burst then finishes as fast as the cores allow, while the event loop
+#: keeps the CPU it needs because slow work runs at a lower priority (SLOW_WORK_NICE)
+SLOW_WORK_THREADS = max(2, os.cpu_count() or 2)
+#: how much nicer than keyd slow work runs (Linux: per-thread nice values)
+SLOW_WORK_NICE = 10
 
 
 class KeyServiceLike(Protocol):
@@ -471,6 +482,10 @@ class _Server:
         #: a descriptor held in reserve, given up to accept-and-refuse at the fd limit
         self._spare_fd: int | None = _open_spare_fd()
         self._at_fd_limit = False
+        self.slow_operations: frozenset[str] = frozenset(
+            getattr(service, "slow_operations", frozenset())
+        )
+        self.slow_work_limiter = trio.CapacityLimiter(SLOW_WORK_THREADS)
 
     def close(self) -> None:
         if self._spare_fd is not None:
@@ -672,6 +687,34 @@ class _Server:
         return _TLSTransport(stream)
 
 
+def _run_at_low_priority(function: Callable[[], Any]) -> Any:
+    """``function()`` in a new thread of its own with nice raised by SLOW_WORK_NICE, so the
+    event loop thread wins the CPU from it (on Linux, setpriority on a thread id changes
+    only that thread). A thread of its own because an unprivileged thread cannot lower
+    its nice again: trio's cached worker threads must keep their priority."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            thread_id = threading.get_native_id()
+            try:
+                current = os.getpriority(os.PRIO_PROCESS, thread_id)
+                os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + SLOW_WORK_NICE))
+            except OSError:
+                pass  # best effort: it then runs at keyd's priority
+            outcome.append((True, function()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="keyd-slow-work", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _open_spare_fd() -> int | None:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -739,6 +782,7 @@ class _Connection:
     def __init__(
         self, server: _Server, sock: _Transport, caller: Caller, *, signed_only: bool = False
     ) -> None:
+        self.server = server
         self.service = server.service
         self.limits = server.limits
         self.verifier = server.verifier
@@ -760,7 +804,8 @@ class _Connection:
                 await self._send_error(error)
                 await self._linger()
                 return
-            response = self._dispatch(request, body)
+            prepared = await self._prepare(request, body)
+            response = self._dispatch(request, body, prepared)
             await self._send(response)
             if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                 return  # MUST_CLOSE: the client asked for it, or spoke HTTP/1.0
@@ -860,7 +905,32 @@ class _Connection:
         )
 
     # -- answering ----------------------------------------------------------------
-    def _dispatch(self, request: h11.Request, body: bytes) -> bytes:
+    async def _prepare(self, request: h11.Request, body: bytes) -> Any:
+        """Run the slow part of a request (see the module docstring) in a worker thread;
+        None when there is none, or when anything about it fails (then ``handle`` does
+        everything itself, and answers any problem with the request)."""
+        server = self.server
+        if not server.slow_operations:
+            return None
+        try:
+            operation = self._operation(request)
+            if operation not in server.slow_operations:
+                return None
+            work = self.service.slow_work(operation, decode_request_body(body))  # type: ignore[attr-defined]
+            if work is None:
+                return None
+            tag, function = work
+            result = await trio.to_thread.run_sync(
+                _run_at_low_priority, function, limiter=server.slow_work_limiter
+            )
+            return tag, result
+        except (_HTTPError, KMSError):
+            return None
+        except Exception:
+            logger.exception("keyd: slow work failed; the request runs without it")
+            return None
+
+    def _dispatch(self, request: h11.Request, body: bytes, prepared: Any = None) -> bytes:
         """The complete response (head and body) to one request."""
         request_id = str(uuid.uuid4())
         operation = ""
@@ -870,7 +940,12 @@ class _Connection:
                 caller = self._authenticate(request, body, request_id)
             operation = self._operation(request)
             params = decode_request_body(body)
-            result = self.service.handle(operation, params, caller, request_id)
+            if prepared is None:
+                result = self.service.handle(operation, params, caller, request_id)
+            else:
+                result = self.service.handle(  # type: ignore[call-arg]
+                    operation, params, caller, request_id, prepared=prepared
+                )
             payload = encode_response_body(result)
         except _HTTPError as error:
             return self._error_bytes(error.status, error.aws_type, error.message, request_id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -48,11 +49,14 @@ from kmsfs.errors import (
     IncorrectKeyException,
     InvalidAliasNameException,
     InvalidCiphertextException,
-    InvalidKeyUsageException,
+    InvalidGrantTokenException,
     InvalidMarkerException,
     KMSError,
     KMSInternalException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
     KMSInvalidStateException,
+    LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
     SerializationException,
@@ -62,7 +66,11 @@ from kmsfs.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from kmsfs.kms import asymmetric, grants
+from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
+from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
 from kmsfs.kms.caller import Caller
+from kmsfs.kms.grants import Grant, GrantToken
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
     ENCRYPTION_CONTEXT_PREFIX,
@@ -71,6 +79,7 @@ from kmsfs.kms.policy import (
     default_policy,
     evaluate,
     parse_policy,
+    root_arn,
     would_lock_out,
 )
 from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
@@ -93,8 +102,9 @@ _ALIAS_RE = re.compile(r"alias/[a-zA-Z0-9/_-]+")
 _ARN_RE = re.compile(r"arn:aws:kms:([^:]+):([^:]+):(key|alias)/(.+)")
 MAX_CONTEXT_BYTES = 8192
 
-# AWS key specs: only symmetric keys exist here yet; the others are known names.
-_SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
+# AWS key specs: symmetric, RSA, ECC and HMAC keys (kms/asymmetric.py); SM2 (China
+# Regions only) and ML-DSA are known names, refused as unsupported.
+_SUPPORTED_KEY_SPECS = set(asymmetric.KEY_SPEC_USAGES)
 _KNOWN_KEY_SPECS = _SUPPORTED_KEY_SPECS | {
     "RSA_2048",
     "RSA_3072",
@@ -114,7 +124,7 @@ _KNOWN_KEY_SPECS = _SUPPORTED_KEY_SPECS | {
 }
 _KEY_USAGES = {"ENCRYPT_DECRYPT", "SIGN_VERIFY", "GENERATE_VERIFY_MAC", "KEY_AGREEMENT"}
 _ORIGINS = {"AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"}
-_ENCRYPTION_ALGORITHMS = {"SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE"}
+_ENCRYPTION_ALGORITHMS = set(asymmetric.ENCRYPTION_ALGORITHMS)
 _DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
 
 # Parameters that may appear in audit events. Everything else (Plaintext,
@@ -151,7 +161,33 @@ _AUDITED_FIELDS = {
     "DryRun",
     "PolicyName",
     "PolicyNames",
+    "Destination",
+    "DatabaseSha256",
+    "ProtectionKind",
+    "PreviousProtectionKind",
+    "ResealedRecords",
+    "WrappingAlgorithm",
+    "WrappingKeySpec",
+    "ParametersValidTo",
+    "ExpirationModel",
+    "ValidTo",
     "BypassPolicyLockoutSafetyCheck",
+    # asymmetric and HMAC keys: names of algorithms and outcomes only. Never Message,
+    # Signature, Mac, PublicKey, SharedSecret or any PrivateKey* member.
+    "SigningAlgorithm",
+    "MessageType",
+    "MacAlgorithm",
+    "KeyAgreementAlgorithm",
+    "KeyPairSpec",
+    "SignatureValid",
+    "MacValid",
+    # grants: never GrantToken(s) (see _op_CreateGrant)
+    "GranteePrincipal",
+    "RetiringPrincipal",
+    "Operations",
+    "Constraints",
+    "Name",
+    "GrantId",
 }
 
 # ------------------------------------------------------------ request members
@@ -173,6 +209,8 @@ _AUDITED_FIELDS = {
 # surrogates (see _check_text), like every string in the request.
 _STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
 _CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
+_NUMBER = "number"
+_CONSTRAINTS = "constraints"
 _CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
 _PAGING = {"Limit": _INTEGER, "Marker": _STRING}
 REQUEST_MEMBERS: dict[str, dict[str, str]] = {
@@ -263,6 +301,75 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     },
     "GetKeyPolicy": {"KeyId": _STRING, "PolicyName": _STRING},
     "ListKeyPolicies": {"KeyId": _STRING, **_PAGING},
+    "GetPublicKey": {"KeyId": _STRING, "GrantTokens": _STRINGS},
+    "Sign": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MessageType": _STRING,
+        "SigningAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "Verify": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MessageType": _STRING,
+        "Signature": _BLOB,
+        "SigningAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateMac": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "MacAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "VerifyMac": {
+        "KeyId": _STRING,
+        "Message": _BLOB,
+        "Mac": _BLOB,
+        "MacAlgorithm": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKeyPair": {
+        "KeyId": _STRING,
+        "KeyPairSpec": _STRING,
+        "EncryptionContext": _CONTEXT,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "GenerateDataKeyPairWithoutPlaintext": {
+        "KeyId": _STRING,
+        "KeyPairSpec": _STRING,
+        "EncryptionContext": _CONTEXT,
+        **_CRYPTO_COMMON,
+    },
+    "DeriveSharedSecret": {
+        "KeyId": _STRING,
+        "KeyAgreementAlgorithm": _STRING,
+        "PublicKey": _BLOB,
+        "Recipient": _RECIPIENT,
+        **_CRYPTO_COMMON,
+    },
+    "CreateGrant": {
+        "KeyId": _STRING,
+        "GranteePrincipal": _STRING,
+        "RetiringPrincipal": _STRING,
+        "Operations": _STRINGS,
+        "Constraints": _CONSTRAINTS,
+        "Name": _STRING,
+        **_CRYPTO_COMMON,
+    },
+    "ListGrants": {"KeyId": _STRING, "GrantId": _STRING, "GranteePrincipal": _STRING, **_PAGING},
+    "ListRetirableGrants": {"RetiringPrincipal": _STRING, **_PAGING},
+    "RetireGrant": {
+        "GrantToken": _STRING,
+        "KeyId": _STRING,
+        "GrantId": _STRING,
+        "DryRun": _BOOLEAN,
+    },
+    "RevokeGrant": {"KeyId": _STRING, "GrantId": _STRING, "DryRun": _BOOLEAN},
+    **ADMIN_REQUEST_MEMBERS,
+    **BYOK_REQUEST_MEMBERS,
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -294,10 +401,34 @@ STATE_CHANGING_OPERATIONS = frozenset(
         "TagResource",
         "UntagResource",
         "PutKeyPolicy",
+        "CreateGrant",
+        "RetireGrant",
+        "RevokeGrant",
+        *ADMIN_OPERATIONS,
+        *BYOK_STATE_CHANGING,
     }
 )
 KEY_USE_OPERATIONS = frozenset(
-    {"Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"}
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "Sign",
+        "Verify",
+        "GenerateMac",
+        "VerifyMac",
+        "DeriveSharedSecret",
+    }
+)
+
+#: Operations whose preparation (:meth:`KeyService.slow_work`) may take long enough to
+#: stall an event loop: generating an RSA key pair.
+SLOW_OPERATIONS = frozenset(
+    {"CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"}
 )
 _JSON_TYPE_NAMES = {
     str: "STRING_VALUE",
@@ -316,6 +447,8 @@ _KIND_NAMES = {
     _STRINGS: "a List of Strings",
     _TAGS: "a List of Tags",
     _RECIPIENT: "a RecipientInfo structure",
+    _NUMBER: "a Timestamp",
+    _CONSTRAINTS: "a GrantConstraints structure",
 }
 
 
@@ -351,6 +484,12 @@ def _check_member(path: str, value: object, kind: str) -> None:
         )
     elif kind == _RECIPIENT:
         ok = type(value) is dict
+    elif kind == _NUMBER:
+        ok = type(value) in (int, float)  # a timestamp (epoch seconds)
+    elif kind == _CONSTRAINTS:
+        ok = type(value) is dict and all(
+            item is None or _is_string_map(item) for item in value.values()
+        )
     else:  # pragma: no cover - a typo in REQUEST_MEMBERS
         raise AssertionError(f"unknown member kind {kind!r}")
     if not ok:
@@ -530,16 +669,12 @@ def _dry_run(params: dict[str, Any]) -> None:
         )
 
 
-def _symmetric_algorithm(params: dict[str, Any], name: str = "EncryptionAlgorithm") -> None:
-    algorithm = _string(params, name, choices=_ENCRYPTION_ALGORITHMS)
-    if algorithm not in (None, "SYMMETRIC_DEFAULT"):
-        raise InvalidKeyUsageException(
-            f"{algorithm} is not a valid encryption algorithm for a symmetric key"
-        )
+class KeyService(KeystoreAdmin, ImportedMaterial):
+    """AWS KMS operations on one keystore (and kmsfs's keystore operations, see
+    kmsfs.kms.admin). Not thread-safe: call from one thread."""
 
-
-class KeyService:
-    """AWS KMS operations on one keystore. Not thread-safe: call from one thread."""
+    #: operations that may have slow work to run off the event loop (see slow_work)
+    slow_operations = SLOW_OPERATIONS
 
     def __init__(
         self,
@@ -564,6 +699,12 @@ class KeyService:
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
         self.account_access = account_access or AccountAccess()
+        #: unsealed private keys of asymmetric CMKs, by (key id, version)
+        self._private_keys: dict[tuple[str, int], asymmetric.PrivateKey] = {}
+        #: the request being handled (its algorithm members become condition keys)
+        self._params: dict[str, Any] = {}
+        #: the result of slow_work for the request being handled (see handle)
+        self._prepared: tuple[tuple[str, str], Any] | None = None
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
         #: the default policy with this uid as its creator (see policy_text)
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -576,11 +717,23 @@ class KeyService:
         #: request. An entry is dropped when its policy is written, never replaced, so a
         #: write rolled back (its audit record failed) leaves the stored text in force.
         self._policy_texts: dict[str, str | None] = {}
+        #: each key's grants by grantee ARN, loaded on first use; an entry is dropped
+        #: when the key's grants are written (as _policy_texts), never replaced
+        self._grants: dict[str, dict[str, tuple[Grant, ...]]] = {}
+        #: the request being handled: its GrantTokens, and the grants that allowed it
+        #: (additionalEventData.grantId); reset by handle()
+        self._request_tokens: tuple[GrantToken, ...] = ()
+        self._grant_ids: list[str] = []
+        #: the key of the grant RetireGrant retired (its record's resources entry)
+        self._grant_key_id: str | None = None
         #: requests answered while the audit log could not be written (see _record)
         self._unaudited = 0
         self._unaudited_since = 0.0
         self._unaudited_until = 0.0
         self._audit_problem: str | None = None
+        #: (action, on_abort) pairs an operation asked to run once its transaction
+        #: committed, or to undo if it did not (see _after_commit)
+        self._commit_actions: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self._operations: dict[str, Callable[[dict[str, Any], Caller], dict[str, Any]]] = {
             name: getattr(self, "_op_" + name) for name in self.operation_names()
         }
@@ -595,10 +748,51 @@ class KeyService:
         return self.principals(caller)
 
     # ------------------------------------------------------------------ entry
+    def slow_work(
+        self, operation: str, params: dict[str, Any]
+    ) -> tuple[tuple[str, str], Callable[[], Any]] | None:
+        """Work a request needs that would stall an event loop, for the caller to run in
+        a thread before :meth:`handle` (then passed to it as ``prepared``): generating
+        an RSA key pair for CreateKey or GenerateDataKeyPair(WithoutPlaintext), which
+        takes up to seconds for RSA_4096. Pure: it touches nothing of the service.
+        None when the request needs none (the request is not checked here: handle
+        checks it, and generates inline what it was not given)."""
+        if operation not in SLOW_OPERATIONS:
+            return None
+        name = "KeySpec" if operation == "CreateKey" else "KeyPairSpec"
+        spec = params.get(name)
+        if operation == "CreateKey" and spec is None:
+            spec = params.get("CustomerMasterKeySpec")
+        if not isinstance(spec, str) or not asymmetric.slow_to_generate(spec):
+            return None
+        if params.get("DryRun") is True:
+            return None
+        if operation == "CreateKey":
+            usage = params.get("KeyUsage", "ENCRYPT_DECRYPT")
+            if usage not in asymmetric.KEY_SPEC_USAGES.get(spec, ()):
+                return None  # refused anyway: generate nothing
+        return (operation, spec), lambda: asymmetric.generate_key_pair_der(spec)
+
+    def _take_prepared(self, operation: str, spec: str) -> Any:
+        """What slow_work computed for this request, if it was for this operation and
+        spec; else None."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == (operation, spec):
+            return prepared[1]
+        return None
+
     def handle(
-        self, operation: str, params: dict[str, Any], caller: Caller, request_id: str
+        self,
+        operation: str,
+        params: dict[str, Any],
+        caller: Caller,
+        request_id: str,
+        prepared: tuple[tuple[str, str], Any] | None = None,
     ) -> dict[str, Any]:
         """Run one operation and audit it, whatever its outcome.
+
+        ``prepared``: the tag and result of :meth:`slow_work` for this request, computed
+        off the event loop by the server.
 
         The whole request is checked (every member's type, every string's text)
         before anything runs. A state change (:data:`STATE_CHANGING_OPERATIONS`) runs
@@ -617,21 +811,40 @@ class KeyService:
         response: dict[str, Any] | None = None
         error: KMSError | None = None
         recorded = False
+        self._prepared = prepared
+        self._params = params if isinstance(params, dict) else {}
+        self._request_tokens = ()
+        self._grant_ids = []
+        self._grant_key_id = None
         try:
             method = self._operations.get(operation)
             if method is None:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
             check_request(operation, params)
+            if "GrantTokens" in REQUEST_MEMBERS[operation]:
+                # garbage is refused before anything runs (InvalidGrantTokenException)
+                self._request_tokens = grants.read_tokens(params.get("GrantTokens"))
             if operation in STATE_CHANGING_OPERATIONS:
-                with self.keystore.transaction():
-                    response = method(params, caller)
-                    self._record(
-                        self._audit_event(
-                            operation, params, caller, request_id, started, response, None
-                        ),
-                        durable=True,
-                    )
-                    recorded = True
+                self._commit_actions.clear()
+                try:
+                    with self.keystore.transaction():
+                        response = method(params, caller)
+                        self._record(
+                            self._audit_event(
+                                operation, params, caller, request_id, started, response, None
+                            ),
+                            durable=True,
+                        )
+                        recorded = True
+                except BaseException:
+                    for _action, on_abort in self._commit_actions:
+                        if on_abort is not None:
+                            on_abort()
+                    raise
+                finally:
+                    actions, self._commit_actions = self._commit_actions, []
+                for action, _on_abort in actions:
+                    action()
             else:
                 response = method(params, caller)
                 if operation in KEY_USE_OPERATIONS:
@@ -658,6 +871,8 @@ class KeyService:
             log.exception("keyd: internal error in %s (request id %s)", operation, request_id)
             raise error from exc
         finally:
+            self._prepared = None
+            self._params = {}
             if error is not None or not recorded:
                 self._record_best_effort(
                     self._audit_event(
@@ -670,6 +885,13 @@ class KeyService:
                         error,
                     )
                 )
+
+    def _after_commit(
+        self, action: Callable[[], None], *, on_abort: Callable[[], None] | None = None
+    ) -> None:
+        """Run *action* once this state change committed (its audit record on disk),
+        or *on_abort* if it is rolled back."""
+        self._commit_actions.append((action, on_abort))
 
     def record_refused(
         self, operation: str, caller: Caller, request_id: str, error: KMSError
@@ -758,6 +980,7 @@ class KeyService:
         now = self.clock()
         deleted: list[str] = []
         rotated: list[str] = []
+        expired: list[str] = []
         for key in self.keystore.list_keys():
             # Each change commits together with its audit record, or not at all (then
             # it is retried at the next pass: the key stays pending or due).
@@ -767,9 +990,21 @@ class KeyService:
                         with self.keystore.transaction() as db:
                             self.keystore.destroy_key(db, key.key_id, now)
                             self._policy_texts.pop(key.key_id, None)
+                            self._grants.pop(key.key_id, None)
                             self._record(self._service_event("DeleteKey", key.key_id), durable=True)
                         self._forget_ciphers(key.key_id)
                         deleted.append(key.key_id)
+                elif key.key_state in ("Enabled", "Disabled") and self.material_expired(key, now):
+                    # AWS deletes expired imported material (CloudTrail event
+                    # DeleteExpiredKeyMaterial); the key waits in PendingImport
+                    with self.keystore.transaction() as db:
+                        self.delete_material(db, key)
+                        self._record(
+                            self._service_event("DeleteExpiredKeyMaterial", key.key_id),
+                            durable=True,
+                        )
+                    self._forget_ciphers(key.key_id)
+                    expired.append(key.key_id)
                 elif (
                     key.key_state == "Enabled"
                     and key.rotation_enabled
@@ -784,7 +1019,7 @@ class KeyService:
                 log.warning("keyd maintenance of key %s postponed: %s", key.key_id, exc)
         if deleted or self.keystore.scrub_pending:
             self.keystore.scrub()
-        return {"deleted": deleted, "rotated": rotated}
+        return {"deleted": deleted, "rotated": rotated, "expired": expired}
 
     # ---------------------------------------------------------- key policies
     def policy_text(self, key: KeyRecord) -> str:
@@ -829,6 +1064,7 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         request_alias: str | None = None,
+        extra_conditions: dict[str, Any] | None = None,
     ) -> RequestContext:
         """What the key policy sees of a request: the caller's global condition keys
         (aws:PrincipalArn, kms:CallerAccount, kmsfs:Caller*, ...), the encryption
@@ -836,14 +1072,21 @@ class KeyService:
         kms:KeySpec and kms:KeyUsage, and kms:RequestAlias when the request named the
         key by an alias. kms:ViaService is absent: no AWS service calls keyd."""
         conditions: dict[str, Any] = principal.condition_keys()
+        now = self.clock()
+        conditions["aws:CurrentTime"] = _iso(now)
+        conditions["aws:EpochTime"] = int(now)
         conditions["kms:KeySpec"] = key.key_spec
         conditions["kms:KeyUsage"] = key.key_usage
+        conditions["kms:KeyOrigin"] = key.origin
+        conditions.update(_algorithm_keys(action, self._params))
         if encryption_context:
             conditions["kms:EncryptionContextKeys"] = list(encryption_context)
             for name, value in encryption_context.items():
                 conditions[ENCRYPTION_CONTEXT_PREFIX + name] = value
         if request_alias is not None:
             conditions["kms:RequestAlias"] = request_alias
+        if extra_conditions:
+            conditions.update(extra_conditions)
         # kms:ResourceAliases: every alias of the key, whichever name the request used
         conditions["kms:ResourceAliases"] = [
             alias.alias_name for alias in self.keystore.list_aliases(key.key_id)
@@ -865,12 +1108,26 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> tuple[bool, str]:
+        """Whether the key policy, or else one of the caller's grants on the key, allows
+        the request (and AWS's refusal message if not). An explicit Deny in the key
+        policy wins over grants ("an explicit deny in any of these policies overrides
+        the allow", AWS KMS "Determining access to AWS KMS keys"). Grants are consulted
+        only when the policy does not allow, so the default policy's fast path (its
+        principals) costs nothing more. A grant that allowed the request is noted for
+        the audit record (additionalEventData.grantId)."""
         principal = self.principal(caller)
         policy, conditional = self._policy(key)
         if conditional:
             context = self._request_context(
-                principal, "kms:" + operation, key, encryption_context, _alias_named(named)
+                principal,
+                "kms:" + operation,
+                key,
+                encryption_context,
+                _alias_named(named),
+                extra_conditions,
             )
         else:
             # Only Condition blocks read condition keys: a policy without any (the
@@ -887,6 +1144,11 @@ class KeyService:
         decision = evaluate(policy, context)
         if decision.allowed:
             return True, ""
+        if decision.effect != "Deny" and operation in grants.GRANT_OPERATIONS:
+            grant = self._grant_allowing(principal, operation, key, encryption_context, new_grant)
+            if grant is not None:
+                self._grant_ids.append(grant.grant_id)
+                return True, ""
         action, resource = context.action, context.resource
         # AWS's AccessDeniedException message shape
         if decision.effect == "Deny":
@@ -905,13 +1167,26 @@ class KeyService:
         key: KeyRecord,
         encryption_context: dict[str, str] | None = None,
         named: Any = None,
+        *,
+        extra_conditions: dict[str, Any] | None = None,
+        new_grant: Grant | None = None,
     ) -> None:
-        """Refuse with AccessDeniedException unless the key policy allows the request.
+        """Refuse with AccessDeniedException unless the key policy (or a grant) allows
+        the request.
 
         Policies apply to every caller, root (uid 0) included, as in AWS; the default
         policy allows root. (kmsfs's one exception, for PutKeyPolicy and GetKeyPolicy
-        only, is in those operations.)"""
-        allowed, message = self._allowed(caller, operation, key, encryption_context, named)
+        only, is in those operations.) The request's GrantTokens must name grants of
+        this key (of either key for ReEncrypt): InvalidGrantTokenException otherwise."""
+        if operation not in ("ReEncryptFrom", "ReEncryptTo"):
+            for token in self._request_tokens:
+                if token.key_id != key.key_id:
+                    raise InvalidGrantTokenException(
+                        f"A grant token does not name a grant of {self.arn(key.key_id)}."
+                    )
+        allowed, message = self._allowed(
+            caller, operation, key, encryption_context, named, extra_conditions, new_grant
+        )
         if not allowed:
             error = AccessDeniedException(message)
             error.resource_arn = self.arn(key.key_id)  # for the refusal's audit record
@@ -931,7 +1206,12 @@ class KeyService:
             )
 
     def _may_describe(self, caller: Caller, key: KeyRecord) -> bool:
-        return self._allowed(caller, "DescribeKey", key)[0]
+        """For filtering listings: a grant that makes a key visible did not allow the
+        listing itself, so it is not named in the listing's audit record."""
+        noted = len(self._grant_ids)
+        allowed = self._allowed(caller, "DescribeKey", key)[0]
+        del self._grant_ids[noted:]
+        return allowed
 
     def _check_new_policy(
         self, params: dict[str, Any], caller: Caller, key: KeyRecord, text: str
@@ -989,6 +1269,196 @@ class KeyService:
         page, extra = self._page(params, ["default"], 100, 1000)
         return {"PolicyNames": page, **extra}
 
+    # ----------------------------------------------------------------- grants
+    def _grants_of(self, key_id: str) -> dict[str, tuple[Grant, ...]]:
+        """The key's grants by grantee ARN (cached; one query per key)."""
+        index = self._grants.get(key_id)
+        if index is None:
+            by_grantee: dict[str, list[Grant]] = {}
+            for grant in self.keystore.list_grants(key_id):
+                by_grantee.setdefault(grant.grantee, []).append(grant)
+            index = {grantee: tuple(found) for grantee, found in by_grantee.items()}
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key_id] = index
+        return index
+
+    def _grant_allowing(
+        self,
+        principal: Principal,
+        operation: str,
+        key: KeyRecord,
+        encryption_context: dict[str, str] | None,
+        new_grant: Grant | None,
+    ) -> Grant | None:
+        index = self._grants_of(key.key_id)
+        if not index:
+            return None
+        for arn in principal.arns:
+            grant = grants.allowing_grant(
+                index.get(arn, ()), operation, encryption_context, new_grant
+            )
+            if grant is not None:
+                return grant
+        return None
+
+    def _op_CreateGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        # KeyId: key id or key ARN (AWS's CreateGrant takes no alias)
+        key = self._resolve(params, allow_alias=False)
+        grantee = grants.check_principal(
+            params.get("GranteePrincipal"), "GranteePrincipal", self.account
+        )
+        retiring = None
+        if params.get("RetiringPrincipal") is not None:
+            retiring = grants.check_principal(
+                params["RetiringPrincipal"], "RetiringPrincipal", self.account
+            )
+        operations = grants.parse_operations(params.get("Operations"))
+        constraints = grants.parse_constraints(params.get("Constraints"), operations)
+        grant = Grant(
+            grant_id=grants.new_grant_id(),
+            key_id=key.key_id,
+            name=grants.parse_name(params.get("Name")),
+            grantee=grantee,
+            retiring=retiring,
+            operations=operations,
+            constraints=constraints,
+            creation_date=self.clock(),
+            issuing_account=root_arn(self.account),
+        )
+        # the condition keys AWS fills for CreateGrant; kms:EncryptionContext:* see the
+        # grant's constraints
+        extra: dict[str, Any] = {
+            "kms:GrantOperations": list(operations),
+            "kms:GranteePrincipal": grantee,
+            "kms:GrantIsForAWSResource": False,
+        }
+        if retiring is not None:
+            extra["kms:RetiringPrincipal"] = retiring
+        # kms:GrantConstraintType: which constraint types the grant has
+        extra["kms:GrantConstraintType"] = list(constraints.to_json() or ())
+        self._authorize(
+            caller,
+            "CreateGrant",
+            key,
+            constraints.context_for_policy(),
+            extra_conditions=extra,
+            new_grant=grant,
+        )
+        self._require_not_pending(key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if grant.name:
+                # a retry with the same Name and parameters returns the existing grant
+                # and a new token (AWS CreateGrant, Name)
+                for existing in self.keystore.list_grants_named(key.key_id, grant.name):
+                    if existing.same_request(grant):
+                        return {
+                            "GrantToken": grants.make_token(key.key_id, existing.grant_id),
+                            "GrantId": existing.grant_id,
+                        }
+            if self.keystore.count_grants(db, key.key_id) >= grants.MAX_GRANTS_PER_KEY:
+                raise LimitExceededException(
+                    f"{self.arn(key.key_id)} has {grants.MAX_GRANTS_PER_KEY} grants, the "
+                    "most a key can have; retire or revoke some first"
+                )
+            grant = dataclasses.replace(grant, token=grants.make_token(key.key_id, grant.grant_id))
+            self.keystore.insert_grant(db, grant)
+        self._grants.pop(key.key_id, None)
+        return {"GrantToken": grant.token, "GrantId": grant.grant_id}
+
+    def _op_ListGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        grant_id = None
+        if params.get("GrantId") is not None:
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grantee = _string(params, "GranteePrincipal", max_len=256)
+        self._authorize(caller, "ListGrants", key)  # key policy only: not grantable
+        key_arn = self.arn(key.key_id)
+        entries = [
+            grant.list_entry(key_arn)
+            for grant in self.keystore.list_grants(key.key_id)
+            if grant_id in (None, grant.grant_id) and grantee in (None, grant.grantee)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _op_ListRetirableGrants(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        retiring = _string(params, "RetiringPrincipal", required=True, max_len=256)
+        assert retiring is not None
+        principal = self.principal(caller)
+        # kmsfs: AWS governs ListRetirableGrants by IAM policies only; without IAM, a
+        # principal may list the grants it may retire, and root anyone's.
+        if retiring not in principal.arns and not principal.is_root:
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: "
+                f"kms:ListRetirableGrants for {retiring}: only that principal itself or "
+                "root may list its retirable grants"
+            )
+        entries = [
+            grant.list_entry(self.arn(grant.key_id))
+            for grant in self.keystore.list_retirable_grants(retiring)
+        ]
+        page, extra = self._page(params, entries, 50, 100)
+        return {"Grants": page, **extra}
+
+    def _grant_named(self, params: dict[str, Any]) -> tuple[KeyRecord, Grant]:
+        """RetireGrant's grant: by GrantToken, or by KeyId and GrantId."""
+        token = _string(params, "GrantToken", max_len=grants.MAX_GRANT_TOKEN_CHARS)
+        if token is not None:
+            named = grants.read_token(token)
+            given_key = params.get("KeyId")
+            if (
+                given_key is not None
+                and self._resolve(params, allow_alias=False).key_id != named.key_id
+            ):
+                raise ValidationException("GrantToken and KeyId name different keys")
+            if params.get("GrantId") not in (None, named.grant_id):
+                raise ValidationException("GrantToken and GrantId name different grants")
+            key_id, grant_id = named.key_id, named.grant_id
+            key = self.keystore.get_key(key_id)
+        else:
+            if params.get("KeyId") is None or params.get("GrantId") is None:
+                raise ValidationException("RetireGrant needs GrantToken, or KeyId and GrantId")
+            key = self._resolve(params, allow_alias=False)
+            grant_id = grants.check_grant_id(params["GrantId"])
+        grant = self.keystore.get_grant(key.key_id, grant_id) if key is not None else None
+        if key is None or grant is None:
+            raise NotFoundException(f"Grant ID {grant_id} not found")
+        return key, grant
+
+    def _op_RetireGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, grant = self._grant_named(params)
+        principal = self.principal(caller)
+        # "The grant determines who can retire it" (Retiring and revoking grants):
+        # no key policy check
+        if not grants.may_retire(grant, principal.arns, principal.root_arn):
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: kms:RetireGrant on "
+                f"resource: {self.arn(key.key_id)} because it is neither the grant's "
+                "retiring principal nor its grantee with RetireGrant in the grant"
+            )
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            self.keystore.delete_grant(db, key.key_id, grant.grant_id)
+        self._grants.pop(key.key_id, None)
+        self._grant_ids.append(grant.grant_id)  # audited: which grant went away
+        self._grant_key_id = key.key_id
+        return {}
+
+    def _op_RevokeGrant(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params, allow_alias=False)
+        _string(params, "GrantId", required=True, max_len=128)
+        grant_id = grants.check_grant_id(params["GrantId"])
+        # "access to the RevokeGrant operation is controlled through key policies"
+        self._authorize(caller, "RevokeGrant", key)
+        _dry_run(params)
+        with self.keystore.transaction() as db:
+            if not self.keystore.delete_grant(db, key.key_id, grant_id):
+                raise NotFoundException(f"Grant ID {grant_id} not found")
+        self._grants.pop(key.key_id, None)
+        return {}
+
     # --------------------------------------------------------------- helpers
     def arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account}:key/{key_id}"
@@ -1029,15 +1499,34 @@ class KeyService:
         return key
 
     def _require_usable(self, key: KeyRecord) -> None:
-        """Cryptographic operations need an Enabled key."""
+        """Cryptographic operations need an Enabled key (with unexpired material)."""
         if key.key_state == "Disabled":
             raise DisabledException(f"{self.arn(key.key_id)} is disabled.")
         if key.key_state != "Enabled":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is {key.key_state}.")
+        if key.origin == "EXTERNAL" and self.material_expired(key, self.clock()):
+            # deleted at the next maintenance pass; unusable from ValidTo on, as in AWS
+            raise KMSInvalidStateException(
+                f"{self.arn(key.key_id)}: its imported key material expired."
+            )
+
+    def _require_material(self, key: KeyRecord) -> None:
+        if key.key_state == "PendingImport":
+            raise KMSInvalidStateException(
+                f"{self.arn(key.key_id)} is pending import: it has no key material yet."
+            )
 
     def _require_not_pending(self, key: KeyRecord) -> None:
         if key.key_state == "PendingDeletion":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is pending deletion.")
+
+    def _refuse_rotation_of_imported(self, key: KeyRecord) -> None:
+        # AWS: automatic rotation is not supported for keys with imported material (and
+        # kmsfs has no new imported material versions either)
+        if key.origin == "EXTERNAL":
+            raise UnsupportedOperationException(
+                f"{self.arn(key.key_id)} has imported key material: rotation is not supported"
+            )
 
     def _cipher(self, key_id: str, version: int) -> AESGCM | None:
         cipher = self._ciphers.get((key_id, version))
@@ -1051,6 +1540,67 @@ class KeyService:
     def _forget_ciphers(self, key_id: str) -> None:
         for cache_key in [k for k in self._ciphers if k[0] == key_id]:
             del self._ciphers[cache_key]
+        for cache_key in [k for k in self._private_keys if k[0] == key_id]:
+            del self._private_keys[cache_key]
+
+    def _material(self, key: KeyRecord) -> bytes:
+        """The unsealed material of the key's current version (asymmetric and HMAC keys
+        have one version: they cannot be rotated)."""
+        material = self.keystore.unseal_material(key.key_id, key.current_version)
+        if material is None:
+            raise KMSInternalException("key material is missing")
+        return material
+
+    def _private_key(self, key: KeyRecord) -> asymmetric.PrivateKey:
+        cache_key = (key.key_id, key.current_version)
+        private = self._private_keys.get(cache_key)
+        if private is None:
+            private = asymmetric.load_private_key(self._material(key))
+            if len(self._private_keys) >= 1024:
+                self._private_keys.clear()
+            self._private_keys[cache_key] = private
+        return private
+
+    def _check_encryption_key(
+        self, key: KeyRecord, algorithm: str, context: dict[str, str], operation: str
+    ) -> None:
+        """The key can encrypt/decrypt with ``algorithm``: its KeyUsage is ENCRYPT_DECRYPT
+        and its KeySpec supports the algorithm (InvalidKeyUsageException otherwise, as
+        AWS: SYMMETRIC_DEFAULT only for symmetric keys, RSAES_OAEP_SHA_1/256 only for
+        RSA keys). An encryption context is supported only with symmetric encryption
+        keys (AWS Encrypt: "An encryption context is supported only on operations with
+        symmetric encryption KMS keys")."""
+        asymmetric.require_usage(key.key_spec, key.key_usage, "ENCRYPT_DECRYPT", operation)
+        asymmetric.require_algorithm(
+            "EncryptionAlgorithm",
+            algorithm,
+            asymmetric.encryption_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        if context and key.key_spec != "SYMMETRIC_DEFAULT":
+            raise ValidationException(
+                "EncryptionContext is supported only on operations with symmetric "
+                f"encryption KMS keys; {self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
+
+    def _rsa_encrypt(self, key: KeyRecord, algorithm: str, plaintext: bytes) -> bytes:
+        return asymmetric.rsa_encrypt(self._private_key(key), key.key_spec, algorithm, plaintext)
+
+    def _rsa_open(
+        self,
+        key: KeyRecord,
+        algorithm: str,
+        blob: bytes,
+        context: dict[str, str],
+        operation: str,
+        authorize: Callable[[KeyRecord], None],
+    ) -> bytes:
+        """Decrypt raw RSAES-OAEP ciphertext with an RSA key named in the request."""
+        self._check_encryption_key(key, algorithm, context, operation)
+        authorize(key)
+        self._require_usable(key)
+        private = self._private_key(key)
+        return asymmetric.rsa_decrypt(private, algorithm, blob)
 
     def _seal(self, key: KeyRecord, plaintext: bytes, context: dict[str, str]) -> bytes:
         cipher = self._cipher(key.key_id, key.current_version)
@@ -1060,6 +1610,13 @@ class KeyService:
         nonce = os.urandom(12)
         aad = head + encode_encryption_context(context)
         return head + nonce + cipher.encrypt(nonce, plaintext, aad)
+
+    def _blob_key(self, blob: bytes) -> KeyRecord | None:
+        """The existing key one of keyd's symmetric blobs names, if it looks like one."""
+        if len(blob) < BLOB_HEADER_LEN + TAG_LEN or blob[0] != BLOB_VERSION:
+            return None
+        _, key_bytes, _version = _BLOB_HEAD.unpack_from(blob)
+        return self.keystore.get_key(str(uuid.UUID(bytes=key_bytes)))
 
     def _open(
         self,
@@ -1082,6 +1639,9 @@ class KeyService:
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this operation."
             )
+        if key.key_spec != "SYMMETRIC_DEFAULT":
+            # only symmetric keys seal blobs: this one was made, not sealed by keyd
+            raise InvalidCiphertextException("The ciphertext is invalid.")
         authorize(key)  # the key policy decides before anything is decrypted
         self._require_usable(key)
         cipher = self._cipher(key_id, version) if 1 <= version <= key.current_version else None
@@ -1126,12 +1686,14 @@ class KeyService:
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": key.key_spec,
             "KeySpec": key.key_spec,
-            "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+            **asymmetric.algorithm_fields(key.key_spec, key.key_usage),
             "MultiRegion": False,
         }
         if key.key_state == "PendingDeletion":
             metadata["DeletionDate"] = key.deletion_date
             metadata["PendingDeletionWindowInDays"] = key.pending_window_days
+        if key.origin == "EXTERNAL":
+            metadata.update(self.import_metadata(key))
         return metadata
 
     @staticmethod
@@ -1167,20 +1729,33 @@ class KeyService:
         key_usage = _string(params, "KeyUsage", choices=_KEY_USAGES) or "ENCRYPT_DECRYPT"
         origin = _string(params, "Origin", choices=_ORIGINS) or "AWS_KMS"
         if key_spec not in _SUPPORTED_KEY_SPECS:
-            raise UnsupportedOperationException(f"KeySpec {key_spec} is not supported yet")
-        if key_usage != "ENCRYPT_DECRYPT":
-            raise ValidationException(f"KeyUsage {key_usage} is not valid for KeySpec {key_spec}")
-        if origin != "AWS_KMS":
+            raise UnsupportedOperationException(
+                f"KeySpec {key_spec} is not supported by keyd (supported: "
+                f"{', '.join(asymmetric.KEY_SPEC_USAGES)})"
+            )
+        # AWS CreateKey: KeyUsage defaults to ENCRYPT_DECRYPT; a pair the key spec
+        # reference does not list is a ValidationException naming the valid usages
+        asymmetric.check_spec_usage(key_spec, key_usage)
+        if origin not in ("AWS_KMS", "EXTERNAL"):
             raise UnsupportedOperationException(f"Origin {origin} is not supported")
+        if origin == "EXTERNAL" and key_spec != "SYMMETRIC_DEFAULT":
+            raise UnsupportedOperationException(
+                "kmsfs imports symmetric key material only: Origin EXTERNAL needs KeySpec "
+                "SYMMETRIC_DEFAULT"
+            )
+        key_id = str(uuid.uuid4())
+        if params.get("KeyId") is not None:
+            key_id = self._chosen_key_id(params, origin)
         if _field(params, "MultiRegion", bool, False):
             raise UnsupportedOperationException("multi-Region keys are not supported")
         policy = _string(params, "Policy", max_len=32768)
         tags = self._parse_tags(params)
         now = self.clock()
         key = KeyRecord(
-            key_id=str(uuid.uuid4()),
+            key_id=key_id,
             description=description,
-            key_state="Enabled",
+            # AWS: a key for imported material waits in PendingImport without material
+            key_state="PendingImport" if origin == "EXTERNAL" else "Enabled",
             key_spec=key_spec,
             key_usage=key_usage,
             origin=origin,
@@ -1201,8 +1776,16 @@ class KeyService:
         else:
             self._check_new_policy(params, caller, key, policy)
         _dry_run(params)
+        # RSA pairs come generated off the event loop (slow_work), others are quick; a
+        # key for imported material has none until ImportKeyMaterial
+        prepared = self._take_prepared("CreateKey", key_spec)
+        material: bytes | None = None
+        if origin == "AWS_KMS":
+            material = (
+                prepared[0] if prepared is not None else asymmetric.generate_material(key_spec)
+            )
         with self.keystore.transaction() as db:
-            self.keystore.insert_key(db, key, os.urandom(32))
+            self.keystore.insert_key(db, key, material)
             self.keystore.put_policy(db, key.key_id, policy)
             self._policy_texts.pop(key.key_id, None)
             db.executemany(
@@ -1210,6 +1793,21 @@ class KeyService:
                 [(key.key_id, tag_key, tag_value) for tag_key, tag_value in tags],
             )
         return {"KeyMetadata": self.key_metadata(key)}
+
+    def _chosen_key_id(self, params: dict[str, Any], origin: str) -> str:
+        """kmsfs's own CreateKey member ``KeyId``, for Origin EXTERNAL only: recreate a
+        key under its old id in a fresh keystore, to re-import escrowed material (see
+        kmsfs.kms.byok). Never an id this keystore has or had."""
+        value = _string(params, "KeyId", max_len=36)
+        assert value is not None
+        if origin != "EXTERNAL":
+            raise ValidationException("KeyId can be chosen only for a key with Origin EXTERNAL")
+        value = value.lower()
+        if not _UUID_RE.fullmatch(value):
+            raise ValidationException(f"KeyId {value!r} is not a key id (a UUID)")
+        if self.keystore.get_key(value) is not None or self.keystore.was_deleted(value):
+            raise AlreadyExistsException(f"{self.arn(value)} exists or existed in this keystore")
+        return value
 
     def _op_DescribeKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
@@ -1228,6 +1826,7 @@ class KeyService:
         key = self._resolve(params)
         self._authorize(caller, "EnableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
+        self._require_material(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Enabled")
         return {}
@@ -1236,6 +1835,7 @@ class KeyService:
         key = self._resolve(params)
         self._authorize(caller, "DisableKey", key, named=params.get("KeyId"))
         self._require_not_pending(key)
+        self._require_material(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(db, key.key_id, key_state="Disabled")
         return {}
@@ -1266,10 +1866,14 @@ class KeyService:
         self._authorize(caller, "CancelKeyDeletion", key, named=params.get("KeyId"))
         if key.key_state != "PendingDeletion":
             raise KMSInvalidStateException(f"{self.arn(key.key_id)} is not pending deletion.")
-        # As AWS does: a key whose deletion is cancelled comes back Disabled.
+        # As AWS does: a key whose deletion is cancelled comes back Disabled (a key
+        # for imported material that has none: PendingImport).
+        state = "Disabled"
+        if key.origin == "EXTERNAL" and not self.keystore.list_versions(key.key_id):
+            state = "PendingImport"
         with self.keystore.transaction() as db:
             self.keystore.update_key(
-                db, key.key_id, key_state="Disabled", deletion_date=None, pending_window_days=None
+                db, key.key_id, key_state=state, deletion_date=None, pending_window_days=None
             )
         return {"KeyId": self.arn(key.key_id)}
 
@@ -1278,7 +1882,9 @@ class KeyService:
         key = self._resolve(params)
         period = _integer(params, "RotationPeriodInDays", 90, 2560) or 365
         self._authorize(caller, "EnableKeyRotation", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "EnableKeyRotation")
         self._require_usable(key)
+        self._refuse_rotation_of_imported(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
                 db,
@@ -1292,6 +1898,7 @@ class KeyService:
     def _op_DisableKeyRotation(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         self._authorize(caller, "DisableKeyRotation", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "DisableKeyRotation")
         self._require_usable(key)
         with self.keystore.transaction() as db:
             self.keystore.update_key(
@@ -1302,6 +1909,17 @@ class KeyService:
                 next_rotation_date=None,
             )
         return {}
+
+    def _require_rotatable(self, key: KeyRecord, operation: str) -> None:
+        """AWS: "Automatic key rotation is supported only on symmetric encryption KMS
+        keys. You cannot enable automatic rotation of asymmetric KMS keys, HMAC KMS
+        keys..." (EnableKeyRotation, DisableKeyRotation; RotateKeyOnDemand likewise):
+        UnsupportedOperationException. GetKeyRotationStatus reports false for them."""
+        if key.key_spec != "SYMMETRIC_DEFAULT":
+            raise UnsupportedOperationException(
+                f"{operation} is supported only on symmetric encryption KMS keys; "
+                f"{self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
 
     def _op_GetKeyRotationStatus(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
@@ -1318,7 +1936,9 @@ class KeyService:
     def _op_RotateKeyOnDemand(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         self._authorize(caller, "RotateKeyOnDemand", key, named=params.get("KeyId"))
+        self._require_rotatable(key, "RotateKeyOnDemand")
         self._require_usable(key)
+        self._refuse_rotation_of_imported(key)
         self._add_version(key, "ON_DEMAND", self.clock())
         return {"KeyId": self.arn(key.key_id)}
 
@@ -1339,41 +1959,70 @@ class KeyService:
         return {"Rotations": page, **extra}
 
     # ------------------------------------------------------------ cryptography
+    def _encryption_algorithm(self, params: dict[str, Any], name: str) -> str:
+        return _string(params, name, choices=_ENCRYPTION_ALGORITHMS) or "SYMMETRIC_DEFAULT"
+
     def _op_Encrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         key = self._resolve(params)
         plaintext = _binary(params, "Plaintext", MAX_PLAINTEXT)
         context = _context(params, "EncryptionContext")
-        _symmetric_algorithm(params)
+        algorithm = self._encryption_algorithm(params, "EncryptionAlgorithm")
+        self._check_encryption_key(key, algorithm, context, "Encrypt")
+        assert plaintext is not None
+        if algorithm != "SYMMETRIC_DEFAULT":
+            # the plaintext limit of the key size and OAEP hash, before anything runs
+            limit = asymmetric.max_plaintext(key.key_spec, algorithm)
+            if len(plaintext) > limit:
+                raise ValidationException(
+                    f"Plaintext is {len(plaintext)} bytes; the maximum for KeySpec "
+                    f"{key.key_spec} with {algorithm} is {limit} bytes"
+                )
         self._authorize(caller, "Encrypt", key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
-        assert plaintext is not None
-        blob = self._seal(key, plaintext, context)
+        if algorithm == "SYMMETRIC_DEFAULT":
+            blob = self._seal(key, plaintext, context)
+        else:
+            blob = self._rsa_encrypt(key, algorithm, plaintext)
         return {
             "CiphertextBlob": base64.b64encode(blob).decode(),
             "KeyId": self.arn(key.key_id),
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithm": algorithm,
         }
 
     def _op_Decrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         blob = _binary(params, "CiphertextBlob", MAX_CIPHERTEXT)
         context = _context(params, "EncryptionContext")
         expected = self._resolve(params) if params.get("KeyId") is not None else None
-        _symmetric_algorithm(params)
+        algorithm = self._encryption_algorithm(params, "EncryptionAlgorithm")
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
         assert blob is not None
-        key, plaintext = self._open(
-            blob,
-            context,
-            expected,
-            lambda key: self._authorize(caller, "Decrypt", key, context, params.get("KeyId")),
-        )
+
+        def authorize(key: KeyRecord) -> None:
+            self._authorize(caller, "Decrypt", key, context, params.get("KeyId"))
+
+        if algorithm == "SYMMETRIC_DEFAULT":
+            if expected is not None:
+                self._check_encryption_key(expected, algorithm, context, "Decrypt")
+            key, plaintext = self._open(blob, context, expected, authorize)
+        else:
+            # AWS Decrypt: "If you used an asymmetric KMS key, you must specify KeyId":
+            # raw RSA ciphertext does not name its key
+            if expected is None:
+                named = self._blob_key(blob)
+                if named is not None:  # a symmetric blob: the algorithm cannot open it
+                    self._check_encryption_key(named, algorithm, context, "Decrypt")
+                raise ValidationException(
+                    f"KeyId is required to decrypt with EncryptionAlgorithm {algorithm}"
+                )
+            key = expected
+            plaintext = self._rsa_open(key, algorithm, blob, context, "Decrypt", authorize)
         _dry_run(params)
         return {
             "KeyId": self.arn(key.key_id),
             "Plaintext": base64.b64encode(plaintext).decode(),
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithm": algorithm,
         }
 
     def _op_ReEncrypt(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -1384,8 +2033,20 @@ class KeyService:
             self._resolve(params, "SourceKeyId") if params.get("SourceKeyId") is not None else None
         )
         destination = self._resolve(params, "DestinationKeyId")
-        _symmetric_algorithm(params, "SourceEncryptionAlgorithm")
-        _symmetric_algorithm(params, "DestinationEncryptionAlgorithm")
+        source_algorithm = self._encryption_algorithm(params, "SourceEncryptionAlgorithm")
+        destination_algorithm = self._encryption_algorithm(params, "DestinationEncryptionAlgorithm")
+        self._check_encryption_key(
+            destination, destination_algorithm, destination_context, "ReEncrypt"
+        )
+        if source_expected is not None:
+            self._check_encryption_key(
+                source_expected, source_algorithm, source_context, "ReEncrypt"
+            )
+        elif source_algorithm != "SYMMETRIC_DEFAULT":
+            raise ValidationException(
+                f"SourceKeyId is required to decrypt with SourceEncryptionAlgorithm "
+                f"{source_algorithm}"
+            )
         assert blob is not None
         self._authorize(
             caller,
@@ -1394,23 +2055,37 @@ class KeyService:
             destination_context,
             params.get("DestinationKeyId"),
         )
-        source, plaintext = self._open(
-            blob,
-            source_context,
-            source_expected,
-            lambda key: self._authorize(
-                caller, "ReEncryptFrom", key, source_context, params.get("SourceKeyId")
-            ),
-        )
+
+        def authorize(key: KeyRecord) -> None:
+            self._authorize(caller, "ReEncryptFrom", key, source_context, params.get("SourceKeyId"))
+
+        if source_algorithm == "SYMMETRIC_DEFAULT":
+            source, plaintext = self._open(blob, source_context, source_expected, authorize)
+        else:
+            assert source_expected is not None
+            source = source_expected
+            plaintext = self._rsa_open(
+                source, source_algorithm, blob, source_context, "ReEncrypt", authorize
+            )
         self._require_usable(destination)
+        if destination_algorithm != "SYMMETRIC_DEFAULT":
+            limit = asymmetric.max_plaintext(destination.key_spec, destination_algorithm)
+            if len(plaintext) > limit:
+                raise ValidationException(
+                    f"the plaintext is {len(plaintext)} bytes; the maximum for KeySpec "
+                    f"{destination.key_spec} with {destination_algorithm} is {limit} bytes"
+                )
         _dry_run(params)
-        new_blob = self._seal(destination, plaintext, destination_context)
+        if destination_algorithm == "SYMMETRIC_DEFAULT":
+            new_blob = self._seal(destination, plaintext, destination_context)
+        else:
+            new_blob = self._rsa_encrypt(destination, destination_algorithm, plaintext)
         return {
             "CiphertextBlob": base64.b64encode(new_blob).decode(),
             "SourceKeyId": self.arn(source.key_id),
             "KeyId": self.arn(destination.key_id),
-            "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-            "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "SourceEncryptionAlgorithm": source_algorithm,
+            "DestinationEncryptionAlgorithm": destination_algorithm,
         }
 
     def _data_key(
@@ -1424,6 +2099,7 @@ class KeyService:
             raise ValidationException("Please specify either KeySpec or NumberOfBytes, not both")
         if params.get("Recipient") is not None:
             raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        self._check_encryption_key(key, "SYMMETRIC_DEFAULT", context, operation)
         self._authorize(caller, operation, key, context, params.get("KeyId"))
         self._require_usable(key)
         _dry_run(params)
@@ -1443,6 +2119,202 @@ class KeyService:
     ) -> dict[str, Any]:
         key, _data_key, blob = self._data_key(params, caller, "GenerateDataKeyWithoutPlaintext")
         return {"CiphertextBlob": base64.b64encode(blob).decode(), "KeyId": self.arn(key.key_id)}
+
+    # ------------------------------------------------ asymmetric and HMAC keys
+    def _data_key_pair(
+        self, params: dict[str, Any], caller: Caller, operation: str
+    ) -> tuple[KeyRecord, str, bytes, bytes, bytes]:
+        """GenerateDataKeyPair(WithoutPlaintext): a new RSA or ECC key pair whose private
+        key (PKCS#8 DER) is sealed under a symmetric encryption CMK with the encryption
+        context, as AWS KMS does. Returns the CMK, the pair spec, the private key, its
+        sealed blob and the public key (SubjectPublicKeyInfo DER)."""
+        key = self._resolve(params)
+        context = _context(params, "EncryptionContext")
+        pair_spec = _string(
+            params, "KeyPairSpec", required=True, choices=set(asymmetric.KEY_PAIR_SPECS)
+        )
+        assert pair_spec is not None
+        if pair_spec == "SM2":
+            raise UnsupportedOperationException(
+                "KeyPairSpec SM2 is available only in AWS China Regions"
+            )
+        if params.get("Recipient") is not None:
+            raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        # AWS: the KMS key must be a symmetric encryption key (InvalidKeyUsageException)
+        self._check_encryption_key(key, "SYMMETRIC_DEFAULT", context, operation)
+        self._authorize(caller, operation, key, context, params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        prepared = self._take_prepared(operation, pair_spec)
+        private_der, public_der = prepared or asymmetric.generate_key_pair_der(pair_spec)
+        blob = self._seal(key, private_der, context)
+        return key, pair_spec, private_der, blob, public_der
+
+    def _op_GenerateDataKeyPair(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, pair_spec, private_der, blob, public_der = self._data_key_pair(
+            params, caller, "GenerateDataKeyPair"
+        )
+        return {
+            "PrivateKeyCiphertextBlob": base64.b64encode(blob).decode(),
+            "PrivateKeyPlaintext": base64.b64encode(private_der).decode(),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "KeyId": self.arn(key.key_id),
+            "KeyPairSpec": pair_spec,
+        }
+
+    def _op_GenerateDataKeyPairWithoutPlaintext(
+        self, params: dict[str, Any], caller: Caller
+    ) -> dict[str, Any]:
+        key, pair_spec, _private_der, blob, public_der = self._data_key_pair(
+            params, caller, "GenerateDataKeyPairWithoutPlaintext"
+        )
+        return {
+            "PrivateKeyCiphertextBlob": base64.b64encode(blob).decode(),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "KeyId": self.arn(key.key_id),
+            "KeyPairSpec": pair_spec,
+        }
+
+    def _op_GetPublicKey(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params)
+        self._authorize(caller, "GetPublicKey", key, named=params.get("KeyId"))
+        if not asymmetric.is_asymmetric(key.key_spec):
+            # AWS: GetPublicKey "Returns the public key of an asymmetric KMS key"
+            raise UnsupportedOperationException(
+                f"GetPublicKey is supported only on asymmetric KMS keys; "
+                f"{self.arn(key.key_id)} has KeySpec {key.key_spec}"
+            )
+        self._require_usable(key)
+        public_der = asymmetric.public_key_der(self._private_key(key))
+        return {
+            "KeyId": self.arn(key.key_id),
+            "PublicKey": base64.b64encode(public_der).decode(),
+            "CustomerMasterKeySpec": key.key_spec,
+            "KeySpec": key.key_spec,
+            "KeyUsage": key.key_usage,
+            **asymmetric.algorithm_fields(key.key_spec, key.key_usage),
+        }
+
+    def _signing_request(
+        self, params: dict[str, Any], operation: str
+    ) -> tuple[KeyRecord, bytes, str, str]:
+        """The checked members of Sign/Verify: key, message, message type, algorithm."""
+        key = self._resolve(params)
+        message = _binary(params, "Message", asymmetric.MAX_MESSAGE)
+        message_type = (
+            _string(params, "MessageType", choices=set(asymmetric.MESSAGE_TYPES)) or "RAW"
+        )
+        algorithm = _string(
+            params, "SigningAlgorithm", required=True, choices=set(asymmetric.SIGNING_ALGORITHMS)
+        )
+        assert message is not None and algorithm is not None
+        asymmetric.require_usage(key.key_spec, key.key_usage, "SIGN_VERIFY", operation)
+        asymmetric.require_algorithm(
+            "SigningAlgorithm",
+            algorithm,
+            asymmetric.signing_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        if message_type == "EXTERNAL_MU":
+            raise ValidationException("MessageType EXTERNAL_MU is valid only for ML-DSA keys")
+        asymmetric.digest_for(algorithm, message, message_type)  # DIGEST length check
+        return key, message, message_type, algorithm
+
+    def _op_Sign(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, message_type, algorithm = self._signing_request(params, "Sign")
+        self._authorize(caller, "Sign", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        signature = asymmetric.sign(self._private_key(key), algorithm, message, message_type)
+        return {
+            "KeyId": self.arn(key.key_id),
+            "Signature": base64.b64encode(signature).decode(),
+            "SigningAlgorithm": algorithm,
+        }
+
+    def _op_Verify(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, message_type, algorithm = self._signing_request(params, "Verify")
+        signature = _binary(params, "Signature", asymmetric.MAX_SIGNATURE)
+        assert signature is not None
+        self._authorize(caller, "Verify", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        if not asymmetric.verify(
+            self._private_key(key), algorithm, message, message_type, signature
+        ):
+            # AWS Verify: an invalid signature is KMSInvalidSignatureException, never
+            # SignatureValid false
+            raise KMSInvalidSignatureException("The signature is not valid.")
+        return {
+            "KeyId": self.arn(key.key_id),
+            "SignatureValid": True,
+            "SigningAlgorithm": algorithm,
+        }
+
+    def _mac_request(self, params: dict[str, Any], operation: str) -> tuple[KeyRecord, bytes, str]:
+        key = self._resolve(params)
+        message = _binary(params, "Message", asymmetric.MAX_MESSAGE)
+        algorithm = _string(
+            params, "MacAlgorithm", required=True, choices=set(asymmetric.MAC_ALGORITHMS)
+        )
+        assert message is not None and algorithm is not None
+        asymmetric.require_usage(key.key_spec, key.key_usage, "GENERATE_VERIFY_MAC", operation)
+        asymmetric.require_algorithm(
+            "MacAlgorithm",
+            algorithm,
+            asymmetric.mac_algorithms(key.key_spec, key.key_usage),
+            key.key_spec,
+        )
+        return key, message, algorithm
+
+    def _op_GenerateMac(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, algorithm = self._mac_request(params, "GenerateMac")
+        self._authorize(caller, "GenerateMac", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        mac = asymmetric.generate_mac(self._material(key), algorithm, message)
+        return {
+            "Mac": base64.b64encode(mac).decode(),
+            "MacAlgorithm": algorithm,
+            "KeyId": self.arn(key.key_id),
+        }
+
+    def _op_VerifyMac(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key, message, algorithm = self._mac_request(params, "VerifyMac")
+        mac = _binary(params, "Mac", asymmetric.MAX_SIGNATURE)
+        assert mac is not None
+        self._authorize(caller, "VerifyMac", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        if not asymmetric.verify_mac(self._material(key), algorithm, message, mac):
+            # AWS VerifyMac: a wrong MAC is KMSInvalidMacException
+            raise KMSInvalidMacException("The MAC is not valid.")
+        return {"KeyId": self.arn(key.key_id), "MacValid": True, "MacAlgorithm": algorithm}
+
+    def _op_DeriveSharedSecret(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        key = self._resolve(params)
+        algorithm = _string(
+            params,
+            "KeyAgreementAlgorithm",
+            required=True,
+            choices=set(asymmetric.KEY_AGREEMENT_ALGORITHMS),
+        )
+        peer = _binary(params, "PublicKey", asymmetric.MAX_PUBLIC_KEY)
+        assert peer is not None and algorithm is not None
+        if params.get("Recipient") is not None:
+            raise UnsupportedOperationException("Recipient (Nitro Enclaves) is not supported")
+        asymmetric.require_usage(key.key_spec, key.key_usage, "KEY_AGREEMENT", "DeriveSharedSecret")
+        peer_key = asymmetric.load_peer_public_key(key.key_spec, peer)
+        self._authorize(caller, "DeriveSharedSecret", key, named=params.get("KeyId"))
+        self._require_usable(key)
+        _dry_run(params)
+        secret = asymmetric.derive_shared_secret(self._private_key(key), peer_key)
+        return {
+            "KeyId": self.arn(key.key_id),
+            "SharedSecret": base64.b64encode(secret).decode(),
+            "KeyAgreementAlgorithm": algorithm,
+            "KeyOrigin": key.origin,
+        }
 
     def _op_GenerateRandom(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         count = _integer(params, "NumberOfBytes", 1, MAX_DATA_KEY_BYTES, required=True)
@@ -1644,6 +2516,8 @@ class KeyService:
         if caller.source_ip is not None:  # CloudTrail's field; network callers only
             event["sourceIPAddress"] = caller.source_ip
         key_arn = _key_arn_of(response) or getattr(error, "resource_arn", None)
+        if key_arn is None and self._grant_key_id is not None:
+            key_arn = self.arn(self._grant_key_id)  # RetireGrant by token names no key
         if key_arn:
             event["resources"] = [
                 {"accountId": self.account, "type": "AWS::KMS::Key", "ARN": key_arn}
@@ -1651,6 +2525,10 @@ class KeyService:
         if error is not None:
             event["errorCode"] = error.aws_type
             event["errorMessage"] = error.message
+        if self._grant_ids:
+            # CloudTrail: the grant that allowed the call (or that RetireGrant retired)
+            ids = list(dict.fromkeys(self._grant_ids))
+            event["additionalEventData"] = {"grantId": ids[0] if len(ids) == 1 else ids}
         return event
 
     def _service_event(self, name: str, key_id: str | None) -> dict[str, Any]:
@@ -1676,6 +2554,48 @@ class KeyService:
         event["eventType"] = "AwsServiceEvent"
         event["recipientAccountId"] = self.account
         return event
+
+
+#: AWS KMS condition keys an operation's own members set: (action, key, member,
+#: value when the member is absent). kms:EncryptionAlgorithm is SYMMETRIC_DEFAULT when a
+#: symmetric request names none, as for AWS's default algorithm.
+_ALGORITHM_KEYS: dict[str, tuple[tuple[str, str | None, str | None], ...]] = {
+    "kms:Encrypt": (("kms:EncryptionAlgorithm", "EncryptionAlgorithm", "SYMMETRIC_DEFAULT"),),
+    "kms:Decrypt": (("kms:EncryptionAlgorithm", "EncryptionAlgorithm", "SYMMETRIC_DEFAULT"),),
+    "kms:GenerateDataKey": (("kms:EncryptionAlgorithm", None, "SYMMETRIC_DEFAULT"),),
+    "kms:GenerateDataKeyWithoutPlaintext": (
+        ("kms:EncryptionAlgorithm", None, "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:ReEncryptFrom": (
+        ("kms:EncryptionAlgorithm", "SourceEncryptionAlgorithm", "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:ReEncryptTo": (
+        ("kms:EncryptionAlgorithm", "DestinationEncryptionAlgorithm", "SYMMETRIC_DEFAULT"),
+    ),
+    "kms:Sign": (
+        ("kms:SigningAlgorithm", "SigningAlgorithm", None),
+        ("kms:MessageType", "MessageType", "RAW"),
+    ),
+    "kms:Verify": (
+        ("kms:SigningAlgorithm", "SigningAlgorithm", None),
+        ("kms:MessageType", "MessageType", "RAW"),
+    ),
+    "kms:GenerateMac": (("kms:MacAlgorithm", "MacAlgorithm", None),),
+    "kms:VerifyMac": (("kms:MacAlgorithm", "MacAlgorithm", None),),
+    "kms:DeriveSharedSecret": (("kms:KeyAgreementAlgorithm", "KeyAgreementAlgorithm", None),),
+    "kms:GenerateDataKeyPair": (("kms:DataKeyPairSpec", "KeyPairSpec", None),),
+    "kms:GenerateDataKeyPairWithoutPlaintext": (("kms:DataKeyPairSpec", "KeyPairSpec", None),),
+}
+
+
+def _algorithm_keys(action: str, params: dict[str, Any]) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for name, member, default in _ALGORITHM_KEYS.get(action, ()):
+        value = params.get(member) if member else None
+        value = value if isinstance(value, str) else default
+        if value is not None:
+            keys[name] = value
+    return keys
 
 
 def _other_arns(principal: Principal) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ TEST_WRAPPING_KEY = bytes(range(100, 132))
 TEST_KEY_ID = "alias/test"
 TEST_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000001"
 OTHER_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-000000000002"
+TEST_RSA_KEY_ARN = "arn:aws:kms:local:000000000000:key/00000000-0000-4000-8000-0000000000a1"
 
 
 def memfd() -> int:
@@ -96,3 +97,59 @@ class DeterministicRandom:
             out += hashlib.sha256(self._seed + self._counter.to_bytes(8, "big")).digest()
             self._counter += 1
         return bytes(out[:size])
+
+
+class RecipientReader:
+    """The reading side of a recipient slot, as keyd does it: RSA-OAEP-SHA-256 Decrypt with
+    the private key of the CMK ``key_arn`` (a test-only private key)."""
+
+    def __init__(self, private_key, key_arn: str = TEST_RSA_KEY_ARN) -> None:
+        self.private_key = private_key
+        self.key_arn = key_arn
+        self.calls: list[tuple[str, str]] = []
+
+    def decrypt_recipient_key(
+        self, key_id: str, wrapped: bytes, encryption_algorithm: str
+    ) -> bytes:
+        from kmsfs.format.recipient import oaep_sha256
+
+        self.calls.append((key_id, encryption_algorithm))
+        if key_id != self.key_arn:
+            raise NotFoundException(f"{key_id} is not here")
+        assert encryption_algorithm == "RSAES_OAEP_SHA_256"
+        try:
+            return self.private_key.decrypt(wrapped, oaep_sha256())
+        except ValueError:
+            raise InvalidCiphertextException("OAEP decryption failed") from None
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        raise InvalidCiphertextException("not a key-service blob")
+
+    def generate_data_key(self, key_id: str, encryption_context: dict[str, str]):
+        raise NotFoundException("a reader makes no keys")
+
+
+def deterministic_oaep_sha256(public_key, message: bytes, seed: bytes) -> bytes:
+    """RSAES-OAEP-SHA-256 encryption (RFC 8017, 7.1.1, empty label) with a given seed, for
+    golden vectors only: ``cryptography`` draws the seed itself, so its ciphertexts differ
+    every time. The result decrypts with any OAEP implementation."""
+    numbers = public_key.public_numbers()
+    k = (numbers.n.bit_length() + 7) // 8
+    h_len = 32
+    assert len(seed) == h_len and len(message) <= k - 2 * h_len - 2
+
+    def mgf1(mask_seed: bytes, length: int) -> bytes:
+        out = b""
+        counter = 0
+        while len(out) < length:
+            out += hashlib.sha256(mask_seed + counter.to_bytes(4, "big")).digest()
+            counter += 1
+        return out[:length]
+
+    data_block = (
+        hashlib.sha256(b"").digest() + bytes(k - len(message) - 2 * h_len - 2) + b"\x01" + message
+    )
+    masked_db = bytes(a ^ b for a, b in zip(data_block, mgf1(seed, k - h_len - 1), strict=True))
+    masked_seed = bytes(a ^ b for a, b in zip(seed, mgf1(masked_db, h_len), strict=True))
+    encoded = int.from_bytes(b"\x00" + masked_seed + masked_db, "big")
+    return pow(encoded, numbers.e, numbers.n).to_bytes(k, "big")

@@ -24,20 +24,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cryptography.hazmat.primitives.serialization import load_pem_private_key  # noqa: E402
 from format_testkit import (  # noqa: E402
     OTHER_KEY_ARN,
     TEST_KEY_ARN,
+    TEST_RSA_KEY_ARN,
     TEST_WRAPPING_KEY,
     DeterministicRandom,
     FakeKeyProvider,
+    RecipientReader,
+    deterministic_oaep_sha256,
 )
 
 from kmsfs.format import _rng  # noqa: E402
 from kmsfs.format.file import EncryptedFile  # noqa: E402
-from kmsfs.format.header import read_header, rewrap  # noqa: E402
+from kmsfs.format.header import SlotKind, read_header, recipient_payload, rewrap  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 SECOND_WRAPPING_KEY = bytes(range(200, 232))
+#: the test-only private key of the recipient CMK of the version-3 vector (never a real key)
+RECIPIENT_PRIVATE_KEY_PEM = GOLDEN_DIR / "recipient-rsa2048.pem"
+
+
+def recipient_private_key():
+    return load_pem_private_key(RECIPIENT_PRIVATE_KEY_PEM.read_bytes(), password=None)
 
 
 class GoldenKeyProvider:
@@ -59,6 +69,30 @@ class GoldenKeyProvider:
         target = self.second if wrapped_blob[4:5] == b"\x02" else self.first
         return target.decrypt_data_key(wrapped_blob, encryption_context)
 
+    def decrypt_recipient_key(self, key_id: str, wrapped: bytes, encryption_algorithm: str):
+        reader = RecipientReader(recipient_private_key(), TEST_RSA_KEY_ARN)
+        return reader.decrypt_recipient_key(key_id, wrapped, encryption_algorithm)
+
+
+class GoldenRecipientProvider:
+    """The writing side of a recipient slot with a fixed data key and a fixed OAEP seed
+    (kmsfs.format.recipient.RecipientKeyProvider, made reproducible)."""
+
+    slot_kind = SlotKind.RSAES_OAEP_SHA_256
+
+    def __init__(self, data_key: bytes, seed: bytes) -> None:
+        self.data_key = data_key
+        self.random = DeterministicRandom(seed)
+
+    def generate_data_key(self, key_id: str, encryption_context: dict[str, str]):
+        public_key = recipient_private_key().public_key()
+        payload = recipient_payload(self.data_key, encryption_context)
+        wrapped = deterministic_oaep_sha256(public_key, payload, self.random(32))
+        return self.data_key, wrapped, TEST_RSA_KEY_ARN
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        raise AssertionError("the writer of a recipient file cannot read it")
+
 
 @contextlib.contextmanager
 def fixed_randomness(seed: bytes) -> Iterator[None]:
@@ -78,9 +112,12 @@ def _make(
     name: str, chunk_size: int, context: dict[str, str], steps, memfd: int, version: int
 ) -> GoldenKeyProvider:
     provider = GoldenKeyProvider([_data_key(name)], seed=b"wrap " + name.encode())
+    writer = provider
+    if version == 3:
+        writer = GoldenRecipientProvider(_data_key(name), seed=b"oaep " + name.encode())
     with fixed_randomness(b"rng " + name.encode()):
         engine = EncryptedFile.open(
-            memfd, key_provider=provider, key_id="alias/golden",
+            memfd, key_provider=writer, key_id="alias/golden",
             encryption_context=context, chunk_size=chunk_size, format_version=version,
         )  # fmt: skip
         for step in steps:
@@ -119,8 +156,20 @@ def build_vectors() -> dict[str, dict]:
          "format 2: a run split by data (runs [0, 4] and [6, 8], data 5) and shrunk into:"
          " the final chunk 9 is 6 bytes of sealed zeros"),
     ]  # fmt: skip
+    # format version 3: the data key wrapped to a recipient's RSA public key (OAEP-SHA-256)
+    specs_v3 = [
+        ("v3-recipient", 16, {"kmsfs:fs-id": "golden-fs"},
+         [("write", 0, b"ingested, write-only"), ("truncate", 60)],
+         b"ingested, write-only" + bytes(40),
+         "format 3: a recipient slot (RSAES_OAEP_SHA_256 to recipient-rsa2048.pem), "
+         "two data chunks and a final hole run"),
+    ]  # fmt: skip
     vectors: dict[str, dict] = {}
-    all_specs = [(spec, 1) for spec in specs] + [(spec, 2) for spec in specs_v2]
+    all_specs = (
+        [(spec, 1) for spec in specs]
+        + [(spec, 2) for spec in specs_v2]
+        + [(spec, 3) for spec in specs_v3]
+    )
     for (name, chunk_size, context, steps, plaintext, description), version in all_specs:
         fd = os.memfd_create(name)
         try:
@@ -162,8 +211,13 @@ def _vector(
 def main() -> None:
     GOLDEN_DIR.mkdir(exist_ok=True)
     manifest = {
-        "about": "kmsfs format v1 and v2 golden vectors; regenerate: tests/format/make_golden.py",
-        "wrapping_keys": {"tag 1": TEST_WRAPPING_KEY.hex(), "tag 2": SECOND_WRAPPING_KEY.hex()},
+        "about": "kmsfs format v1, v2 and v3 golden vectors; "
+        "regenerate: tests/format/make_golden.py",
+        "wrapping_keys": {
+            "tag 1": TEST_WRAPPING_KEY.hex(),
+            "tag 2": SECOND_WRAPPING_KEY.hex(),
+            "recipient (v3)": f"{RECIPIENT_PRIVATE_KEY_PEM.name}, key ARN {TEST_RSA_KEY_ARN}",
+        },
         "vectors": {},
     }
     for name, vector in build_vectors().items():

@@ -69,10 +69,10 @@ def test_exit_codes_tell_corrupt_data_from_missing_key(keyd_with_key: Keyd, shor
     assert down.returncode == 4
 
 
-def test_pipes_stream_with_bounded_memory(keyd_with_key: Keyd) -> None:
-    """64 MiB through `kmsfs encrypt - - | kmsfs decrypt - -`; neither holds it whole."""
-    size = 64 << 20
-    env = keyd_with_key.env
+def _pipe_peaks(keyd: Keyd, size: int) -> list[int]:
+    """``size`` bytes through `kmsfs encrypt - - | kmsfs decrypt - -`; the peak resident
+    memory (KiB) of each of the two processes."""
+    env = keyd.env
     rss_probe = str(Path(__file__).with_name("rss_probe.py"))
     encrypt = subprocess.Popen(
         [sys.executable, rss_probe, "encrypt", "--key", "alias/files", "-", "-"],
@@ -112,10 +112,23 @@ def test_pipes_stream_with_bounded_memory(keyd_with_key: Keyd) -> None:
     feeder.join()
     assert encrypt.wait(60) == 0 and decrypt.wait(60) == 0
     assert total == size and sent.digest() == received.digest()
+    peaks = []
     for process in (encrypt, decrypt):
         assert process.stderr is not None
-        peak_kib = int(process.stderr.read().split()[-1])
-        assert peak_kib < 48 * 1024, f"peak RSS {peak_kib} KiB: not streaming"
+        peaks.append(int(process.stderr.read().split()[-1]))
+    return peaks
+
+
+def test_pipes_stream_with_bounded_memory(keyd_with_key: Keyd) -> None:
+    """64 MiB through `kmsfs encrypt - - | kmsfs decrypt - -`; neither holds it whole.
+
+    Measured against the same pipeline with 1 MiB: what the interpreter and kmsfs's
+    imports take is the same in both, so only what grows with the data counts (a
+    fixed ceiling broke each time an import grew)."""
+    small = _pipe_peaks(keyd_with_key, 1 << 20)
+    large = _pipe_peaks(keyd_with_key, 64 << 20)
+    for name, base, peak in zip(("encrypt", "decrypt"), small, large, strict=True):
+        assert peak - base < 16 * 1024, f"{name}: peak RSS {base} -> {peak} KiB: not streaming"
 
 
 def test_kmsfs_open_reads_and_writes_the_format(keyd_with_key: Keyd, short_tmp: Path) -> None:

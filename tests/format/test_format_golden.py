@@ -21,11 +21,11 @@ NAMES = sorted(MANIFEST["vectors"])
 def test_the_vector_set_is_complete() -> None:
     assert NAMES == [
         "empty", "exact-chunks", "hello", "holes", "rewrapped", "three-chunks",
-        "v2-hello", "v2-holes", "v2-split",
+        "v2-hello", "v2-holes", "v2-split", "v3-recipient",
     ]  # fmt: skip
     for name in NAMES:
         vector = MANIFEST["vectors"][name]
-        expected = None if name == "empty" else 2 if name.startswith("v2-") else 1
+        expected = None if name == "empty" else int(name[1]) if name[0] == "v" else 1
         assert vector["format_version"] == expected, name
 
 
@@ -56,6 +56,7 @@ def test_committed_vector_decrypts_to_its_plaintext(name: str) -> None:
         assert info.chunk_size == vector["chunk_size"] and info.file_id == vector["file_id"]
         assert info.encryption_context == vector["encryption_context"]
         assert info.key_generation == (2 if name == "rewrapped" else 1)
+        assert info.slot_kind == ("RSAES_OAEP_SHA_256" if name == "v3-recipient" else "KMS_BLOB")
         assert info.format_version == vector["format_version"]
 
 

@@ -312,7 +312,7 @@ def test_unknown_error_type_keeps_its_name(
     start_keyd: Any, fake_service: Any, make_client: Any
 ) -> None:
     class Exotic(KMSError):
-        aws_type = "KMSInvalidSignatureException"
+        aws_type = "XksKeyNotFoundException"  # an AWS error type kmsfs has no class for
 
     class ExoticService(fake_service):  # type: ignore[misc, valid-type]
         def handle(self, *args: Any) -> dict[str, Any]:
@@ -322,7 +322,7 @@ def test_unknown_error_type_keeps_its_name(
     with pytest.raises(KMSError) as raised:
         make_client(keyd.socket_path).call("Verify", {})
     assert type(raised.value) is KMSError
-    assert raised.value.aws_type == "KMSInvalidSignatureException"
+    assert raised.value.aws_type == "XksKeyNotFoundException"
     assert raised.value.message == "signature does not verify"
 
 

@@ -204,6 +204,8 @@ def test_every_member_of_every_operation_is_type_checked(kms: Harness) -> None:
         "strings": ["a", 1],
         "tags": [{"TagKey": 1, "TagValue": "v"}],
         "recipient": "x",
+        "number": "1800000000",
+        "constraints": {"EncryptionContextSubset": {"k": 1}},
     }
     for operation, members in REQUEST_MEMBERS.items():
         for name, kind in members.items():
@@ -322,13 +324,57 @@ def test_key_use_without_its_record_is_refused(
     kms, sink = failing
     key_id = kms.create_key()
     blob = kms.encrypt(key_id)
+    message = b64(b"message")
+    if operation in ("Sign", "Verify"):
+        signing_key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")
+        signature = kms.call(
+            "Sign", KeyId=signing_key, Message=message, SigningAlgorithm="ECDSA_SHA_256"
+        )["Signature"]
+    if operation in ("GenerateMac", "VerifyMac"):
+        mac_key = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
+        mac = kms.call("GenerateMac", KeyId=mac_key, Message=message, MacAlgorithm="HMAC_SHA_256")
+    if operation == "DeriveSharedSecret":
+        agreement_key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="KEY_AGREEMENT")
+        peer = kms.call("GetPublicKey", KeyId=agreement_key)["PublicKey"]
     params = {
-        "Encrypt": {"KeyId": key_id, "Plaintext": b64(b"secret")},
-        "Decrypt": {"CiphertextBlob": blob},
-        "ReEncrypt": {"CiphertextBlob": blob, "DestinationKeyId": key_id},
-        "GenerateDataKey": {"KeyId": key_id, "KeySpec": "AES_256"},
-        "GenerateDataKeyWithoutPlaintext": {"KeyId": key_id, "KeySpec": "AES_256"},
-    }[operation]
+        "Encrypt": lambda: {"KeyId": key_id, "Plaintext": b64(b"secret")},
+        "Decrypt": lambda: {"CiphertextBlob": blob},
+        "ReEncrypt": lambda: {"CiphertextBlob": blob, "DestinationKeyId": key_id},
+        "GenerateDataKey": lambda: {"KeyId": key_id, "KeySpec": "AES_256"},
+        "GenerateDataKeyWithoutPlaintext": lambda: {"KeyId": key_id, "KeySpec": "AES_256"},
+        "GenerateDataKeyPair": lambda: {"KeyId": key_id, "KeyPairSpec": "ECC_NIST_P256"},
+        "GenerateDataKeyPairWithoutPlaintext": lambda: {
+            "KeyId": key_id,
+            "KeyPairSpec": "ECC_NIST_P256",
+        },
+        "Sign": lambda: {
+            "KeyId": signing_key,
+            "Message": message,
+            "SigningAlgorithm": "ECDSA_SHA_256",
+        },
+        "Verify": lambda: {
+            "KeyId": signing_key,
+            "Message": message,
+            "Signature": signature,
+            "SigningAlgorithm": "ECDSA_SHA_256",
+        },
+        "GenerateMac": lambda: {
+            "KeyId": mac_key,
+            "Message": message,
+            "MacAlgorithm": "HMAC_SHA_256",
+        },
+        "VerifyMac": lambda: {
+            "KeyId": mac_key,
+            "Message": message,
+            "Mac": mac["Mac"],
+            "MacAlgorithm": "HMAC_SHA_256",
+        },
+        "DeriveSharedSecret": lambda: {
+            "KeyId": agreement_key,
+            "KeyAgreementAlgorithm": "ECDH",
+            "PublicKey": peer,
+        },
+    }[operation]()
     sink.failing = True
     with pytest.raises(StorageUnavailableException):
         kms.service.handle(operation, params, CALLER, "refused")
@@ -358,7 +404,7 @@ def test_maintenance_deletes_only_with_its_record(failing: tuple[Harness, Failin
     kms.call("ScheduleKeyDeletion", KeyId=key_id, PendingWindowInDays=7)
     kms.clock.advance(8 * 86400)
     sink.failing = True
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     assert kms.describe(key_id)["KeyState"] == "PendingDeletion"
     sink.failing = False
     assert kms.service.run_maintenance()["deleted"] == [key_id]

@@ -470,3 +470,84 @@ def test_account_access_by_name_uid_and_group() -> None:
         AccountAccess.parse("no-such-user-kmsfs")
     with pytest.raises(ValueError, match="no group 'no-such-group-kmsfs'"):
         AccountAccess.parse("@no-such-group-kmsfs")
+
+
+def test_time_conditions_see_keyds_clock(kms: Harness) -> None:
+    """aws:CurrentTime / aws:EpochTime with the Date operators: a key shared until a date."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    until = {"DateLessThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=until)))
+    kms.service.clock = lambda: 1893455999.0  # 2029-12-31T23:59:59Z
+    assert kms.decrypt(B, blob) == plaintext
+    kms.service.clock = lambda: 1893456000.0  # 2030-01-01T00:00:00Z
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    epoch = {"NumericLessThan": {"aws:EpochTime": 1893456000}}
+    kms.put_policy(A, key_id, policy(allow(A_ARN), allow(B_ARN, "kms:Decrypt", Condition=epoch)))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)
+    kms.service.clock = lambda: 1893455000.0
+    assert kms.decrypt(B, blob) == plaintext
+
+
+def test_principal_arn_conditions(kms: Harness) -> None:
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    anyone_but_root = {
+        **allow("*", "kms:Decrypt"),
+        "Principal": "*",
+        "Condition": {"ArnLike": {"aws:PrincipalArn": f"arn:aws:iam::{ACCOUNT}:user/uid-43*"}},
+    }
+    kms.put_policy(A, key_id, policy(allow(A_ARN), anyone_but_root))
+    assert kms.decrypt(B, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(ROOT, blob)  # root's aws:PrincipalArn is ...:root
+
+
+def test_algorithm_and_origin_condition_keys(kms: Harness) -> None:
+    """kms:EncryptionAlgorithm (SYMMETRIC_DEFAULT when the request names none),
+    kms:SigningAlgorithm, kms:MessageType, kms:MacAlgorithm and kms:KeyOrigin come from
+    the request and the key: a Deny on them must reach the request."""
+    key_id = kms.create_key(A)
+    blob, plaintext = kms.data_key(A, key_id)
+    no_default = {
+        **allow(A_ARN, "kms:Decrypt"),
+        "Effect": "Deny",
+        "Condition": {"StringEquals": {"kms:EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}},
+    }
+    kms.put_policy(A, key_id, policy(allow(A_ARN), no_default))
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(A, blob)
+    only_external = {
+        **allow(B_ARN, "kms:Decrypt"),
+        "Condition": {"StringEquals": {"kms:KeyOrigin": "EXTERNAL"}},
+    }
+    kms.put_policy(A, key_id, policy(allow(A_ARN), only_external))
+    assert kms.decrypt(A, blob) == plaintext
+    with pytest.raises(AccessDeniedException):
+        kms.decrypt(B, blob)  # the key's origin is AWS_KMS
+
+    signing = kms.create_key(A, KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")
+    pss_only = {
+        **allow(B_ARN, "kms:Sign"),
+        "Condition": {
+            "StringEquals": {"kms:SigningAlgorithm": "ECDSA_SHA_256", "kms:MessageType": "DIGEST"}
+        },
+    }
+    kms.put_policy(A, signing, policy(allow(A_ARN), pss_only))
+    digest = b64(bytes(32))
+    kms.call(B, "Sign", KeyId=signing, Message=digest, MessageType="DIGEST",
+             SigningAlgorithm="ECDSA_SHA_256")  # fmt: skip
+    with pytest.raises(AccessDeniedException):
+        kms.call(B, "Sign", KeyId=signing, Message=digest, SigningAlgorithm="ECDSA_SHA_256")
+
+    mac_key = kms.create_key(A, KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
+    deny_mac = {
+        **allow(A_ARN, "kms:GenerateMac"),
+        "Effect": "Deny",
+        "Condition": {"StringEquals": {"kms:MacAlgorithm": "HMAC_SHA_256"}},
+    }
+    kms.put_policy(A, mac_key, policy(allow(A_ARN), deny_mac))
+    with pytest.raises(AccessDeniedException):
+        kms.call(A, "GenerateMac", KeyId=mac_key, Message=b64(b"m"), MacAlgorithm="HMAC_SHA_256")

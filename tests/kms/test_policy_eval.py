@@ -12,6 +12,8 @@ separately, on the raw JSON: slow and simple, sharing no code with the module.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 from typing import Any
 
@@ -597,6 +599,117 @@ case(
     D,
 )
 
+# --- Date, IP address, ARN and binary operators (IAM "Condition operators")
+NOW = "2026-12-07T10:00:00Z"
+NOW_EPOCH = 1796637600  # the same instant
+for name, operator, value, expected in [
+    ("date-less-than-later", "DateLessThan", "2027-01-01T00:00:00Z", A),
+    ("date-less-than-earlier", "DateLessThan", "2026-01-01", I),
+    ("date-less-than-equal-same", "DateLessThanEquals", NOW, A),
+    ("date-greater-than-same", "DateGreaterThan", NOW, I),
+    ("date-greater-than-equals-epoch", "DateGreaterThanEquals", str(NOW_EPOCH), A),
+    ("date-equals-offset", "DateEquals", "2026-12-07T11:00:00+01:00", A),
+    ("date-not-equals-other", "DateNotEquals", "2026-12-07T10:00:01Z", A),
+    ("date-equals-date-only-is-midnight", "DateEquals", "2026-12-07", I),
+]:
+    case(
+        name,
+        [stmt(condition={operator: {"aws:CurrentTime": value}})],
+        _with({"aws:CurrentTime": NOW}),
+        expected,
+    )
+case(
+    "date-epoch-key-against-iso-value",
+    [stmt(condition={"DateLessThan": {"aws:EpochTime": "2027-01-01T00:00:00Z"}})],
+    _with({"aws:EpochTime": NOW_EPOCH}),
+    A,
+)
+case(
+    "date-missing-key-false",
+    [stmt(condition={"DateLessThan": {"aws:CurrentTime": "2027-01-01"}})],
+    _with({}),
+    I,
+)
+case(
+    "date-deny-after-expiry",
+    [
+        stmt(),
+        stmt("Deny", condition={"DateGreaterThan": {"aws:CurrentTime": "2026-06-30T23:59:59Z"}}),
+    ],
+    _with({"aws:CurrentTime": NOW}),
+    D,
+)
+for name, operator, value, source, expected in [
+    ("ip-in-cidr", "IpAddress", "192.0.2.0/24", "192.0.2.17", A),
+    ("ip-outside-cidr", "IpAddress", "192.0.2.0/24", "198.51.100.1", I),
+    ("ip-single-address", "IpAddress", "203.0.113.5", "203.0.113.5", A),
+    ("ip-v6-cidr", "IpAddress", "2001:db8::/32", "2001:db8::1", A),
+    ("ip-v4-against-v6-cidr", "IpAddress", "2001:db8::/32", "192.0.2.1", I),
+    ("not-ip-outside", "NotIpAddress", "10.0.0.0/8", "192.0.2.1", A),
+    ("not-ip-inside", "NotIpAddress", "10.0.0.0/8", "10.1.2.3", I),
+    ("ip-garbage-request-value", "IpAddress", "0.0.0.0/0", "not-an-ip", I),
+]:
+    case(
+        name,
+        [stmt(condition={operator: {"aws:SourceIp": value}})],
+        _with({"aws:SourceIp": source}),
+        expected,
+    )
+case(
+    "not-ip-missing-key-true",
+    [stmt(condition={"NotIpAddress": {"aws:SourceIp": "10.0.0.0/8"}})],
+    _with({}),
+    A,
+)
+case(
+    "ip-if-exists-missing-key",
+    [stmt(condition={"IpAddressIfExists": {"aws:SourceIp": "10.0.0.0/8"}})],
+    _with({}),
+    A,
+)
+for name, operator, value, expected in [
+    ("arn-like-user-wildcard", "ArnLike", f"arn:aws:iam::{ACCT}:user/*", A),
+    ("arn-equals-exact", "ArnEquals", ALICE, A),
+    ("arn-equals-takes-wildcards-too", "ArnEquals", f"arn:aws:iam::{ACCT}:user/al?ce", A),
+    ("arn-like-other-account", "ArnLike", f"arn:aws:iam::{OTHER_ACCT}:user/*", I),
+    ("arn-like-account-part-wild", "ArnLike", "arn:aws:iam::*:user/alice", A),
+    ("arn-like-star-stays-in-its-part", "ArnLike", "arn:aws:*:*:*:alice", I),
+    ("arn-like-every-part-wild", "ArnLike", "arn:*:*:*:*:*", A),
+    ("arn-like-case-sensitive", "ArnLike", f"arn:aws:iam::{ACCT}:user/ALICE", I),
+    ("arn-not-like-other", "ArnNotLike", f"arn:aws:iam::{ACCT}:user/b*", A),
+    ("arn-not-equals-self", "ArnNotEquals", ALICE, I),
+]:
+    case(
+        name,
+        [stmt(condition={operator: {"aws:PrincipalArn": value}})],
+        _with({"aws:PrincipalArn": ALICE}),
+        expected,
+    )
+case(
+    "arn-for-any-value-grantee",
+    [
+        stmt(
+            condition={
+                "ForAnyValue:ArnLike": {"kms:GranteePrincipal": f"arn:aws:iam::{ACCT}:user/b*"}
+            }
+        )
+    ],
+    _with({"kms:GranteePrincipal": [ALICE, BOB]}),
+    A,
+)
+case(
+    "binary-equals",
+    [stmt(condition={"BinaryEquals": {"aws:username": "YWxpY2U="}})],
+    _with({"aws:username": "YWxpY2U="}),
+    A,
+)
+case(
+    "binary-equals-other",
+    [stmt(condition={"BinaryEquals": {"aws:username": "Ym9i"}})],
+    _with({"aws:username": "YWxpY2U="}),
+    I,
+)
+
 
 def _ids() -> list[str]:
     return [c[0] for c in CASES]
@@ -746,9 +859,58 @@ def ref_request_values(conditions: dict[str, Any], key: str) -> list[Any]:
     return found
 
 
+def ref_date(value: Any) -> float | None:
+    """Epoch seconds, or ISO 8601 text (UTC when no zone is given)."""
+    number = ref_number(value)
+    if number is not None:
+        return number
+    text = ref_text(value)
+    for layout in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+        try:
+            moment = datetime.datetime.strptime(text.replace("Z", "+0000"), layout)
+        except ValueError:
+            continue
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return moment.timestamp()
+    return None
+
+
+def ref_arn(pattern: str, text: str) -> bool:
+    want, have = pattern.split(":", 5), text.split(":", 5)
+    if len(want) != 6 or len(have) != 6:
+        return False
+    return all(ref_wildcard(w, h) for w, h in zip(want, have, strict=True))
+
+
+def ref_ip(network: str, address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
 def ref_one(base: str, request_value: Any, policy_value: Any) -> bool:
     """Positive form of the operator, one request value against one policy value."""
     positive = base.replace("Not", "")
+    if positive in ("ArnEquals", "ArnLike"):
+        return ref_arn(ref_text(policy_value), ref_text(request_value))
+    if positive == "IpAddress":
+        return ref_ip(ref_text(policy_value), ref_text(request_value))
+    if positive == "BinaryEquals":
+        return ref_text(request_value) == ref_text(policy_value)
+    if positive.startswith("Date"):
+        a, b = ref_date(request_value), ref_date(policy_value)
+        if a is None or b is None:
+            return False
+        positive = positive.replace("Date", "Numeric")
+        return {
+            "NumericEquals": a == b,
+            "NumericLessThan": a < b,
+            "NumericLessThanEquals": a <= b,
+            "NumericGreaterThan": a > b,
+            "NumericGreaterThanEquals": a >= b,
+        }[positive]
     if positive == "StringEquals":
         return ref_text(request_value) == ref_text(policy_value)
     if positive == "StringEqualsIgnoreCase":
@@ -886,6 +1048,13 @@ BASES = [
     "NumericGreaterThanEquals",
     "Bool",
     "Null",
+    "DateLessThan",
+    "DateGreaterThanEquals",
+    "DateNotEquals",
+    "IpAddress",
+    "NotIpAddress",
+    "ArnLike",
+    "ArnNotEquals",
 ]
 KEYS = [
     EC,
@@ -896,9 +1065,24 @@ KEYS = [
 ]
 STRINGS = ["IT", "it", "HR", "a*", "*T", "?T", "1000", "999.5", "true", "alice", ""]
 NUMBERS = ["1000", "999.5", "0", 1000, -1]
+DATES = [
+    "2026-12-07T10:00:00Z",
+    "2026-12-07",
+    "1796637600",
+    1796637600,
+    "2027-01-01T00:00:00+01:00",
+]
+NETWORKS = ["10.0.0.0/8", "192.0.2.17", "2001:db8::/32", "0.0.0.0/0"]
+ARN_PATTERNS = [
+    ALICE,
+    f"arn:aws:iam::{ACCT}:user/*",
+    "arn:aws:iam::*:root",
+    "arn:*:*:*:*:*",
+    "arn:aws:*:*:*:alice",
+]
 REQUEST_SCALARS = st.sampled_from(
     ["IT", "it", "HR", "alice", "1000", "999.5", "true", "FALSE", "", 1000, 999.5, 0, True, False]
-    + [None]
+    + [None, "2026-12-07T10:00:00Z", 1796637600, "10.1.2.3", "2001:db8::5", ALICE, ROOT]
 )
 
 
@@ -911,6 +1095,12 @@ def conditions_strategy(draw: st.DrawFn) -> dict[str, Any]:
         suffix = "" if base == "Null" else draw(st.sampled_from(["", "IfExists"]))
         if base.startswith("Numeric"):
             pool = NUMBERS
+        elif base.startswith("Date"):
+            pool = DATES
+        elif base.endswith("IpAddress"):
+            pool = NETWORKS
+        elif base.startswith("Arn"):
+            pool = ARN_PATTERNS
         elif base in ("Bool", "Null"):
             pool = ["true", "false", True, False]
         else:

@@ -197,9 +197,29 @@ INVALID: list[tuple[str, str, str]] = [
         "Statement[2].Condition.ForSomeValues:StringEquals: unknown condition operator",
     ),
     (
+        "condition-date-value",
+        three(good(Condition={"DateLessThan": {"aws:CurrentTime": "a"}})),
+        "Statement[2].Condition.DateLessThan.aws:CurrentTime: 'a' is not a date",
+    ),
+    (
         "condition-date-operator",
-        three(good(Condition={"DateLessThan": {"aws:username": "a"}})),
-        "unknown condition operator DateLessThan",
+        three(good(Condition={"DateBefore": {"aws:CurrentTime": "2026-01-01"}})),
+        "unknown condition operator DateBefore",
+    ),
+    (
+        "condition-ip-value",
+        three(good(Condition={"IpAddress": {"aws:SourceIp": "10.0.0.300/8"}})),
+        "Statement[2].Condition.IpAddress.aws:SourceIp: '10.0.0.300/8' is not an IP address",
+    ),
+    (
+        "condition-arn-value",
+        three(good(Condition={"ArnLike": {"aws:PrincipalArn": "arn:aws:iam:user"}})),
+        "Statement[2].Condition.ArnLike.aws:PrincipalArn: 'arn:aws:iam:user' is not an ARN",
+    ),
+    (
+        "condition-binary-value",
+        three(good(Condition={"BinaryEquals": {"aws:username": "not base64!"}})),
+        "Statement[2].Condition.BinaryEquals.aws:username: 'not base64!' is not base64",
     ),
     (
         "condition-null-ifexists",
@@ -387,8 +407,14 @@ def test_every_operator_with_prefixes_and_ifexists_parses(base: str) -> None:
         value: Any = "10"
     elif base in ("Bool", "Null"):
         value = "true"
+    elif base.startswith("Date"):
+        value = ["2026-12-07T10:00:00Z", "1765100000"]
     elif base.endswith("IpAddress"):
         value = ["10.0.0.0/8", "::1"]
+    elif base.startswith("Arn"):
+        value = [f"arn:aws:iam::{ACCT}:user/*", "arn:aws:iam::*:root"]
+    elif base == "BinaryEquals":
+        value = "a2V5"
     else:
         value = ["a*", "b"]
     for prefix in ("", "ForAnyValue:", "ForAllValues:"):

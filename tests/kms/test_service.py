@@ -211,15 +211,17 @@ def test_create_key_description_limits(kms: Harness) -> None:
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        ({"KeySpec": "RSA_2048"}, UnsupportedOperationException),
-        ({"KeySpec": "ECC_NIST_P256"}, UnsupportedOperationException),
-        ({"KeySpec": "HMAC_256"}, UnsupportedOperationException),
+        ({"KeySpec": "SM2"}, UnsupportedOperationException),
+        ({"KeySpec": "ML_DSA_44", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
+        # KeyUsage defaults to ENCRYPT_DECRYPT, which these key specs do not allow
+        ({"KeySpec": "ECC_NIST_P256"}, ValidationException),
+        ({"KeySpec": "HMAC_256"}, ValidationException),
         ({"KeySpec": "AES_256"}, ValidationException),
         ({"KeySpec": "symmetric_default"}, ValidationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
         ({"KeyUsage": "GENERATE_VERIFY_MAC"}, ValidationException),
         ({"KeyUsage": "ENCRYPT"}, ValidationException),
-        ({"Origin": "EXTERNAL"}, UnsupportedOperationException),
+        ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
         ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
         ({"Origin": "NOWHERE"}, ValidationException),
         ({"MultiRegion": True}, UnsupportedOperationException),
@@ -500,14 +502,14 @@ def test_deletion_window_destroys_material(kms: Harness) -> None:
     deletion_date = response["DeletionDate"]
     # Before the window ends, maintenance keeps the key.
     kms.clock.now = deletion_date - 1
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     assert kms.describe(key_id)["KeyState"] == "PendingDeletion"
     assert len(kms.rows("SELECT 1 FROM key_versions WHERE key_id = ?", key_id)) == 2
 
     # When it ends, the key and everything about it goes.
     kms.clock.now = deletion_date
     events_before = len(kms.events)
-    assert kms.service.run_maintenance() == {"deleted": [key_id], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [key_id], "rotated": [], "expired": []}
     assert [event["eventName"] for event in kms.events[events_before:]] == ["DeleteKey"]
     for key_ref in (key_id, kms.arn(key_id), "alias/doomed"):
         with pytest.raises(NotFoundException):
@@ -537,7 +539,7 @@ def test_deletion_window_destroys_material(kms: Harness) -> None:
     # Other keys are untouched; running maintenance again does nothing.
     assert kms.decrypt(survivor_blob) == b"survivor"
     kms.clock.advance(DAY)
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
 
 
 def test_destroyed_material_leaves_the_wal_once_a_reader_goes(kms: Harness) -> None:
@@ -653,12 +655,12 @@ def test_automatic_rotation_with_fake_clock(kms: Harness) -> None:
     kms.call("EnableKeyRotation", KeyId=key_id, RotationPeriodInDays=90)
     old_blob = kms.encrypt(key_id, b"old")
     kms.clock.advance(90 * DAY - 1)
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     assert blob_version(kms.encrypt(key_id)) == 1
 
     kms.clock.advance(1)
     events_before = len(kms.events)
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [key_id]}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [key_id], "expired": []}
     event = kms.events[events_before]
     assert event["eventName"] == "RotateKey"
     assert event["eventType"] == "AwsServiceEvent"
@@ -689,9 +691,9 @@ def test_automatic_rotation_skips_disabled_and_pending_keys(kms: Harness) -> Non
     kms.clock.advance(85 * DAY)
     kms.call("ScheduleKeyDeletion", KeyId=pending, PendingWindowInDays=30)
     kms.clock.advance(6 * DAY)  # rotation was due at day 90; deletion comes at day 115
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     kms.call("CancelKeyDeletion", KeyId=pending)  # back to Disabled: still no rotation
-    assert kms.service.run_maintenance() == {"deleted": [], "rotated": []}
+    assert kms.service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     # Enabled again after the rotation date: rotated at the next maintenance.
     kms.call("EnableKey", KeyId=disabled)
     assert kms.service.run_maintenance()["rotated"] == [disabled]
@@ -1680,7 +1682,7 @@ def test_service_without_audit_sink(tmp_path: Path) -> None:
         assert response["KeyMetadata"]["Arn"].startswith("arn:aws:kms:local:000000000000:key/")
         with pytest.raises(NotFoundException):
             service.handle("DescribeKey", {"KeyId": "alias/x"}, CALLER, "r")
-        assert service.run_maintenance() == {"deleted": [], "rotated": []}
+        assert service.run_maintenance() == {"deleted": [], "rotated": [], "expired": []}
     finally:
         keystore.close()
 
