@@ -804,8 +804,15 @@ class _Connection:
                 await self._send_error(error)
                 await self._linger()
                 return
-            prepared = await self._prepare(request, body)
-            response = self._dispatch(request, body, prepared)
+            request_id = str(uuid.uuid4())
+            caller, refusal = self._caller_or_refusal(request, body, request_id)
+            if refusal is not None:
+                response = refusal
+            else:
+                # the slow part (a key pair's generation) only for an authenticated
+                # caller: an unsigned network client must not make keyd spend CPU
+                prepared = await self._prepare(request, body)
+                response = self._dispatch(request, body, prepared, caller, request_id)
             await self._send(response)
             if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                 return  # MUST_CLOSE: the client asked for it, or spoke HTTP/1.0
@@ -930,14 +937,41 @@ class _Connection:
             logger.exception("keyd: slow work failed; the request runs without it")
             return None
 
-    def _dispatch(self, request: h11.Request, body: bytes, prepared: Any = None) -> bytes:
-        """The complete response (head and body) to one request."""
-        request_id = str(uuid.uuid4())
-        operation = ""
-        caller = self.caller
+    def _caller_or_refusal(
+        self, request: h11.Request, body: bytes, request_id: str
+    ) -> tuple[Caller, bytes | None]:
+        """Who the request is from: the socket's caller, or for a signed request (every
+        request over TCP) the signed user; else the refusal to send (audited)."""
+        if not (self.signed_only or any(name == b"authorization" for name, _ in request.headers)):
+            return self.caller, None
         try:
-            if self.signed_only or any(name == b"authorization" for name, _ in request.headers):
-                caller = self._authenticate(request, body, request_id)
+            return self._authenticate(request, body, request_id), None
+        except KMSError as error:
+            refusal = self._error_bytes(error.status, error.aws_type, error.message, request_id)
+            return self.caller, refusal
+        except Exception:
+            logger.exception(
+                "keyd internal error verifying a signature (request id %s, caller %s)",
+                request_id,
+                self._peer(),
+            )
+            message = _INTERNAL_ERROR_MESSAGE.format(request_id=request_id)
+            return self.caller, self._error_bytes(500, "KMSInternalException", message, request_id)
+
+    def _dispatch(
+        self,
+        request: h11.Request,
+        body: bytes,
+        prepared: Any = None,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> bytes:
+        """The complete response (head and body) to one request from *caller*
+        (authenticated already: :meth:`_caller_or_refusal`)."""
+        request_id = request_id or str(uuid.uuid4())
+        caller = caller or self.caller
+        operation = ""
+        try:
             operation = self._operation(request)
             params = decode_request_body(body)
             if prepared is None:
