@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import trio
 
+from kmsfs.format.header import SlotKind
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.names import NameCipher
@@ -48,7 +49,7 @@ class _FakeKeyd:
 def _header(n: int) -> SimpleNamespace:
     return SimpleNamespace(
         file_id=n.to_bytes(16, "big"),
-        active_slot=SimpleNamespace(wrapped_key=b"w%d" % n),
+        active_slot=SimpleNamespace(wrapped_key=b"w%d" % n, kind=SlotKind.KMS_BLOB),
         full_context={},
     )
 
