@@ -1,0 +1,365 @@
+"""``kmsfs rewrap``: move a cipher directory's wrapped keys to another CMK, or to the
+current version of its CMK after a rotation, without rewriting any file content.
+
+What is rewrapped:
+
+- every file header's active key slot: the wrapped data key goes through KMS
+  ``ReEncrypt`` (the plaintext data key never leaves the key service for this step) and
+  the format's crash-safe :func:`kmsfs.format.rewrap` writes it into the inactive slot
+  and erases the old one (two slots, an fsync after each write: killed at any instant
+  the file opens with the old or the new wrapping, see kmsfs/format/README.md);
+- ``kmsfs.conf``'s wrapped metadata key (the key of names, symlink targets and
+  xattrs), ReEncrypted, checked to unwrap to the same key, the config re-sealed with the
+  new ``key_arn`` and replaced atomically (``write_new_config``). New files then get
+  data keys from the new CMK. Directory ids (``kmsfs.diriv``) are random ids, not
+  keys, and long-name sidecars hold encrypted names: both stay as they are.
+
+AWS KMS's ``ReEncrypt`` under the same key id re-encrypts under the key's *current*
+backing key (after ``RotateKeyOnDemand`` or automatic rotation), so ``--to-key`` left
+out means "the current version of the filesystem's CMK".
+
+Resumable: a file whose active slot already holds a blob of the target key (for keyd's
+blobs: also its current version, which the blob names) and whose other slot is empty is
+skipped, so a second run, or a run after a kill, does only what is left. A file the
+format left with an older wrapping in its inactive slot (a rewrap killed between its
+two writes) is done again.
+
+Mounted filesystems: refused. The mount holds an exclusive flock on the cipher
+directory (:func:`kmsfs.fs.mount.lock_cipherdir`); rewrap takes the same lock for its
+whole run, so it refuses while the filesystem is mounted and no mount can start while
+it runs. (A mount caches open files' headers and data keys; rewrapping under it would
+race its own header writes.)
+
+File times: the mount shows the backing file's times, so each file's atime and mtime
+are put back after its header changed (its ctime does change).
+
+The ``key_arn`` field of a slot and the blob's key version are read without a key to
+decide what to skip (as ``kmsfs inspect`` shows them); they are authenticated by the
+slot MAC when the file is next opened. A forged "already done" slot can only leave a
+file under its old key, which ``kmsfs fsck --keys`` then shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmsfs.errors import FormatError, InUse, KMSError, KmsfsError, UsageError
+from kmsfs.format.header import SLOT_SIZE, Header, SlotState, read_header
+from kmsfs.format.header import rewrap as rewrap_header
+from kmsfs.fs.config import (
+    CONFIG_NAME,
+    FsConfig,
+    keyd_endpoint,
+    load_config,
+    write_new_config,
+)
+from kmsfs.fs.names import NameCipher, is_internal, is_longname
+from kmsfs.fs.offline import unlock_config
+from kmsfs.fs.tree import CipherTree
+from kmsfs.kms.client import KMSClient
+from kmsfs.kms.datakeys import blob_key_version
+
+
+class ClientDataKeyProvider:
+    """A :class:`kmsfs.format.DataKeyProvider` over one open blocking client (one
+    keep-alive connection per worker instead of one per call)."""
+
+    def __init__(self, client: KMSClient) -> None:
+        self.client = client
+
+    def generate_data_key(
+        self, key_id: str, encryption_context: dict[str, str]
+    ) -> tuple[bytes, bytes, str]:
+        response = self.client.generate_data_key(key_id, encryption_context=encryption_context)
+        return response["Plaintext"], response["CiphertextBlob"], response["KeyId"]
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        return self.client.decrypt(wrapped_blob, encryption_context=encryption_context)["Plaintext"]
+
+
+@dataclass(frozen=True)
+class KeyTarget:
+    """Where wrapped keys go: the CMK's ARN and, for keyd's blobs, its current version."""
+
+    key_arn: str
+    key_id: str  # the uuid at the end of the ARN
+    version: int | None  # None when the blob is opaque (AWS KMS)
+
+    def holds(self, wrapped_key: bytes, key_arn: str) -> bool:
+        """Whether a slot (its blob and its ARN field) is already under this target."""
+        named = blob_key_version(wrapped_key)
+        if named is not None and self.version is not None:
+            return named == (self.key_id, self.version)
+        return key_arn == self.key_arn and self.version is None
+
+
+@dataclass
+class RewrapSummary:
+    files: int = 0  # regular files looked at (non-empty ones have a header)
+    rewrapped: int = 0
+    already_done: int = 0
+    empty: int = 0  # no header, nothing to rewrap
+    header_bytes: int = 0  # bytes written into headers (and kmsfs.conf)
+    config_rewrapped: bool = False
+    seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (backing path, problem)
+    target: str = ""
+
+
+def _is_user_file(tree: CipherTree, directory: bytes, name: bytes) -> bool:
+    if tree.encrypted:
+        return not is_internal(name) or is_longname(name)
+    return not (directory == tree.root and name == CONFIG_NAME.encode())
+
+
+def backing_files(tree: CipherTree, start: bytes) -> Iterator[bytes]:
+    """Every user regular file below ``start`` (backing paths; symlinks not followed)."""
+    for directory, subdirs, files in os.walk(start):
+        subdirs.sort()
+        for name in sorted(files):
+            if not _is_user_file(tree, directory, name):
+                continue
+            path = directory + b"/" + name
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    yield path
+            except FileNotFoundError:
+                continue
+
+
+def _target_of(client: KMSClient, key: str) -> tuple[str, str]:
+    try:
+        metadata = client.describe_key(key)["KeyMetadata"]
+    except KMSError as error:
+        if error.aws_type == "NotFoundException":
+            raise UsageError(f"unknown key {key}: {error.message}") from None
+        raise
+    if metadata.get("KeyState") != "Enabled":
+        raise UsageError(f"key {metadata.get('Arn')} is {metadata.get('KeyState')}: enable it")
+    return metadata["Arn"], metadata["KeyId"]
+
+
+def rewrap_config(
+    client: KMSClient, config: FsConfig, metadata_key: bytes, target_arn: str
+) -> tuple[FsConfig, bytes]:
+    """``config`` with its metadata key ReEncrypted under ``target_arn`` and re-sealed
+    (not written); and the new blob. The new blob must unwrap to the same key."""
+    response = client.re_encrypt(
+        config.metadata_key_wrapped,
+        target_arn,
+        source_encryption_context=config.metadata_key_context,
+        destination_encryption_context=config.metadata_key_context,
+        source_key_id=config.key_arn,
+    )
+    new_blob: bytes = response["CiphertextBlob"]
+    unwrapped = client.decrypt(
+        new_blob, encryption_context=config.metadata_key_context, key_id=target_arn
+    )["Plaintext"]
+    if not hmac.compare_digest(unwrapped, metadata_key):
+        raise KmsfsError("the key service returned a metadata key that is not this filesystem's")
+    new_config = dataclasses.replace(
+        config, key_arn=response["KeyId"], metadata_key_wrapped=new_blob, extra=dict(config.extra)
+    )
+    new_config.seal(metadata_key)
+    return new_config, new_blob
+
+
+def _restore_times(fd: int, before: os.stat_result) -> None:
+    os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _open_for_rewrap(path: bytes) -> tuple[int, int | None]:
+    """The file opened read-write; a read-only file of ours is made writable for the
+    moment (its mode is returned to be put back)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags), None
+    except PermissionError:
+        info = os.lstat(path)
+        if info.st_uid != os.geteuid():
+            raise
+        os.chmod(path, stat.S_IMODE(info.st_mode) | stat.S_IWUSR, follow_symlinks=False)
+        try:
+            return os.open(path, flags), stat.S_IMODE(info.st_mode)
+        except BaseException:
+            os.chmod(path, stat.S_IMODE(info.st_mode))
+            raise
+
+
+def _needs_rewrap(header: Header, target: KeyTarget) -> bool:
+    active = header.active_slot
+    return not (
+        target.holds(bytes(active.wrapped_key), active.key_arn)
+        and header.inactive_state is SlotState.EMPTY
+    )
+
+
+class _Worker:
+    """Per-thread clients (one keep-alive connection each)."""
+
+    def __init__(self, endpoint: Path, keyd_uid: str | None) -> None:
+        self._endpoint = endpoint
+        self._keyd_uid = keyd_uid
+        self._local = threading.local()
+        self._clients: list[KMSClient] = []
+        self._lock = threading.Lock()
+
+    def client(self) -> KMSClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = KMSClient(self._endpoint, keyd_uid=self._keyd_uid)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+def rewrap_file(
+    path: bytes,
+    client: KMSClient,
+    config: FsConfig,
+    target: KeyTarget,
+    *,
+    dry_run: bool = False,
+) -> str:
+    """Rewrap one backing file: 'empty', 'done' (skipped), 'rewrapped' (or, dry run,
+    'would')."""
+    if dry_run:
+        fd, mode = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), None
+    else:
+        fd, mode = _open_for_rewrap(path)
+    try:
+        before = os.fstat(fd)
+        if before.st_size == 0:
+            return "empty"
+        header = read_header(fd)
+        if not _needs_rewrap(header, target):
+            return "done"
+        if dry_run:
+            return "would"
+        response = client.re_encrypt(
+            bytes(header.active_slot.wrapped_key),
+            target.key_arn,
+            source_encryption_context=header.full_context,
+            destination_encryption_context=header.full_context,
+        )
+        try:
+            rewrap_header(
+                fd,
+                response["CiphertextBlob"],
+                response["KeyId"],
+                key_provider=ClientDataKeyProvider(client),
+                encryption_context=config.file_context,
+            )
+        finally:
+            _restore_times(fd, before)
+        return "rewrapped"
+    finally:
+        os.close(fd)
+        if mode is not None:
+            os.chmod(path, mode)
+
+
+def rewrap_cipherdir(
+    cipherdir: Path,
+    *,
+    to_key: str | None = None,
+    subdir: str | None = None,
+    dry_run: bool = False,
+    workers: int = 1,
+    keyd_socket: str | None = None,
+    keyd_uid: str | None = None,
+    on_total: Callable[[int], None] | None = None,
+    on_file: Callable[[], None] | None = None,
+) -> RewrapSummary:
+    """Rewrap kmsfs.conf (unless ``subdir``) and every file below ``subdir`` (a path as
+    seen at the mountpoint; the whole tree by default). Refused while mounted."""
+    from kmsfs.fs.mount import lock_cipherdir
+
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    started = time.monotonic()
+    cipherdir = Path(cipherdir)
+    config = load_config(cipherdir)
+    endpoint = keyd_endpoint(keyd_socket, config, keyd_uid=keyd_uid)
+    try:
+        lock = lock_cipherdir(cipherdir)  # InUse while mounted (see the module doc)
+    except InUse as error:
+        raise InUse(f"{error}; kmsfs rewrap works only on an unmounted cipher directory") from None
+    summary = RewrapSummary()
+    pool = _Worker(endpoint, keyd_uid)
+    try:
+        client = pool.client()
+        metadata_key = unlock_config(client, config)
+        root = os.fsencode(cipherdir.resolve())
+        tree = CipherTree(root, None if config.plaintext_names else NameCipher(metadata_key))
+        target_arn, target_id = _target_of(client, to_key or config.key_arn)
+        summary.target = target_arn
+        # ReEncrypt the metadata key first: its blob names the target's current version
+        new_config, new_blob = rewrap_config(client, config, metadata_key, target_arn)
+        named = blob_key_version(new_blob)
+        target = KeyTarget(target_arn, target_id, named[1] if named else None)
+        if subdir is None and (
+            target.version is None
+            or not target.holds(config.metadata_key_wrapped, config.key_arn)
+            or config.key_arn != new_config.key_arn
+        ):
+            if not dry_run:
+                write_new_config(cipherdir, new_config)
+                summary.header_bytes += len(new_config.to_json())
+            summary.config_rewrapped = True
+        start = tree.resolve(subdir) if subdir else root
+        if not os.path.isdir(start):
+            raise UsageError(f"{subdir} is not a directory in {cipherdir}")
+        paths = list(backing_files(tree, start))
+        if on_total is not None:
+            on_total(len(paths))
+
+        def work(path: bytes) -> tuple[bytes, str]:
+            try:
+                return path, rewrap_file(path, pool.client(), config, target, dry_run=dry_run)
+            except (OSError, FormatError, KmsfsError, ValueError) as error:
+                return path, f"error: {getattr(error, 'strerror', None) or error}"
+
+        def account(path: bytes, outcome: str) -> None:
+            summary.files += 1
+            if outcome == "empty":
+                summary.empty += 1
+            elif outcome == "done":
+                summary.already_done += 1
+            elif outcome in ("rewrapped", "would"):
+                summary.rewrapped += 1
+                if outcome == "rewrapped":
+                    summary.header_bytes += 2 * SLOT_SIZE
+            else:
+                relative = os.fsdecode(os.path.relpath(path, root))
+                summary.failed.append((relative, outcome.removeprefix("error: ")))
+            if on_file is not None:
+                on_file()
+
+        if workers == 1:
+            for path in paths:
+                account(*work(path))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as executor:
+                for path, outcome in executor.map(work, paths):
+                    account(path, outcome)
+    finally:
+        pool.close()
+        if lock is not None:
+            os.close(lock)
+    summary.seconds = time.monotonic() - started
+    return summary
