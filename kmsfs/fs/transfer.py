@@ -54,6 +54,8 @@ from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 from kmsfs.kms.client import KMSClient
 
 COPY_BLOCK = 1 << 20
+#: export leaves runs of zeros this long (and aligned) as holes, as ``cp --sparse`` does
+HOLE_GRAIN = 64 << 10
 
 
 @dataclass
@@ -765,11 +767,11 @@ class _Exporter:
                     count = engine.readinto(offset, view[: min(COPY_BLOCK, size - offset)])
                     if count <= 0:
                         break
-                    block = view[:count]
-                    if buffer.count(0, 0, count) != count:  # all zeros: left as a hole
-                        written = 0
-                        while written < count:
-                            written += os.pwrite(fd, block[written:], offset + written)
+                    for start in range(0, count, HOLE_GRAIN):  # zeros: left as a hole
+                        end = min(start + HOLE_GRAIN, count)
+                        if buffer.count(0, start, end) != end - start:
+                            while start < end:
+                                start += os.pwrite(fd, view[start:end], offset + start)
                     offset += count
                     copied += count
                 os.ftruncate(fd, size)
