@@ -31,7 +31,9 @@ it runs. (A mount caches open files' headers and data keys; rewrapping under it 
 race its own header writes.)
 
 File times: the mount shows the backing file's times, so each file's atime and mtime
-are put back after its header changed (its ctime does change).
+are put back after its header changed (its ctime does change). A kill between a file's
+header write and that step leaves that file (one per worker) with the kill's time as
+its mtime: the old one is not stored anywhere else.
 
 The ``key_arn`` field of a slot and the blob's key version are read without a key to
 decide what to skip (as ``kmsfs inspect`` shows them); they are authenticated by the
