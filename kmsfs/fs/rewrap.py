@@ -4,10 +4,15 @@ current version of its CMK after a rotation, without rewriting any file content.
 What is rewrapped:
 
 - every file header's active key slot: the wrapped data key goes through KMS
-  ``ReEncrypt`` (the plaintext data key never leaves the key service for this step) and
-  the format's crash-safe :func:`kmsfs.format.rewrap` writes it into the inactive slot
-  and erases the old one (two slots, an fsync after each write: killed at any instant
-  the file opens with the old or the new wrapping, see kmsfs/format/README.md);
+  ``ReEncrypt``, the new blob is unwrapped once (Decrypt) and must open the header (key
+  commitment and slot MACs: the same data key), and the format's two-slot rewrap plan
+  (:func:`kmsfs.format.header.plan_rewrap`, the steps of :func:`kmsfs.format.rewrap`)
+  writes it into the inactive slot and then erases the old one. Killed at any instant,
+  the file opens with the old or the new wrapping (kmsfs/format/README.md, *Rewrap*).
+  ``kmsfs.format.rewrap`` fsyncs after each of its two writes (3.3 ms each on this
+  disk); here the files go in batches of :data:`BATCH_FILES`: every new slot of the
+  batch, one ``syncfs``, every old slot erased, one ``syncfs`` -- the same order per
+  file, so the same guarantee on power loss, for two syncs per batch;
 - ``kmsfs.conf``'s wrapped metadata key (the key of names, symlink targets and
   xattrs), ReEncrypted, checked to unwrap to the same key, the config re-sealed with the
   new ``key_arn`` and replaced atomically (``write_new_config``). New files then get
@@ -55,8 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.errors import FormatError, InUse, KMSError, KmsfsError, UsageError
-from kmsfs.format.header import SLOT_SIZE, Header, SlotState, read_header
-from kmsfs.format.header import rewrap as rewrap_header
+from kmsfs.format.header import (
+    SLOT_SIZE,
+    Header,
+    SlotState,
+    authenticate_header,
+    plan_rewrap,
+    read_header,
+    unwrap_data_key,
+)
 from kmsfs.fs.config import (
     CONFIG_NAME,
     FsConfig,
@@ -229,20 +241,37 @@ class _Worker:
             client.close()
 
 
-def rewrap_file(
-    path: bytes,
-    client: KMSClient,
-    config: FsConfig,
-    target: KeyTarget,
-    *,
-    dry_run: bool = False,
-) -> str:
-    """Rewrap one backing file: 'empty', 'done' (skipped), 'rewrapped' (or, dry run,
-    'would')."""
+@dataclass
+class _Prepared:
+    """A file whose new slot is ready: its two header writes, in order."""
+
+    path: bytes
+    fd: int
+    mode: int | None  # a read-only file's mode, put back at the end
+    before: os.stat_result
+    writes: list[tuple[int, bytes]]
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.mode is not None:
+            os.chmod(self.path, self.mode)
+
+
+def prepare_file(
+    path: bytes, client: KMSClient, target: KeyTarget, *, dry_run: bool = False
+) -> _Prepared | str:
+    """ReEncrypt one file's wrapped key and plan its header writes (nothing written yet).
+
+    'empty', 'done' (already under the target) or, dry run, 'would' instead. The new blob
+    is unwrapped (Decrypt) and must open the header: the key commitment and every valid
+    slot's MAC are checked with the data key it holds, so a blob of another data key is
+    refused before anything is written -- what :func:`kmsfs.format.rewrap` checks too.
+    """
     if dry_run:
         fd, mode = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), None
     else:
         fd, mode = _open_for_rewrap(path)
+    prepared = None
     try:
         before = os.fstat(fd)
         if before.st_size == 0:
@@ -252,27 +281,79 @@ def rewrap_file(
             return "done"
         if dry_run:
             return "would"
+        context = header.full_context
         response = client.re_encrypt(
             bytes(header.active_slot.wrapped_key),
             target.key_arn,
-            source_encryption_context=header.full_context,
-            destination_encryption_context=header.full_context,
+            source_encryption_context=context,
+            destination_encryption_context=context,
         )
-        try:
-            rewrap_header(
-                fd,
-                response["CiphertextBlob"],
-                response["KeyId"],
-                key_provider=ClientDataKeyProvider(client),
-                encryption_context=config.file_context,
-            )
-        finally:
-            _restore_times(fd, before)
-        return "rewrapped"
+        new_blob = response["CiphertextBlob"]
+        data_key = unwrap_data_key(ClientDataKeyProvider(client), header, new_blob)
+        keys = authenticate_header(header, data_key)
+        writes = plan_rewrap(header, keys, new_blob, response["KeyId"])
+        prepared = _Prepared(path, fd, mode, before, writes)
+        return prepared
+    finally:
+        if prepared is None:
+            os.close(fd)
+            if mode is not None:
+                os.chmod(path, mode)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def syncfs(path: bytes) -> None:
+    """syncfs(2) of the filesystem holding ``path`` (Python has no os.syncfs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
     finally:
         os.close(fd)
-        if mode is not None:
-            os.chmod(path, mode)
+
+
+def write_batch(batch: list[_Prepared], root: bytes) -> dict[bytes, str]:
+    """The format's two rewrap steps for a batch of files, each step made durable for the
+    whole batch with one syncfs (instead of an fsync per file and step, 2-4 ms each
+    here): first every new slot, then every old slot erased. Per file the order is the
+    one :func:`kmsfs.format.rewrap` keeps, so a crash at any point leaves each file with
+    its old or its new wrapping. Returns the files that failed, with why."""
+    failed: dict[bytes, str] = {}
+    try:
+        for step in (0, 1):
+            for item in batch:
+                if item.path in failed:
+                    continue
+                offset, data = item.writes[step]
+                try:
+                    _pwrite_all(item.fd, data, offset)
+                except OSError as error:
+                    failed[item.path] = f"error: {error.strerror}"
+            syncfs(root)
+        for item in batch:
+            try:
+                _restore_times(item.fd, item.before)
+            except OSError as error:
+                failed.setdefault(item.path, f"error: {error.strerror}")
+    finally:
+        for item in batch:
+            item.close()
+    return failed
+
+
+#: files whose header writes share one syncfs per step
+BATCH_FILES = 256
 
 
 def rewrap_cipherdir(
@@ -330,9 +411,9 @@ def rewrap_cipherdir(
         if on_total is not None:
             on_total(len(paths))
 
-        def work(path: bytes) -> tuple[bytes, str]:
+        def work(path: bytes) -> tuple[bytes, _Prepared | str]:
             try:
-                return path, rewrap_file(path, pool.client(), config, target, dry_run=dry_run)
+                return path, prepare_file(path, pool.client(), target, dry_run=dry_run)
             except (OSError, FormatError, KmsfsError, ValueError) as error:
                 return path, f"error: {getattr(error, 'strerror', None) or error}"
 
@@ -352,13 +433,20 @@ def rewrap_cipherdir(
             if on_file is not None:
                 on_file()
 
-        if workers == 1:
-            for path in paths:
-                account(*work(path))
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as executor:
-                for path, outcome in executor.map(work, paths):
+        executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        try:
+            for first in range(0, len(paths), BATCH_FILES):
+                chunk = paths[first : first + BATCH_FILES]
+                results = list(executor.map(work, chunk) if executor else map(work, chunk))
+                batch = [outcome for _, outcome in results if isinstance(outcome, _Prepared)]
+                failed = write_batch(batch, root) if batch else {}
+                for path, outcome in results:
+                    if isinstance(outcome, _Prepared):
+                        outcome = failed.get(path, "rewrapped")
                     account(path, outcome)
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
     finally:
         pool.close()
         if lock is not None:

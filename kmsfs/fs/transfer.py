@@ -48,7 +48,7 @@ from kmsfs.format import EncryptedFile
 from kmsfs.fs.config import FsConfig, keyd_endpoint, load_config
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.offline import unlock_config
-from kmsfs.fs.rewrap import ClientDataKeyProvider
+from kmsfs.fs.rewrap import ClientDataKeyProvider, syncfs
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 from kmsfs.kms.client import KMSClient
@@ -319,7 +319,7 @@ class _Importer:
         for backing, info in reversed(self.directories):  # children first
             os.chmod(backing, stat.S_IMODE(info.st_mode))
             os.utime(backing, ns=(info.st_atime_ns, info.st_mtime_ns))
-        _syncfs(target)
+        syncfs(target)
 
     def import_dir(self, source: bytes, target: bytes, executor: ThreadPoolExecutor | None) -> None:
         with os.scandir(source) as listing:
@@ -436,21 +436,6 @@ class _Importer:
             os.link(first_dir + b"/" + first.backing, backing)
         self.summary.hard_links += 1
         self.tick()
-
-
-def _syncfs(path: bytes) -> None:
-    """syncfs(2) of the filesystem holding ``path`` (Python has no os.syncfs): one
-    flush of everything written, instead of an fsync per file."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
 
 
 def _user_entries(directory: bytes, tree: CipherTree | None) -> list[bytes]:
@@ -653,7 +638,7 @@ class _Exporter:
         for path, info in reversed(self.directories):
             os.chmod(path, stat.S_IMODE(info.st_mode))
             os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
-        _syncfs(target)
+        syncfs(target)
 
     def existing(self, path: bytes, backing: os.stat_result) -> bool:
         try:
