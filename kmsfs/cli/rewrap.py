@@ -133,6 +133,8 @@ def cmd_export(args: argparse.Namespace) -> None:
             keyd_uid=args.keyd_uid,
             on_entry=lambda: shown.update(1),
         )
+    for stray in summary.strays:
+        print(f"left out (not a kmsfs entry; see kmsfs fsck): {stray}")
     print(_summary_line(summary, "exported", args.dst))
 
 

@@ -29,6 +29,9 @@ skipped, so a second run, or a run after a kill, does only what is left. A file 
 format left with an older wrapping in its inactive slot (a rewrap killed between its
 two writes) is done again.
 
+``--dry-run`` writes nothing; it asks the key service for one ReEncrypt (of kmsfs.conf's
+metadata key, whose new blob names the target's current key version) and reads headers.
+
 Mounted filesystems: refused. The mount holds an exclusive flock on the cipher
 directory (:func:`kmsfs.fs.mount.lock_cipherdir`); rewrap takes the same lock for its
 whole run, so it refuses while the filesystem is mounted and no mount can start while

@@ -69,6 +69,7 @@ class TransferSummary:
     bytes: int = 0  # plaintext bytes copied
     seconds: float = 0.0
     mismatches: list[str] = field(default_factory=list)  # --verify
+    strays: list[str] = field(default_factory=list)  # export: backing entries left out
 
 
 @dataclass
@@ -659,10 +660,9 @@ class _Exporter:
         self, directory: bytes, target: bytes, executor: ThreadPoolExecutor | None
     ) -> None:
         entries, strays = self.tree.list_dir(directory, cache_key=directory)
-        for stray in strays:
-            raise KmsfsError(
-                f"{os.fsdecode(directory + b'/' + stray.backing)}: {stray.problem} (run kmsfs fsck)"
-            )
+        for stray in strays:  # not a kmsfs entry: left out, as the mount leaves it out
+            relative = os.path.relpath(directory + b"/" + stray.backing, self.tree.root)
+            self.summary.strays.append(f"{os.fsdecode(relative)}: {stray.problem}")
         for entry in sorted(entries, key=lambda item: item.name):
             backing = directory + b"/" + entry.backing
             path = target + b"/" + entry.name

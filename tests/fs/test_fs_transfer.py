@@ -149,3 +149,17 @@ def test_import_killed_at_random_points_leaves_whole_files_and_resumes(keyd: Key
     out = keyd.workdir / "final"
     keyd.kmsfs("export", str(cipher), str(out))
     assert_same_tree(source, out)
+
+
+def test_export_leaves_out_what_is_not_a_kmsfs_entry(keyd: Keyd) -> None:
+    source = keyd.workdir / "src"
+    files = make_small_files(source, 4)
+    cipher = _init(keyd)
+    keyd.kmsfs("import", str(source), str(cipher))
+    (cipher / "kmsfs.part.0123456789abcdef").write_bytes(b"left by an interrupted run")
+    out = keyd.workdir / "out"
+    result = keyd.kmsfs("export", str(cipher), str(out))
+    assert b"left out (not a kmsfs entry" in result.stdout
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == (
+        files
+    )
