@@ -196,7 +196,8 @@ def _restore_times(fd: int, before: os.stat_result) -> None:
 
 def _open_for_rewrap(path: bytes) -> tuple[int, int | None]:
     """The file opened read-write; a read-only file of ours is made writable for the
-    moment (its mode is returned to be put back)."""
+    moment (its mode is returned, to be put back after its batch; a kill in between
+    leaves it with the owner's write bit set -- root never needs this)."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         return os.open(path, flags), None
@@ -220,8 +221,9 @@ def _needs_rewrap(header: Header, target: KeyTarget) -> bool:
     )
 
 
-class _Worker:
-    """Per-thread clients (one keep-alive connection each)."""
+class ClientPerThread:
+    """One blocking keyd client per thread (one keep-alive connection each; a
+    :class:`KMSClient` is not thread-safe). Also used by :mod:`kmsfs.fs.transfer`."""
 
     def __init__(self, endpoint: Path, keyd_uid: str | None) -> None:
         self._endpoint = endpoint
@@ -238,6 +240,9 @@ class _Worker:
             with self._lock:
                 self._clients.append(client)
         return client
+
+    def provider(self) -> ClientDataKeyProvider:
+        return ClientDataKeyProvider(self.client())
 
     def close(self) -> None:
         for client in self._clients:
@@ -386,7 +391,7 @@ def rewrap_cipherdir(
     except InUse as error:
         raise InUse(f"{error}; kmsfs rewrap works only on an unmounted cipher directory") from None
     summary = RewrapSummary()
-    pool = _Worker(endpoint, keyd_uid)
+    pool = ClientPerThread(endpoint, keyd_uid)
     try:
         client = pool.client()
         metadata_key = unlock_config(client, config)

@@ -48,7 +48,7 @@ from kmsfs.format import EncryptedFile
 from kmsfs.fs.config import FsConfig, keyd_endpoint, load_config
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.offline import unlock_config
-from kmsfs.fs.rewrap import ClientDataKeyProvider, syncfs
+from kmsfs.fs.rewrap import ClientDataKeyProvider, ClientPerThread, syncfs
 from kmsfs.fs.tree import CipherTree, Entry
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 from kmsfs.kms.client import KMSClient
@@ -112,30 +112,6 @@ def _open_cipherdir(
     return _Opened(
         config, CipherTree(root, names), XattrCipher(metadata_key), endpoint, keyd_uid, lock
     )
-
-
-class _Clients:
-    """One blocking keyd client per thread."""
-
-    def __init__(self, endpoint: Path, keyd_uid: str | None) -> None:
-        self._endpoint = endpoint
-        self._keyd_uid = keyd_uid
-        self._local = threading.local()
-        self._all: list[KMSClient] = []
-        self._lock = threading.Lock()
-
-    def provider(self) -> ClientDataKeyProvider:
-        provider = getattr(self._local, "provider", None)
-        if provider is None:
-            client = KMSClient(self._endpoint, keyd_uid=self._keyd_uid)
-            with self._lock:
-                self._all.append(client)
-            provider = self._local.provider = ClientDataKeyProvider(client)
-        return provider
-
-    def close(self) -> None:
-        for client in self._all:
-            client.close()
 
 
 # ------------------------------------------------------------------ helpers
@@ -256,7 +232,7 @@ class _Importer:
         self.merge = merge
         self.workers = workers
         self.on_entry = on_entry
-        self.clients = _Clients(opened.endpoint, opened.keyd_uid)
+        self.clients = ClientPerThread(opened.endpoint, opened.keyd_uid)
         self.summary = TransferSummary()
         self.links: dict[tuple[int, int], tuple[bytes, Entry]] = {}
         self.pending_links: list[tuple[bytes, Entry, tuple[int, int], bytes]] = []
@@ -606,7 +582,7 @@ class _Exporter:
         self.merge = merge
         self.workers = workers
         self.on_entry = on_entry
-        self.clients = _Clients(opened.endpoint, opened.keyd_uid)
+        self.clients = ClientPerThread(opened.endpoint, opened.keyd_uid)
         self.summary = TransferSummary()
         self.links: dict[tuple[int, int], bytes] = {}
         self.pending_links: list[tuple[bytes, bytes]] = []  # (first exported path, new path)
