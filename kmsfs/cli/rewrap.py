@@ -31,6 +31,7 @@ def cmd_rewrap(args: argparse.Namespace) -> None:
             keyd_uid=args.keyd_uid,
             on_total=on_total,
             on_file=lambda: shown.update(1),
+            batch_files=args.batch,
         )
     for backing, problem in summary.failed:
         print(f"{backing}: {problem}")
@@ -75,6 +76,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     rewrap.add_argument(
         "--workers", type=int, default=1, metavar="N", help="files rewrapped in parallel"
+    )
+    rewrap.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        metavar="N",
+        help="files whose header writes share one syncfs per step (default 256)",
     )
     keyd_options(rewrap, KEYD_HINT_HELP)
     progress.add_progress_options(rewrap)

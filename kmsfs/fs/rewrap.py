@@ -375,6 +375,7 @@ def rewrap_cipherdir(
     keyd_uid: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_file: Callable[[], None] | None = None,
+    batch_files: int = BATCH_FILES,
 ) -> RewrapSummary:
     """Rewrap kmsfs.conf (unless ``subdir``) and every file below ``subdir`` (a path as
     seen at the mountpoint; the whole tree by default). Refused while mounted."""
@@ -382,6 +383,8 @@ def rewrap_cipherdir(
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    if batch_files < 1:
+        raise UsageError("--batch must be at least 1")
     started = time.monotonic()
     cipherdir = Path(cipherdir)
     config = load_config(cipherdir)
@@ -443,8 +446,8 @@ def rewrap_cipherdir(
 
         executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
-            for first in range(0, len(paths), BATCH_FILES):
-                chunk = paths[first : first + BATCH_FILES]
+            for first in range(0, len(paths), batch_files):
+                chunk = paths[first : first + batch_files]
                 results = list(executor.map(work, chunk) if executor else map(work, chunk))
                 batch = [outcome for _, outcome in results if isinstance(outcome, _Prepared)]
                 failed = write_batch(batch, root) if batch else {}

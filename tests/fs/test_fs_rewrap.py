@@ -182,20 +182,23 @@ def test_rewrap_killed_at_random_points_leaves_every_file_readable(keyd: Keyd) -
     source = keyd.workdir / "src"
     files = make_small_files(source, 300, per_dir=60, seed=3)
     cipher = _imported(keyd, source)
-    new_arn = _key_arn(keyd, "alias/new")
+    arns = {"alias/new": _key_arn(keyd, "alias/new"), "alias/fs": _key_arn(keyd, "alias/fs")}
+    new_arn = arns["alias/new"]
     rng = random.Random(1818)
     partial_runs = 0
-    for attempt in range(10):
+    target = "alias/new"
+    for attempt in range(12):
         workers = str(1 + attempt % 2)
-        already = _moved(cipher, new_arn)
+        already = _moved(cipher, arns[target])
         process = subprocess.Popen(
-            [*KMSFS, "rewrap", str(cipher), "--to-key", "alias/new", "--workers", workers],
+            [*KMSFS, "rewrap", str(cipher), "--to-key", target, "--workers", workers]
+            + ["--batch", "16"],  # small batches: many points between them to land on
             env=keyd.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         # once it is rewrapping files (not still starting up), at a random moment
-        while process.poll() is None and _moved(cipher, new_arn) == already:
+        while process.poll() is None and _moved(cipher, arns[target]) == already:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.4))
         process.send_signal(signal.SIGKILL)
@@ -205,11 +208,13 @@ def test_rewrap_killed_at_random_points_leaves_every_file_readable(keyd: Keyd) -
         assert {
             str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()
         } == files
-        moved = _moved(cipher, new_arn)
+        moved = _moved(cipher, arns[target])
         if 0 < moved < len(files):
             partial_runs += 1
-        if moved == len(files):
-            break
+            if partial_runs >= 3:
+                break
+        if moved == len(files):  # finished before the kill: go back the other way
+            target = "alias/fs" if target == "alias/new" else "alias/new"
     assert partial_runs >= 1, "no kill landed in the middle of a rewrap"
     keyd.kmsfs("rewrap", str(cipher), "--to-key", "alias/new")
     keyd.kmsfs("keys", "disable", "alias/fs")
