@@ -5,6 +5,7 @@ exit status taken from the error's type (the table: ``kmsfs.cli.errors.EXIT_STAT
 
 One module per command group, each holding its parsers (``add_parsers``) and handlers:
 ``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
+``rewrap`` (rewrap, import, export),
 ``keyd`` (keyd ...), ``keys`` (keys ...), ``sign`` (sign, verify, mac, verify-mac),
 ``whoami``, ``systemd`` (systemd-units), ``meta`` (completion, man). ``errors`` maps
 exceptions to exit statuses.
@@ -17,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kmsfs.cli import fs, keyd, keys, meta, sign, systemd, tools, whoami
+from kmsfs.cli import fs, keyd, keys, meta, rewrap, sign, systemd, tools, whoami
 from kmsfs.cli.common import export_keyd_uid
 from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
 from kmsfs.fs.fstab import is_helper_call, run_helper
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (tools, fs, keyd, keys, sign, whoami, systemd, meta):
+    for group in (tools, fs, rewrap, keyd, keys, sign, whoami, systemd, meta):
         group.add_parsers(commands)
     return parser
 

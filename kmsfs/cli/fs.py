@@ -24,7 +24,7 @@ from kmsfs.cli.common import (
     print_record,
     print_table,
 )
-from kmsfs.errors import UsageError
+from kmsfs.errors import FormatError, UsageError
 
 
 def cmd_ls(args: argparse.Namespace) -> None:
@@ -57,7 +57,7 @@ _REPAIRED = "repaired: "
 
 
 def cmd_fsck(args: argparse.Namespace) -> None:
-    from kmsfs.errors import FormatError, Truncated
+    from kmsfs.errors import Truncated
     from kmsfs.format import repair, verify
     from kmsfs.fs.keyservice import resolve
     from kmsfs.fs.offline import count_backing, fsck, open_tree
@@ -101,16 +101,24 @@ def cmd_fsck(args: argparse.Namespace) -> None:
 
     checking = args.verify or args.repair
     total = count_backing(Path(args.cipherdir)).backing_bytes if checking else None
+    files_by_key: dict[str, int] = {}
     with progress.bar(args, total=total, what="fsck", enabled=checking) as shown:
 
         def verify_with_progress(backing: bytes) -> str | None:
+            if args.keys:
+                _count_key(backing, files_by_key)
+            if not checking:
+                return None
             try:
                 return verify_file(backing)
             finally:
                 with contextlib.suppress(OSError):
                     shown.update(os.stat(backing).st_size)
 
-        problems = list(fsck(tree, verify_file=verify_with_progress if checking else None))
+        wanted = checking or args.keys
+        problems = list(fsck(tree, verify_file=verify_with_progress if wanted else None))
+    for key, count in sorted(files_by_key.items()):
+        print(f"key {key}: {count} file(s)")
     for problem in problems:
         shown = f" ({problem.plain})" if problem.plain else ""
         print(f"{problem.backing}{shown}: {problem.problem}")
@@ -123,6 +131,24 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         + (f"{repaired} file(s) repaired, no other problems" if repaired else "no problems found")
         + (" (all files verified)" if checking else "")
     )
+
+
+def _count_key(backing: bytes, files_by_key: dict[str, int]) -> None:
+    """Count the file under the CMK (and, for keyd's blobs, the key version) its header's
+    active slot names (read without a key, as ``kmsfs inspect`` shows it)."""
+    from kmsfs.format import inspect
+    from kmsfs.kms.datakeys import blob_key_version
+
+    try:
+        info = inspect(backing)
+    except (OSError, FormatError):
+        return  # fsck reports unreadable files itself (with --verify)
+    if info.empty or info.wrapped_key is None:
+        key = "- (empty files, no key)"
+    else:
+        named = blob_key_version(info.wrapped_key)
+        key = f"{info.key_arn} version {named[1]}" if named else str(info.key_arn)
+    files_by_key[key] = files_by_key.get(key, 0) + 1
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -383,6 +409,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --repair: also cut off a last chunk that fails authentication (a torn "
         "write of data that was never fsync'd, or tampering)",
+    )
+    fsck_parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="count the files under each CMK and key version (read from the headers, as "
+        "kmsfs inspect shows them): after kmsfs rewrap no file is left under the old key",
     )
     keyd_options(fsck_parser, KEYD_HINT_HELP)
     aws_options(fsck_parser)

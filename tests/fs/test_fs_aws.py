@@ -216,3 +216,26 @@ def test_aws_mount_refuses_when_the_endpoint_is_down(
     proxy.stop()
     with pytest.raises(AssertionError, match="cannot reach KMS endpoint"):
         _mount(mounts, cipher, proxy.url)
+
+
+def test_rewrap_import_export_refuse_a_cipherdir_in_aws_kms(
+    aws: tuple[MotoKMS, FaultProxy], fs_root: Path, tmp_path: Path
+) -> None:
+    """They talk to keyd only so far: a cipher directory whose CMK is in AWS KMS is
+    refused with one line naming the key, never sent to a keyd without it."""
+    moto, proxy = aws
+    cipher = fs_root / f"aws-rewrap-{os.urandom(3).hex()}"
+    key_arn = moto.create_key()
+    _init(cipher, key_arn, proxy.url)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(b"x")
+    for args in (
+        ["rewrap", str(cipher)],
+        ["import", str(source), str(cipher)],
+        ["export", str(cipher), str(tmp_path / "out")],
+    ):
+        result = run_kmsfs(*args, check=False)
+        assert result.returncode == 2, (args, result.stderr.decode())
+        assert "works with keyd's CMKs only so far" in result.stderr.decode()
+        assert key_arn in result.stderr.decode()
