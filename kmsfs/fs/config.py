@@ -76,7 +76,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.errors import KmsfsError, NotFoundException, UsageError
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.kms.paths import find_keyd
 
@@ -386,13 +386,31 @@ class FsConfig:
             raise ConfigError(f"{where} is not a valid kmsfs.conf ({exc})") from None
 
 
-def unwrap_refused(config: FsConfig, error: KmsfsError) -> KmsfsError:
+def unwrap_refused(config: FsConfig, error: KmsfsError, where: str = "keyd") -> KmsfsError:
     """What a keyd's refusal to unwrap the metadata key means for the config.
 
     InvalidCiphertextException (the blob or its context, i.e. ``filesystem_id``, was
     changed) and IncorrectKeyException (``key_arn`` names another CMK than the blob's)
-    are a config that fails authentication; anything else is keyd's answer as it is.
+    are a config that fails authentication. NotFoundException means the key service in
+    use (*where*) does not hold the filesystem's CMK at all: most often a lost or
+    replaced keystore, said in those words with both names. Anything else is keyd's
+    answer as it is.
     """
+    if getattr(error, "aws_type", None) == "NotFoundException":
+        message = getattr(error, "message", "") or str(error)
+        if "deleted" in message:
+            return NotFoundException(
+                f"this filesystem's key {config.key_arn} was deleted from the keystore of "
+                f"{where}: its files cannot be decrypted any more (only a backup of the "
+                "keystore taken before the deletion, or an escrow copy of imported key "
+                "material, holds it)"
+            )
+        return NotFoundException(
+            f"the keystore of {where} does not hold this filesystem's key {config.key_arn}: "
+            "it is not the keystore this cipher directory was made with (lost or "
+            "replaced?). Restore that keystore from a backup ('kmsfs keyd restore', then "
+            "serve it) or name the keyd that holds the key (--keyd-socket)"
+        )
     if getattr(error, "aws_type", None) in (
         "InvalidCiphertextException",
         "IncorrectKeyException",

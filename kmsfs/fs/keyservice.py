@@ -74,10 +74,12 @@ class KeyService:
     keyd_uid: str | None = None
     aws: Any = None  # kmsfs.kms.aws.AwsEndpoint (imported only when used: botocore)
 
-    def describe(self) -> str:
+    def describe(self, client: Any = None) -> str:
+        """The service, for messages; with a connected keyd client, its socket."""
         if self.kind == AWS:
             return self.aws.describe()
-        return f"keyd {self.keyd_socket}" if self.keyd_socket else "keyd"
+        socket_path = getattr(client, "socket_path", None) or self.keyd_socket
+        return f"keyd at {socket_path}" if socket_path else "keyd"
 
     def client(self, *, timeout: float = 10.0):
         """A blocking client (a context manager) with KMSClient's methods."""

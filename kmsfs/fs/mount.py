@@ -549,7 +549,10 @@ async def _serve(
                     )
                 )["Plaintext"]
             except KMSError as error:
-                raise unwrap_refused(config, error) from None
+                refused = unwrap_refused(config, error, service.describe(client))
+                if isinstance(refused, KMSError) and refused.aws_type == "NotFoundException":
+                    raise MountError(refused.message) from None  # it names both already
+                raise refused from None
             config.verify(metadata_key)
             _require_enabled_key((await client.describe_key(config.key_arn))["KeyMetadata"])
         except KeydUntrusted:

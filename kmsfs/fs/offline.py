@@ -43,17 +43,18 @@ def _options(
     return service_options or KeyServiceOptions(keyd_socket=keyd_socket, keyd_uid=keyd_uid)
 
 
-def unlock_config(client: KeyServiceClient, config: FsConfig) -> bytes:
+def unlock_config(client: KeyServiceClient, config: FsConfig, where: str = "keyd") -> bytes:
     """Unwrap the metadata key with the config's CMK, authenticate the config; the key.
 
-    Nothing else of ``config`` may be used before this returns.
+    Nothing else of ``config`` may be used before this returns. *where* names the key
+    service in errors (see :func:`unwrap_refused`).
     """
-    metadata_key = _unwrap_metadata_key(client, config)
+    metadata_key = _unwrap_metadata_key(client, config, where)
     config.verify(metadata_key)
     return metadata_key
 
 
-def _unwrap_metadata_key(client: KeyServiceClient, config: FsConfig) -> bytes:
+def _unwrap_metadata_key(client: KeyServiceClient, config: FsConfig, where: str) -> bytes:
     """The metadata key, unwrapped by keyd with the CMK kmsfs.conf names (not verified)."""
     try:
         return client.decrypt(
@@ -62,7 +63,7 @@ def _unwrap_metadata_key(client: KeyServiceClient, config: FsConfig) -> bytes:
             key_id=config.key_arn,
         )["Plaintext"]
     except KMSError as error:
-        raise unwrap_refused(config, error) from None
+        raise unwrap_refused(config, error, where) from None
 
 
 def open_tree(
@@ -79,7 +80,7 @@ def open_tree(
     root = os.fsencode(Path(cipherdir).resolve())
     service = resolve_key_service(config, _options(keyd_socket, keyd_uid, service_options))
     with service.client() as client:
-        metadata_key = unlock_config(client, config)
+        metadata_key = unlock_config(client, config, service.describe(client))
     if config.plaintext_names:
         return config, CipherTree(root, None)
     return config, CipherTree(root, NameCipher(metadata_key))
@@ -165,9 +166,9 @@ def seal_cipherdir(
     service = resolve_key_service(config, _options(keyd_socket, keyd_uid, service_options))
     with service.client() as client:
         if config.sealed:
-            unlock_config(client, config)
+            unlock_config(client, config, service.describe(client))
             return config, False
-        metadata_key = _unwrap_metadata_key(client, config)
+        metadata_key = _unwrap_metadata_key(client, config, service.describe(client))
     if not confirm(config):
         raise UsageError(f"{cipherdir}: kmsfs.conf left unsealed")
     config.seal(metadata_key)

@@ -409,7 +409,7 @@ def rewrap_cipherdir(
     pool = ClientPerThread(endpoint, keyd_uid)
     try:
         client = pool.client()
-        metadata_key = unlock_config(client, config)
+        metadata_key = unlock_config(client, config, f"keyd at {endpoint}")
         root = os.fsencode(cipherdir.resolve())
         tree = CipherTree(root, None if config.plaintext_names else NameCipher(metadata_key))
         target_arn, target_id = _target_of(client, to_key or config.key_arn)

@@ -109,7 +109,7 @@ def _open_cipherdir(
         raise InUse(f"{error}; kmsfs {what} works only on an unmounted cipher directory") from None
     try:
         with KMSClient(endpoint, keyd_uid=keyd_uid) as client:
-            metadata_key = unlock_config(client, config)
+            metadata_key = unlock_config(client, config, f"keyd at {endpoint}")
     except BaseException:
         if lock is not None:
             os.close(lock)
