@@ -112,20 +112,53 @@ class _Boto3Client:
         )
 
     def call(self, operation: str, params: dict) -> dict:
-        if operation == "Decrypt":
-            params = {**params, "CiphertextBlob": base64.b64decode(params["CiphertextBlob"])}
-        method = {
-            "Decrypt": "decrypt",
-            "GenerateDataKey": "generate_data_key",
-            "GenerateRandom": "generate_random",
-        }[operation]
-        return getattr(self.client, method)(**params)
+        from botocore import xform_name
+
+        # boto3 takes blobs as bytes (the JSON rows carry them as base64)
+        params = {
+            name: base64.b64decode(value) if name in ("CiphertextBlob", "Message") else value
+            for name, value in params.items()
+        }
+        return getattr(self.client, xform_name(operation))(**params)
 
     def __enter__(self) -> _Boto3Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
+
+
+_CONTEXT = {"kmsfs:file-id": "bench"}
+_MESSAGE = base64.b64encode(b"a message of a few dozen bytes, as a signer sends").decode()
+#: row -> (AWS operation, key spec and usage of a key made for it (None: the symmetric
+#: key), request members; KeyId, and Decrypt's blob, are filled in)
+ROWS: dict[str, tuple[str, str | None, str | None, dict]] = {
+    "GenerateDataKey": (
+        "GenerateDataKey",
+        None,
+        None,
+        {"KeySpec": "AES_256", "EncryptionContext": _CONTEXT},
+    ),
+    "Decrypt": ("Decrypt", None, None, {"EncryptionContext": _CONTEXT}),
+    "Sign ECC_NIST_P256": (
+        "Sign",
+        "ECC_NIST_P256",
+        "SIGN_VERIFY",
+        {"Message": _MESSAGE, "SigningAlgorithm": "ECDSA_SHA_256"},
+    ),
+    "Sign RSA_2048": (
+        "Sign",
+        "RSA_2048",
+        "SIGN_VERIFY",
+        {"Message": _MESSAGE, "SigningAlgorithm": "RSASSA_PSS_SHA_256"},
+    ),
+    "GenerateMac": (
+        "GenerateMac",
+        "HMAC_256",
+        "GENERATE_VERIFY_MAC",
+        {"Message": _MESSAGE, "MacAlgorithm": "HMAC_SHA_256"},
+    ),
+}
 
 
 def _client(transport: str, target: tuple):
@@ -142,8 +175,7 @@ def _worker(
     transport: str,
     target: tuple,
     operation: str,
-    key_id: str,
-    blob: bytes,
+    params: dict,
     seconds: float,
     start_at: float,
     results,
@@ -154,17 +186,6 @@ def _worker(
             time.sleep(0.001)
         done = 0
         deadline = time.perf_counter() + seconds
-        if operation == "Decrypt":
-            params = {
-                "CiphertextBlob": base64.b64encode(blob).decode(),
-                "EncryptionContext": {"kmsfs:file-id": "bench"},
-            }
-        else:
-            params = {
-                "KeyId": key_id,
-                "KeySpec": "AES_256",
-                "EncryptionContext": {"kmsfs:file-id": "bench"},
-            }
         while time.perf_counter() < deadline:
             client.call(operation, params)
             done += 1
@@ -175,8 +196,7 @@ def measure(
     transport: str,
     target: tuple,
     operation: str,
-    key_id: str,
-    blob: bytes,
+    params: dict,
     clients: int,
     seconds: float,
     keyd_pid: int,
@@ -187,7 +207,7 @@ def measure(
     procs = [
         multiprocessing.Process(
             target=_worker,
-            args=(transport, target, operation, key_id, blob, seconds, start_at, results),
+            args=(transport, target, operation, params, seconds, start_at, results),
         )
         for _ in range(clients)
     ]
@@ -221,7 +241,9 @@ def main() -> None:
         help="unix (socket), tcp (SigV4 over loopback), boto3 (AWS's client over TCP)",
     )
     parser.add_argument(
-        "--operations", default="GenerateDataKey,Decrypt", help="comma-separated operations"
+        "--operations",
+        default="GenerateDataKey,Decrypt",
+        help=f"comma-separated rows, of: {', '.join(ROWS)}",
     )
     args = parser.parse_args()
 
@@ -313,6 +335,24 @@ def main() -> None:
             blob = client.generate_data_key(key_id, encryption_context={"kmsfs:file-id": "bench"})[
                 "CiphertextBlob"
             ]
+            rows: dict[str, tuple[str, dict]] = {}
+            for row in args.operations.split(","):
+                if row not in ROWS:
+                    raise SystemExit(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+                operation, spec, usage, params = ROWS[row]
+                row_key = key_id
+                if spec is not None:
+                    row_key = client.call(
+                        "CreateKey", {"Description": "bench", "KeySpec": spec, "KeyUsage": usage}
+                    )["KeyMetadata"]["KeyId"]
+                    client.call(
+                        "PutKeyPolicy",
+                        {"KeyId": row_key, "PolicyName": "default", "Policy": json.dumps(policy)},
+                    )
+                params = {**params, "KeyId": row_key} if operation != "Decrypt" else params
+                if operation == "Decrypt":
+                    params = {**params, "CiphertextBlob": base64.b64encode(blob).decode()}
+                rows[row] = (operation, params)
         print(
             f"keyd round trips per second: Unix socket {socket_path}, TCP+SigV4 127.0.0.1:{port} "
             f"({args.seconds:g} s per run, median of {args.repeat}; {os.cpu_count()} cores)"
@@ -326,7 +366,7 @@ def main() -> None:
             f" {'keyd us/req':>9} {'/unix':>6}   runs"
         )
         transports = args.transports.split(",")
-        for operation in args.operations.split(","):
+        for row, (operation, params) in rows.items():
             for clients in (int(c) for c in args.clients.split(",")):
                 # rounds interleave the transports, so that load from elsewhere on the
                 # machine falls on all of them alike
@@ -338,8 +378,7 @@ def main() -> None:
                             transport,
                             target,
                             operation,
-                            key_id,
-                            blob,
+                            params,
                             clients,
                             args.seconds,
                             keyd.pid,
@@ -355,7 +394,7 @@ def main() -> None:
                     cpu_ratio = f"{cpu_us / unix_cpu:.2f}" if unix_cpu else "-"
                     shown = ", ".join(f"{r:.0f}" for r in runs[transport])
                     print(
-                        f"{operation:<18} {transport:<9} {clients:>7} {rate:>9.0f} {ratio:>6}"
+                        f"{row:<18} {transport:<9} {clients:>7} {rate:>9.0f} {ratio:>6}"
                         f" {cpu_us:>9.0f} {cpu_ratio:>6}   {shown}",
                         flush=True,
                     )
