@@ -457,7 +457,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--account-users",
         metavar="LIST",
         help="who may CreateKey and GenerateRandom (no key policy covers them): login names, "
-        "uids and @groups, comma-separated; root always may (default: every local user)",
+        "uids, @groups and iam:NAME (a SigV4-signed user), comma-separated; root always may "
+        "(default: everyone)",
     )
     serve_parser.add_argument(
         "--listen",

@@ -341,19 +341,27 @@ class AccountAccess:
 
     uids: frozenset[int] | None = None
     groups: frozenset[str] = frozenset()
+    #: SigV4-signed IAM users (keyd over TCP, ``kmsfs keyd credentials``) by name
+    iam_users: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, text: str | None) -> AccountAccess:
-        """``alice,1001,@staff``: login names, uids and ``@group`` names (a comma list).
-        Raises ValueError naming an unknown user or group."""
+        """``alice,1001,@staff,iam:build``: login names, uids, ``@group`` names and
+        ``iam:NAME`` for a SigV4-signed user (a comma list). Raises ValueError naming an
+        unknown user or group."""
         if text is None:
             return cls()
         uids: set[int] = set()
         groups: set[str] = set()
+        iam_users: set[str] = set()
         for item in (part.strip() for part in text.split(",")):
             if not item:
                 continue
-            if item.startswith("@"):
+            if item.startswith("iam:"):
+                if not item[4:]:
+                    raise ValueError("iam: needs a user name (iam:NAME)")
+                iam_users.add(item[4:])
+            elif item.startswith("@"):
                 name = item[1:]
                 try:
                     grp.getgrnam(name) if not name.isdigit() else grp.getgrgid(int(name))
@@ -367,9 +375,13 @@ class AccountAccess:
                     uids.add(pwd.getpwnam(item).pw_uid)
                 except KeyError:
                     raise ValueError(f"no user {item!r}") from None
-        return cls(frozenset(uids), frozenset(groups))
+        return cls(frozenset(uids), frozenset(groups), frozenset(iam_users))
 
     def allows(self, principal: Principal) -> bool:
-        if self.uids is None or principal.is_root or principal.uid in self.uids:
+        if self.uids is None:
+            return True
+        if principal.uid is None:  # a SigV4-signed user: named by iam:NAME only
+            return principal.authenticated and principal.login in self.iam_users
+        if principal.is_root or principal.uid in self.uids:
             return True
         return any(name in self.groups for name in principal.groups)

@@ -466,6 +466,13 @@ def test_account_access_by_name_uid_and_group() -> None:
     assert not access.allows(who(4322))
     assert access.allows(who(4322, (group,)))
     assert AccountAccess.parse(None).allows(who(4322))
+    # SigV4-signed users (no uid) are named iam:NAME, and only that way
+    signed = Principal(ACCOUNT, None, None, None, "build", (), None, access_key_id="AKIA1")
+    assert not access.allows(signed)
+    assert AccountAccess.parse("iam:build").allows(signed)
+    assert not AccountAccess.parse("iam:build").allows(who(4322))
+    with pytest.raises(ValueError, match="iam: needs a user name"):
+        AccountAccess.parse("iam:")
     with pytest.raises(ValueError, match="no user 'no-such-user-kmsfs'"):
         AccountAccess.parse("no-such-user-kmsfs")
     with pytest.raises(ValueError, match="no group 'no-such-group-kmsfs'"):
