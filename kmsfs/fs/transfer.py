@@ -240,38 +240,70 @@ def _submit_interleaved(
                 futures.append(executor.submit(function, *queue[index]))
 
 
-# ------------------------------------------------------------------ import
-class _Importer:
+class _Transfer:
+    """What import and export share: the walk queues files per directory (``jobs``),
+    workers copy them (:meth:`copy_files`), hard links are made after every file, and
+    directories get their modes and times last, children first (:meth:`finish`)."""
+
     def __init__(
-        self,
-        opened: _Opened,
-        *,
-        merge: bool,
-        workers: int,
-        on_entry: Callable[[], None] | None,
+        self, opened: _Opened, *, merge: bool, workers: int, on_entry: Callable[[], None] | None
     ) -> None:
         self.opened = opened
         self.tree = opened.tree
-        self.config = opened.config
         self.merge = merge
         self.workers = workers
         self.on_entry = on_entry
         self.clients = ClientPerThread(opened.endpoint, opened.keyd_uid)
         self.summary = TransferSummary()
-        self.links: dict[tuple[int, int], tuple[bytes, Entry]] = {}
-        self.pending_links: list[tuple[bytes, Entry, tuple[int, int], bytes]] = []
         self.directories: list[tuple[bytes, os.stat_result]] = []
         self.futures: list[Future[int]] = []
-        self.jobs: dict[bytes, list[tuple[bytes, os.stat_result, bytes, Entry]]] = {}
+        self.jobs: dict[bytes, list[tuple[Any, ...]]] = {}
+
+    def tick(self) -> None:
+        if self.on_entry is not None:
+            self.on_entry()
+
+    def copy_files(
+        self,
+        walk: Callable[[ThreadPoolExecutor | None], None],
+        copy: Callable[..., int],
+    ) -> None:
+        """Walk the tree (with one worker, ``walk`` copies as it goes), then copy the
+        queued files on the workers, interleaving directories."""
+        executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
+        try:
+            walk(executor)
+            if executor is not None:
+                _submit_interleaved(executor, copy, self.jobs, self.futures)
+            for future in self.futures:
+                self.summary.bytes += future.result()
+                self.tick()
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+            self.clients.close()
+
+    def finish(self, target: bytes) -> None:
+        for path, info in reversed(self.directories):  # children first
+            os.chmod(path, stat.S_IMODE(info.st_mode))
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        syncfs(target)
+
+
+# ------------------------------------------------------------------ import
+class _Importer(_Transfer):
+    def __init__(
+        self, opened: _Opened, *, merge: bool, workers: int, on_entry: Callable[[], None] | None
+    ) -> None:
+        super().__init__(opened, merge=merge, workers=workers, on_entry=on_entry)
+        self.config = opened.config
+        self.links: dict[tuple[int, int], tuple[bytes, Entry]] = {}
+        self.pending_links: list[tuple[bytes, Entry, tuple[int, int], bytes]] = []
         self.lock = threading.Lock()
 
     def entry(self, directory: bytes, name: bytes) -> Entry:
         with self.lock:  # the name cache is shared
             return self.tree.entry(directory, name, cache_key=directory)
-
-    def tick(self) -> None:
-        if self.on_entry is not None:
-            self.on_entry()
 
     def existing(self, directory: bytes, entry: Entry, source: os.stat_result) -> bool:
         """With --merge: True if the entry is there already as the source has it (kept);
@@ -306,24 +338,12 @@ class _Importer:
         return present.st_size
 
     def run(self, source: bytes, target: bytes) -> None:
-        executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
-        try:
-            self.import_dir(source, target, executor)
-            if executor is not None:
-                _submit_interleaved(executor, self.import_file, self.jobs, self.futures)
-            for future in self.futures:
-                self.summary.bytes += future.result()
-                self.tick()
-        finally:
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
-            self.clients.close()
+        self.copy_files(
+            lambda executor: self.import_dir(source, target, executor), self.import_file
+        )
         for path, entry, key, target_dir in self.pending_links:
             self.link(path, entry, key, target_dir)
-        for backing, info in reversed(self.directories):  # children first
-            os.chmod(backing, stat.S_IMODE(info.st_mode))
-            os.utime(backing, ns=(info.st_atime_ns, info.st_mtime_ns))
-        syncfs(target)
+        self.finish(target)
 
     def import_dir(self, source: bytes, target: bytes, executor: ThreadPoolExecutor | None) -> None:
         with os.scandir(source) as listing:
@@ -598,40 +618,18 @@ def export_tree(
     return summary
 
 
-class _Exporter:
+class _Exporter(_Transfer):
     def __init__(
         self, opened: _Opened, *, merge: bool, workers: int, on_entry: Callable[[], None] | None
     ) -> None:
-        self.opened = opened
-        self.tree = opened.tree
-        self.merge = merge
-        self.workers = workers
-        self.on_entry = on_entry
-        self.clients = ClientPerThread(opened.endpoint, opened.keyd_uid)
-        self.summary = TransferSummary()
+        super().__init__(opened, merge=merge, workers=workers, on_entry=on_entry)
         self.links: dict[tuple[int, int], bytes] = {}
         self.pending_links: list[tuple[bytes, bytes]] = []  # (first exported path, new path)
-        self.jobs: dict[bytes, list[tuple[bytes, os.stat_result, bytes, bytes]]] = {}
-        self.directories: list[tuple[bytes, os.stat_result]] = []
-        self.futures: list[Future[int]] = []
-
-    def tick(self) -> None:
-        if self.on_entry is not None:
-            self.on_entry()
 
     def run(self, cipher_root: bytes, target: bytes) -> None:
-        executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
-        try:
-            self.export_dir(cipher_root, target, executor)
-            if executor is not None:
-                _submit_interleaved(executor, self.export_file, self.jobs, self.futures)
-            for future in self.futures:
-                self.summary.bytes += future.result()
-                self.tick()
-        finally:
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
-            self.clients.close()
+        self.copy_files(
+            lambda executor: self.export_dir(cipher_root, target, executor), self.export_file
+        )
         for first, path in self.pending_links:
             if os.path.lexists(path):
                 if os.path.samefile(first, path):
@@ -640,10 +638,7 @@ class _Exporter:
             os.link(first, path)
             self.summary.hard_links += 1
             self.tick()
-        for path, info in reversed(self.directories):
-            os.chmod(path, stat.S_IMODE(info.st_mode))
-            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
-        syncfs(target)
+        self.finish(target)
 
     def existing(self, path: bytes, backing: os.stat_result) -> bool:
         try:

@@ -287,6 +287,8 @@ class KeystoreAdmin:
         destination = params.get("Destination")
         if not isinstance(destination, str) or not os.path.isabs(destination):
             raise ValidationException("Destination must be an absolute path")
+        if "\0" in destination:
+            raise ValidationException("Destination must not contain a NUL character")
         final = Path(destination)
         if final.exists() or final.is_symlink():
             raise ValidationException(f"{final} exists; a backup goes into a new directory")
@@ -296,6 +298,8 @@ class KeystoreAdmin:
             manifest = write_backup(self.keystore, partial, head)
         except OSError as exc:
             raise ValidationException(f"cannot write the backup: {exc.strerror}") from None
+        except KeystoreError as exc:  # the destination's parent is no directory, ...
+            raise ValidationException(f"cannot write the backup: {exc}") from None
 
         def publish() -> None:
             os.rename(partial, final)

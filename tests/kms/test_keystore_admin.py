@@ -418,3 +418,20 @@ def test_rotate_root_key_keeps_asymmetric_and_hmac_keys(live_keyd: Keyd) -> None
             "VerifyMac",
             {"KeyId": hmac_id, "Message": message, "Mac": mac, "MacAlgorithm": "HMAC_SHA_256"},
         )["MacValid"]
+
+
+def test_a_bad_backup_destination_is_a_validation_error(tmp_path: Path) -> None:
+    """Refused as the client's mistake (400), never an internal error of keyd."""
+    from kmsfs.errors import ValidationException
+    from kmsfs.kms.caller import Caller
+    from kmsfs.kms.service import KeyService
+
+    store = Keystore.create(tmp_path / "ks", RootKeySource.from_key_file(tmp_path / "rk"))
+    try:
+        service = KeyService(store, [])
+        root = Caller(uid=0, gid=0, pid=os.getpid())
+        for destination in ("relative/dir", f"{tmp_path}/a\0b", str(tmp_path / "no" / "parent")):
+            with pytest.raises(ValidationException):
+                service.handle("BackupKeystore", {"Destination": destination}, root, "r")
+    finally:
+        store.close()
