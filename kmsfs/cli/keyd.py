@@ -203,6 +203,10 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         account_access = AccountAccess.parse(args.account_users)
     except ValueError as exc:
         raise UsageError(f"--account-users: {exc}") from None
+    try:  # nobody but root unless named (kmsfs:ForwardCaller)
+        forwarders = AccountAccess.parse(args.forwarders or "")
+    except ValueError as exc:
+        raise UsageError(f"--forwarders: {exc}") from None
     if args.daemon:
         source = root_key_source(args)
         argv = [
@@ -219,6 +223,8 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
             argv += ["--root-key-file", str(os.path.abspath(source.key_file))]
         if args.account_users is not None:
             argv += ["--account-users", args.account_users]
+        if args.forwarders:
+            argv += ["--forwarders", args.forwarders]
         for address in args.listen or ():
             argv += ["--listen", address]
         for region in args.extra_region or ():
@@ -249,6 +255,7 @@ def cmd_keyd_serve(args: argparse.Namespace) -> None:
         socket_mode=socket_mode,
         ready_fd=args.ready_fd,
         account_access=account_access,
+        forwarders=forwarders,
         listen=args.listen or (),
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -459,6 +466,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="who may CreateKey and GenerateRandom (no key policy covers them): login names, "
         "uids, @groups and iam:NAME (a SigV4-signed user), comma-separated; root always may "
         "(default: everyone)",
+    )
+    serve_parser.add_argument(
+        "--forwarders",
+        metavar="LIST",
+        help="who besides root may forward a caller's identity (kmsfs:ForwardCaller, header "
+        "X-Kmsfs-Forwarded-Caller: a kmsfs mount run by that user): same syntax as "
+        "--account-users (default: root only)",
     )
     serve_parser.add_argument(
         "--listen",

@@ -145,7 +145,8 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
     def close(self) -> None:
         self._client.close()
 
-    def _execute(self, request: KMSRequest) -> dict[str, Any]:
+    def _execute(self, request: KMSRequest, on_behalf_of: object = None) -> dict[str, Any]:
+        _no_forwarding(on_behalf_of)
         return request.decode_result(self.call(request.operation, request.params))
 
     def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,6 +178,13 @@ class AwsKMSClient(KMSOperations[dict[str, Any]]):
             if isinstance(value, bytes | bytearray):
                 result[name] = base64.b64encode(value).decode("ascii")
         return result
+
+
+def _no_forwarding(on_behalf_of: object) -> None:
+    """AWS KMS has no forwarded identity (keyd's X-Kmsfs-Forwarded-Caller): a call made
+    for another user is refused here rather than made with the mount's own credentials."""
+    if on_behalf_of is not None:
+        raise UsageError("AWS KMS cannot take a forwarded caller; only keyd can")
 
 
 def _kms_error(error: botocore.exceptions.ClientError) -> KMSError:
@@ -217,7 +225,8 @@ class AsyncAwsKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         self._client.close()
         await trio.lowlevel.checkpoint()
 
-    async def _execute(self, request: KMSRequest) -> dict[str, Any]:
+    async def _execute(self, request: KMSRequest, on_behalf_of: object = None) -> dict[str, Any]:
+        _no_forwarding(on_behalf_of)
         return request.decode_result(await self.call(request.operation, request.params))
 
     async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:

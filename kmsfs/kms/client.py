@@ -27,6 +27,9 @@ A missing socket, a refused or lost connection, or no answer within ``timeout``
 seconds raises :class:`kmsfs.errors.KeydUnavailable` with a one-line message naming
 the socket path and the cause.
 
+Forwarding. Every call takes ``on_behalf_of`` (a
+:class:`kmsfs.kms.caller.ForwardedCaller`): see :func:`forwarded_headers`.
+
 Binary fields. ``call`` base64-encodes any ``bytes`` value in ``params`` and returns
 the response as decoded JSON (binary fields still base64 strings). The convenience
 methods (``decrypt``, ``generate_data_key``...) also decode ``Plaintext`` and
@@ -46,6 +49,7 @@ from typing import Any, Generic, Self, TypeVar
 import h11
 import trio
 
+from kmsfs.kms.caller import FORWARDED_CALLER_HEADER, ForwardedCaller
 from kmsfs.kms.paths import find_keyd
 from kmsfs.kms.protocol import (
     CONTENT_TYPE,
@@ -74,7 +78,7 @@ class KMSOperations(Generic[ResultT]):
     returns the decoded result, the async one an awaitable of it.
     """
 
-    def _execute(self, request: KMSRequest) -> ResultT:
+    def _execute(self, request: KMSRequest, on_behalf_of: ForwardedCaller | None = None) -> ResultT:
         raise NotImplementedError
 
     def generate_data_key(
@@ -84,6 +88,7 @@ class KMSOperations(Generic[ResultT]):
         encryption_context: Mapping[str, str] | None = None,
         key_spec: str | None = None,
         number_of_bytes: int | None = None,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """GenerateDataKey: ``Plaintext`` and ``CiphertextBlob`` as bytes, ``KeyId``.
 
@@ -95,7 +100,8 @@ class KMSOperations(Generic[ResultT]):
                 encryption_context=encryption_context,
                 key_spec=key_spec,
                 number_of_bytes=number_of_bytes,
-            )
+            ),
+            on_behalf_of,
         )
 
     def generate_data_key_without_plaintext(
@@ -105,6 +111,7 @@ class KMSOperations(Generic[ResultT]):
         encryption_context: Mapping[str, str] | None = None,
         key_spec: str | None = None,
         number_of_bytes: int | None = None,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """GenerateDataKeyWithoutPlaintext: ``CiphertextBlob`` as bytes, ``KeyId``."""
         return self._execute(
@@ -114,7 +121,8 @@ class KMSOperations(Generic[ResultT]):
                 key_spec=key_spec,
                 number_of_bytes=number_of_bytes,
                 without_plaintext=True,
-            )
+            ),
+            on_behalf_of,
         )
 
     def decrypt(
@@ -124,6 +132,7 @@ class KMSOperations(Generic[ResultT]):
         encryption_context: Mapping[str, str] | None = None,
         key_id: str | None = None,
         encryption_algorithm: str | None = None,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """Decrypt: ``Plaintext`` as bytes, ``KeyId``, ``EncryptionAlgorithm``.
 
@@ -135,7 +144,8 @@ class KMSOperations(Generic[ResultT]):
                 encryption_context=encryption_context,
                 key_id=key_id,
                 encryption_algorithm=encryption_algorithm,
-            )
+            ),
+            on_behalf_of,
         )
 
     def encrypt(
@@ -145,6 +155,7 @@ class KMSOperations(Generic[ResultT]):
         *,
         encryption_context: Mapping[str, str] | None = None,
         encryption_algorithm: str | None = None,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """Encrypt: ``CiphertextBlob`` as bytes, ``KeyId``, ``EncryptionAlgorithm``."""
         return self._execute(
@@ -153,7 +164,8 @@ class KMSOperations(Generic[ResultT]):
                 plaintext,
                 encryption_context=encryption_context,
                 encryption_algorithm=encryption_algorithm,
-            )
+            ),
+            on_behalf_of,
         )
 
     def re_encrypt(
@@ -164,6 +176,7 @@ class KMSOperations(Generic[ResultT]):
         source_encryption_context: Mapping[str, str] | None = None,
         destination_encryption_context: Mapping[str, str] | None = None,
         source_key_id: str | None = None,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """ReEncrypt: ``CiphertextBlob`` as bytes, ``KeyId``, ``SourceKeyId``."""
         return self._execute(
@@ -173,29 +186,41 @@ class KMSOperations(Generic[ResultT]):
                 source_encryption_context=source_encryption_context,
                 destination_encryption_context=destination_encryption_context,
                 source_key_id=source_key_id,
-            )
+            ),
+            on_behalf_of,
         )
 
-    def describe_key(self, key_id: str) -> ResultT:
+    def describe_key(self, key_id: str, *, on_behalf_of: ForwardedCaller | None = None) -> ResultT:
         """DescribeKey: ``KeyMetadata``."""
-        return self._execute(KMSRequest.describe_key(key_id))
+        return self._execute(KMSRequest.describe_key(key_id), on_behalf_of)
 
-    def generate_random(self, number_of_bytes: int) -> ResultT:
+    def generate_random(
+        self, number_of_bytes: int, *, on_behalf_of: ForwardedCaller | None = None
+    ) -> ResultT:
         """GenerateRandom: ``Plaintext`` as bytes."""
-        return self._execute(KMSRequest.generate_random(number_of_bytes))
+        return self._execute(KMSRequest.generate_random(number_of_bytes), on_behalf_of)
 
     # -- asymmetric and HMAC keys (binary fields come back as bytes) ---------------
-    def get_public_key(self, key_id: str) -> ResultT:
+    def get_public_key(
+        self, key_id: str, *, on_behalf_of: ForwardedCaller | None = None
+    ) -> ResultT:
         """GetPublicKey: ``PublicKey`` (DER SubjectPublicKeyInfo) as bytes, ``KeySpec``,
         ``KeyUsage`` and the algorithm lists."""
-        return self._execute(KMSRequest.get_public_key(key_id))
+        return self._execute(KMSRequest.get_public_key(key_id), on_behalf_of)
 
     def sign(
-        self, key_id: str, message: bytes, signing_algorithm: str, *, message_type: str = "RAW"
+        self,
+        key_id: str,
+        message: bytes,
+        signing_algorithm: str,
+        *,
+        message_type: str = "RAW",
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """Sign: ``Signature`` as bytes. ``message_type="DIGEST"`` signs a digest."""
         return self._execute(
-            KMSRequest.sign(key_id, message, signing_algorithm, message_type=message_type)
+            KMSRequest.sign(key_id, message, signing_algorithm, message_type=message_type),
+            on_behalf_of,
         )
 
     def verify(
@@ -206,21 +231,40 @@ class KMSOperations(Generic[ResultT]):
         signing_algorithm: str,
         *,
         message_type: str = "RAW",
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """Verify: ``SignatureValid`` true, or raises KMSInvalidSignatureException."""
         return self._execute(
             KMSRequest.verify(
                 key_id, message, signature, signing_algorithm, message_type=message_type
-            )
+            ),
+            on_behalf_of,
         )
 
-    def generate_mac(self, key_id: str, message: bytes, mac_algorithm: str) -> ResultT:
+    def generate_mac(
+        self,
+        key_id: str,
+        message: bytes,
+        mac_algorithm: str,
+        *,
+        on_behalf_of: ForwardedCaller | None = None,
+    ) -> ResultT:
         """GenerateMac: ``Mac`` as bytes."""
-        return self._execute(KMSRequest.generate_mac(key_id, message, mac_algorithm))
+        return self._execute(KMSRequest.generate_mac(key_id, message, mac_algorithm), on_behalf_of)
 
-    def verify_mac(self, key_id: str, message: bytes, mac: bytes, mac_algorithm: str) -> ResultT:
+    def verify_mac(
+        self,
+        key_id: str,
+        message: bytes,
+        mac: bytes,
+        mac_algorithm: str,
+        *,
+        on_behalf_of: ForwardedCaller | None = None,
+    ) -> ResultT:
         """VerifyMac: ``MacValid`` true, or raises KMSInvalidMacException."""
-        return self._execute(KMSRequest.verify_mac(key_id, message, mac, mac_algorithm))
+        return self._execute(
+            KMSRequest.verify_mac(key_id, message, mac, mac_algorithm), on_behalf_of
+        )
 
     def generate_data_key_pair(
         self,
@@ -229,6 +273,7 @@ class KMSOperations(Generic[ResultT]):
         *,
         encryption_context: Mapping[str, str] | None = None,
         without_plaintext: bool = False,
+        on_behalf_of: ForwardedCaller | None = None,
     ) -> ResultT:
         """GenerateDataKeyPair(WithoutPlaintext): ``PrivateKeyCiphertextBlob``,
         ``PrivateKeyPlaintext`` (unless without_plaintext) and ``PublicKey`` as bytes."""
@@ -238,12 +283,29 @@ class KMSOperations(Generic[ResultT]):
                 key_pair_spec,
                 encryption_context=encryption_context,
                 without_plaintext=without_plaintext,
-            )
+            ),
+            on_behalf_of,
         )
 
-    def derive_shared_secret(self, key_id: str, public_key: bytes) -> ResultT:
+    def derive_shared_secret(
+        self, key_id: str, public_key: bytes, *, on_behalf_of: ForwardedCaller | None = None
+    ) -> ResultT:
         """DeriveSharedSecret (ECDH): ``SharedSecret`` as bytes."""
-        return self._execute(KMSRequest.derive_shared_secret(key_id, public_key))
+        return self._execute(KMSRequest.derive_shared_secret(key_id, public_key), on_behalf_of)
+
+
+def forwarded_headers(on_behalf_of: ForwardedCaller | None) -> list[tuple[bytes, bytes]]:
+    """The header naming the caller a request is made for (``X-Kmsfs-Forwarded-Caller``).
+
+    keyd evaluates such a request as that caller's, with ``kms:ViaService`` =
+    ``kmsfs-mount``, if this client's user is trusted to forward (root, or named by
+    ``keyd serve --forwarders``); from anyone else keyd refuses it with
+    AccessDeniedException. AWS KMS has no such header: the AWS clients
+    (:mod:`kmsfs.kms.aws`) forward nothing.
+    """
+    if on_behalf_of is None:
+        return []
+    return [(FORWARDED_CALLER_HEADER.encode("ascii"), on_behalf_of.header_value().encode("ascii"))]
 
 
 class _LostBeforeResponse(Exception):
@@ -285,16 +347,27 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         self._drop()
         await trio.lowlevel.checkpoint()
 
-    async def _execute(self, request: KMSRequest) -> dict[str, Any]:
-        return request.decode_result(await self.call(request.operation, request.params))
+    async def _execute(
+        self, request: KMSRequest, on_behalf_of: ForwardedCaller | None = None
+    ) -> dict[str, Any]:
+        result = await self.call(request.operation, request.params, on_behalf_of=on_behalf_of)
+        return request.decode_result(result)
 
-    async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Call ``operation`` with ``params``; the decoded JSON result."""
+    async def call(
+        self,
+        operation: str,
+        params: Mapping[str, Any],
+        *,
+        on_behalf_of: ForwardedCaller | None = None,
+    ) -> dict[str, Any]:
+        """Call ``operation`` with ``params``; the decoded JSON result. With
+        ``on_behalf_of``, as that caller (see :func:`forwarded_headers`)."""
         body = encode_request_body(params)
+        extra = forwarded_headers(on_behalf_of)
         with trio.move_on_after(self.timeout) as deadline:
             async with self._lock:
                 try:
-                    status, payload = await self._round_trip(operation, body)
+                    status, payload = await self._round_trip(operation, body, extra)
                 except BaseException:
                     self._drop()  # cancelled or failed mid-exchange: state unknown
                     raise
@@ -302,7 +375,9 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
             raise keyd_unavailable(self.socket_path, f"no answer within {self.timeout:g} s")
         return decode_response(status, payload)
 
-    async def _round_trip(self, operation: str, body: bytes) -> tuple[int, bytes]:
+    async def _round_trip(
+        self, operation: str, body: bytes, extra: list[tuple[bytes, bytes]]
+    ) -> tuple[int, bytes]:
         for attempt in (1, 2):
             reused = self._stream is not None
             if self._stream is not None and connection_looks_dead(self._stream.socket.fileno()):
@@ -311,7 +386,7 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
             if self._stream is None:
                 await self._connect()
             try:
-                return await self._exchange(operation, body)
+                return await self._exchange(operation, body, extra)
             except _LostBeforeResponse as lost:
                 self._drop()
                 if reused and attempt == 1:
@@ -344,7 +419,9 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         self._stream = stream
         self._h11 = h11.Connection(h11.CLIENT)
 
-    async def _exchange(self, operation: str, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(
+        self, operation: str, body: bytes, extra: list[tuple[bytes, bytes]]
+    ) -> tuple[int, bytes]:
         stream, conn = self._stream, self._h11
         assert stream is not None and conn is not None
         request = conn.send(
@@ -356,6 +433,7 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
                     (b"Content-Type", _CONTENT_TYPE),
                     (b"X-Amz-Target", target_header(operation).encode("ascii")),
                     (b"Content-Length", b"%d" % len(body)),
+                    *extra,
                 ],
             )
         )
@@ -478,13 +556,25 @@ class KMSClient(KMSOperations[dict[str, Any]]):
         """Close the connection (a later call opens a new one)."""
         self._connection.close()
 
-    def _execute(self, request: KMSRequest) -> dict[str, Any]:
-        return request.decode_result(self.call(request.operation, request.params))
+    def _execute(
+        self, request: KMSRequest, on_behalf_of: ForwardedCaller | None = None
+    ) -> dict[str, Any]:
+        result = self.call(request.operation, request.params, on_behalf_of=on_behalf_of)
+        return request.decode_result(result)
 
-    def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Call ``operation`` with ``params``; the decoded JSON result."""
+    def call(
+        self,
+        operation: str,
+        params: Mapping[str, Any],
+        *,
+        on_behalf_of: ForwardedCaller | None = None,
+    ) -> dict[str, Any]:
+        """Call ``operation`` with ``params``; the decoded JSON result. With
+        ``on_behalf_of``, as that caller (see :func:`forwarded_headers`)."""
         body = encode_request_body(params)
         headers = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": target_header(operation)}
+        if on_behalf_of is not None:
+            headers[FORWARDED_CALLER_HEADER] = on_behalf_of.header_value()
         connection = self._connection
         for attempt in (1, 2):
             sock = connection.sock

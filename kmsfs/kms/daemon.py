@@ -103,7 +103,10 @@ def source_from_credential(name: str, *, root_key: bool) -> RootKeySource:
 
 
 def open_service(
-    keystore_dir: Path, source: RootKeySource, account_access: AccountAccess | None = None
+    keystore_dir: Path,
+    source: RootKeySource,
+    account_access: AccountAccess | None = None,
+    forwarders: AccountAccess | None = None,
 ) -> tuple[Keystore, AuditLog, KeyService]:
     check_keystore_permissions(keystore_dir)
     keystore = Keystore.open(keystore_dir, source)
@@ -112,7 +115,8 @@ def open_service(
     except BaseException:
         keystore.close()
         raise
-    return keystore, audit, KeyService(keystore, audit, account_access=account_access)
+    service = KeyService(keystore, audit, account_access=account_access, forwarders=forwarders)
+    return keystore, audit, service
 
 
 def run_keyd(
@@ -125,6 +129,7 @@ def run_keyd(
     ready_fd: int | None = None,
     notifier: Notifier | None = None,
     account_access: AccountAccess | None = None,
+    forwarders: AccountAccess | None = None,
     listen: Sequence[str] = (),
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
@@ -145,7 +150,7 @@ def run_keyd(
     endpoints = tcp_endpoints(listen, tls_cert, tls_key)
     harden_process(log)
     raise_fd_limit()
-    keystore, audit, service = open_service(keystore_dir, source, account_access)
+    keystore, audit, service = open_service(keystore_dir, source, account_access, forwarders)
     # also without --listen: a signed request on the socket is verified (and then the
     # signed user is the caller), never taken for the peer's uid unchecked
     from kmsfs.kms.sigv4 import SigV4Verifier

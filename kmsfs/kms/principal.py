@@ -22,6 +22,15 @@ by their group name, or their number when they have none. The executable is
 ``/proc/<pid>/exe``'s target (``None`` when it cannot be read: another user's process
 when keyd does not run as root, or a process that has exited).
 
+A request forwarded by a trusted forwarder (a root kmsfs mount; header
+``X-Kmsfs-Forwarded-Caller``, see :class:`kmsfs.kms.caller.ForwardedCaller`) is the
+forwarded user's: the uid, gid and pid it names are resolved as a socket peer's, except
+that groups and executable come from ``/proc/<pid>`` only if that process's effective
+or filesystem uid is the forwarded uid (the pid may have exited and been reused by
+someone else), else from the user database with no executable. Such a principal has
+``via_service`` = ``kmsfs-mount`` (the ``kms:ViaService`` condition key, absent for
+direct callers) and ``forwarded_by``, the forwarder's own principal (for the audit).
+
 Looking these up costs two small /proc reads per request; :class:`PrincipalResolver`
 keeps the answer for a second per process.
 
@@ -47,7 +56,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kmsfs.kms.caller import Caller
+from kmsfs.kms.caller import VIA_SERVICE, Caller
 
 DEFAULT_ACCOUNT = "000000000000"
 ROOT_UID = 0
@@ -101,6 +110,12 @@ class Principal:
     #: False only for the record of a network request refused before it was
     #: authenticated (bad signature, unknown access key): no one is named then
     authenticated: bool = True
+    #: kms:ViaService of a forwarded request ("kmsfs-mount"), None for a direct caller
+    via_service: str | None = None
+    #: the principal that forwarded this caller's request (None: a direct caller)
+    forwarded_by: Principal | None = None
+    #: the forwarding mount's kmsfs filesystem id ("" when none was named)
+    filesystem_id: str = ""
 
     @property
     def is_root(self) -> bool:
@@ -161,6 +176,8 @@ class Principal:
         }
         if self.source_ip is not None:  # network callers only, as in AWS
             keys["aws:SourceIp"] = self.source_ip
+        if self.via_service is not None:  # AWS: present only when a service calls for a user
+            keys["kms:ViaService"] = self.via_service
         return keys
 
     def user_identity(self) -> dict[str, Any]:
@@ -185,7 +202,17 @@ class Principal:
         }
         if self.access_key_id is not None:
             identity["accessKeyId"] = self.access_key_id
+        if self.via_service is not None:  # CloudTrail names the calling service so
+            identity["invokedBy"] = self.via_service
         return identity
+
+    def forwarded_event_data(self) -> dict[str, Any] | None:
+        """``additionalEventData.forwardedBy`` of a forwarded request's record: the
+        forwarder's ARN and pid and the mount's filesystem id (None: not forwarded)."""
+        forwarder = self.forwarded_by
+        if forwarder is None:
+            return None
+        return {"arn": forwarder.arn, "pid": forwarder.pid, "filesystemId": self.filesystem_id}
 
     def caller_identity(self) -> dict[str, Any]:
         """The GetCallerIdentity answer (STS's Arn/Account/UserId, plus kmsfs's own)."""
@@ -256,23 +283,46 @@ def unauthenticated_principal(caller: Caller, account: str) -> Principal:
     )
 
 
+def parse_status_uids(status_text: str) -> tuple[int, ...]:
+    """The ``Uid:`` line of a ``/proc/<pid>/status`` text: real, effective, saved, fs."""
+    for line in status_text.splitlines():
+        if line.startswith("Uid:"):
+            try:
+                return tuple(int(field) for field in line[len("Uid:") :].split())
+            except ValueError:
+                return ()
+    return ()
+
+
 def resolve(caller: Caller, account: str, *, proc: str = "/proc") -> Principal:
     """Look up *caller*'s groups and executable now (see the module's docstring)."""
     if caller.signed_user is not None:
         return signed_principal(caller, account)
     if caller.uid is None or caller.gid is None or caller.pid is None:
         return unauthenticated_principal(caller, account)
+    forwarded = caller.forwarded_by is not None
     login = login_name(caller.uid)
     base = f"{proc}/{caller.pid}"
     status = _read_text(f"{base}/status")
+    if forwarded and status is not None:
+        uids = parse_status_uids(status)
+        # the forwarder names a pid; /proc/<pid> speaks for the user only while that
+        # process is the user's (effective or filesystem uid, as FUSE reports fsuid)
+        if len(uids) < 4 or caller.uid not in (uids[1], uids[3]):
+            status = None
     gids = parse_status_groups(status) if status is not None else None
     if gids is None:
         gids = _groups_from_user_db(login, caller.gid)
-    try:
-        executable: str | None = os.readlink(f"{base}/exe")  # the kernel's canonical path
-    except OSError:
-        executable = None
+    executable: str | None = None
+    if not forwarded or status is not None:
+        try:
+            executable = os.readlink(f"{base}/exe")  # the kernel's canonical path
+        except OSError:
+            executable = None
     groups = sorted({group_name(gid) for gid in (caller.gid, *gids)})
+    forwarder = None
+    if caller.forwarded_by is not None:
+        forwarder = resolve(caller.forwarded_by, account, proc=proc)
     return Principal(
         account=account,
         uid=caller.uid,
@@ -281,6 +331,9 @@ def resolve(caller: Caller, account: str, *, proc: str = "/proc") -> Principal:
         login=login,
         groups=tuple(groups),
         executable=executable,
+        via_service=VIA_SERVICE if forwarder is not None else None,
+        forwarded_by=forwarder,
+        filesystem_id=caller.filesystem_id if forwarder is not None else "",
     )
 
 
@@ -311,13 +364,15 @@ class PrincipalResolver:
         self.proc = proc
         self.clock = clock
         self.max_entries = max_entries
-        self._cache: dict[tuple[int, int, int], tuple[float, Principal]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[float, Principal]] = {}
 
     def __call__(self, caller: Caller) -> Principal:
         if caller.signed_user is not None or caller.uid is None:
             return resolve(caller, self.account)  # no /proc lookup to save
         now = self.clock()
-        cache_key = (caller.pid, caller.uid, caller.gid)
+        cache_key: tuple[Any, ...] = (caller.pid, caller.uid, caller.gid)
+        if caller.forwarded_by is not None:
+            cache_key = (*cache_key, caller.forwarded_by, caller.filesystem_id)
         cached = self._cache.get(cache_key)
         if cached is not None and now - cached[0] < self.ttl:
             return cached[1]

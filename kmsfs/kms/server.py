@@ -64,7 +64,7 @@ from kmsfs.errors import (
     UnknownOperationException,
     UsageError,
 )
-from kmsfs.kms.caller import Caller
+from kmsfs.kms.caller import FORWARDED_CALLER_HEADER, Caller
 from kmsfs.kms.protocol import (
     CONTENT_TYPE,
     REQUEST_ID_HEADER,
@@ -96,6 +96,7 @@ _REJECT_DRAIN_BYTES = 64 * 1024
 _TARGET_PREFIX = TARGET_PREFIX.encode("ascii")
 _CONTENT_TYPE = CONTENT_TYPE.encode("ascii")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode("ascii")
+_FORWARDED_HEADER = FORWARDED_CALLER_HEADER.lower().encode("ascii")  # h11 lower-cases names
 _INTERNAL_ERROR_MESSAGE = "An internal error occurred in keyd (request id {request_id})."
 #: slow work (key pair generation) running at once: more requests wait for a slot. One
 #: per core: a burst then finishes as fast as the cores allow, while the event loop
@@ -806,6 +807,7 @@ class _Connection:
                 return
             request_id = str(uuid.uuid4())
             caller, refusal = self._caller_or_refusal(request, body, request_id)
+            caller = _with_forwarded_header(caller, request)
             if refusal is not None:
                 response = refusal
             else:
@@ -1097,6 +1099,17 @@ class _Connection:
             await self.sock.send_all(data)
         if scope.cancelled_caught:
             raise TimeoutError("client stopped reading its response")
+
+
+def _with_forwarded_header(caller: Caller, request: h11.Request) -> Caller:
+    """*caller* with the request's X-Kmsfs-Forwarded-Caller header, as received: the
+    service checks it (well-formed, sent by a trusted forwarder) before anything runs.
+    Sent twice, the values are joined, which no strict parse accepts."""
+    values = [value for name, value in request.headers if name == _FORWARDED_HEADER]
+    if not values:
+        return caller
+    text = b",".join(values).decode("ascii", "replace")
+    return dataclasses.replace(caller, forwarded_header=text)
 
 
 def claimed_access_key_id(error: KMSError) -> str | None:

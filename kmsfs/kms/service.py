@@ -69,7 +69,7 @@ from kmsfs.errors import (
 from kmsfs.kms import asymmetric, grants
 from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
 from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
-from kmsfs.kms.caller import Caller
+from kmsfs.kms.caller import FORWARDED_CALLER_HEADER, Caller, ForwardedCaller
 from kmsfs.kms.grants import Grant, GrantToken
 from kmsfs.kms.keystore import KeyRecord, Keystore
 from kmsfs.kms.policy import (
@@ -685,6 +685,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         principals: Callable[[Caller], Principal] | None = None,
         owner_uid: int | None = None,
         account_access: AccountAccess | None = None,
+        forwarders: AccountAccess | None = None,
     ) -> None:
         self.keystore = keystore
         self.audit = audit
@@ -699,6 +700,9 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
         self.account_access = account_access or AccountAccess()
+        #: who besides root may forward a caller's identity (kmsfs:ForwardCaller;
+        #: keyd serve --forwarders): nobody unless keyd was told
+        self.forwarders = forwarders or AccountAccess(frozenset())
         #: unsealed private keys of asymmetric CMKs, by (key id, version)
         self._private_keys: dict[tuple[str, int], asymmetric.PrivateKey] = {}
         #: the request being handled (its algorithm members become condition keys)
@@ -817,6 +821,9 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         self._grant_ids = []
         self._grant_key_id = None
         try:
+            if caller.forwarded_header is not None:
+                # before anything else: a refusal here is the real caller's
+                caller = self._forwarded_caller(caller)
             method = self._operations.get(operation)
             if method is None:
                 raise UnknownOperationException(f"unknown operation {operation!r}")
@@ -885,6 +892,40 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
                         error,
                     )
                 )
+
+    def _forwarded_caller(self, caller: Caller) -> Caller:
+        """The caller a forwarded request is evaluated as (the forwarded user, with the
+        forwarder kept for the audit), after checking the header is well-formed
+        (ValidationException) and that the peer may forward (AccessDeniedException):
+        root, or a principal ``keyd serve --forwarders`` names (kmsfs:ForwardCaller).
+        Only root may forward uid 0: anyone else would be claiming root's rights."""
+        assert caller.forwarded_header is not None
+        try:
+            forwarded = ForwardedCaller.parse(caller.forwarded_header)
+        except ValueError as exc:
+            raise ValidationException(f"{FORWARDED_CALLER_HEADER}: {exc}") from None
+        forwarder_caller = dataclasses.replace(caller, forwarded_header=None)
+        forwarder = self.principal(forwarder_caller)
+        if not forwarder.authenticated or not (
+            forwarder.is_root or self.forwarders.allows(forwarder)
+        ):
+            raise AccessDeniedException(
+                f"User: {forwarder.arn} is not authorized to perform: kmsfs:ForwardCaller "
+                "on resource: * because keyd's configuration (--forwarders) does not allow "
+                "it to forward another user's identity"
+            )
+        if forwarded.uid == 0 and not forwarder.is_root:
+            raise AccessDeniedException(
+                f"User: {forwarder.arn} is not authorized to perform: kmsfs:ForwardCaller "
+                "for the root user: only root may forward uid 0"
+            )
+        return Caller(
+            uid=forwarded.uid,
+            gid=forwarded.gid,
+            pid=forwarded.pid,
+            forwarded_by=forwarder_caller,
+            filesystem_id=forwarded.filesystem_id,
+        )
 
     def _after_commit(
         self, action: Callable[[], None], *, on_abort: Callable[[], None] | None = None
@@ -1070,7 +1111,8 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         (aws:PrincipalArn, kms:CallerAccount, kmsfs:Caller*, ...), the encryption
         context (kms:EncryptionContext:<k>, kms:EncryptionContextKeys), the key's
         kms:KeySpec and kms:KeyUsage, and kms:RequestAlias when the request named the
-        key by an alias. kms:ViaService is absent: no AWS service calls keyd."""
+        key by an alias. kms:ViaService is "kmsfs-mount" for a request a kmsfs mount
+        forwarded for its caller (kmsfs.kms.caller.ForwardedCaller), absent otherwise."""
         conditions: dict[str, Any] = principal.condition_keys()
         now = self.clock()
         conditions["aws:CurrentTime"] = _iso(now)
@@ -2494,11 +2536,12 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         response: dict[str, Any] | None,
         error: KMSError | None,
     ) -> dict[str, Any]:
+        principal = self.principal(caller)
         event: dict[str, Any] = {
             "eventVersion": "1.08",
             # CloudTrail's userIdentity (type IAMUser or Root, principalId, arn,
             # accountId, userName) plus kmsfs's uid, gid, pid and executable
-            "userIdentity": self.principal(caller).user_identity(),
+            "userIdentity": principal.user_identity(),
             "eventTime": _iso(started),
             "eventSource": "kms.amazonaws.com",
             "eventName": operation,
@@ -2529,6 +2572,11 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             # CloudTrail: the grant that allowed the call (or that RetireGrant retired)
             ids = list(dict.fromkeys(self._grant_ids))
             event["additionalEventData"] = {"grantId": ids[0] if len(ids) == 1 else ids}
+        if caller.forwarded_header is not None:  # refused: the claim is not trusted
+            event.setdefault("additionalEventData", {})["forwardedCallerRefused"] = True
+        forwarded_by = principal.forwarded_event_data()
+        if forwarded_by is not None:
+            event.setdefault("additionalEventData", {})["forwardedBy"] = forwarded_by
         return event
 
     def _service_event(self, name: str, key_id: str | None) -> dict[str, Any]:
