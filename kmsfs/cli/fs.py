@@ -316,6 +316,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         key_cache_seconds=args.key_cache_seconds,
         nonempty=args.nonempty,
         idle_seconds=args.idle or None,
+        forward_callers=args.forward_callers,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -340,6 +341,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         "--key-cache-seconds",
         str(args.key_cache_seconds),
     ]
+    if args.forward_callers is not None:
+        argv.append("--forward-callers" if args.forward_callers else "--no-forward-callers")
     if args.busy_poll_us is not None:
         argv += ["--busy-poll-us", str(args.busy_poll_us)]
     if args.max_dirty_ratio is not None:
@@ -501,6 +504,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=60.0,
         help="keep a file's data key this long after its last close (60)",
+    )
+    mount.add_argument(
+        "--forward-callers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make keyd calls (open, create, a new file's key) as the request's caller "
+        "(keyd checks its key policy for that user, kms:ViaService=kmsfs-mount); default: "
+        "on when root mounts on keyd. A non-root mount needs keyd serve --forwarders",
     )
     mount.add_argument(
         "--busy-poll-us",

@@ -13,6 +13,10 @@
   a background task so creating files does not wait on keyd. Pool entries also expire
   after ``cache_seconds`` and the pool is emptied as soon as keyd refuses the CMK.
 
+Per principal (issue 17): with forwarding, keys unwrapped and prepared for one user
+serve that user only, and a forwarded answer expires ``cache_seconds`` after keyd gave
+it (see :class:`KeyManager`).
+
 Plaintext keys live only in this process's memory (Python cannot wipe them; the mount
 process is hardened as keyd is: no core dumps, not dumpable, memory locked where allowed,
 see :mod:`kmsfs.hardening`).
@@ -21,6 +25,7 @@ see :mod:`kmsfs.hardening`).
 from __future__ import annotations
 
 import base64
+import hmac
 import logging
 import math
 import os
@@ -39,6 +44,7 @@ from kmsfs.errors import (
 from kmsfs.format.header import SLOT_KIND_ALGORITHMS, Header, SlotKind
 from kmsfs.format.keys import FILE_ID_SIZE, full_context
 from kmsfs.fs.config import FsConfig
+from kmsfs.kms.caller import ForwardedCaller
 from kmsfs.kms.datakeys import check_recipient_key
 
 log = logging.getLogger("kmsfs.mount")
@@ -63,7 +69,60 @@ class PreparedKey:
         return f"PreparedKey(file_id={self.file_id.hex()})"
 
 
+#: who a cache entry or a pool belongs to: None for the mount itself, else the uid of
+#: the forwarded caller keyd answered for
+PrincipalKey = int | None
+
+#: keyd's answers that say "not for this key" (the pool of that key is emptied)
+_KEY_REFUSED = ("DisabledException", "KMSInvalidStateException", "NotFoundException")
+
+
+def _principal_key(caller: ForwardedCaller | None) -> PrincipalKey:
+    return None if caller is None else caller.uid
+
+
+def _forwarding(caller: ForwardedCaller | None) -> dict[str, ForwardedCaller]:
+    """The client keyword forwarding *caller* (none for the mount itself, so clients
+    without forwarding, AWS's, are called exactly as before)."""
+    return {} if caller is None else {"on_behalf_of": caller}
+
+
+class _Pool:
+    """Data keys prepared for one (principal, CMK)."""
+
+    __slots__ = ("caller", "key_arn", "keys", "last_used", "retry_after")
+
+    def __init__(self, caller: ForwardedCaller | None, key_arn: str, now: float) -> None:
+        #: the latest caller of this principal to create a file (its pid is only a hint)
+        self.caller = caller
+        self.key_arn = key_arn
+        self.keys: deque[PreparedKey] = deque()
+        self.last_used = now
+        #: after keyd failed or refused: no background attempt before this time
+        self.retry_after = 0.0
+
+
 class KeyManager:
+    """Data keys for the mount, per principal.
+
+    With forwarding (``kmsfs mount --forward-callers``) each keyd call made for a FUSE
+    request carries the request's caller (a :class:`ForwardedCaller`), and what keyd
+    answered for one user serves that user only:
+
+    - unwrapped keys are cached per (uid, file): a cached answer for alice is never
+      used for bob, who is asked about at keyd as himself. A forwarded answer expires
+      ``cache_seconds`` after keyd gave it (a revoked grant or a changed policy takes
+      effect within that), whether or not the file is open meanwhile;
+    - prepared data keys are pooled per (uid, CMK): a user's pool is made on their
+      first create, generated as that user, holds up to ``pool_size`` keys, and is
+      dropped when unused for ``cache_seconds``.
+
+    ``caller=None`` is the mount itself (no forwarding; the mount's own keys: cached
+    after the last close for ``cache_seconds``, as before forwarding existed). The
+    mount process holds every key it was given in its memory, so its own principal
+    reusing a key a user's open fetched is no new disclosure.
+    """
+
     def __init__(
         self,
         client,
@@ -80,13 +139,35 @@ class KeyManager:
         self.pool_size = pool_size
         self.max_cached_keys = max_cached_keys
         self._clock = clock
-        self._cache: dict[tuple[bytes, bytes], tuple[bytes, float]] = {}
-        self._pool: deque[PreparedKey] = deque()
+        #: (principal, file id, wrapped key) -> (data key, expiry)
+        self._cache: dict[tuple[PrincipalKey, bytes, bytes], tuple[bytes, float]] = {}
+        #: (principal, wrapped blob, context) -> (plaintext, expiry): decrypt_blob's answers
+        self._blobs: dict[tuple[PrincipalKey, bytes, tuple], tuple[bytes, float]] = {}
+        #: (principal, CMK ARN) -> its pool; the mount's own pool for kmsfs.conf's CMK
+        #: always exists
+        self._pools: dict[tuple[PrincipalKey, str], _Pool] = {}
+        self._own_pool = self._pool_for(None, config.key_arn)
         self._pool_wanted = trio.Event()
         self._keyd_down = False
 
+    @property
+    def _pool(self) -> deque[PreparedKey]:
+        """The mount's own pool of kmsfs.conf's CMK (what there was before forwarding)."""
+        return self._own_pool.keys
+
+    def _pool_for(self, caller: ForwardedCaller | None, key_arn: str) -> _Pool:
+        pool_key = (_principal_key(caller), key_arn)
+        pool = self._pools.get(pool_key)
+        now = self._clock()
+        if pool is None:
+            pool = self._pools[pool_key] = _Pool(caller, key_arn, now)
+        elif caller is not None:
+            pool.caller = caller
+        pool.last_used = now
+        return pool
+
     # ------------------------------------------------------------ keyd status
-    def _keyd_failed(self, error: Exception) -> None:
+    def _keyd_failed(self, error: Exception, caller: ForwardedCaller | None = None) -> None:
         if isinstance(error, KeydUnavailable):
             if not self._keyd_down:
                 log.error(
@@ -95,13 +176,14 @@ class KeyManager:
             self._keyd_down = True
         elif isinstance(error, KMSError):
             self._keyd_down = False
-            if error.aws_type in (
-                "DisabledException",
-                "KMSInvalidStateException",
-                "NotFoundException",
-                "AccessDeniedException",
-            ):
-                self._pool.clear()
+            # prepared keys are not handed out after keyd refused: the CMK's state for
+            # everyone, a refusal for the principal it was made for
+            principal = _principal_key(caller)
+            for (owner, _key_arn), pool in self._pools.items():
+                if error.aws_type in _KEY_REFUSED or (
+                    error.aws_type == "AccessDeniedException" and owner == principal
+                ):
+                    pool.keys.clear()
 
     def _keyd_ok(self) -> None:
         if self._keyd_down:
@@ -117,14 +199,27 @@ class KeyManager:
             self._keyd_failed(error)
             raise error from None
         except (KeydUnavailable, KMSError) as error:
-            self._keyd_failed(error)
+            self._keyd_failed(error, kwargs.get("on_behalf_of"))
             raise
         self._keyd_ok()
         return result
 
+    def _expiry(self) -> float:
+        return self._clock() + (self.cache_seconds if self.cache_seconds > 0 else math.inf)
+
+    def _store(self, cache: dict, cache_key: tuple, value: bytes) -> None:
+        """Cache a forwarded answer until ``cache_seconds`` after now (bounded)."""
+        if self.cache_seconds <= 0:
+            return
+        cache.pop(cache_key, None)  # re-inserted last: the oldest is evicted first
+        cache[cache_key] = (value, self._clock() + self.cache_seconds)
+        while len(cache) > self.max_cached_keys:
+            del cache[next(iter(cache))]
+
     # ---------------------------------------------------------------- unwrap
-    async def unwrap(self, header: Header) -> bytes:
-        """The plaintext data key of an existing file (from the cache or keyd).
+    async def unwrap(self, header: Header, caller: ForwardedCaller | None = None) -> bytes:
+        """The plaintext data key of an existing file, for *caller* (None: the mount
+        itself), from that principal's cache or keyd.
 
         For a recipient slot (format version 3) it is what keyd's RSA Decrypt returns,
         the payload holding the data key, bound to the file id and context: the format
@@ -132,8 +227,8 @@ class KeyManager:
         Only the recipient CMK the sealed kmsfs.conf names is asked (else CorruptHeader).
         """
         slot = header.active_slot
-        wrapped = slot.wrapped_key
-        cache_key = (header.file_id, bytes(wrapped))
+        wrapped = bytes(slot.wrapped_key)
+        cache_key = (_principal_key(caller), header.file_id, wrapped)
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > self._clock():
             return cached[0]
@@ -148,22 +243,62 @@ class KeyManager:
                 "Decrypt",
                 {
                     "KeyId": slot.key_arn,
-                    "CiphertextBlob": bytes(wrapped),
+                    "CiphertextBlob": wrapped,
                     "EncryptionAlgorithm": SLOT_KIND_ALGORITHMS[slot.kind],
                 },
+                **_forwarding(caller),
             )
-            return base64.b64decode(response["Plaintext"])
+            data_key = base64.b64decode(response["Plaintext"])
+        else:
+            response = await self._call(
+                self._client.decrypt,
+                wrapped,
+                encryption_context=header.full_context,
+                **_forwarding(caller),
+            )
+            data_key = response["Plaintext"]
+        if caller is not None:
+            self._store(self._cache, cache_key, data_key)
+        return data_key
+
+    async def check_access(self, header: Header, held_key: bytes, caller: ForwardedCaller) -> None:
+        """Ask (or the cache of *caller*'s answers) whether *caller* may have the key of
+        a file the mount holds open already; keyd's answer must be the key held (else
+        CorruptHeader: keyd and the header disagree). Refusals raise as for unwrap."""
+        answered = await self.unwrap(header, caller)
+        if not hmac.compare_digest(answered, held_key):
+            log.error("file id %s: keyd's key differs from the one held", header.file_id.hex())
+            raise CorruptHeader("keyd returned a different data key for an open file")
+
+    async def decrypt_blob(
+        self,
+        wrapped: bytes,
+        context: dict[str, str],
+        caller: ForwardedCaller | None = None,
+    ) -> bytes:
+        """Decrypt a blob under kmsfs.conf's CMK or another (a directory's name key), for
+        *caller*; the answer is kept for that principal for ``cache_seconds``."""
+        cache_key = (_principal_key(caller), bytes(wrapped), tuple(sorted(context.items())))
+        cached = self._blobs.get(cache_key)
+        if cached is not None and cached[1] > self._clock():
+            return cached[0]
         response = await self._call(
-            self._client.decrypt, bytes(wrapped), encryption_context=header.full_context
+            self._client.decrypt,
+            bytes(wrapped),
+            encryption_context=context,
+            **_forwarding(caller),
         )
-        return response["Plaintext"]
+        plaintext = response["Plaintext"]
+        self._store(self._blobs, cache_key, plaintext)
+        return plaintext
 
     def remember(self, header: Header, data_key: bytes) -> None:
-        """Keep a key for ``cache_seconds`` after its file's last close."""
+        """Keep a key for ``cache_seconds`` after its file's last close (the mount's own
+        principal; a forwarded caller's answer keeps its own expiry)."""
         if self.cache_seconds <= 0:
             return
         wrapped = bytes(header.active_slot.wrapped_key)
-        cache_key = (header.file_id, wrapped)
+        cache_key = (None, header.file_id, wrapped)
         self._cache.pop(cache_key, None)  # re-inserted last: the oldest is evicted first
         self._cache[cache_key] = (data_key, self._clock() + self.cache_seconds)
         while len(self._cache) > self.max_cached_keys:
@@ -171,61 +306,92 @@ class KeyManager:
 
     def forget_all(self) -> None:
         self._cache.clear()
-        self._pool.clear()
+        self._blobs.clear()
+        for pool in self._pools.values():
+            pool.keys.clear()
 
     # ----------------------------------------------------------------- create
-    async def _generate(self) -> PreparedKey:
+    async def _generate(self, pool: _Pool) -> PreparedKey:
         file_id = os.urandom(FILE_ID_SIZE)
         context = full_context(file_id, self._config.file_context)
         response = await self._call(
-            self._client.generate_data_key, self._config.key_arn, encryption_context=context
+            self._client.generate_data_key,
+            pool.key_arn,
+            encryption_context=context,
+            **_forwarding(pool.caller),
         )
         return PreparedKey(
             file_id=file_id,
             data_key=response["Plaintext"],
             wrapped_key=response["CiphertextBlob"],
-            key_arn=response.get("KeyId", self._config.key_arn),
-            expires=self._clock() + (self.cache_seconds if self.cache_seconds > 0 else math.inf),
+            key_arn=response.get("KeyId", pool.key_arn),
+            expires=self._expiry(),
         )
 
-    async def new_file_key(self) -> PreparedKey:
-        """A fresh data key for a new file: from the pool, else straight from keyd."""
+    async def new_file_key(
+        self, key_arn: str | None = None, caller: ForwardedCaller | None = None
+    ) -> PreparedKey:
+        """A fresh data key for a new file under *key_arn* (None: kmsfs.conf's CMK), made
+        for *caller* (None: the mount itself): from that principal's pool, else straight
+        from keyd, forwarded as *caller*."""
+        pool = self._pool_for(caller, key_arn or self._config.key_arn)
         now = self._clock()
-        while self._pool:
-            prepared = self._pool.popleft()
+        while pool.keys:
+            prepared = pool.keys.popleft()
             if prepared.expires > now:
                 self._pool_wanted.set()
                 return prepared
         self._pool_wanted.set()
-        return await self._generate()
+        return await self._generate(pool)
 
     # ------------------------------------------------------------ background
     async def run(self) -> None:
-        """Keep the pool filled and drop expired cache entries; runs until cancelled."""
+        """Keep the pools filled and drop expired cache entries; runs until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fill_pool)
             nursery.start_soon(self._reap)
 
     async def _fill_pool(self) -> None:
         while True:
-            while len(self._pool) < self.pool_size:
-                try:
-                    self._pool.append(await self._generate())
-                except (KeydUnavailable, KMSError):
-                    await trio.sleep(1.0)  # keyd down or the key refused: try later
-                    break
             self._pool_wanted = trio.Event()
-            with trio.move_on_after(max(1.0, self.cache_seconds / 2)):
+            for pool in list(self._pools.values()):
+                while len(pool.keys) < self.pool_size and pool.retry_after <= self._clock():
+                    try:
+                        pool.keys.append(await self._generate(pool))
+                    except (KeydUnavailable, KMSError):
+                        # keyd down or the key refused: try later
+                        pool.retry_after = self._clock() + 1.0
+                        break
+            if any(
+                len(pool.keys) < self.pool_size and pool.retry_after > self._clock()
+                for pool in self._pools.values()
+            ):
+                wait = 1.0
+            else:
+                wait = max(1.0, self.cache_seconds / 2)
+            with trio.move_on_after(wait):
                 await self._pool_wanted.wait()
+
+    def drop_idle_pools(self) -> None:
+        """Forget the pools of principals that made no file for ``cache_seconds`` (never
+        the mount's own): their prepared keys go with them."""
+        now = self._clock()
+        idle = max(self.cache_seconds, 0.0)
+        for pool_key, pool in list(self._pools.items()):
+            if pool is not self._own_pool and pool.last_used + idle <= now:
+                del self._pools[pool_key]
 
     async def _reap(self) -> None:
         while True:
             await trio.sleep(1.0)
             now = self._clock()
-            for cache_key in [k for k, (_, expiry) in self._cache.items() if expiry <= now]:
-                del self._cache[cache_key]
-            while self._pool and self._pool[0].expires <= now:
-                self._pool.popleft()
+            for cache in (self._cache, self._blobs):
+                for cache_key in [k for k, (_, expiry) in cache.items() if expiry <= now]:
+                    del cache[cache_key]
+            for pool in self._pools.values():
+                while pool.keys and pool.keys[0].expires <= now:
+                    pool.keys.popleft()
+            self.drop_idle_pools()
 
 
 class FileKeyProvider:

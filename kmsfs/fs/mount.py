@@ -244,6 +244,8 @@ class MountOptions:
     aws_region: str | None = None
     debug: bool = False
     key_cache_seconds: float = 60.0
+    #: forward each request's caller to keyd (None: when mounted by root on keyd)
+    forward_callers: bool | None = None
     busy_poll_seconds: float = DEFAULT_WINDOW
     max_dirty_ratio: int = DEFAULT_MAX_DIRTY_RATIO
     #: mount over a directory that has files (hiding them while mounted), as FUSE's
@@ -564,6 +566,7 @@ async def _serve(
                 f"{service.describe()} refused the filesystem's key: {error}"
             ) from None
         keys = KeyManager(client, config, cache_seconds=options.key_cache_seconds)
+        forward_callers = _forwards_callers(options, service)
         root = os.fsencode(cipherdir.resolve())
         names = None if config.plaintext_names else NameCipher(metadata_key)
         operations = Operations(
@@ -575,6 +578,7 @@ async def _serve(
             read_only=options.read_only,
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),
+            forward_callers=forward_callers,
         )
         operations.mountpoint = os.fsencode(mountpoint)
         try:
@@ -618,6 +622,23 @@ async def _serve(
             if waiter is not None:
                 log.info("requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow)
             log.info("unmounted %s", mountpoint)
+
+
+def _forwards_callers(options: MountOptions, service: KeyService) -> bool:
+    """Whether keyd calls made for a request carry its caller (issue 17): by default
+    when root mounts on keyd (keyd trusts root to forward); a non-root mount only when
+    asked (keyd must name its user in --forwarders, else other users get EACCES).
+    AWS KMS takes no forwarded identity: such a mount forwards nothing."""
+    if service.kind != "keyd":
+        if options.forward_callers:
+            raise MountError(
+                "--forward-callers: the CMK is in AWS KMS, which takes no forwarded "
+                "identity (only keyd does)"
+            )
+        return False
+    if options.forward_callers is None:
+        return os.geteuid() == 0
+    return options.forward_callers
 
 
 READ_AHEAD_KB = 1024

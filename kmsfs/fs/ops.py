@@ -58,6 +58,7 @@ from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
 from kmsfs.fs.tree import CipherTree, Entry, shown_path
 from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
+from kmsfs.kms.caller import ForwardedCaller
 
 log = logging.getLogger("kmsfs.mount")
 
@@ -261,6 +262,7 @@ class Operations(pyfuse3.Operations):
         read_only: bool = False,
         poller: BusyPoller | None = None,
         prefetcher: Prefetcher | None = None,
+        forward_callers: bool = False,
     ) -> None:
         super().__init__()
         self.poller = poller if poller is not None else BusyPoller(0)
@@ -289,8 +291,20 @@ class Operations(pyfuse3.Operations):
         self._next_handle = 1
         self._read_buffer = bytearray(1 << 20)
         self._is_root = os.geteuid() == 0
+        #: forward each request's caller to keyd (kmsfs mount --forward-callers)
+        self.forward_callers = forward_callers
+        self._euid = os.geteuid()
+        #: handle -> the caller that opened it, when forwarded (its first write's key)
+        self._handle_callers: dict[int, ForwardedCaller] = {}
 
     # ---------------------------------------------------------------- helpers
+    def _caller(self, ctx: pyfuse3.RequestContext) -> ForwardedCaller | None:
+        """Who keyd calls for this request are made for: None (the mount itself) unless
+        forwarding is on and the caller is not the mount's own user."""
+        if not self.forward_callers or ctx.uid == self._euid:
+            return None
+        return ForwardedCaller(ctx.uid, ctx.gid, ctx.pid, self.config.filesystem_id)
+
     def _new_handle(self) -> int:
         handle = self._next_handle
         self._next_handle += 1
@@ -409,13 +423,15 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
 
     # ------------------------------------------------------------ open files
-    async def _open_node(self, node: Node) -> OpenFile:
-        """The node's OpenFile (one per inode), opening the backing file if needed."""
+    async def _open_node(self, node: Node, caller: ForwardedCaller | None = None) -> OpenFile:
+        """The node's OpenFile (one per inode), opening the backing file if needed (its
+        key unwrapped for *caller*). A file already open is checked for a forwarded
+        *caller*: keyd must give that user the key too (KeyManager.check_access)."""
         if node.open_file is not None:
-            return node.open_file
+            return await self._checked(node.open_file, caller)
         async with node.lock:
             if node.open_file is not None:
-                return node.open_file
+                return await self._checked(node.open_file, caller)
             path = self.inodes.path(node.ino)
             writable = not self.read_only
             flags = os.O_CLOEXEC | os.O_NOFOLLOW
@@ -434,7 +450,7 @@ class Operations(pyfuse3.Operations):
                     except FormatError as error:
                         log.error("%s: unreadable header: %s", shown_path(path), error)
                         raise
-                    provider.data_key = await self.keys.unwrap(header)
+                    provider.data_key = await self.keys.unwrap(header, caller)
                 return self._adopt(node, fd, provider, path, writable)
             except BaseException:
                 os.close(fd)
@@ -460,13 +476,28 @@ class Operations(pyfuse3.Operations):
         node.open_file = open_file
         return open_file
 
-    async def _ensure_file_key(self, open_file: OpenFile) -> None:
-        """An empty file gets its data key with its first byte: have one ready."""
+    async def _checked(self, open_file: OpenFile, caller: ForwardedCaller | None) -> OpenFile:
+        """*open_file*, once keyd agreed *caller* may have its key (forwarded callers)."""
+        header = open_file.engine.header
+        if caller is not None and header is not None and open_file.provider.data_key:
+            try:
+                await self.keys.check_access(header, open_file.provider.data_key, caller)
+            except BaseException:
+                if open_file.refs == 0:
+                    self._close_file(open_file)
+                raise
+        return open_file
+
+    async def _ensure_file_key(
+        self, open_file: OpenFile, caller: ForwardedCaller | None = None
+    ) -> None:
+        """An empty file gets its data key with its first byte: have one ready (made for
+        *caller*, the writer's opener when forwarding)."""
         if open_file.engine.header is not None or open_file.provider.prepared is not None:
             return
         async with open_file.node.lock:
             if open_file.engine.header is None and open_file.provider.prepared is None:
-                open_file.provider.prepared = await self.keys.new_file_key()
+                open_file.provider.prepared = await self.keys.new_file_key(caller=caller)
 
     def _close_file(self, open_file: OpenFile) -> None:
         node = open_file.node
@@ -552,7 +583,7 @@ class Operations(pyfuse3.Operations):
             return self._setattr_dead(node, attr, fields)
         if fields.update_size:
             self._check_writable_mount()
-            await self._truncate(node, attr.st_size)
+            await self._truncate(node, attr.st_size, self._caller(ctx))
             open_file = self._handles[fh] if fh is not None else node.open_file
         # after the await: a path names a cached directory descriptor, valid for this step
         target: bytes | int = open_file.fd if open_file is not None else self.inodes.path(inode)
@@ -603,17 +634,16 @@ class Operations(pyfuse3.Operations):
             attrs.st_ctime_ns = attr.st_ctime_ns
         return attrs
 
-    async def _truncate(self, node: Node, size: int) -> None:
+    async def _truncate(self, node: Node, size: int, caller: ForwardedCaller | None = None) -> None:
         open_file = node.open_file
         if open_file is None and size == 0:
             os.truncate(self.inodes.path(node.ino), 0)
             return
         temporary = open_file is None
-        if temporary:
-            open_file = await self._open_node(node)
+        open_file = await self._open_node(node, caller)
         try:
             if size > 0:
-                await self._ensure_file_key(open_file)
+                await self._ensure_file_key(open_file, caller)
             try:
                 open_file.engine.truncate(size)
                 open_file.gaps = [
@@ -739,6 +769,10 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._check_writable_mount()
         directory, entry, dir_fd = self._child_at(parent_inode, name)
+        provider = FileKeyProvider()
+        caller = self._caller(ctx)
+        if caller is not None:  # keyd decides before the file exists (EACCES: none made)
+            provider.prepared = await self.keys.new_file_key(caller=caller)
         with self.tree.naming(directory, entry):
             fd = os.open(
                 entry.backing,
@@ -754,7 +788,7 @@ class Operations(pyfuse3.Operations):
             open_file = self._adopt(
                 self.inodes.get(attrs.st_ino),
                 fd,
-                FileKeyProvider(),
+                provider,
                 directory + b"/" + entry.backing,
                 True,
             )
@@ -768,7 +802,7 @@ class Operations(pyfuse3.Operations):
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes.get(inode)
-        open_file = await self._open_node(node)
+        open_file = await self._open_node(node, self._caller(ctx))
         if flags & (os.O_WRONLY | os.O_RDWR) and not open_file.engine.writable:
             if open_file.refs == 0:
                 self._close_file(open_file)
@@ -791,6 +825,9 @@ class Operations(pyfuse3.Operations):
             open_file.direct_handles += 1
             self._direct.add(handle)
         self._note_writer(handle, flags, ctx)
+        caller = self._caller(ctx)
+        if caller is not None:
+            self._handle_callers[handle] = caller
         return pyfuse3.FileInfo(fh=handle, direct_io=direct_io, keep_cache=keep_cache)
 
     def _open_mode(self, open_file: OpenFile, flags: int) -> tuple[bool, bool]:
@@ -921,7 +958,7 @@ class Operations(pyfuse3.Operations):
             refused = OSError(open_file.write_error, os.strerror(open_file.write_error))
             self._storing_failed(open_file, refused)
             raise refused
-        await self._ensure_file_key(open_file)
+        await self._ensure_file_key(open_file, self._handle_callers.get(fh))
         engine = open_file.engine
         direct = fh in self._direct
         size_before = engine.size
@@ -980,6 +1017,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         open_file = self._handles.pop(fh)
+        self._handle_callers.pop(fh, None)
         self._writers.discard(fh)
         if fh in self._direct:
             self._direct.discard(fh)

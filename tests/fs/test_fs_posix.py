@@ -117,7 +117,9 @@ def posix_mount(request: pytest.FixtureRequest, fs_root: Path, fs_keyd) -> Itera
         return
     with MountFactory(fs_root, fs_keyd) as factory:
         cipher = factory.init(plaintext_names=request.param == "plaintext")
-        mount = factory.mount(cipher, None, "-o", "allow_other")
+        # POSIX rules only: per-user key policies (forwarding, on by default for a
+        # root mount) are tests/fs/test_forwarding_mount.py's
+        mount = factory.mount(cipher, None, "-o", "allow_other", "--no-forward-callers")
         os.chmod(mount.mnt, 0o755)
         yield mount
 
