@@ -1,4 +1,7 @@
-"""A root mount with ``-o allow_other`` forwards each request's caller to keyd (issue 17):
+"""Forwarding on the mount side (issue 17): KeyManager's per-principal caches and pools
+with a fake keyd, then a real mount.
+
+A root mount with ``-o allow_other`` forwards each request's caller to keyd (issue 17):
 the key policy decides per user. A (uid 4242) may Decrypt through the mount, B (nobody)
 may not: B gets EACCES on a 0666 file, also while A holds it open (the mount has the
 key in memory then; it still asks keyd as B).
@@ -14,16 +17,21 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trio
+import trio.testing
 
-from kmsfs.fs.config import load_config
+from kmsfs.errors import AccessDeniedException, CorruptHeader
+from kmsfs.format.header import SlotKind
+from kmsfs.fs.config import FsConfig, load_config
+from kmsfs.fs.keys import KeyManager
+from kmsfs.kms.caller import ForwardedCaller
 from kmsfs.kms.client import KMSClient
 from tests.conftest import Keyd
 from tests.fs.helpers import Mount, MountFactory, run_as_child
 from tests.kms.users import NOBODY, needs_other_users, user_prefix
-
-pytestmark = needs_other_users
 
 A = 4242
 B = NOBODY
@@ -73,6 +81,7 @@ def _open_as(uid: int, path: Path) -> object:
     return run_as_child(attempt, uid=uid)
 
 
+@needs_other_users
 def test_b_is_refused_even_while_a_holds_the_file_open(
     policy_mount: tuple[Mount, str], fs_keyd: Keyd
 ) -> None:
@@ -132,3 +141,142 @@ def test_b_is_refused_even_while_a_holds_the_file_open(
     assert all(r["errorCode"] == "AccessDeniedException" for r in by_b)
     # A's own answer was cached: A's opens cost fewer Decrypts than A's opens
     assert len(by_a) < 3
+
+
+# ------------------------------------------------------- KeyManager, with a fake keyd
+KEY_ARN = "arn:aws:kms:local:000000000000:key/k"
+OTHER_ARN = "arn:aws:kms:local:000000000000:key/other"
+FS_ID = "ab" * 16
+ALICE = ForwardedCaller(1001, 1001, 11, FS_ID)
+BOB = ForwardedCaller(1002, 1002, 22, FS_ID)
+
+
+class FakeKeyd:
+    """Answers as a key policy would: ``refused`` uids get AccessDeniedException; every
+    call is logged as (operation, uid or None)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | None]] = []
+        self.refused: set[int] = set()
+        self.key = b"K" * 32
+
+    def _check(self, operation: str, on_behalf_of: ForwardedCaller | None) -> None:
+        uid = None if on_behalf_of is None else on_behalf_of.uid
+        self.calls.append((operation, uid))
+        if uid in self.refused:
+            raise AccessDeniedException(f"User uid-{uid} is not authorized")
+
+    async def decrypt(self, wrapped: bytes, *, encryption_context, on_behalf_of=None) -> dict:
+        self._check("Decrypt", on_behalf_of)
+        return {"Plaintext": self.key}
+
+    async def generate_data_key(
+        self, key_id: str, *, encryption_context, on_behalf_of=None
+    ) -> dict:
+        self._check("GenerateDataKey", on_behalf_of)
+        return {
+            "Plaintext": os.urandom(32),
+            "CiphertextBlob": b"w" + os.urandom(8),
+            "KeyId": key_id,
+        }
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _header() -> SimpleNamespace:
+    return SimpleNamespace(
+        file_id=b"f" * 16,
+        active_slot=SimpleNamespace(wrapped_key=b"wrapped", kind=SlotKind.KMS_BLOB),
+        full_context={},
+    )
+
+
+def _manager(keyd: FakeKeyd, clock: Clock, **kwargs: object) -> KeyManager:
+    config = FsConfig(filesystem_id=FS_ID, key_arn=KEY_ARN)
+    return KeyManager(keyd, config, cache_seconds=60, clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_unwrapped_key_is_reused_only_for_its_own_principal() -> None:
+    keyd, clock = FakeKeyd(), Clock()
+    keys = _manager(keyd, clock)
+    header = _header()
+
+    async def main() -> None:
+        assert await keys.unwrap(header, ALICE) == keyd.key
+        assert await keys.unwrap(header, ALICE) == keyd.key  # alice's cached answer
+        assert keyd.calls == [("Decrypt", ALICE.uid)]
+        keyd.refused.add(BOB.uid)
+        with pytest.raises(AccessDeniedException):  # alice's answer is not bob's
+            await keys.unwrap(header, BOB)
+        with pytest.raises(AccessDeniedException):  # held open by alice: still asked
+            await keys.check_access(header, keyd.key, BOB)
+        assert keyd.calls[1:] == [("Decrypt", BOB.uid)] * 2
+        # the mount itself: its own cache (remember, after a close) and no forwarding
+        assert await keys.unwrap(header) == keyd.key
+        assert keyd.calls[-1] == ("Decrypt", None)
+        # a key that differs from the one held is refused, not used
+        keyd.refused.clear()
+        with pytest.raises(CorruptHeader):
+            await keys.check_access(header, b"X" * 32, BOB)
+
+    trio.run(main)
+
+
+def test_a_forwarded_answer_expires_cache_seconds_after_keyd_gave_it() -> None:
+    keyd, clock = FakeKeyd(), Clock()
+    keys = _manager(keyd, clock)
+    header = _header()
+
+    async def main() -> None:
+        await keys.unwrap(header, ALICE)
+        clock.now += 59
+        await keys.check_access(header, keyd.key, ALICE)  # within the minute: cached
+        assert keyd.calls == [("Decrypt", ALICE.uid)]
+        keyd.refused.add(ALICE.uid)  # alice's grant revoked
+        clock.now += 1
+        with pytest.raises(AccessDeniedException):  # 60 s after keyd answered: asked again
+            await keys.check_access(header, keyd.key, ALICE)
+        assert keyd.calls == [("Decrypt", ALICE.uid)] * 2
+
+    trio.run(main)
+
+
+def test_pools_per_principal_and_key_made_as_that_principal_dropped_when_idle() -> None:
+    keyd, clock = FakeKeyd(), Clock()
+    keys = _manager(keyd, clock, pool_size=2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keys.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert keyd.calls == [("GenerateDataKey", None)] * 2  # the mount's own pool
+            keyd.calls.clear()
+            first = await keys.new_file_key(caller=ALICE)  # alice's first create: keyd
+            assert keyd.calls[0] == ("GenerateDataKey", ALICE.uid)
+            await trio.testing.wait_all_tasks_blocked()
+            # alice's pool filled as alice; the mount's own untouched
+            assert keyd.calls == [("GenerateDataKey", ALICE.uid)] * 3
+            keyd.calls.clear()
+            second = await keys.new_file_key(caller=ALICE)  # from alice's pool
+            assert keyd.calls == [] and second.file_id != first.file_id
+            keyd.refused.add(BOB.uid)
+            with pytest.raises(AccessDeniedException):  # never from alice's pool
+                await keys.new_file_key(caller=BOB)
+            assert keyd.calls == [("GenerateDataKey", BOB.uid)]
+            # a pool per CMK too
+            other = await keys.new_file_key(OTHER_ARN, caller=ALICE)
+            assert other.key_arn == OTHER_ARN
+            assert (ALICE.uid, OTHER_ARN) in keys._pools
+            # idle for cache_seconds: a user's pools go, the mount's stays
+            clock.now += 61
+            keys.drop_idle_pools()
+            assert set(keys._pools) == {(None, KEY_ARN)}
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
