@@ -341,8 +341,17 @@ class KeyManager:
             if prepared.expires > now:
                 self._pool_wanted.set()
                 return prepared
+        try:
+            prepared = await self._generate(pool)
+        except KMSError as error:
+            if error.aws_type == "AccessDeniedException":
+                # not refilled in the background (each try would be one more refusal in
+                # keyd's audit log) until this principal's next create
+                pool.retry_after = math.inf
+            raise
+        pool.retry_after = 0.0
         self._pool_wanted.set()
-        return await self._generate(pool)
+        return prepared
 
     # ------------------------------------------------------------ background
     async def run(self) -> None:
@@ -358,9 +367,11 @@ class KeyManager:
                 while len(pool.keys) < self.pool_size and pool.retry_after <= self._clock():
                     try:
                         pool.keys.append(await self._generate(pool))
-                    except (KeydUnavailable, KMSError):
-                        # keyd down or the key refused: try later
-                        pool.retry_after = self._clock() + 1.0
+                    except (KeydUnavailable, KMSError) as error:
+                        # keyd down or the key refused: try later; refused to this
+                        # principal: not before its next create (see new_file_key)
+                        refused = getattr(error, "aws_type", None) == "AccessDeniedException"
+                        pool.retry_after = math.inf if refused else self._clock() + 1.0
                         break
             if any(
                 len(pool.keys) < self.pool_size and pool.retry_after > self._clock()
