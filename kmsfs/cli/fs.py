@@ -503,7 +503,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--key-cache-seconds",
         type=float,
         default=60.0,
-        help="keep a file's data key this long after its last close (60)",
+        help="keep a file's data key this long after its last close, and a forwarded "
+        "user's answer from keyd this long after keyd gave it (60)",
     )
     mount.add_argument(
         "--forward-callers",
