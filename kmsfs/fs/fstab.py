@@ -99,7 +99,8 @@ VALUED_OPTIONS = (
 )
 
 KNOWN_HELP = (
-    "rw, ro, allow_other, nonempty, nosuid/suid, nodev/dev, noexec/exec, noatime/atime, "
+    "rw, ro, allow_other, nonempty, forward_callers/no_forward_callers, "
+    "nosuid/suid, nodev/dev, noexec/exec, noatime/atime, "
     "sync/async, dirsync, " + ", ".join(f"{name}=" for name in VALUED_OPTIONS)
 )
 
@@ -111,6 +112,8 @@ class ParsedOptions:
     read_only: bool | None = None
     allow_other: bool = False
     nonempty: bool = False
+    #: forward_callers / no_forward_callers (kmsfs mount --[no-]forward-callers)
+    forward_callers: bool | None = None
     #: kernel flag (``suid``, ``dev``...) -> the word given last for it (``nosuid``...)
     kernel: dict[str, str] = field(default_factory=dict)
     #: kmsfs settings by name (``keyd_socket``...), checked and converted
@@ -140,6 +143,8 @@ def parse_options(values: Iterable[str] | None, *, sloppy: bool = False) -> Pars
             parsed.allow_other = True
         elif option == "nonempty":
             parsed.nonempty = True
+        elif option in ("forward_callers", "no_forward_callers"):
+            parsed.forward_callers = option == "forward_callers"
         elif option in _FLAG_OF:
             parsed.kernel[_FLAG_OF[option]] = option
         elif option in ALREADY_SO:
@@ -186,6 +191,8 @@ def apply_options(parsed: ParsedOptions, options: MountOptions) -> MountOptions:
         options.read_only = parsed.read_only
     options.allow_other = options.allow_other or parsed.allow_other
     options.nonempty = options.nonempty or parsed.nonempty
+    if parsed.forward_callers is not None:
+        options.forward_callers = parsed.forward_callers
     options.kernel_options = parsed.kernel_options
     settings = parsed.settings
     if "idle" in settings:

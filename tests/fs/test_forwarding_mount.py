@@ -284,3 +284,14 @@ def test_pools_per_principal_and_key_made_as_that_principal_dropped_when_idle() 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_fstab_options_turn_forwarding_on_and_off() -> None:
+    from kmsfs.fs.fstab import apply_options, parse_options
+    from kmsfs.fs.mount import MountOptions
+
+    assert MountOptions().forward_callers is None  # the default: root on keyd forwards
+    off = apply_options(parse_options(["allow_other,no_forward_callers"]), MountOptions())
+    assert off.forward_callers is False and off.allow_other
+    on = apply_options(parse_options(["forward_callers"]), MountOptions(forward_callers=False))
+    assert on.forward_callers is True
