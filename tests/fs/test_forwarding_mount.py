@@ -9,12 +9,14 @@ key in memory then; it still asks keyd as B).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import pwd
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +43,14 @@ B = NOBODY
 def policy_mount(fs_root: Path, fs_keyd: Keyd) -> Iterator[tuple[Mount, str]]:
     """A root mount (allow_other, forwarding by default) of a cipher directory whose CMK
     root administers and only A may Decrypt with, and only through a kmsfs mount."""
+    with _policy_mount(fs_root, fs_keyd) as (mount, a_arn, _key_id):
+        yield mount, a_arn
+
+
+@contextlib.contextmanager
+def _policy_mount(
+    fs_root: Path, fs_keyd: Keyd, *mount_args: str
+) -> Iterator[tuple[Mount, str, str]]:
     with KMSClient(fs_keyd.socket) as client:
         account = client.call("GetCallerIdentity", {})["Account"]
         key_id = client.call("CreateKey", {})["KeyMetadata"]["KeyId"]
@@ -65,9 +75,9 @@ def policy_mount(fs_root: Path, fs_keyd: Keyd) -> Iterator[tuple[Mount, str]]:
         client.call("PutKeyPolicy", {"KeyId": key_id, "Policy": policy})
     with MountFactory(fs_root, fs_keyd) as factory:
         cipher = factory.init(key=key_id)
-        mount = factory.mount(cipher, None, "-o", "allow_other")
+        mount = factory.mount(cipher, None, "-o", "allow_other", *mount_args)
         os.chmod(mount.mnt, 0o755)
-        yield mount, a_arn
+        yield mount, a_arn, key_id
 
 
 def _open_as(uid: int, path: Path) -> object:
@@ -141,6 +151,29 @@ def test_b_is_refused_even_while_a_holds_the_file_open(
     assert all(r["errorCode"] == "AccessDeniedException" for r in by_b)
     # A's own answer was cached: A's opens cost fewer Decrypts than A's opens
     assert len(by_a) < 3
+
+
+@needs_other_users
+def test_a_grant_lets_b_in_and_its_revocation_shuts_b_out_after_the_cache_time(
+    fs_root: Path, fs_keyd: Keyd
+) -> None:
+    with _policy_mount(fs_root, fs_keyd, "--key-cache-seconds", "1") as (mount, _a, key_id):
+        shared = mount.mnt / "shared"
+        shared.write_bytes(b"granted")
+        os.chmod(shared, 0o644)
+        assert _open_as(B, shared) == "EACCES"  # a refusal is never cached
+        with KMSClient(fs_keyd.socket) as client:
+            account = client.call("GetCallerIdentity", {})["Account"]
+            b_arn = f"arn:aws:iam::{account}:user/{pwd.getpwuid(B).pw_name}"
+            grant_id = client.call(
+                "CreateGrant",
+                {"KeyId": key_id, "GranteePrincipal": b_arn, "Operations": ["Decrypt"]},
+            )["GrantId"]
+            assert _open_as(B, shared) == b"granted"
+            client.call("RevokeGrant", {"KeyId": key_id, "GrantId": grant_id})
+        # B's answer is kept at most --key-cache-seconds (1 s) from when keyd gave it
+        time.sleep(1.5)
+        assert _open_as(B, shared) == "EACCES"
 
 
 # ------------------------------------------------------- KeyManager, with a fake keyd
