@@ -316,6 +316,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         key_cache_seconds=args.key_cache_seconds,
         nonempty=args.nonempty,
         idle_seconds=args.idle or None,
+        audit_opens=args.audit_opens,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -362,6 +363,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv.append("--nonempty")
     if args.idle:
         argv += ["--idle", repr(args.idle)]
+    if args.audit_opens:
+        argv.append("--audit-opens")
     log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
@@ -522,6 +525,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="DURATION",
         help="unmount after this long with no request and no open file, e.g. 30s, 10m, 1h "
         "(as gocryptfs -idle; -o idle=)",
+    )
+    mount.add_argument(
+        "--audit-opens",
+        action="store_true",
+        help="record every open, create, unlink and rename (user, pid, executable, "
+        "access mode, file id, outcome; no names) in keyd's audit log",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

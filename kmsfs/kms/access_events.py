@@ -1,0 +1,311 @@
+"""RecordAccessEvents: a mount's access audit (``kmsfs mount --audit-opens``) in keyd's log.
+
+A mount started with ``--audit-opens`` observes every open, create, unlink and rename
+at its mountpoint and sends them to keyd in batches (:mod:`kmsfs.fs.access_audit`). This
+kmsfs operation (target ``TrentService.RecordAccessEvents``; mixed into
+:class:`~kmsfs.kms.service.KeyService` like the keystore operations of
+:mod:`kmsfs.kms.admin`) turns each event into one record of keyd's hash-chained audit
+log, so file access and key use are in one tamper-evident trail.
+
+Request::
+
+    {"FilesystemId": "<32 hex>",
+     "Events": [{"Time": "2026-12-07T09:05:13.123456Z", "Uid": 1001, "Gid": 1001,
+                 "Pid": 4242, "Executable": "/usr/bin/cat", "Operation": "Open",
+                 "AccessMode": "O_RDONLY", "Flags": ["O_TRUNC"],
+                 "FileId": "<32 hex>" | "ino:<n>", "Outcome": "Allowed" | "EACCES" | ...},
+                ...],                                   (at most MAX_EVENTS)
+     "Gap": {"Count": 17, "Since": "<time>", "Until": "<time>"}}   (optional)
+
+``AccessMode`` is required for Open and Create, optional for Unlink and Rename;
+``Flags`` is optional. ``FileId`` is the file header's id (``kmsfs audit resolve``
+maps it back to a path), or ``ino:<n>`` -- the backing inode number -- for an entry
+without a header (an empty file, a symlink, a directory). No file names: the log never
+holds plaintext names.
+
+The whole request is checked before anything is written; then every event's record
+(and one record for a gap: events the mount could not keep) is appended in one write
+and flushed to disk, or none is (StorageUnavailableException: the mount keeps them and
+retries). The records *are* the call's audit: a successful call gets no record of its
+own; a refused one gets the usual refusal record.
+
+Records are CloudTrail-shaped: ``eventSource`` ``kmsfs-mount``, ``eventName`` the
+operation, ``eventType`` ``AwsServiceEvent``, ``userIdentity`` the event's user (with
+``invokedBy: kmsfs-mount``, as CloudTrail names the service acting for a user), and
+``additionalEventData`` with the mount's principal and pid, the filesystem id, the
+access mode, the file id, the outcome and the executable. A refused outcome is also
+the record's ``errorCode``.
+
+Who may record: root (uid 0) events of any user (a shared mount, ``-o allow_other``);
+any other local user only events of its own uid (its own mount). A SigV4-signed caller
+has no uid: refused. Refusals are AccessDeniedException, audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import re
+import uuid
+from typing import Any
+
+from kmsfs.errors import AccessDeniedException, ValidationException
+from kmsfs.kms.caller import Caller
+from kmsfs.kms.principal import Principal, login_name
+
+OPERATION = "RecordAccessEvents"
+#: request members (see kmsfs.kms.service.REQUEST_MEMBERS)
+ACCESS_EVENT_REQUEST_MEMBERS: dict[str, dict[str, str]] = {
+    OPERATION: {"FilesystemId": "string", "Events": "structures", "Gap": "structure"},
+}
+ACCESS_EVENT_OPERATIONS = frozenset(ACCESS_EVENT_REQUEST_MEMBERS)
+
+#: most events per call (the mount sends at most this many per flush)
+MAX_EVENTS = 1000
+#: longest Executable accepted, in characters (Linux's PATH_MAX)
+MAX_EXECUTABLE = 4096
+#: most entries of Flags
+MAX_FLAGS = 16
+EVENT_SOURCE = "kmsfs-mount"
+GAP_EVENT_NAME = "AccessEventsLost"
+EVENT_OPERATIONS = ("Open", "Create", "Unlink", "Rename")
+ACCESS_MODES = ("O_RDONLY", "O_WRONLY", "O_RDWR")
+FLAG_NAMES = frozenset(
+    {
+        "O_APPEND",
+        "O_ASYNC",
+        "O_CREAT",
+        "O_DIRECT",
+        "O_DIRECTORY",
+        "O_DSYNC",
+        "O_EXCL",
+        "O_NOATIME",
+        "O_NOCTTY",
+        "O_NOFOLLOW",
+        "O_NONBLOCK",
+        "O_SYNC",
+        "O_TRUNC",
+        "RENAME_EXCHANGE",
+        "RENAME_NOREPLACE",
+        "RENAME_WHITEOUT",
+    }
+)
+ALLOWED = "Allowed"
+#: what an Outcome may be: Allowed, or an errno name
+OUTCOMES = frozenset({ALLOWED, *errno.errorcode.values()})
+_EVENT_MEMBERS = frozenset(
+    {
+        "Time",
+        "Uid",
+        "Gid",
+        "Pid",
+        "Executable",
+        "Operation",
+        "AccessMode",
+        "Flags",
+        "FileId",
+        "Outcome",
+    }
+)
+_GAP_MEMBERS = frozenset({"Count", "Since", "Until"})
+_FILESYSTEM_ID = re.compile(r"[0-9a-f]{32}")
+_FILE_ID = re.compile(r"[0-9a-f]{32}|ino:(0|[1-9][0-9]{0,19})")
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+_ID_LIMIT = 1 << 32  # uids, gids and pids are 32-bit on Linux
+
+
+def parse_event_time(value: object, where: str) -> str:
+    """*value* if it is an ISO-8601 UTC time (``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``)."""
+    if not isinstance(value, str) or not _TIME.fullmatch(value):
+        raise ValidationException(f"{where} must be an ISO-8601 UTC time (...Z)")
+    try:
+        dt.datetime.fromisoformat(value[:-1])
+    except ValueError:
+        raise ValidationException(f"{where} is not a valid time") from None
+    return value
+
+
+def _identifier(event: dict[str, Any], name: str, where: str) -> int:
+    value = event.get(name)
+    if type(value) is not int or not 0 <= value < _ID_LIMIT:
+        raise ValidationException(f"{where}.{name} must be an integer from 0 to {_ID_LIMIT - 1}")
+    return value
+
+
+def check_event(event: dict[str, Any], where: str) -> None:
+    """Raise ValidationException unless *event* is a well-formed access event."""
+    unknown = set(event) - _EVENT_MEMBERS
+    if unknown:
+        raise ValidationException(f"{where} has unknown members: {', '.join(sorted(unknown))}")
+    parse_event_time(event.get("Time"), f"{where}.Time")
+    for name in ("Uid", "Gid", "Pid"):
+        _identifier(event, name, where)
+    executable = event.get("Executable")
+    if not isinstance(executable, str) or len(executable) > MAX_EXECUTABLE:
+        raise ValidationException(
+            f"{where}.Executable must be a string of at most {MAX_EXECUTABLE} characters"
+        )
+    if "\0" in executable:
+        raise ValidationException(f"{where}.Executable must not contain a NUL character")
+    operation = event.get("Operation")
+    if operation not in EVENT_OPERATIONS:
+        raise ValidationException(f"{where}.Operation must be one of {', '.join(EVENT_OPERATIONS)}")
+    mode = event.get("AccessMode")
+    if mode is None and operation in ("Open", "Create"):
+        raise ValidationException(f"{where}.AccessMode is required for {operation}")
+    if mode is not None and mode not in ACCESS_MODES:
+        raise ValidationException(f"{where}.AccessMode must be one of {', '.join(ACCESS_MODES)}")
+    flags = event.get("Flags")
+    if flags is not None and (
+        type(flags) is not list
+        or len(flags) > MAX_FLAGS
+        or not all(isinstance(flag, str) and flag in FLAG_NAMES for flag in flags)
+    ):
+        raise ValidationException(
+            f"{where}.Flags must be a list of at most {MAX_FLAGS} flag names (O_TRUNC, ...)"
+        )
+    file_id = event.get("FileId")
+    if not isinstance(file_id, str) or not _FILE_ID.fullmatch(file_id):
+        raise ValidationException(
+            f"{where}.FileId must be a file id (32 hex digits) or ino:<number>"
+        )
+    if event.get("Outcome") not in OUTCOMES:
+        raise ValidationException(f"{where}.Outcome must be Allowed or an errno name (EACCES, ...)")
+
+
+def check_gap(gap: dict[str, Any]) -> None:
+    unknown = set(gap) - _GAP_MEMBERS
+    if unknown:
+        raise ValidationException(f"Gap has unknown members: {', '.join(sorted(unknown))}")
+    count = gap.get("Count")
+    if type(count) is not int or not 0 < count < 1 << 63:
+        raise ValidationException("Gap.Count must be a positive integer")
+    parse_event_time(gap.get("Since"), "Gap.Since")
+    if gap.get("Until") is not None:
+        parse_event_time(gap.get("Until"), "Gap.Until")
+
+
+class AccessEvents:
+    """RecordAccessEvents, mixed into KeyService (which provides principal, account,
+    region, the request id and the audit writing)."""
+
+    account: str
+    region: str
+    _request_id: str
+
+    def principal(self, caller: Caller) -> Any:  # pragma: no cover
+        raise NotImplementedError  # KeyService's
+
+    def _record_many(self, events: list[dict[str, Any]]) -> None:  # pragma: no cover
+        raise NotImplementedError  # KeyService's
+
+    def _op_RecordAccessEvents(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        mount = self.principal(caller)
+        if caller.signed_user is not None or mount.uid is None:
+            raise AccessDeniedException(
+                f"User: {mount.arn} is not authorized to perform: kmsfs:{OPERATION}: "
+                "only local users (keyd's Unix socket) record access events"
+            )
+        filesystem_id = params.get("FilesystemId")
+        if not isinstance(filesystem_id, str) or not _FILESYSTEM_ID.fullmatch(filesystem_id):
+            raise ValidationException("FilesystemId must be 32 lowercase hex digits")
+        events = params.get("Events") or []
+        gap = params.get("Gap")
+        if len(events) > MAX_EVENTS:
+            raise ValidationException(
+                f"Events has {len(events)} members; at most {MAX_EVENTS} per call"
+            )
+        if not events and gap is None:
+            raise ValidationException("RecordAccessEvents needs Events or a Gap")
+        for index, event in enumerate(events):
+            check_event(event, f"Events[{index}]")
+        if gap is not None:
+            check_gap(gap)
+        if not mount.is_root:
+            for event in events:
+                if event["Uid"] != mount.uid:
+                    raise AccessDeniedException(
+                        f"User: {mount.arn} is not authorized to perform: kmsfs:{OPERATION} "
+                        f"for uid {event['Uid']}: only root records other users' events"
+                    )
+        records = [self._access_record(event, mount, filesystem_id) for event in events]
+        if gap is not None:
+            records.append(self._gap_record(gap, mount, filesystem_id))
+        self._record_many(records)
+        return {"RecordedEvents": len(events), "GapRecorded": gap is not None}
+
+    def _mount_data(self, mount: Principal, filesystem_id: str) -> dict[str, Any]:
+        return {
+            "mountPrincipal": mount.arn,
+            "mountUid": mount.uid,
+            "mountPid": mount.pid,
+            "filesystemId": filesystem_id,
+        }
+
+    def _common(self, name: str, when: str) -> dict[str, Any]:
+        return {
+            "eventVersion": "1.08",
+            "userIdentity": None,
+            "eventTime": when,
+            "eventSource": EVENT_SOURCE,
+            "eventName": name,
+            "awsRegion": self.region,
+            "requestParameters": None,
+            "responseElements": None,
+            "requestID": self._request_id,
+            "eventID": str(uuid.uuid4()),
+        }
+
+    def _access_record(
+        self, event: dict[str, Any], mount: Principal, filesystem_id: str
+    ) -> dict[str, Any]:
+        operation = event["Operation"]
+        uid, gid, pid = event["Uid"], event["Gid"], event["Pid"]
+        user = Principal(self.account, uid, gid, pid, login_name(uid), (), event["Executable"])
+        identity = user.user_identity()
+        identity["invokedBy"] = EVENT_SOURCE
+        record = self._common(operation, event["Time"])
+        record["userIdentity"] = identity
+        record["readOnly"] = operation == "Open" and event.get("AccessMode") == "O_RDONLY"
+        record["eventType"] = "AwsServiceEvent"
+        record["recipientAccountId"] = self.account
+        outcome = event["Outcome"]
+        if outcome != ALLOWED:
+            record["errorCode"] = outcome
+        data = self._mount_data(mount, filesystem_id)
+        data.update(
+            {
+                "pid": pid,
+                "accessMode": event.get("AccessMode"),
+                "flags": event.get("Flags") or [],
+                "fileId": event["FileId"],
+                "outcome": outcome,
+                "executable": event["Executable"],
+            }
+        )
+        record["additionalEventData"] = data
+        return record
+
+    def _gap_record(
+        self, gap: dict[str, Any], mount: Principal, filesystem_id: str
+    ) -> dict[str, Any]:
+        until = gap.get("Until") or gap["Since"]
+        record = self._common(GAP_EVENT_NAME, until)
+        identity = mount.user_identity()
+        identity["invokedBy"] = EVENT_SOURCE
+        record["userIdentity"] = identity
+        record["readOnly"] = True
+        record["eventType"] = "AwsServiceEvent"
+        record["recipientAccountId"] = self.account
+        data = self._mount_data(mount, filesystem_id)
+        data.update(
+            {
+                "lostEvents": gap["Count"],
+                "firstLostTime": gap["Since"],
+                "lastLostTime": until,
+                "note": "access events the mount could not keep (its queue was full while "
+                "keyd did not answer); they are counted here, not recorded",
+            }
+        )
+        record["additionalEventData"] = data
+        return record
