@@ -317,6 +317,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
         nonempty=args.nonempty,
         idle_seconds=args.idle or None,
         audit_opens=args.audit_opens,
+        audit_queue=args.audit_queue,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -364,7 +365,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.idle:
         argv += ["--idle", repr(args.idle)]
     if args.audit_opens:
-        argv.append("--audit-opens")
+        argv += ["--audit-opens", "--audit-queue", str(args.audit_queue)]
     log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
@@ -531,6 +532,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="record every open, create, unlink and rename (user, pid, executable, "
         "access mode, file id, outcome; no names) in keyd's audit log",
+    )
+    mount.add_argument(
+        "--audit-queue",
+        type=non_negative_int,
+        default=100_000,
+        metavar="N",
+        help="with --audit-opens: events kept while keyd does not answer; beyond, they "
+        "are counted and reported as a gap (100000)",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -260,6 +260,8 @@ class MountOptions:
     #: record every open, create, unlink and rename in keyd's audit log
     #: (kmsfs.fs.access_audit)
     audit_opens: bool = False
+    #: events kept while keyd does not answer (beyond: counted, reported as a gap)
+    audit_queue: int = 100_000
 
 
 def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[str]:
@@ -643,7 +645,7 @@ def _access_auditor(
             f"--audit-opens records into keyd's audit log; this filesystem's key is in "
             f"{service.describe()}"
         )
-    return AccessAuditor(service.async_client(), config.filesystem_id)
+    return AccessAuditor(service.async_client(), config.filesystem_id, options.audit_queue)
 
 
 READ_AHEAD_KB = 1024
