@@ -24,7 +24,7 @@ from kmsfs.errors import KeydUnavailable, StorageUnavailableException, Validatio
 from kmsfs.fs.access_audit import AccessAuditor, executable_of, file_id_of_fd, flag_names
 from kmsfs.kms import audit
 from tests.fs.conftest import FaultEnv
-from tests.fs.helpers import Mount, flip_byte
+from tests.fs.helpers import Mount, MountFactory, flip_byte, run_as_child
 
 FS_ID = "0123456789abcdef0123456789abcdef"
 #: the header's key commitment: after magic, version, lengths, chunk size and file id
@@ -388,3 +388,57 @@ def test_overflow_while_keyd_is_down_becomes_a_gap_record(fault_env: FaultEnv) -
     mount.unmount_clean()
     verified = keyd.kmsfs("keyd", "audit", "verify", "--keystore", str(keyd.keystore))
     assert b"chain intact" in verified.stdout
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a shared mount and another user")
+def test_shared_mount_records_each_users_own_identity(mounts: MountFactory) -> None:
+    """Mounted by root with -o allow_other: nobody's events carry nobody's uid, gid,
+    pid and executable. What the kernel refuses itself (mode bits) never reaches the
+    mount and is not recorded (documented)."""
+    mount = mounts.mount(None, None, "-o", "allow_other", "--audit-opens")
+    root = mount.mnt
+    os.chmod(root, 0o755)
+    (root / "public").write_bytes(b"everyone may read")
+    os.chmod(root / "public", 0o644)
+    (root / "secret").write_bytes(b"root only")
+    os.chmod(root / "secret", 0o600)
+    os.mkdir(root / "tmp", 0o777)
+    os.chmod(root / "tmp", 0o1777)
+    public_id = header_id(mount.backing(root / "public"))
+    filesystem_id = json.loads((mount.cipher / "kmsfs.conf").read_text())["filesystem_id"]
+
+    def as_nobody() -> dict[str, Any]:
+        results: dict[str, Any] = {"pid": os.getpid()}
+        results["public"] = (root / "public").read_bytes()
+        try:
+            os.open(root / "secret", os.O_RDONLY)
+        except OSError as error:
+            results["secret"] = errno.errorcode[error.errno]
+        fd = os.open(root / "tmp" / "mine", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        results["mine"] = os.fstat(fd).st_ino
+        os.close(fd)
+        return results
+
+    results = run_as_child(as_nobody, uid=NOBODY)
+    assert results["public"] == b"everyone may read" and results["secret"] == "EACCES"
+    mount.unmount_clean()
+    records = [
+        record
+        for record in access_records(mount.keyd.keystore)
+        if record["additionalEventData"]["filesystemId"] == filesystem_id
+    ]
+    # root's own writes above are Creates and Opens of root's (uid 0); nobody's follow
+    mine = [summary(record) for record in records if record["userIdentity"]["uid"] == NOBODY]
+    assert mine == [
+        ("Open", "Allowed", public_id, NOBODY),
+        ("Create", "Allowed", f"ino:{results['mine']}", NOBODY),
+    ]
+    for record in records:
+        if record["userIdentity"]["uid"] == NOBODY:
+            assert record["userIdentity"]["gid"] == NOBODY
+            assert record["additionalEventData"]["pid"] == results["pid"]
+            assert record["additionalEventData"]["executable"] == os.readlink("/proc/self/exe")
+            assert record["additionalEventData"]["mountUid"] == 0
