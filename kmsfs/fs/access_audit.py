@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,7 @@ def file_id_of_fd(fd: int) -> str | None:
 
 @dataclass(slots=True)
 class _Event:
+    sequence: int
     when: float
     uid: int
     gid: int
@@ -184,6 +186,7 @@ class _Event:
             "Operation": self.operation,
             "FileId": self.file_id,
             "Outcome": self.outcome,
+            "Sequence": self.sequence,
         }
         if mode is not None:
             event["AccessMode"] = mode
@@ -215,7 +218,13 @@ class AccessAuditor:
         self.clock = clock
         self.read_executable = read_executable
         self._queue: collections.deque[_Event] = collections.deque()
-        #: events not kept (the queue was full) and not yet reported, and when
+        #: this mount's session and its event numbers: keyd leaves out what a retried
+        #: call repeats (kmsfs.kms.access_events, "Exactly once")
+        self.session = uuid.uuid4().hex
+        self._next_sequence = 1
+        #: the gap being reported (frozen with its number until keyd took it)
+        self._gap: dict[str, Any] | None = None
+        #: events not kept (the queue was full) and not yet in a reported gap, and when
         self.lost = 0
         self._lost_since = 0.0
         self._lost_until = 0.0
@@ -246,6 +255,7 @@ class AccessAuditor:
         else:
             self._queue.append(
                 _Event(
+                    self._take_sequence(),
                     now,
                     ctx.uid,
                     ctx.gid,
@@ -260,6 +270,16 @@ class AccessAuditor:
             if len(self._queue) >= BATCH_EVENTS:
                 self._batch_full.set()
         self._work.set()
+
+    def _take_sequence(self) -> int:
+        sequence = self._next_sequence
+        self._next_sequence += 1
+        return sequence
+
+    @property
+    def unreported(self) -> int:
+        """Events lost and not yet taken by keyd as a gap."""
+        return self.lost + (self._gap["Count"] if self._gap is not None else 0)
 
     # ------------------------------------------------------------ delivering
     async def run(self) -> None:
@@ -298,19 +318,32 @@ class AccessAuditor:
         """One keyd call with the oldest events (and the gap count, if any). True if
         keyd took them (or there was nothing to send)."""
         batch = self._batch()
-        lost, since, until = self.lost, self._lost_since, self._lost_until
-        if not batch and not lost:
+        if self._gap is None and self.lost:
+            # frozen: a retry repeats it with the same number (losses meanwhile go to
+            # the next gap)
+            self._gap = {
+                "Count": self.lost,
+                "Since": iso_time(self._lost_since),
+                "Until": iso_time(self._lost_until),
+                "Sequence": self._take_sequence(),
+            }
+            self.lost = 0
+        if not batch and self._gap is None:
             self._idle()
             return True
         params: dict[str, Any] = {
             "FilesystemId": self.filesystem_id,
+            "MountSession": self.session,
             "Events": batch,
         }
-        if lost:
-            params["Gap"] = {"Count": lost, "Since": iso_time(since), "Until": iso_time(until)}
+        if self._gap is not None:
+            params["Gap"] = self._gap
         self.calls += 1
         try:
-            await self.client.call("RecordAccessEvents", params)
+            # not cancelled half way (the mount's nursery at unmount): keyd may have
+            # written the records already; the client's own timeout bounds the wait
+            with trio.CancelScope(shield=True):
+                await self.client.call("RecordAccessEvents", params)
         except (KeydUnavailable, KMSInternalException) as error:
             # keyd down, or it cannot write its log now (StorageUnavailableException):
             # keep everything and retry
@@ -349,14 +382,14 @@ class AccessAuditor:
         for _ in batch:
             self._queue.popleft()
         self.delivered += len(batch)
-        self.lost -= lost
+        self._gap = None
         if len(self._queue) < BATCH_EVENTS:
             self._batch_full = trio.Event()
         self._idle()
         return True
 
     def _idle(self) -> None:
-        if not self._queue and not self.lost:
+        if not self._queue and not self.lost and self._gap is None:
             self._work = trio.Event()
 
     async def drain(self, seconds: float = UNMOUNT_FLUSH_SECONDS) -> None:
@@ -364,18 +397,18 @@ class AccessAuditor:
         could not be delivered."""
         with trio.move_on_after(seconds):
             retry_delay = FLUSH_INTERVAL
-            while self._queue or self.lost:
+            while self._queue or self.unreported:
                 if await self.flush_once():
                     retry_delay = FLUSH_INTERVAL
                 else:
                     await trio.sleep(retry_delay)
                     retry_delay = min(retry_delay * 2, MAX_RETRY_DELAY)
-        if self._queue or self.lost:
+        if self._queue or self.unreported:
             log.error(
                 "access audit: %d event(s) not delivered and %d lost at unmount "
                 "(keyd did not answer within %g s)",
                 len(self._queue),
-                self.lost,
+                self.unreported,
                 seconds,
             )
 

@@ -634,6 +634,10 @@ async def _serve(
             log.info("unmounted %s", mountpoint)
 
 
+#: seconds the access auditor waits for one keyd answer
+AUDIT_CALL_TIMEOUT = 5.0
+
+
 def _access_auditor(
     service: KeyService, config: FsConfig, options: MountOptions
 ) -> AccessAuditor | None:
@@ -645,7 +649,10 @@ def _access_auditor(
             f"--audit-opens records into keyd's audit log; this filesystem's key is in "
             f"{service.describe()}"
         )
-    return AccessAuditor(service.async_client(), config.filesystem_id, options.audit_queue)
+    # a call is not cancelled half way (see AccessAuditor.flush_once): 5 s bounds the
+    # unmount's wait for one
+    client = service.async_client(timeout=AUDIT_CALL_TIMEOUT)
+    return AccessAuditor(client, config.filesystem_id, options.audit_queue)
 
 
 READ_AHEAD_KB = 1024

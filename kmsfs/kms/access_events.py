@@ -15,7 +15,16 @@ Request::
                  "AccessMode": "O_RDONLY", "Flags": ["O_TRUNC"],
                  "FileId": "<32 hex>" | "ino:<n>", "Outcome": "Allowed" | "EACCES" | ...},
                 ...],                                   (at most MAX_EVENTS)
-     "Gap": {"Count": 17, "Since": "<time>", "Until": "<time>"}}   (optional)
+     "Gap": {"Count": 17, "Since": "<time>", "Until": "<time>"},   (optional)
+     "MountSession": "<32 hex>"}                         (optional; then every event
+                                                          and the gap carry "Sequence")
+
+Exactly once. A mount that retries a call whose answer it did not get (a timeout, a
+cancelled call) would record its events twice. So a mount names its session (random,
+per mount) and numbers its events and gaps (``Sequence``, increasing); keyd remembers
+the last number it recorded per session (in memory, :data:`MAX_SESSIONS` sessions) and
+leaves out what it already has (``DuplicateEvents`` in the answer). The records carry
+``mountSession`` and ``sequence``.
 
 ``AccessMode`` is required for Open and Create, optional for Unlink and Rename;
 ``Flags`` is optional. ``FileId`` is the file header's id (``kmsfs audit resolve``
@@ -56,7 +65,12 @@ from kmsfs.kms.principal import Principal, login_name
 OPERATION = "RecordAccessEvents"
 #: request members (see kmsfs.kms.service.REQUEST_MEMBERS)
 ACCESS_EVENT_REQUEST_MEMBERS: dict[str, dict[str, str]] = {
-    OPERATION: {"FilesystemId": "string", "Events": "structures", "Gap": "structure"},
+    OPERATION: {
+        "FilesystemId": "string",
+        "MountSession": "string",
+        "Events": "structures",
+        "Gap": "structure",
+    },
 }
 ACCESS_EVENT_OPERATIONS = frozenset(ACCESS_EVENT_REQUEST_MEMBERS)
 
@@ -105,13 +119,17 @@ _EVENT_MEMBERS = frozenset(
         "Flags",
         "FileId",
         "Outcome",
+        "Sequence",
     }
 )
-_GAP_MEMBERS = frozenset({"Count", "Since", "Until"})
+_GAP_MEMBERS = frozenset({"Count", "Since", "Until", "Sequence"})
+#: mount sessions whose last recorded sequence number keyd remembers
+MAX_SESSIONS = 4096
 _FILESYSTEM_ID = re.compile(r"[0-9a-f]{32}")
 _FILE_ID = re.compile(r"[0-9a-f]{32}|ino:(0|[1-9][0-9]{0,19})")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 _ID_LIMIT = 1 << 32  # uids, gids and pids are 32-bit on Linux
+_SEQUENCE_LIMIT = 1 << 63
 
 
 def parse_event_time(value: object, where: str) -> str:
@@ -171,6 +189,13 @@ def check_event(event: dict[str, Any], where: str) -> None:
         )
     if event.get("Outcome") not in OUTCOMES:
         raise ValidationException(f"{where}.Outcome must be Allowed or an errno name (EACCES, ...)")
+    _check_sequence(event, where)
+
+
+def _check_sequence(item: dict[str, Any], where: str) -> None:
+    sequence = item.get("Sequence")
+    if sequence is not None and (type(sequence) is not int or not 0 < sequence < _SEQUENCE_LIMIT):
+        raise ValidationException(f"{where}.Sequence must be a positive integer")
 
 
 def check_gap(gap: dict[str, Any]) -> None:
@@ -183,6 +208,7 @@ def check_gap(gap: dict[str, Any]) -> None:
     parse_event_time(gap.get("Since"), "Gap.Since")
     if gap.get("Until") is not None:
         parse_event_time(gap.get("Until"), "Gap.Until")
+    _check_sequence(gap, "Gap")
 
 
 class AccessEvents:
@@ -192,6 +218,7 @@ class AccessEvents:
     account: str
     region: str
     _request_id: str
+    _access_sessions: dict[str, int]
 
     def principal(self, caller: Caller) -> Any:  # pragma: no cover
         raise NotImplementedError  # KeyService's
@@ -221,6 +248,9 @@ class AccessEvents:
             check_event(event, f"Events[{index}]")
         if gap is not None:
             check_gap(gap)
+        session = params.get("MountSession")
+        if session is not None:
+            self._check_sequences(session, events, gap)
         if not mount.is_root:
             for event in events:
                 if event["Uid"] != mount.uid:
@@ -228,11 +258,72 @@ class AccessEvents:
                         f"User: {mount.arn} is not authorized to perform: kmsfs:{OPERATION} "
                         f"for uid {event['Uid']}: only root records other users' events"
                     )
-        records = [self._access_record(event, mount, filesystem_id) for event in events]
+        # (sequence, record) in the mount's order; a retried call's items that keyd
+        # already recorded (its answer was lost) are left out
+        identities: dict[tuple[int, int, int, str], dict[str, Any]] = {}
+        logins: dict[int, str | None] = {}
+        items: list[tuple[int, dict[str, Any]]] = [
+            (
+                event.get("Sequence", 0),
+                self._access_record(event, mount, filesystem_id, session, identities, logins),
+            )
+            for event in events
+        ]
         if gap is not None:
-            records.append(self._gap_record(gap, mount, filesystem_id))
-        self._record_many(records)
-        return {"RecordedEvents": len(events), "GapRecorded": gap is not None}
+            items.append((gap.get("Sequence", 0), self._gap_record(gap, mount, filesystem_id)))
+        recorded_up_to = 0
+        if session is not None:
+            seen = self._session_sequences().get(session, 0)
+            items.sort(key=lambda item: item[0])
+            fresh = [item for item in items if item[0] > seen]
+            duplicates = len(items) - len(fresh)
+            items = fresh
+            recorded_up_to = max([seen, *(item[0] for item in items)])
+        else:
+            duplicates = 0
+        records = [record for _sequence, record in items]
+        if records:
+            self._record_many(records)
+        if session is not None:
+            sessions = self._session_sequences()
+            sessions.pop(session, None)
+            sessions[session] = recorded_up_to
+            while len(sessions) > MAX_SESSIONS:
+                sessions.pop(next(iter(sessions)))
+        gap_recorded = any(r["eventName"] == GAP_EVENT_NAME for r in records)
+        return {
+            "RecordedEvents": len(records) - gap_recorded,
+            "DuplicateEvents": duplicates,
+            "GapRecorded": gap_recorded,
+        }
+
+    def _session_sequences(self) -> dict[str, int]:
+        """The last sequence number recorded per mount session (in memory: a keyd restart
+        forgets it; then only a call whose answer was lost *and* that keyd wrote just
+        before it stopped can be recorded twice)."""
+        sessions: dict[str, int] | None = getattr(self, "_access_sessions", None)
+        if sessions is None:
+            sessions = self._access_sessions = {}
+        return sessions
+
+    @staticmethod
+    def _check_sequences(
+        session: object, events: list[dict[str, Any]], gap: dict[str, Any] | None
+    ) -> None:
+        if not isinstance(session, str) or not _FILESYSTEM_ID.fullmatch(session):
+            raise ValidationException("MountSession must be 32 lowercase hex digits")
+        sequences = [event.get("Sequence") for event in events]
+        if gap is not None:
+            sequences.append(gap.get("Sequence"))
+        if any(sequence is None for sequence in sequences):
+            raise ValidationException(
+                "with a MountSession, every event and the gap need a Sequence"
+            )
+        event_sequences = sequences[: len(events)]
+        if any(a >= b for a, b in zip(event_sequences, event_sequences[1:], strict=False)):
+            raise ValidationException("the events' Sequence numbers must increase")
+        if len(set(sequences)) != len(sequences):
+            raise ValidationException("Sequence numbers must be unique")
 
     def _mount_data(self, mount: Principal, filesystem_id: str) -> dict[str, Any]:
         return {
@@ -257,13 +348,26 @@ class AccessEvents:
         }
 
     def _access_record(
-        self, event: dict[str, Any], mount: Principal, filesystem_id: str
+        self,
+        event: dict[str, Any],
+        mount: Principal,
+        filesystem_id: str,
+        session: str | None,
+        identities: dict[tuple[int, int, int, str], dict[str, Any]],
+        logins: dict[int, str | None],
     ) -> dict[str, Any]:
+        """One event's record. *identities* and *logins*: this call's lookups (a
+        batch has many events of few processes; the user database is read once a uid)."""
         operation = event["Operation"]
         uid, gid, pid = event["Uid"], event["Gid"], event["Pid"]
-        user = Principal(self.account, uid, gid, pid, login_name(uid), (), event["Executable"])
-        identity = user.user_identity()
-        identity["invokedBy"] = EVENT_SOURCE
+        key = (uid, gid, pid, event["Executable"])
+        identity = identities.get(key)
+        if identity is None:
+            name = logins[uid] if uid in logins else logins.setdefault(uid, login_name(uid))
+            user = Principal(self.account, uid, gid, pid, name, (), event["Executable"])
+            identity = identities[key] = user.user_identity()
+            identity["invokedBy"] = EVENT_SOURCE
+        identity = dict(identity)
         record = self._common(operation, event["Time"])
         record["userIdentity"] = identity
         record["readOnly"] = operation == "Open" and event.get("AccessMode") == "O_RDONLY"
@@ -283,6 +387,9 @@ class AccessEvents:
                 "executable": event["Executable"],
             }
         )
+        if session is not None:
+            data["mountSession"] = session
+            data["sequence"] = event["Sequence"]
         record["additionalEventData"] = data
         return record
 

@@ -27,6 +27,7 @@ import base64
 import binascii
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -517,6 +518,13 @@ def _check_text(params: dict[str, Any]) -> None:
     not valid Unicode. Iterative: the parser allows deeper nesting than recursion here
     would survive.
     """
+    try:
+        # fast path (a RecordAccessEvents call holds thousands of strings): a request
+        # that encodes to UTF-8 whole has no lone surrogate; else find it below
+        _UTF8_CHECKER.encode(params).encode()
+        return
+    except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+        pass
     pending: list[tuple[str, object]] = [(name, value) for name, value in params.items()]
     for name in params:
         _require_utf8(name, "a member name")
@@ -530,6 +538,9 @@ def _check_text(params: dict[str, Any]) -> None:
                 pending.append((member, item))
         elif type(value) is list:
             pending.extend((member, item) for item in value)
+
+
+_UTF8_CHECKER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
 
 
 def check_request(operation: str, params: dict[str, Any]) -> None:

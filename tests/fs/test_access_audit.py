@@ -128,7 +128,7 @@ def test_keyd_down_keeps_the_events_and_retries() -> None:
 
     run_with_clock(body)
     assert [event["FileId"] for event in keyd.events()] == [f"ino:{n}" for n in range(5)]
-    assert target.pending == 0 and target.lost == 0
+    assert target.pending == 0 and target.unreported == 0
 
 
 def test_overflow_is_counted_and_sent_as_a_gap() -> None:
@@ -141,7 +141,7 @@ def test_overflow_is_counted_and_sent_as_a_gap() -> None:
             nursery.start_soon(target.run)
             record(target, 10)
             await trio.sleep(3)
-            assert (target.pending, target.lost) == (3, 7)
+            assert (target.pending, target.unreported) == (3, 7)
             keyd.error = None
             await trio.sleep(5)
             record(target, 2, start=10)
@@ -154,7 +154,7 @@ def test_overflow_is_counted_and_sent_as_a_gap() -> None:
     assert first["Gap"]["Count"] == 7
     assert first["Gap"]["Since"] <= first["Gap"]["Until"]
     assert "Gap" not in second and len(second["Events"]) == 2
-    assert target.lost == 0
+    assert target.unreported == 0
 
 
 def test_events_keyd_refuses_for_good_are_reported_as_lost() -> None:
@@ -176,6 +176,78 @@ def test_events_keyd_refuses_for_good_are_reported_as_lost() -> None:
     ((_when, params),) = keyd.calls
     assert params["Gap"]["Count"] == 4
     assert [event["FileId"] for event in params["Events"]] == ["ino:4"]
+
+
+class AnswerLost(FakeKeyd):
+    """keyd writes the records, and the answer does not reach the mount (a timeout)."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses = losses
+
+    async def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        answer = await super().call(operation, params)
+        if self.losses:
+            self.losses -= 1
+            raise KeydUnavailable("no answer within 5 s")
+        return answer
+
+
+def test_a_retry_repeats_the_same_sequence_numbers_and_gap() -> None:
+    keyd = AnswerLost(losses=1)
+    target = auditor(keyd, max_queue=2)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            record(target, 5)  # 2 kept, 3 lost
+            nursery.start_soon(target.run)
+            await trio.sleep(0.05)  # the first call went; its answer is lost
+            record(target, 1, start=5)  # lost too: after the frozen gap, in the next one
+            await trio.sleep(3)
+            nursery.cancel_scope.cancel()
+
+    run_with_clock(body)
+    first, second, third = (params for _when, params in keyd.calls)
+    assert first["MountSession"] == second["MountSession"] == target.session
+    assert [e["Sequence"] for e in first["Events"]] == [1, 2]
+    assert first["Gap"] == second["Gap"]  # the same gap, the same number: keyd drops it
+    assert first["Gap"]["Count"] == 3 and first["Gap"]["Sequence"] == 3
+    assert first["Events"] == second["Events"]
+    assert third["Gap"]["Count"] == 1 and third["Gap"]["Sequence"] > 3 and not third["Events"]
+
+
+class SlowAnswer(FakeKeyd):
+    """keyd writes the records at once; its answer comes when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_call = trio.Event()
+        self.answer = trio.Event()
+
+    async def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        written = await super().call(operation, params)
+        self.in_call.set()
+        await self.answer.wait()
+        return written
+
+
+def test_unmount_does_not_cut_a_call_in_flight() -> None:
+    """A call keyd may have written is never cancelled half way (it would be sent
+    again by the drain at unmount, and recorded twice)."""
+    keyd = SlowAnswer()
+    target = auditor(keyd)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(target.run)
+            record(target, 3)
+            await keyd.in_call.wait()
+            nursery.cancel_scope.cancel()  # the mount's nursery at unmount
+            keyd.answer.set()
+        await target.drain(5.0)
+
+    run_with_clock(body)
+    assert [len(params["Events"]) for _when, params in keyd.calls] == [3]
 
 
 def test_drain_at_unmount_is_bounded_and_says_what_was_not_delivered(caplog) -> None:

@@ -97,7 +97,7 @@ def test_each_event_is_one_record_and_the_chain_verifies(kms: Service) -> None:
         event(Outcome="EACCES", Executable=""),
     ]  # fmt: skip
     answer = kms.call(FilesystemId=FS_ID, Events=events)
-    assert answer == {"RecordedEvents": 5, "GapRecorded": False}
+    assert answer == {"RecordedEvents": 5, "DuplicateEvents": 0, "GapRecorded": False}
     records = kms.records()
     # the records are the call's audit: no RecordAccessEvents record besides them
     assert [r["eventName"] for r in records] == ["Open", "Create", "Unlink", "Rename", "Open"]
@@ -231,6 +231,59 @@ def test_wrong_types_are_serialization_errors(kms: Service, params: dict[str, An
         kms.call(**params)
 
 
+# ------------------------------------------------------------------ exactly once
+SESSION = "a" * 32
+
+
+def numbered(*sequences: int) -> list[dict[str, Any]]:
+    return [event(FileId=f"ino:{n}", Sequence=n) for n in sequences]
+
+
+def test_a_retried_call_of_a_mount_session_is_recorded_once(kms: Service) -> None:
+    gap = {"Count": 2, "Since": "2026-12-07T09:00:00Z", "Sequence": 3}
+    first = kms.call(FilesystemId=FS_ID, MountSession=SESSION, Events=numbered(1, 2), Gap=gap)
+    assert first == {"RecordedEvents": 2, "DuplicateEvents": 0, "GapRecorded": True}
+    # the answer was lost: the mount sends the same again, and more
+    again = kms.call(FilesystemId=FS_ID, MountSession=SESSION, Events=numbered(1, 2), Gap=gap)
+    assert again == {"RecordedEvents": 0, "DuplicateEvents": 3, "GapRecorded": False}
+    more = kms.call(FilesystemId=FS_ID, MountSession=SESSION, Events=numbered(1, 2, 4, 5), Gap=gap)
+    assert more == {"RecordedEvents": 2, "DuplicateEvents": 3, "GapRecorded": False}
+    # another mount (session) numbers from 1 too
+    other = kms.call(FilesystemId=FS_ID, MountSession="b" * 32, Events=numbered(1))
+    assert other["RecordedEvents"] == 1
+    records = kms.records()
+    assert [(r["eventName"], r["additionalEventData"].get("sequence")) for r in records] == [
+        ("Open", 1),
+        ("Open", 2),
+        (GAP_EVENT_NAME, None),
+        ("Open", 4),
+        ("Open", 5),
+        ("Open", 1),
+    ]
+    assert records[0]["additionalEventData"]["mountSession"] == SESSION
+    assert records[5]["additionalEventData"]["mountSession"] == "b" * 32
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"MountSession": SESSION, "Events": [event()]},  # no Sequence
+        {"MountSession": SESSION, "Events": numbered(2, 1)},
+        {"MountSession": SESSION, "Events": numbered(1, 1)},
+        {"MountSession": SESSION, "Events": numbered(1, 2),
+         "Gap": {"Count": 1, "Since": "2026-12-07T09:00:00Z", "Sequence": 2}},
+        {"MountSession": SESSION, "Events": numbered(1),
+         "Gap": {"Count": 1, "Since": "2026-12-07T09:00:00Z"}},
+        {"MountSession": "not hex", "Events": numbered(1)},
+        {"MountSession": SESSION, "Events": [event(Sequence=0)]},
+    ],
+)  # fmt: skip
+def test_bad_sequences_are_refused(kms: Service, params: dict[str, Any]) -> None:
+    with pytest.raises(ValidationException):
+        kms.call(FilesystemId=FS_ID, **params)
+    assert [r["eventName"] for r in kms.records()] == ["RecordAccessEvents"]
+
+
 # ------------------------------------------------------------------ who may record
 def test_a_user_records_its_own_events(kms: Service) -> None:
     kms.call(ALICE, FilesystemId=FS_ID, Events=[event(Uid=ALICE.uid)])
@@ -301,7 +354,7 @@ def test_append_many_writes_all_lines_in_one_step(tmp_path: Path) -> None:
 def test_real_keyd_who_may_record(shared_keyd: Keyd) -> None:
     own = call_as(NOBODY, shared_keyd, "RecordAccessEvents", FilesystemId=FS_ID,
                   Events=[event(Uid=NOBODY, Gid=NOBODY)])  # fmt: skip
-    assert own == {"RecordedEvents": 1, "GapRecorded": False}
+    assert own == {"RecordedEvents": 1, "DuplicateEvents": 0, "GapRecorded": False}
     forged = call_as(NOBODY, shared_keyd, "RecordAccessEvents", FilesystemId=FS_ID,
                      Events=[event(Uid=0)])  # fmt: skip
     assert forged["__type"] == "AccessDeniedException"
