@@ -488,7 +488,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
         "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
         "keyd_socket=, keyd_uid=, aws_endpoint_url=, aws_profile=, aws_region=, "
-        "key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "audit_opens, key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "audit_queue=, "
         "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)

@@ -96,11 +96,12 @@ VALUED_OPTIONS = (
     "max_dirty_ratio",
     "idle",
     "log_file",
+    "audit_queue",
 )
 
 KNOWN_HELP = (
-    "rw, ro, allow_other, nonempty, nosuid/suid, nodev/dev, noexec/exec, noatime/atime, "
-    "sync/async, dirsync, " + ", ".join(f"{name}=" for name in VALUED_OPTIONS)
+    "rw, ro, allow_other, nonempty, audit_opens, nosuid/suid, nodev/dev, noexec/exec, "
+    "noatime/atime, sync/async, dirsync, " + ", ".join(f"{name}=" for name in VALUED_OPTIONS)
 )
 
 
@@ -111,6 +112,8 @@ class ParsedOptions:
     read_only: bool | None = None
     allow_other: bool = False
     nonempty: bool = False
+    #: record opens, creates, unlinks and renames in keyd's log (--audit-opens)
+    audit_opens: bool = False
     #: kernel flag (``suid``, ``dev``...) -> the word given last for it (``nosuid``...)
     kernel: dict[str, str] = field(default_factory=dict)
     #: kmsfs settings by name (``keyd_socket``...), checked and converted
@@ -140,6 +143,8 @@ def parse_options(values: Iterable[str] | None, *, sloppy: bool = False) -> Pars
             parsed.allow_other = True
         elif option == "nonempty":
             parsed.nonempty = True
+        elif option == "audit_opens":
+            parsed.audit_opens = True
         elif option in _FLAG_OF:
             parsed.kernel[_FLAG_OF[option]] = option
         elif option in ALREADY_SO:
@@ -172,8 +177,8 @@ def _setting(name: str, text: str) -> str | int | float:
         if not 0 <= seconds < float("inf"):
             raise UsageError(f"key_cache_seconds= takes a number of seconds: {text!r}")
         return seconds
-    if name in ("busy_poll_us", "max_dirty_ratio"):
-        low, high = (0, 10**9) if name == "busy_poll_us" else (1, 100)
+    if name in ("busy_poll_us", "max_dirty_ratio", "audit_queue"):
+        low, high = {"busy_poll_us": (0, 10**9), "max_dirty_ratio": (1, 100)}.get(name, (0, 10**9))
         if not text.isdigit() or not low <= int(text) <= high:
             raise UsageError(f"{name}= takes a whole number from {low} to {high}: {text!r}")
         return int(text)
@@ -186,12 +191,15 @@ def apply_options(parsed: ParsedOptions, options: MountOptions) -> MountOptions:
         options.read_only = parsed.read_only
     options.allow_other = options.allow_other or parsed.allow_other
     options.nonempty = options.nonempty or parsed.nonempty
+    options.audit_opens = options.audit_opens or parsed.audit_opens
     options.kernel_options = parsed.kernel_options
     settings = parsed.settings
     if "idle" in settings:
         options.idle_seconds = float(settings["idle"]) or None
     if "busy_poll_us" in settings:
         options.busy_poll_seconds = int(settings["busy_poll_us"]) / 1e6
+    if "audit_queue" in settings:
+        options.audit_queue = int(settings["audit_queue"])
     for name in (
         "keyd_socket",
         "keyd_uid",

@@ -291,6 +291,15 @@ def test_flag_names() -> None:
     assert flag_names("Unlink", 0) == (None, [])
 
 
+def test_fstab_options() -> None:
+    from kmsfs.fs.fstab import apply_options, parse_options
+    from kmsfs.fs.mount import MountOptions
+
+    options = apply_options(parse_options(["rw,audit_opens,audit_queue=5"]), MountOptions())
+    assert options.audit_opens is True and options.audit_queue == 5
+    assert apply_options(parse_options(["rw"]), MountOptions()).audit_opens is False
+
+
 def test_executable_of() -> None:
     assert executable_of(os.getpid()) == os.readlink("/proc/self/exe")
     assert executable_of(2**22 + 12345) == ""  # above pid_max: no such process
