@@ -10,8 +10,8 @@ blocks and never talks to keyd. Nothing is added to read and write.
 ``RecordAccessEvents`` (:mod:`kmsfs.kms.access_events`) on a connection of its own: one
 call per flush, at most :data:`BATCH_EVENTS` events (and :data:`BATCH_BYTES` of JSON,
 under keyd's request size limit), at most once per :data:`FLUSH_INTERVAL` unless a full
-batch is waiting. Events leave the queue only once keyd has answered that their records
-are on disk. While keyd does not answer they stay queued and the call is retried
+batch is waiting. Events leave the queue only once keyd has answered that it wrote
+their records. While keyd does not answer they stay queued and the call is retried
 (backing off to :data:`MAX_RETRY_DELAY`); past ``max_queue`` new events are not kept
 but counted, and the count is sent as a ``Gap`` (one ``AccessEventsLost`` record) with
 the next call keyd answers: never silently dropped. At unmount the queue is flushed

@@ -977,16 +977,16 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
                 "nothing was changed. Retry when the keystore's filesystem has space."
             ) from exc
 
-    def _record_many(self, events: list[dict[str, Any]]) -> None:
-        """Write *events* in one step (all or none) and flush them to disk, after a
-        pending ``AuditGap`` record; as :meth:`_record` with ``durable=True``."""
+    def _record_many(self, events: list[dict[str, Any]], *, durable: bool) -> None:
+        """Write *events* in one step (all or none), after a pending ``AuditGap``
+        record; ``durable``: and flush them to disk (as :meth:`_record`)."""
         if self.audit is None:
             return
         append_many = getattr(self.audit, "append_many", None)
         if append_many is None:  # a plain sink (tests): one at a time
             for event in events[:-1]:
                 self._record(event, durable=False)
-            self._record(events[-1], durable=True)
+            self._record(events[-1], durable=durable)
             return
         try:
             if self._unaudited:
@@ -995,7 +995,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             self._unaudited = 0
             self._audit_problem = None
             datasync = getattr(self.audit, "datasync", None)
-            if datasync is not None:
+            if durable and datasync is not None:
                 datasync()
         except (AuditError, OSError) as exc:
             reason = _storage_reason(exc)
