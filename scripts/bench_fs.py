@@ -22,6 +22,10 @@ is ``aws`` (botocore, SigV4) pointed at this run's keyd over loopback TCP
 (``keyd serve --listen``), and a column "kmsfs-aws vs kmsfs" (> 1: the aws provider is
 better).
 
+--audit-opens adds kmsfs-audit: a second kmsfs mount (same keyd) with ``--audit-opens``,
+and a column "kmsfs-audit vs kmsfs" (> 1: auditing made it faster; < 0.9: more than
+10% slower).
+
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
 ~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
 keyd 1 s, one copy of the stdlib, 1 repetition: about 1.5 minutes. Every figure is the
@@ -55,6 +59,9 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 SYSTEMS = ["kmsfs", "gocryptfs", "plain"]  # + "kmsfs-aws" with --aws-provider
 AWS_SYSTEM = "kmsfs-aws"
+AUDIT_SYSTEM = "kmsfs-audit"
+#: variants of kmsfs compared with the plain kmsfs mount in a column of their own
+VARIANTS = (AWS_SYSTEM, AUDIT_SYSTEM)
 WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
 READ_AHEAD_KB = 1024
 #: the share of the dirty-page limit kmsfs's mount gives itself (--max-dirty-ratio's
@@ -317,24 +324,24 @@ class Rig:
             + ["--keyd-socket", str(self.keyd_socket), "--description", "scripts/bench"]
         )
 
-    def start_kmsfs(self) -> None:
+    def start_kmsfs(self, name: str = "kmsfs", *extra: str) -> None:
         assert self.keyd_socket is not None
-        cipher, mnt = self.base / "kmsfs.cipher", self.base / "kmsfs.mnt"
+        cipher, mnt = self.base / f"{name}.cipher", self.base / f"{name}.mnt"
         cipher.mkdir()
         mnt.mkdir()
         run(
             [self.kmsfs_bin, "init", str(cipher), "--key", self.key_alias]
             + ["--keyd-socket", str(self.keyd_socket)]
         )
-        log_path = self.base / "kmsfs-mount.log"
+        log_path = self.base / f"{name}-mount.log"
         proc = start_logged(
             [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
-            + ["--keyd-socket", str(self.keyd_socket)],
+            + ["--keyd-socket", str(self.keyd_socket), *extra],
             log_path,
         )
-        self.systems["kmsfs"] = System("kmsfs", mnt, proc, log_path)
-        wait_for_mount(mnt, proc, "kmsfs mount", log_path)
-        self.bdi["kmsfs"] = tune_bdi(mnt)
+        self.systems[name] = System(name, mnt, proc, log_path)
+        wait_for_mount(mnt, proc, f"{name} mount", log_path)
+        self.bdi[name] = tune_bdi(mnt)
 
     def start_kmsfs_aws(self) -> None:
         """kmsfs with the aws key service (botocore + SigV4) on this keyd's TCP listener;
@@ -402,7 +409,7 @@ class Rig:
         }
 
     def close(self) -> None:
-        for name in ("kmsfs", AWS_SYSTEM, "gocryptfs"):
+        for name in ("kmsfs", *VARIANTS, "gocryptfs"):
             system = self.systems.get(name)
             if system is not None:
                 try:
@@ -465,11 +472,11 @@ class Results:
                 "median": {s: m.median(s) for s in SYSTEMS if s in m.runs},
                 "kmsfs_vs_gocryptfs": m.ratio("gocryptfs"),
                 "kmsfs_vs_plain": m.ratio("plain"),
-                **(
-                    {"kmsfs_aws_vs_kmsfs": m.ratio("kmsfs", AWS_SYSTEM)}
-                    if AWS_SYSTEM in SYSTEMS
-                    else {}
-                ),
+                **{
+                    f"{variant.replace('-', '_')}_vs_kmsfs": m.ratio("kmsfs", variant)
+                    for variant in VARIANTS
+                    if variant in SYSTEMS
+                },
             }
             for m in self.metrics.values()
         ]
@@ -484,15 +491,13 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 def table(results: Results) -> str:
-    aws = AWS_SYSTEM in SYSTEMS
+    variants = [variant for variant in VARIANTS if variant in SYSTEMS]
     head = ["workload", "unit", *SYSTEMS, "kmsfs vs gocryptfs", "kmsfs vs plain"]
-    if aws:
-        head.append("kmsfs-aws vs kmsfs")
+    head += [f"{variant} vs kmsfs" for variant in variants]
     rows = [head]
     for m in results.metrics.values():
         ratios = [m.ratio("gocryptfs"), m.ratio("plain")]
-        if aws:
-            ratios.append(m.ratio("kmsfs", AWS_SYSTEM))
+        ratios += [m.ratio("kmsfs", variant) for variant in variants]
         rows.append(
             [m.label, m.unit]
             + [fmt(m.median(s), m.unit) for s in SYSTEMS]
@@ -848,6 +853,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also mount kmsfs with the aws key service pointed at this run's keyd over "
         "loopback TCP + SigV4 (system kmsfs-aws)",
     )
+    parser.add_argument(
+        "--audit-opens",
+        action="store_true",
+        help="also mount kmsfs with --audit-opens (system kmsfs-audit, compared with kmsfs)",
+    )
     parser.add_argument("--fio-seconds", type=int, help="seconds per fio run (20; quick 5)")
     parser.add_argument(
         "--plain-fio-seconds",
@@ -961,6 +971,9 @@ def main(argv: list[str] | None = None) -> int:
         rig.start_kmsfs()
         if args.aws_provider:
             rig.start_kmsfs_aws()
+        if args.audit_opens:
+            SYSTEMS.insert(1, AUDIT_SYSTEM)
+            rig.start_kmsfs(AUDIT_SYSTEM, "--audit-opens")
         rig.start_gocryptfs()
         rig.start_plain()
         report["bdi"] = rig.bdi

@@ -317,6 +317,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         nonempty=args.nonempty,
         idle_seconds=args.idle or None,
         forward_callers=args.forward_callers,
+        audit_opens=args.audit_opens,
+        audit_queue=args.audit_queue,
     )
     if args.busy_poll_us is not None:
         options.busy_poll_seconds = args.busy_poll_us / 1e6
@@ -365,6 +367,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
         argv.append("--nonempty")
     if args.idle:
         argv += ["--idle", repr(args.idle)]
+    if args.audit_opens:
+        argv += ["--audit-opens", "--audit-queue", str(args.audit_queue)]
     log_path = Path(options.log_file or args.log_file or state_dir() / "mount.log")
     pid = start_detached(argv, log_path, what="the mount")
     print(f"mounted {cipherdir} on {mountpoint} (pid {pid}, log: {log_path})")
@@ -487,7 +491,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="comma-separated, as mount(8) and /etc/fstab pass them: ro, rw, allow_other, "
         "nonempty, nosuid, nodev, noexec, noatime, sync, dirsync (and their opposites), "
         "keyd_socket=, keyd_uid=, aws_endpoint_url=, aws_profile=, aws_region=, "
-        "key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "audit_opens, key_cache_seconds=, idle=, busy_poll_us=, max_dirty_ratio=, "
+        "audit_queue=, "
         "log_file=; _netdev, nofail, x-*, user, auto/noauto, defaults are ignored",
     )
     keyd_options(mount, KEYD_HINT_HELP)
@@ -534,6 +539,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="DURATION",
         help="unmount after this long with no request and no open file, e.g. 30s, 10m, 1h "
         "(as gocryptfs -idle; -o idle=)",
+    )
+    mount.add_argument(
+        "--audit-opens",
+        action="store_true",
+        help="record every open, create, unlink and rename (user, pid, executable, "
+        "access mode, file id, outcome; no names) in keyd's audit log",
+    )
+    mount.add_argument(
+        "--audit-queue",
+        type=non_negative_int,
+        default=100_000,
+        metavar="N",
+        help="with --audit-opens: events kept while keyd does not answer; beyond, they "
+        "are counted and reported as a gap (100000)",
     )
     mount.add_argument("--log-file", help="log file when detached")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

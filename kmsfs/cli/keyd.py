@@ -343,6 +343,50 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     print(f"audit log {path}: {report.lines} lines{files}, chain intact")
 
 
+def cmd_audit_resolve(args: argparse.Namespace) -> None:
+    """File ids (and ino:N) of ``--audit-opens`` records mapped back to plaintext paths."""
+    from pathlib import Path
+
+    from kmsfs.cli.common import key_service_options
+    from kmsfs.fs.access_audit import access_events, resolve
+    from kmsfs.fs.offline import open_tree
+    from kmsfs.kms.audit import _printable
+
+    config, tree = open_tree(Path(args.cipherdir), service_options=key_service_options(args))
+    paths = resolve(tree)
+    if args.log is None:
+        for file_id, found in sorted(paths.items()):
+            if args.json:
+                print(json.dumps({"fileId": file_id, "paths": found}, sort_keys=True))
+            else:
+                print(f"{file_id}  {_printable(' '.join(found))}")
+        return
+    for event in access_events(Path(args.log)):
+        data = event.get("additionalEventData") or {}
+        if data.get("filesystemId") not in (config.filesystem_id, None):
+            continue  # another filesystem's events
+        file_id = data.get("fileId")
+        found = paths.get(file_id, []) if isinstance(file_id, str) else []
+        if args.json:
+            print(json.dumps({**event, "paths": found}, sort_keys=True))
+            continue
+        identity = event.get("userIdentity") or {}
+        fields = [
+            str(event.get("eventTime", "?")),
+            f"{identity.get('userName', '?')}({identity.get('uid', '?')})",
+            f"pid={data.get('pid', '?')}",
+            str(event.get("eventName", "?")),
+            str(data.get("accessMode") or "-"),
+            str(data.get("outcome") or "-"),
+            str(file_id or "-"),
+            " ".join(found) if found else "(not found)",
+            str(data.get("executable") or "-"),
+        ]
+        if event.get("eventName") == "AccessEventsLost":
+            fields[3:] = [f"AccessEventsLost: {data.get('lostEvents')} event(s) lost"]
+        print("  ".join(_printable(text) for text in fields))
+
+
 def _keystore_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keystore",
@@ -522,6 +566,21 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")
     _keystore_options(verify)
     verify.set_defaults(func=cmd_audit_verify)
+    resolve = audit_commands.add_parser(
+        "resolve",
+        help="map the file ids of access events (kmsfs mount --audit-opens) to paths",
+        description="Walk a cipher directory (unlocking it with its key, as kmsfs ls does) "
+        "and print every file id with its plaintext path; with --log, print the access "
+        "events of that audit log for this filesystem, each with its path.",
+    )
+    resolve.add_argument("cipherdir")
+    resolve.add_argument("--log", metavar="AUDIT_LOG", help="keyd's audit log to annotate")
+    resolve.add_argument("--json", action="store_true", help="print JSON lines")
+    from kmsfs.cli.common import KEYD_HINT_HELP, aws_options, keyd_options
+
+    keyd_options(resolve, KEYD_HINT_HELP)
+    aws_options(resolve)
+    resolve.set_defaults(func=cmd_audit_resolve)
 
     from kmsfs.cli import keyd_admin
 

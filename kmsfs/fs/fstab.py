@@ -96,10 +96,11 @@ VALUED_OPTIONS = (
     "max_dirty_ratio",
     "idle",
     "log_file",
+    "audit_queue",
 )
 
 KNOWN_HELP = (
-    "rw, ro, allow_other, nonempty, forward_callers/no_forward_callers, "
+    "rw, ro, allow_other, nonempty, forward_callers/no_forward_callers, audit_opens, "
     "nosuid/suid, nodev/dev, noexec/exec, noatime/atime, "
     "sync/async, dirsync, " + ", ".join(f"{name}=" for name in VALUED_OPTIONS)
 )
@@ -114,6 +115,8 @@ class ParsedOptions:
     nonempty: bool = False
     #: forward_callers / no_forward_callers (kmsfs mount --[no-]forward-callers)
     forward_callers: bool | None = None
+    #: record opens, creates, unlinks and renames in keyd's log (--audit-opens)
+    audit_opens: bool = False
     #: kernel flag (``suid``, ``dev``...) -> the word given last for it (``nosuid``...)
     kernel: dict[str, str] = field(default_factory=dict)
     #: kmsfs settings by name (``keyd_socket``...), checked and converted
@@ -145,6 +148,8 @@ def parse_options(values: Iterable[str] | None, *, sloppy: bool = False) -> Pars
             parsed.nonempty = True
         elif option in ("forward_callers", "no_forward_callers"):
             parsed.forward_callers = option == "forward_callers"
+        elif option == "audit_opens":
+            parsed.audit_opens = True
         elif option in _FLAG_OF:
             parsed.kernel[_FLAG_OF[option]] = option
         elif option in ALREADY_SO:
@@ -177,8 +182,8 @@ def _setting(name: str, text: str) -> str | int | float:
         if not 0 <= seconds < float("inf"):
             raise UsageError(f"key_cache_seconds= takes a number of seconds: {text!r}")
         return seconds
-    if name in ("busy_poll_us", "max_dirty_ratio"):
-        low, high = (0, 10**9) if name == "busy_poll_us" else (1, 100)
+    if name in ("busy_poll_us", "max_dirty_ratio", "audit_queue"):
+        low, high = {"busy_poll_us": (0, 10**9), "max_dirty_ratio": (1, 100)}.get(name, (0, 10**9))
         if not text.isdigit() or not low <= int(text) <= high:
             raise UsageError(f"{name}= takes a whole number from {low} to {high}: {text!r}")
         return int(text)
@@ -193,12 +198,15 @@ def apply_options(parsed: ParsedOptions, options: MountOptions) -> MountOptions:
     options.nonempty = options.nonempty or parsed.nonempty
     if parsed.forward_callers is not None:
         options.forward_callers = parsed.forward_callers
+    options.audit_opens = options.audit_opens or parsed.audit_opens
     options.kernel_options = parsed.kernel_options
     settings = parsed.settings
     if "idle" in settings:
         options.idle_seconds = float(settings["idle"]) or None
     if "busy_poll_us" in settings:
         options.busy_poll_seconds = int(settings["busy_poll_us"]) / 1e6
+    if "audit_queue" in settings:
+        options.audit_queue = int(settings["audit_queue"])
     for name in (
         "keyd_socket",
         "keyd_uid",

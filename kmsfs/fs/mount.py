@@ -33,6 +33,7 @@ from kmsfs.errors import (
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
+from kmsfs.fs.access_audit import AccessAuditor
 from kmsfs.fs.config import (
     KEY_SERVICE_AWS,
     RECIPIENT_ALGORITHM,
@@ -258,6 +259,11 @@ class MountOptions:
     idle_seconds: float | None = None
     #: where a detached mount logs
     log_file: str | None = None
+    #: record every open, create, unlink and rename in keyd's audit log
+    #: (kmsfs.fs.access_audit)
+    audit_opens: bool = False
+    #: events kept while keyd does not answer (beyond: counted, reported as a gap)
+    audit_queue: int = 100_000
 
 
 def fuse_options(options: MountOptions, cipherdir: Path | None = None) -> set[str]:
@@ -581,6 +587,8 @@ async def _serve(
             forward_callers=forward_callers,
         )
         operations.mountpoint = os.fsencode(mountpoint)
+        auditor = _access_auditor(service, config, options)
+        operations.auditor = auditor
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
         except RuntimeError as error:
@@ -604,6 +612,8 @@ async def _serve(
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
                 nursery.start_soon(_report_memory_on_signal, operations)
+                if auditor is not None:
+                    nursery.start_soon(auditor.run)
                 if options.idle_seconds:
                     nursery.start_soon(_unmount_when_idle, operations, mountpoint, options)
                 await pyfuse3.main()
@@ -613,6 +623,10 @@ async def _serve(
                 nursery.cancel_scope.cancel()
         finally:
             notifier.stopping()
+            if auditor is not None:
+                with trio.CancelScope(shield=True):
+                    await auditor.drain()
+                await auditor.client.aclose()
             operations.close_all()
             operations.prefetcher.stop()
             keys.forget_all()
@@ -639,6 +653,25 @@ def _forwards_callers(options: MountOptions, service: KeyService) -> bool:
     if options.forward_callers is None:
         return os.geteuid() == 0
     return options.forward_callers
+#: seconds the access auditor waits for one keyd answer
+AUDIT_CALL_TIMEOUT = 5.0
+
+
+def _access_auditor(
+    service: KeyService, config: FsConfig, options: MountOptions
+) -> AccessAuditor | None:
+    """The access auditor of ``--audit-opens``, on a keyd connection of its own."""
+    if not options.audit_opens:
+        return None
+    if service.kind != KEY_SERVICE_KEYD:
+        raise MountError(
+            f"--audit-opens records into keyd's audit log; this filesystem's key is in "
+            f"{service.describe()}"
+        )
+    # a call is not cancelled half way (see AccessAuditor.flush_once): 5 s bounds the
+    # unmount's wait for one
+    client = service.async_client(timeout=AUDIT_CALL_TIMEOUT)
+    return AccessAuditor(client, config.filesystem_id, options.audit_queue)
 
 
 READ_AHEAD_KB = 1024

@@ -50,6 +50,7 @@ from kmsfs.errors import (
 )
 from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
+from kmsfs.fs.access_audit import AccessAuditor, audited
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
@@ -296,6 +297,8 @@ class Operations(pyfuse3.Operations):
         self._euid = os.geteuid()
         #: handle -> the caller that opened it, when forwarded (its first write's key)
         self._handle_callers: dict[int, ForwardedCaller] = {}
+        #: records opens, creates, unlinks and renames (kmsfs mount --audit-opens)
+        self.auditor: AccessAuditor | None = None
 
     # ---------------------------------------------------------------- helpers
     def _caller(self, ctx: pyfuse3.RequestContext) -> ForwardedCaller | None:
@@ -696,6 +699,7 @@ class Operations(pyfuse3.Operations):
             os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
         return self._entry(new_parent_inode, entry.backing, os.lstat(new_path))
 
+    @audited("Unlink")
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
         directory, entry, dir_fd = self._child_at(parent_inode, name)
@@ -715,6 +719,7 @@ class Operations(pyfuse3.Operations):
         self.tree.forget_dir(self.inodes.current_ino(st.st_ino))
         self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True, last_stat=st)
 
+    @audited("Rename")
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
@@ -765,6 +770,7 @@ class Operations(pyfuse3.Operations):
         self.inodes.move(moved, old, new)
 
     # --------------------------------------------------------------- files
+    @audited("Create")
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._check_writable_mount()
@@ -797,6 +803,7 @@ class Operations(pyfuse3.Operations):
             raise
         return self._new_file_handle(open_file, flags, ctx), attrs
 
+    @audited("Open")
     @_handler
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):

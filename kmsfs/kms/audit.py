@@ -585,6 +585,48 @@ class AuditLog:
         if now - self._head_at >= self._head_interval:
             self._maybe_write_head()
 
+    def append_many(self, events: list[Mapping[str, Any]]) -> None:
+        """Append *events* as consecutive chained lines, in one write: all of them or
+        none (as :meth:`append` for one; every event is encoded and checked before
+        anything is written, and a write that fails part way is cut off again)."""
+        bodies: list[str] = []
+        for event in events:
+            for name in _RESERVED_FIELDS:
+                if name in event:
+                    raise AuditError(f"audit event uses the reserved field {name!r}")
+            try:
+                bodies.append(_capped_body(event))
+            except (TypeError, ValueError) as exc:
+                raise AuditError(f"audit event is not JSON-serializable: {exc}") from None
+        if not bodies:
+            return
+        with self._lock:
+            if self._closed:
+                raise AuditError("audit log is closed")
+            if self._broken:
+                raise AuditError(
+                    f"audit log {self._path} has an incomplete last line after a failed "
+                    "write; reopen it after moving it aside"
+                )
+            seq, digest = self._seq, self._digest
+            lines: list[bytes] = []
+            for body in bodies:
+                seq += 1
+                tail_text = "}" if body == "{}" else "," + body[1:]
+                line = f'{{"seq":{seq},"prevDigest":"{digest}"{tail_text}'.encode("ascii")
+                if len(line) > MAX_LINE_BYTES:
+                    raise AuditError(f"audit event too large ({len(line)} bytes)")
+                lines.append(line)
+                digest = line_digest(line)
+            self._write_line(b"".join(line + b"\n" for line in lines))
+            self._seq, self._digest = seq, digest
+            full = 0 < self._max_bytes <= self._current.size
+        now = time.monotonic()
+        if full and now >= self._rotate_after:
+            self._maybe_rotate()
+        if now - self._head_at >= self._head_interval:
+            self._maybe_write_head()
+
     def _write_line(self, data: bytes) -> None:
         written = 0
         try:

@@ -27,6 +27,7 @@ import base64
 import binascii
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -67,6 +68,11 @@ from kmsfs.errors import (
     ValidationException,
 )
 from kmsfs.kms import asymmetric, grants
+from kmsfs.kms.access_events import (
+    ACCESS_EVENT_OPERATIONS,
+    ACCESS_EVENT_REQUEST_MEMBERS,
+    AccessEvents,
+)
 from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
 from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
 from kmsfs.kms.caller import FORWARDED_CALLER_HEADER, Caller, ForwardedCaller
@@ -132,6 +138,7 @@ _DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
 # secrets, and a whitelist cannot leak a field it does not know.
 _AUDITED_FIELDS = {
     "KeyId",
+    "FilesystemId",
     "EncryptionContext",
     "KeySpec",
     "NumberOfBytes",
@@ -211,6 +218,8 @@ _STRING, _INTEGER, _BOOLEAN, _BLOB = "string", "integer", "boolean", "blob"
 _CONTEXT, _STRINGS, _TAGS, _RECIPIENT = "context", "strings", "tags", "recipient"
 _NUMBER = "number"
 _CONSTRAINTS = "constraints"
+#: an object, and a list of objects, whose members the operation checks itself
+_STRUCTURE, _STRUCTURES = "structure", "structures"
 _CRYPTO_COMMON = {"GrantTokens": _STRINGS, "DryRun": _BOOLEAN}
 _PAGING = {"Limit": _INTEGER, "Marker": _STRING}
 REQUEST_MEMBERS: dict[str, dict[str, str]] = {
@@ -370,6 +379,7 @@ REQUEST_MEMBERS: dict[str, dict[str, str]] = {
     "RevokeGrant": {"KeyId": _STRING, "GrantId": _STRING, "DryRun": _BOOLEAN},
     **ADMIN_REQUEST_MEMBERS,
     **BYOK_REQUEST_MEMBERS,
+    **ACCESS_EVENT_REQUEST_MEMBERS,
 }
 
 # What an operation does, which decides what happens when its audit record cannot be
@@ -449,6 +459,8 @@ _KIND_NAMES = {
     _RECIPIENT: "a RecipientInfo structure",
     _NUMBER: "a Timestamp",
     _CONSTRAINTS: "a GrantConstraints structure",
+    _STRUCTURE: "a structure",
+    _STRUCTURES: "a List of structures",
 }
 
 
@@ -482,8 +494,10 @@ def _check_member(path: str, value: object, kind: str) -> None:
             and all(type(tag.get(name)) in (str, type(None)) for name in ("TagKey", "TagValue"))
             for tag in value
         )
-    elif kind == _RECIPIENT:
+    elif kind in (_RECIPIENT, _STRUCTURE):
         ok = type(value) is dict
+    elif kind == _STRUCTURES:
+        ok = type(value) is list and all(type(item) is dict for item in value)
     elif kind == _NUMBER:
         ok = type(value) in (int, float)  # a timestamp (epoch seconds)
     elif kind == _CONSTRAINTS:
@@ -504,6 +518,13 @@ def _check_text(params: dict[str, Any]) -> None:
     not valid Unicode. Iterative: the parser allows deeper nesting than recursion here
     would survive.
     """
+    try:
+        # fast path (a RecordAccessEvents call holds thousands of strings): a request
+        # that encodes to UTF-8 whole has no lone surrogate; else find it below
+        _UTF8_CHECKER.encode(params).encode()
+        return
+    except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+        pass
     pending: list[tuple[str, object]] = [(name, value) for name, value in params.items()]
     for name in params:
         _require_utf8(name, "a member name")
@@ -517,6 +538,9 @@ def _check_text(params: dict[str, Any]) -> None:
                 pending.append((member, item))
         elif type(value) is list:
             pending.extend((member, item) for item in value)
+
+
+_UTF8_CHECKER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
 
 
 def check_request(operation: str, params: dict[str, Any]) -> None:
@@ -669,7 +693,7 @@ def _dry_run(params: dict[str, Any]) -> None:
         )
 
 
-class KeyService(KeystoreAdmin, ImportedMaterial):
+class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
     """AWS KMS operations on one keystore (and kmsfs's keystore operations, see
     kmsfs.kms.admin). Not thread-safe: call from one thread."""
 
@@ -707,6 +731,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         self._private_keys: dict[tuple[str, int], asymmetric.PrivateKey] = {}
         #: the request being handled (its algorithm members become condition keys)
         self._params: dict[str, Any] = {}
+        self._request_id = ""
         #: the result of slow_work for the request being handled (see handle)
         self._prepared: tuple[tuple[str, str], Any] | None = None
         #: the uid keyd runs as: a key made before key policies (no stored policy) has
@@ -816,6 +841,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
         error: KMSError | None = None
         recorded = False
         self._prepared = prepared
+        self._request_id = request_id
         self._params = params if isinstance(params, dict) else {}
         self._request_tokens = ()
         self._grant_ids = []
@@ -854,6 +880,8 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
                     action()
             else:
                 response = method(params, caller)
+                # RecordAccessEvents wrote its own records (see kmsfs.kms.access_events)
+                recorded = operation in ACCESS_EVENT_OPERATIONS
                 if operation in KEY_USE_OPERATIONS:
                     self._record(
                         self._audit_event(
@@ -988,6 +1016,34 @@ class KeyService(KeystoreAdmin, ImportedMaterial):
             raise StorageUnavailableException(
                 f"keyd cannot write its audit log ({reason}); the request was refused and "
                 "nothing was changed. Retry when the keystore's filesystem has space."
+            ) from exc
+
+    def _record_many(self, events: list[dict[str, Any]], *, durable: bool) -> None:
+        """Write *events* in one step (all or none), after a pending ``AuditGap``
+        record; ``durable``: and flush them to disk (as :meth:`_record`)."""
+        if self.audit is None:
+            return
+        append_many = getattr(self.audit, "append_many", None)
+        if append_many is None:  # a plain sink (tests): one at a time
+            for event in events[:-1]:
+                self._record(event, durable=False)
+            self._record(events[-1], durable=durable)
+            return
+        try:
+            if self._unaudited:
+                events = [self._gap_event(), *events]
+            append_many(events)
+            self._unaudited = 0
+            self._audit_problem = None
+            datasync = getattr(self.audit, "datasync", None)
+            if durable and datasync is not None:
+                datasync()
+        except (AuditError, OSError) as exc:
+            reason = _storage_reason(exc)
+            self._audit_problem = reason
+            raise StorageUnavailableException(
+                f"keyd cannot write its audit log ({reason}); the request was refused and "
+                "nothing was recorded. Retry when the keystore's filesystem has space."
             ) from exc
 
     def _record_best_effort(self, event: dict[str, Any]) -> None:

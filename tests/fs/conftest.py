@@ -9,6 +9,9 @@
   tests work in their own subdirectory of it (``workdir``).
 - ``fault_env`` (function): a keyd of the test's own (free to stop, disable keys) and a
   factory bound to it.
+
+Environment switches (helpers.py): ``KMSFS_TEST_PLAINTEXT_NAMES=1`` (cipher directories
+with plaintext names), ``KMSFS_TEST_AUDIT_OPENS=1`` (every mount with ``--audit-opens``).
 """
 
 from __future__ import annotations

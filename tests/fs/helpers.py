@@ -9,6 +9,7 @@ The fixtures that use these live in ``conftest.py``.
 Cipher directories get encrypted names (kmsfs's default) unless
 ``KMSFS_TEST_PLAINTEXT_NAMES=1`` is set (then ``kmsfs init --plaintext-names``, to run
 the whole mount suite in that mode) or a factory or ``init`` call says otherwise.
+``KMSFS_TEST_AUDIT_OPENS=1`` mounts everything with ``--audit-opens``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.conftest import KMSFS, Keyd, run_kmsfs
 
 MOUNT_TIMEOUT = 30.0
 PLAINTEXT_NAMES_ENV = "KMSFS_TEST_PLAINTEXT_NAMES"
+AUDIT_OPENS_ENV = "KMSFS_TEST_AUDIT_OPENS"
 FRESH_INO_BASE = 1 << 63  # kmsfs/fs/inodes.py: FRESH_BASE
 CHUNK = 1 << 16
 HEADER_SIZE = 2048
@@ -37,6 +39,11 @@ CHUNK_OVERHEAD = 28
 def plaintext_names_by_default() -> bool:
     """Whether ``KMSFS_TEST_PLAINTEXT_NAMES`` asks for ``--plaintext-names`` cipher directories."""
     return os.environ.get(PLAINTEXT_NAMES_ENV, "").strip().lower() not in ("", "0", "no", "false")
+
+
+def audit_opens_by_default() -> bool:
+    """Whether ``KMSFS_TEST_AUDIT_OPENS`` asks every mount for ``--audit-opens``."""
+    return os.environ.get(AUDIT_OPENS_ENV, "").strip().lower() not in ("", "0", "no", "false")
 
 
 def mounted_paths() -> set[str]:
@@ -123,6 +130,7 @@ class Mount:
                     "--keyd-socket",
                     str(self.keyd.socket),
                     *self.args,
+                    *self._default_args(),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -141,6 +149,11 @@ class Mount:
                     f"mount did not appear within {MOUNT_TIMEOUT} s:\n{self.log()}"
                 )
             time.sleep(0.02)
+
+    def _default_args(self) -> tuple[str, ...]:
+        if audit_opens_by_default() and "--audit-opens" not in self.args:
+            return ("--audit-opens",)
+        return ()
 
     @property
     def alive(self) -> bool:
