@@ -47,7 +47,8 @@ access mode, the file id, the outcome and the executable. A refused outcome is a
 the record's ``errorCode``.
 
 Who may record: root (uid 0) events of any user (a shared mount, ``-o allow_other``);
-any other local user only events of its own uid (its own mount). A SigV4-signed caller
+a principal ``keyd serve --forwarders`` names, events of any user but root; any other
+local user only events of its own uid (its own mount). A SigV4-signed caller
 has no uid: refused. Refusals are AccessDeniedException, audited.
 """
 
@@ -61,7 +62,7 @@ from typing import Any
 
 from kmsfs.errors import AccessDeniedException, ValidationException
 from kmsfs.kms.caller import Caller
-from kmsfs.kms.principal import Principal, login_name
+from kmsfs.kms.principal import AccountAccess, Principal, login_name
 
 OPERATION = "RecordAccessEvents"
 #: request members (see kmsfs.kms.service.REQUEST_MEMBERS)
@@ -218,6 +219,8 @@ class AccessEvents:
 
     account: str
     region: str
+    #: keyd serve --forwarders (kmsfs:ForwardCaller)
+    forwarders: AccountAccess
     _request_id: str
     _access_sessions: dict[str, int]
 
@@ -255,11 +258,16 @@ class AccessEvents:
         if session is not None:
             self._check_sequences(session, events, gap)
         if not mount.is_root:
+            # a principal keyd trusts to forward callers (keyd serve --forwarders,
+            # kmsfs:ForwardCaller) serves other users too: it records their events, as
+            # it forwards their identities -- but not root's (only root forwards uid 0)
+            forwarder = self.forwarders.allows(mount)
             for event in events:
-                if event["Uid"] != mount.uid:
+                if event["Uid"] != mount.uid and not (forwarder and event["Uid"] != 0):
                     raise AccessDeniedException(
                         f"User: {mount.arn} is not authorized to perform: kmsfs:{OPERATION} "
-                        f"for uid {event['Uid']}: only root records other users' events"
+                        f"for uid {event['Uid']}: only root and the forwarders keyd names "
+                        "(--forwarders) record other users' events"
                     )
         # (sequence, record) in the mount's order; a retried call's items that keyd
         # already recorded (its answer was lost) are left out

@@ -27,6 +27,7 @@ from kmsfs.kms.access_events import GAP_EVENT_NAME, MAX_EVENTS
 from kmsfs.kms.audit import AuditLog
 from kmsfs.kms.caller import Caller
 from kmsfs.kms.keystore import Keystore, RootKeySource
+from kmsfs.kms.principal import AccountAccess
 from kmsfs.kms.service import KeyService
 from tests.conftest import Keyd
 from tests.kms.users import NOBODY, call_as, needs_other_users
@@ -307,6 +308,16 @@ def test_a_signed_caller_has_no_uid_and_is_refused(kms: Service) -> None:
     with pytest.raises(AccessDeniedException):
         kms.call(signed, FilesystemId=FS_ID, Events=[event()])
     assert [r["errorCode"] for r in kms.records()] == ["AccessDeniedException"]
+
+
+def test_a_trusted_forwarder_records_other_users_but_not_root(kms: Service) -> None:
+    """A non-root mount keyd trusts to forward (--forwarders) serves other users: it may
+    record their events, as it may forward their identities -- never root's."""
+    kms.service.forwarders = AccountAccess.parse(str(ALICE.uid))
+    kms.call(ALICE, FilesystemId=FS_ID, Events=[event(Uid=ALICE.uid), event(Uid=NOBODY)])
+    assert [r["userIdentity"]["uid"] for r in kms.records()] == [ALICE.uid, NOBODY]
+    with pytest.raises(AccessDeniedException, match="--forwarders"):
+        kms.call(ALICE, FilesystemId=FS_ID, Events=[event(Uid=0)])
 
 
 def test_root_records_any_uid(kms: Service) -> None:
