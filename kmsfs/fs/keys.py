@@ -82,6 +82,8 @@ class KeyManager:
         self._clock = clock
         self._cache: dict[tuple[bytes, bytes], tuple[bytes, float]] = {}
         self._pool: deque[PreparedKey] = deque()
+        #: pools for the CMKs directories are bound to (kmsfs/fs/bindings.py), by ARN
+        self._bound_pools: dict[str, deque[PreparedKey]] = {}
         self._pool_wanted = trio.Event()
         self._keyd_down = False
 
@@ -102,6 +104,8 @@ class KeyManager:
                 "AccessDeniedException",
             ):
                 self._pool.clear()
+                for pool in self._bound_pools.values():
+                    pool.clear()
 
     def _keyd_ok(self) -> None:
         if self._keyd_down:
@@ -172,32 +176,42 @@ class KeyManager:
     def forget_all(self) -> None:
         self._cache.clear()
         self._pool.clear()
+        self._bound_pools.clear()
 
     # ----------------------------------------------------------------- create
-    async def _generate(self) -> PreparedKey:
+    async def _generate(self, key_arn: str | None = None) -> PreparedKey:
+        key_arn = key_arn or self._config.key_arn
         file_id = os.urandom(FILE_ID_SIZE)
         context = full_context(file_id, self._config.file_context)
         response = await self._call(
-            self._client.generate_data_key, self._config.key_arn, encryption_context=context
+            self._client.generate_data_key, key_arn, encryption_context=context
         )
         return PreparedKey(
             file_id=file_id,
             data_key=response["Plaintext"],
             wrapped_key=response["CiphertextBlob"],
-            key_arn=response.get("KeyId", self._config.key_arn),
+            key_arn=response.get("KeyId", key_arn),
             expires=self._clock() + (self.cache_seconds if self.cache_seconds > 0 else math.inf),
         )
 
-    async def new_file_key(self) -> PreparedKey:
-        """A fresh data key for a new file: from the pool, else straight from keyd."""
+    def _pool_of(self, key_arn: str | None) -> deque[PreparedKey]:
+        if key_arn is None or key_arn == self._config.key_arn:
+            return self._pool
+        return self._bound_pools.setdefault(key_arn, deque())
+
+    async def new_file_key(self, key_arn: str | None = None) -> PreparedKey:
+        """A fresh data key for a new file under ``key_arn`` (None: kmsfs.conf's; another:
+        the CMK of a bound directory, with a pool of its own): from the pool, else
+        straight from keyd."""
+        pool = self._pool_of(key_arn)
         now = self._clock()
-        while self._pool:
-            prepared = self._pool.popleft()
+        while pool:
+            prepared = pool.popleft()
             if prepared.expires > now:
                 self._pool_wanted.set()
                 return prepared
         self._pool_wanted.set()
-        return await self._generate()
+        return await self._generate(key_arn)
 
     # ------------------------------------------------------------ background
     async def run(self) -> None:
@@ -208,12 +222,14 @@ class KeyManager:
 
     async def _fill_pool(self) -> None:
         while True:
-            while len(self._pool) < self.pool_size:
-                try:
-                    self._pool.append(await self._generate())
-                except (KeydUnavailable, KMSError):
-                    await trio.sleep(1.0)  # keyd down or the key refused: try later
-                    break
+            for key_arn in [None, *self._bound_pools]:
+                pool = self._pool_of(key_arn)
+                while len(pool) < self.pool_size:
+                    try:
+                        pool.append(await self._generate(key_arn))
+                    except (KeydUnavailable, KMSError):
+                        await trio.sleep(1.0)  # keyd down or the key refused: try later
+                        break
             self._pool_wanted = trio.Event()
             with trio.move_on_after(max(1.0, self.cache_seconds / 2)):
                 await self._pool_wanted.wait()
@@ -224,8 +240,9 @@ class KeyManager:
             now = self._clock()
             for cache_key in [k for k, (_, expiry) in self._cache.items() if expiry <= now]:
                 del self._cache[cache_key]
-            while self._pool and self._pool[0].expires <= now:
-                self._pool.popleft()
+            for pool in [self._pool, *self._bound_pools.values()]:
+                while pool and pool[0].expires <= now:
+                    pool.popleft()
 
 
 class FileKeyProvider:

@@ -33,6 +33,7 @@ from kmsfs.errors import (
 from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
+from kmsfs.fs.bindings import unlock_records_async
 from kmsfs.fs.config import (
     KEY_SERVICE_AWS,
     RECIPIENT_ALGORITHM,
@@ -566,12 +567,14 @@ async def _serve(
         keys = KeyManager(client, config, cache_seconds=options.key_cache_seconds)
         root = os.fsencode(cipherdir.resolve())
         names = None if config.plaintext_names else NameCipher(metadata_key)
+        # per-directory CMKs: every name key now; one refused fails its subtree only
+        bound = await unlock_records_async(client, config)
         operations = Operations(
             root,
             config,
             keys,
             metadata_key,
-            CipherTree(root, names),
+            CipherTree(root, names, key_arn=config.key_arn, bindings=bound),
             read_only=options.read_only,
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),

@@ -52,6 +52,7 @@ from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
+from kmsfs.fs.key_xattr import KEY_XATTR, MountKeyBindings
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.names import NameError_
 from kmsfs.fs.polling import BusyPoller
@@ -271,6 +272,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable(cipherdir)
         self.tree = tree
         self.xattrs = XattrCipher(metadata_key)
+        self.key_bindings = MountKeyBindings(self, metadata_key)  # per-directory CMKs
         self._handles: dict[int, OpenFile] = {}
         self._writers: set[int] = set()  # handles open for writing
         self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
@@ -466,7 +468,9 @@ class Operations(pyfuse3.Operations):
             return
         async with open_file.node.lock:
             if open_file.engine.header is None and open_file.provider.prepared is None:
-                open_file.provider.prepared = await self.keys.new_file_key()
+                open_file.provider.prepared = await self.keys.new_file_key(
+                    key_arn=self.key_bindings.file_key_arn(open_file.node)
+                )
 
     def _close_file(self, open_file: OpenFile) -> None:
         node = open_file.node
@@ -629,7 +633,10 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.symlink_target(os.readlink(self.inodes.path(inode)))
+        parent = self.inodes.parent_of(inode)  # its target is under its directory's key
+        return self.tree.symlink_target(
+            os.readlink(self.inodes.path(inode)), self.inodes.dir_path(parent), parent
+        )
 
     # --------------------------------------------------------- create / delete
     @_handler
@@ -652,7 +659,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
         directory, entry, path = self._child(parent_inode, name)
         with self.tree.naming(directory, entry):
-            os.symlink(self.tree.stored_target(target), path)
+            os.symlink(self.tree.stored_target(target, directory, parent_inode), path)
         self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
@@ -661,6 +668,7 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if node.open_file is not None:
             node.open_file.engine.flush()
+        self.key_bindings.check_link(inode, new_parent_inode)
         directory, entry, new_path = self._child(new_parent_inode, new_name)
         with self.tree.naming(directory, entry):
             os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
@@ -689,6 +697,9 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
         new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
+        self.key_bindings.check_rename(
+            parent_inode_old, parent_inode_new, old_path, new_path, bool(flags & RENAME_EXCHANGE)
+        )
         moved = self.inodes.current_ino(os.lstat(old_path).st_ino)
         try:
             replaced_st: os.stat_result | None = os.lstat(new_path)
@@ -1268,6 +1279,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        if name == KEY_XATTR:
+            return await self.key_bindings.bind(inode, value, ctx)
         self._check_writable_mount()
         backing = self._backing_xattr(name)
         self._xattr_call(inode, os.setxattr, backing, self.xattrs.seal_value(backing, value))
@@ -1282,6 +1295,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def _get_user_xattr(self, inode: int, name: bytes) -> bytes:
+        if name == KEY_XATTR:
+            return self.key_bindings.describe(inode)
         backing = self._backing_xattr(name)
         try:
             sealed = self._xattr_call(inode, os.getxattr, backing)
@@ -1308,6 +1323,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        if name == KEY_XATTR:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a binding is not removed this way
         self._check_writable_mount()
         backing = self._backing_xattr(name)
         try:
