@@ -318,6 +318,10 @@ class BindingMap:
         self.bound[binding.dir_id] = binding
         self._effective.clear()
 
+    def remove(self, dir_id: bytes) -> None:
+        self.bound.pop(dir_id, None)
+        self._effective.clear()
+
     def forget(self, cache_key: Hashable) -> None:
         self._effective.pop(cache_key, None)
 

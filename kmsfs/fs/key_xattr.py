@@ -164,6 +164,48 @@ class MountKeyBindings:
             document["error"] = os.strerror(binding.failure[0])
         return json.dumps(document, sort_keys=True).encode()
 
+    # ------------------------------------------------------------- removal
+    def bound_id(self, path: bytes) -> bytes | None:
+        """The directory id of the directory at ``path`` if it is bound (before rmdir)."""
+        if not self._ops.tree.bindings:
+            return None
+        try:
+            dir_id = self._ops.tree.dir_id(path)
+        except OSError:
+            return None
+        return dir_id if dir_id in self._ops.tree.bindings.bound else None
+
+    def unbind_removed(self, dir_id: bytes | None) -> None:
+        """A bound directory was removed: its registry entry goes (else fsck would report
+        a binding whose directory is missing). A failure to rewrite kmsfs.conf is logged:
+        the directory is gone either way, and fsck reports the entry."""
+        if dir_id is None:
+            return
+        config = self._ops.config
+        records = read_records(config)
+        if records.pop(dir_id, None) is None:
+            return
+        try:
+            self._store(records)
+        except (OSError, KmsfsError) as error:
+            log.error("directory id %s removed, its key binding stays: %s", dir_id.hex(), error)
+            return
+        self._ops.tree.bindings.remove(dir_id)
+
+    def _store(self, records: dict) -> None:
+        """Seal ``records`` into kmsfs.conf and write it (atomically); on failure the
+        config in memory is as before."""
+        ops = self._ops
+        config = ops.config
+        before = dict(config.extra), config.mac, config.metadata_key_commitment
+        store_records(config, records)
+        config.seal(self._metadata_key)
+        try:
+            write_new_config(Path(os.fsdecode(ops.inodes.root_path)), config)
+        except (OSError, KmsfsError):
+            config.extra, config.mac, config.metadata_key_commitment = before
+            raise
+
     # ----------------------------------------------------------------- set
     async def bind(self, inode: int, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         ops = self._ops
@@ -205,14 +247,7 @@ class MountKeyBindings:
         record = new_record(dir_id, key_arn, response)
         records = read_records(config)
         records[dir_id] = record
-        before = dict(config.extra), config.mac, config.metadata_key_commitment
-        store_records(config, records)
-        config.seal(self._metadata_key)
-        try:
-            write_new_config(Path(os.fsdecode(ops.inodes.root_path)), config)
-        except (OSError, KmsfsError):
-            config.extra, config.mac, config.metadata_key_commitment = before
-            raise
+        self._store(records)
         ops.tree.bindings.add(binding_from_key(record, response["Plaintext"]))
         log.info("directory id %s bound to %s", dir_id.hex(), key_arn)
 

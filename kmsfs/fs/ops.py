@@ -688,7 +688,9 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
         directory, entry, path = self._child(parent_inode, name)
         st = os.lstat(path)
+        bound_id = self.key_bindings.bound_id(path)  # a bound directory's binding goes too
         self.tree.remove_dir(path)
+        self.key_bindings.unbind_removed(bound_id)
         self.tree.drop_name(directory, entry)
         self.tree.forget_dir(self.inodes.current_ino(st.st_ino))
         self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True, last_stat=st)

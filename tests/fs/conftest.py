@@ -9,6 +9,10 @@
   tests work in their own subdirectory of it (``workdir``).
 - ``fault_env`` (function): a keyd of the test's own (free to stop, disable keys) and a
   factory bound to it.
+
+``KMSFS_TEST_PLAINTEXT_NAMES=1`` and ``KMSFS_TEST_ROOT_BINDING=1`` (a per-directory CMK
+bound at every cipher directory's root right after init) are honoured by the factories
+(``helpers.py``: :meth:`MountFactory.init`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from kmsfs.fs.config import load_config
 from kmsfs.fs.names import DIRIV_NAME, NameCipher, NameError_
 from kmsfs.fs.offline import unlock_config
 from tests.conftest import Keyd
-from tests.fs.helpers import Mount, MountFactory
+from tests.fs.helpers import ROOT_BINDING_ENV, ROOT_BINDING_KEY, Mount, MountFactory
 
 KEY_XATTR = "user.kmsfs.key"
 
@@ -218,6 +218,28 @@ def test_refused_binding_key_fails_its_subtree_only(keyd: Keyd, factory: MountFa
     mount.unmount_clean()
     fsck = keyd.kmsfs("fsck", str(mount.cipher), check=False)
     assert fsck.returncode != 0 and b"was refused" in fsck.stdout, fsck.stdout
+
+
+def test_removing_a_bound_directory_removes_its_binding(keyd: Keyd, factory: MountFactory) -> None:
+    mount, bound = _mounted_bound_dir(keyd, factory)
+    assert json.loads((mount.cipher / "kmsfs.conf").read_text())["key_bindings"]
+    bound.rmdir()
+    assert "key_bindings" not in json.loads((mount.cipher / "kmsfs.conf").read_text())
+    bound.mkdir()
+    assert _show(keyd, str(bound))["source"] == "kmsfs.conf"
+    mount.unmount_clean()
+    keyd.kmsfs("fsck", str(mount.cipher))
+
+
+def test_root_binding_switch_binds_every_new_cipher_root(
+    keyd: Keyd, factory: MountFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ROOT_BINDING_ENV, "1")
+    mount = factory.mount()
+    (mount.mnt / "f").write_bytes(b"x")
+    root_key = _arn(keyd, ROOT_BINDING_KEY)
+    assert _header_arn(mount.backing(mount.mnt / "f")) == root_key
+    assert _show(keyd, str(mount.mnt / "f"))["source"] == "."
 
 
 # ----------------------------------------------------------------- offline
