@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
-from kmsfs.errors import KmsfsError
+from kmsfs.errors import KeydUnavailable, KMSError, KmsfsError
 from kmsfs.format.header import read_header
 from kmsfs.fs.bindings import (
     Binding,
     binding_from_key,
+    failure_of,
     name_key_context,
     new_record,
     read_records,
@@ -36,6 +38,7 @@ from kmsfs.fs.bindings import (
 )
 from kmsfs.fs.config import write_new_config
 from kmsfs.fs.inodes import ROOT, Node
+from kmsfs.fs.keys import KEYD_TIMEOUT
 from kmsfs.fs.names import DIRIV_NAME
 
 if TYPE_CHECKING:
@@ -163,6 +166,48 @@ class MountKeyBindings:
         if binding.failure is not None:
             document["error"] = os.strerror(binding.failure[0])
         return json.dumps(document, sort_keys=True).encode()
+
+    # ------------------------------------------------------------- refresh
+    async def refresh(self, cache_seconds: float) -> None:
+        """Ask the key service for every binding's name key again every ``cache_seconds``
+        (at least 1 s; runs until cancelled), as the data-key cache expires: a CMK
+        disabled or a grant revoked fails its subtree (EACCES) within that time, one
+        enabled again brings it back. While the key service is unreachable a binding
+        keeps what it had."""
+        interval = max(1.0, cache_seconds)
+        while True:
+            await trio.sleep(interval)
+            if self._ops.tree.bindings:
+                await self._refresh_once()
+
+    async def _refresh_once(self) -> None:
+        ops = self._ops
+        records = read_records(ops.config)
+        current = ops.tree.bindings.bound
+        for dir_id, record in records.items():
+            known = current.get(dir_id)
+            if known is None or known.key_arn != record.key_arn:
+                continue  # bound or removed meanwhile: bind() and rmdir keep it
+            try:
+                with trio.fail_after(KEYD_TIMEOUT):
+                    name_key = (
+                        await ops.keys._client.decrypt(
+                            record.wrapped,
+                            encryption_context=name_key_context(ops.config, dir_id),
+                            key_id=record.key_arn,
+                        )
+                    )["Plaintext"]
+            except (trio.TooSlowError, KeydUnavailable):
+                continue
+            except KMSError as error:
+                failure = failure_of(error, record)
+                if known.failure != failure:
+                    log.warning("directory id %s: %s", dir_id.hex(), failure[1])
+                    ops.tree.bindings.add(Binding(record.key_arn, None, dir_id, failure))
+                continue
+            if known.failure is not None:
+                log.warning("directory id %s: its name key is usable again", dir_id.hex())
+                ops.tree.bindings.add(binding_from_key(record, name_key))
 
     # ------------------------------------------------------------- removal
     def bound_id(self, path: bytes) -> bytes | None:

@@ -599,6 +599,7 @@ async def _serve(
             notifier.ready(f"mounted {cipherdir} on {mountpoint}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
+                nursery.start_soon(operations.key_bindings.refresh, options.key_cache_seconds)
                 nursery.start_soon(operations.poller.run)
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)

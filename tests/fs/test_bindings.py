@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -218,6 +219,36 @@ def test_refused_binding_key_fails_its_subtree_only(keyd: Keyd, factory: MountFa
     mount.unmount_clean()
     fsck = keyd.kmsfs("fsck", str(mount.cipher), check=False)
     assert fsck.returncode != 0 and b"was refused" in fsck.stdout, fsck.stdout
+
+
+def _errno_of_listing(path: Path) -> int:
+    try:
+        os.listdir(path)
+    except OSError as error:
+        return error.errno or 0
+    return 0
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(0.2)
+
+
+def test_a_binding_cmk_disabled_while_mounted_fails_its_subtree_after_the_cache_time(
+    keyd: Keyd, factory: MountFactory
+) -> None:
+    mount = factory.mount(None, None, "--key-cache-seconds", "1")
+    bound = mount.mnt / "team"
+    bound.mkdir()
+    _key(keyd, "set", str(bound), "alias/team")
+    (bound / "f").write_bytes(b"x")
+    keyd.kmsfs("keys", "disable", "alias/team")
+    _wait_for(lambda: _errno_of_listing(bound) == errno.EACCES, "EACCES listing")
+    keyd.kmsfs("keys", "enable", "alias/team")
+    _wait_for(lambda: _errno_of_listing(bound) == 0, "listing again")
+    assert os.listdir(bound) == ["f"]
 
 
 def test_removing_a_bound_directory_removes_its_binding(keyd: Keyd, factory: MountFactory) -> None:
