@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kmsfs.format.header import read_header
-from kmsfs.fs.config import load_config
+from kmsfs.fs.bindings import binding_from_key, new_record, read_records, store_records
+from kmsfs.fs.config import ConfigError, FsConfig, load_config
 from kmsfs.fs.names import DIRIV_NAME, NameCipher, NameError_
 from kmsfs.fs.offline import unlock_config
 from tests.conftest import Keyd
@@ -82,6 +83,34 @@ def _mounted_bound_dir(keyd: Keyd, factory: MountFactory) -> tuple[Mount, Path]:
     bound.mkdir()
     _key(keyd, "set", str(bound), "alias/team")
     return mount, bound
+
+
+# -------------------------------------------------------------------- pure
+def test_a_name_key_that_fails_its_commitment_fails_its_subtree() -> None:
+    dir_id = bytes(range(16))
+    good = os.urandom(32)
+    record = new_record(
+        dir_id, "arn:k", {"CiphertextBlob": b"blob", "Plaintext": good, "KeyId": "arn:k"}
+    )
+    assert binding_from_key(record, good).name_cipher() is not None
+    other = binding_from_key(record, os.urandom(32))
+    assert other.failure is not None and other.failure[0] == errno.EIO
+    with pytest.raises(OSError) as raised:
+        other.name_cipher()
+    assert raised.value.errno == errno.EIO
+
+
+def test_key_bindings_document_round_trips_and_rejects_junk() -> None:
+    config = FsConfig(filesystem_id="0" * 32, key_arn="arn:fs")
+    record = new_record(
+        bytes(16), "arn:k", {"CiphertextBlob": b"b", "Plaintext": b"p" * 32}, migrating=True
+    )
+    store_records(config, {record.dir_id: record})
+    assert read_records(config) == {record.dir_id: record}
+    for junk in ([], {"zz": {}}, {"00" * 16: {"key_arn": "a"}}):
+        config.extra["key_bindings"] = junk
+        with pytest.raises(ConfigError):
+            read_records(config)
 
 
 # ----------------------------------------------------------------- mounted
