@@ -228,6 +228,8 @@ class KeyManager:
                     try:
                         pool.append(await self._generate(key_arn))
                     except (KeydUnavailable, KMSError):
+                        if key_arn is not None:  # a bound CMK: refilled once asked for again
+                            self._bound_pools.pop(key_arn, None)
                         await trio.sleep(1.0)  # keyd down or the key refused: try later
                         break
             self._pool_wanted = trio.Event()
