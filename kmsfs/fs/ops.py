@@ -729,6 +729,7 @@ class Operations(pyfuse3.Operations):
             if replaced_dir_id is not None:
                 self.tree.write_dir_id(new_path, replaced_dir_id)
             raise
+        self.key_bindings.unbind_removed(replaced_dir_id)  # a bound directory replaced
         if not flags & RENAME_EXCHANGE and old_path != new_path:
             self.tree.drop_name(old_dir, old_entry)
         old, new = (parent_inode_old, old_entry.backing), (parent_inode_new, new_entry.backing)

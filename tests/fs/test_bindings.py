@@ -287,6 +287,12 @@ def test_removing_a_bound_directory_removes_its_binding(keyd: Keyd, factory: Mou
     assert "key_bindings" not in json.loads((mount.cipher / "kmsfs.conf").read_text())
     bound.mkdir()
     assert _show(keyd, str(bound))["source"] == "kmsfs.conf"
+    # replaced by a rename: the same
+    _key(keyd, "set", str(bound), "alias/team")
+    assert json.loads((mount.cipher / "kmsfs.conf").read_text())["key_bindings"]
+    (mount.mnt / "other").mkdir()
+    os.rename(mount.mnt / "other", bound)
+    assert "key_bindings" not in json.loads((mount.cipher / "kmsfs.conf").read_text())
     mount.unmount_clean()
     keyd.kmsfs("fsck", str(mount.cipher))
 
