@@ -633,10 +633,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        stored = os.readlink(self.inodes.path(inode))
+        if not self.tree.bindings:
+            return self.tree.symlink_target(stored)
         parent = self.inodes.parent_of(inode)  # its target is under its directory's key
-        return self.tree.symlink_target(
-            os.readlink(self.inodes.path(inode)), self.inodes.dir_path(parent), parent
-        )
+        return self.tree.symlink_target(stored, self.inodes.dir_path(parent), parent)
 
     # --------------------------------------------------------- create / delete
     @_handler
