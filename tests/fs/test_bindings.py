@@ -38,7 +38,10 @@ def keyd(keyd_factory: Callable[..., Keyd]) -> Keyd:
 
 
 @pytest.fixture
-def factory(keyd: Keyd) -> Iterator[MountFactory]:
+def factory(keyd: Keyd, monkeypatch: pytest.MonkeyPatch) -> Iterator[MountFactory]:
+    """Mounts of cipher directories without a root binding (these tests make their own,
+    whatever KMSFS_TEST_ROOT_BINDING says)."""
+    monkeypatch.delenv(ROOT_BINDING_ENV, raising=False)
     with MountFactory(keyd.workdir, keyd, plaintext_names=False) as made:
         yield made
 
