@@ -365,6 +365,28 @@ def test_offline_key_set_of_a_non_empty_directory_then_show_fsck_rewrap(
     assert busy.returncode != 0 and b"unmounted" in busy.stderr
 
 
+def test_import_and_export_follow_the_bindings(keyd: Keyd, factory: MountFactory) -> None:
+    source = keyd.workdir / "source"
+    source.mkdir()
+    _populate(source)
+    cipher = factory.init()
+    _key(keyd, "set", "--cipherdir", str(cipher), "/", "alias/team")
+    keyd.kmsfs("import", "--verify", str(source), str(cipher))
+    team = _arn(keyd, "alias/team")
+    headers = [
+        _header_arn(path)
+        for path in cipher.rglob("*")
+        if path.is_file() and not path.is_symlink() and path.stat().st_size >= 2048
+    ]
+    assert len(headers) == 3 and set(headers) == {team}
+    keyd.kmsfs("fsck", str(cipher))
+    # a binding below the root, made offline over what was imported, then exported
+    _key(keyd, "set", "--cipherdir", str(cipher), "a/sub", "alias/fs")
+    out = keyd.workdir / "out"
+    keyd.kmsfs("export", str(cipher), str(out))
+    _check_populated(out)
+
+
 _KILL_AFTER = """
 import os, signal, sys
 from pathlib import Path
