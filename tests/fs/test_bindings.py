@@ -403,8 +403,9 @@ bind_offline(Path(sys.argv[1]), sys.argv[2], "alias/team",
 """
 
 
+@pytest.mark.parametrize("kill_after", [1, 6, 11])  # of 11 names to move
 def test_offline_key_set_killed_in_the_middle_is_finished_by_a_second_run(
-    keyd: Keyd, factory: MountFactory
+    keyd: Keyd, factory: MountFactory, kill_after: int
 ) -> None:
     mount = factory.mount()
     _populate(mount.mnt)
@@ -412,7 +413,15 @@ def test_offline_key_set_killed_in_the_middle_is_finished_by_a_second_run(
         (mount.mnt / "a" / f"more{index}").write_bytes(b"m")
     mount.unmount_clean()
     killed = subprocess.run(
-        [sys.executable, "-c", _KILL_AFTER, str(mount.cipher), "a", "4", str(keyd.socket)],
+        [
+            sys.executable,
+            "-c",
+            _KILL_AFTER,
+            str(mount.cipher),
+            "a",
+            str(kill_after),
+            str(keyd.socket),
+        ],
         env=keyd.env,
         capture_output=True,
     )
@@ -420,7 +429,9 @@ def test_offline_key_set_killed_in_the_middle_is_finished_by_a_second_run(
     # half way: the mount refuses and says what to do
     assert b"kmsfs key set again" in _mount_refused(keyd, mount.cipher, mount.mnt)
     _key(keyd, "set", "--cipherdir", str(mount.cipher), "a", "alias/team")
-    keyd.kmsfs("fsck", str(mount.cipher), check=False)
+    fsck = keyd.kmsfs("fsck", str(mount.cipher), check=False)
+    problems = [line for line in fsck.stdout.decode().splitlines() if ": " in line]
+    assert problems and all("not its directory's binding" in line for line in problems), problems
     conf = json.loads((mount.cipher / "kmsfs.conf").read_text())
     assert all("migrating" not in entry for entry in conf["key_bindings"].values())
     mount.start()
