@@ -158,6 +158,13 @@ class MountKeyBindings:
         key_arn = binding.key_arn
         if stat.S_ISREG(st.st_mode):
             key_arn = self._header_key_arn(node) or binding.key_arn
+            # hard links in several bindings: the request names no path, so the one
+            # that differs from the file's CMK is shown (the file is listed as stale)
+            for parent in sorted({link_parent for link_parent, _name in node.links}):
+                other = self.of_directory(parent)
+                if other.key_arn != key_arn:
+                    directory_ino, binding = parent, other
+                    break
         document = {
             "key_arn": key_arn,
             "binding_key_arn": binding.key_arn,

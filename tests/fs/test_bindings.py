@@ -177,6 +177,11 @@ def test_directory_rename_across_a_binding_is_exdev_file_rename_keeps_its_cmk(
         os.rename(bound / "s", mount.mnt / "s")
     assert raised.value.errno == errno.EXDEV
     os.rename(bound / "d", bound / "d2")  # within one binding: as ever
+    with pytest.raises(OSError) as raised:
+        os.link(bound / "s", mount.mnt / "s-link", follow_symlinks=False)
+    assert raised.value.errno == errno.EXDEV
+    os.link(bound / "d2" / "f", mount.mnt / "hard")  # a file keeps its data key
+    assert (mount.mnt / "hard").read_bytes() == b"in d"
 
     os.rename(bound / "f", mount.mnt / "f")
     assert (mount.mnt / "f").read_bytes() == b"moving out"
@@ -184,7 +189,10 @@ def test_directory_rename_across_a_binding_is_exdev_file_rename_keeps_its_cmk(
     shown = json.loads(os.getxattr(mount.mnt / "f", KEY_XATTR))
     assert shown["key_arn"] == team and shown["source"] == "kmsfs.conf"
     listed = _show(keyd, str(mount.mnt))
-    assert listed["stale"] == [{"path": "f", "key_arn": team}]
+    # a hard link across a binding is listed under both its names
+    assert sorted(item["path"] for item in listed["stale"]) == ["f", "hard", "team/d2/f"]
+    assert {item["key_arn"] for item in listed["stale"]} == {team}
+    os.unlink(mount.mnt / "hard")  # it could never agree with both bindings
 
     # the bound directory itself moves: its names stay under its own key
     os.rename(bound, mount.mnt / "renamed")
