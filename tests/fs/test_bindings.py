@@ -5,6 +5,7 @@ kill in the middle of it), fsck and rewrap."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ from kmsfs.fs.bindings import binding_from_key, new_record, read_records, store_
 from kmsfs.fs.config import ConfigError, FsConfig, load_config
 from kmsfs.fs.names import DIRIV_NAME, NameCipher, NameError_
 from kmsfs.fs.offline import unlock_config
+from kmsfs.kms.datakeys import blob_key_version
 from tests.conftest import Keyd
 from tests.fs.helpers import ROOT_BINDING_ENV, ROOT_BINDING_KEY, Mount, MountFactory
 
@@ -393,6 +395,30 @@ def test_import_and_export_follow_the_bindings(keyd: Keyd, factory: MountFactory
     out = keyd.workdir / "out"
     keyd.kmsfs("export", str(cipher), str(out))
     _check_populated(out)
+
+
+def test_rewrap_moves_binding_name_keys_to_their_cmk_current_version(
+    keyd: Keyd, factory: MountFactory
+) -> None:
+    mount, bound = _mounted_bound_dir(keyd, factory)
+    (bound / "f").write_bytes(b"kept")
+    mount.unmount_clean()
+
+    def name_key_version() -> int:
+        entry = next(
+            iter(json.loads((mount.cipher / "kmsfs.conf").read_text())["key_bindings"].values())
+        )
+        named = blob_key_version(base64.b64decode(entry["name_key"]["wrapped"]))
+        assert named is not None
+        return named[1]
+
+    before = name_key_version()
+    keyd.kmsfs("keys", "rotate", "alias/team")
+    keyd.kmsfs("rewrap", str(mount.cipher))
+    assert name_key_version() == before + 1
+    keyd.kmsfs("fsck", str(mount.cipher))
+    mount.start()
+    assert (bound / "f").read_bytes() == b"kept"
 
 
 _KILL_AFTER = """
