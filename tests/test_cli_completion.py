@@ -38,7 +38,7 @@ def test_bash_completes_subcommands() -> None:
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
     completed = subprocess.run(["bash", "-c", probe], capture_output=True, check=True)
-    assert set(completed.stdout.decode().split()) == {"keyd", "keys"}
+    assert set(completed.stdout.decode().split()) == {"key", "keyd", "keys"}
 
 
 def test_the_man_page_names_every_subcommand() -> None:

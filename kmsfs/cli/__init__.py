@@ -7,8 +7,8 @@ One module per command group, each holding its parsers (``add_parsers``) and han
 ``tools`` (encrypt, decrypt, inspect), ``fs`` (ls, fsck, init, seal, mount, umount),
 ``rewrap`` (rewrap, import, export),
 ``keyd`` (keyd ...), ``keys`` (keys ...), ``sign`` (sign, verify, mac, verify-mac),
-``whoami``, ``systemd`` (systemd-units), ``meta`` (completion, man). ``errors`` maps
-exceptions to exit statuses.
+``key_bindings`` (key set, key show), ``whoami``, ``systemd`` (systemd-units),
+``meta`` (completion, man). ``errors`` maps exceptions to exit statuses.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kmsfs.cli import fs, keyd, keys, meta, rewrap, sign, systemd, tools, whoami
+from kmsfs.cli import fs, key_bindings, keyd, keys, meta, rewrap, sign, systemd, tools, whoami
 from kmsfs.cli.common import export_keyd_uid
 from kmsfs.cli.errors import exit_status_epilog, run_reporting_errors
 from kmsfs.fs.fstab import is_helper_call, run_helper
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kmsfs {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (tools, fs, rewrap, keyd, keys, sign, whoami, systemd, meta):
+    for group in (tools, fs, rewrap, keyd, keys, key_bindings, sign, whoami, systemd, meta):
         group.add_parsers(commands)
     return parser
 

@@ -33,6 +33,9 @@ and, in a cipher directory that takes files written with a public key (``kmsfs i
 sealed with the rest: a recipient slot is accepted only for that CMK, and only once the
 config has been authenticated; without the field every recipient slot is refused.
 
+Per-directory CMKs (``kmsfs key set``) add ``"key_bindings"``, sealed like every extra
+field: see :mod:`kmsfs.fs.bindings`.
+
 Sealing. Whoever can write the cipher directory can write this file, so nothing in it
 is used before it is authenticated (a flipped ``plaintext_names`` sent new names to disk
 in plaintext; a ``keyd_socket`` of the attacker's choosing handed the mount all-zero

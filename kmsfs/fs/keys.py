@@ -275,9 +275,12 @@ class KeyManager:
         wrapped: bytes,
         context: dict[str, str],
         caller: ForwardedCaller | None = None,
+        *,
+        key_id: str | None = None,
     ) -> bytes:
         """Decrypt a blob under kmsfs.conf's CMK or another (a directory's name key), for
-        *caller*; the answer is kept for that principal for ``cache_seconds``."""
+        *caller*; the answer is kept for that principal for ``cache_seconds``. ``key_id``:
+        the CMK the blob must be under (AWS's KeyId on Decrypt), if known."""
         cache_key = (_principal_key(caller), bytes(wrapped), tuple(sorted(context.items())))
         cached = self._blobs.get(cache_key)
         if cached is not None and cached[1] > self._clock():
@@ -286,6 +289,7 @@ class KeyManager:
             self._client.decrypt,
             bytes(wrapped),
             encryption_context=context,
+            **({} if key_id is None else {"key_id": key_id}),
             **_forwarding(caller),
         )
         plaintext = response["Plaintext"]

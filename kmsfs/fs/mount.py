@@ -34,6 +34,7 @@ from kmsfs.format import DEFAULT_CHUNK_SIZE
 from kmsfs.format.offsets import check_chunk_size
 from kmsfs.fs import session
 from kmsfs.fs.access_audit import AccessAuditor
+from kmsfs.fs.bindings import unlock_records_async
 from kmsfs.fs.config import (
     KEY_SERVICE_AWS,
     RECIPIENT_ALGORITHM,
@@ -575,12 +576,14 @@ async def _serve(
         forward_callers = _forwards_callers(options, service)
         root = os.fsencode(cipherdir.resolve())
         names = None if config.plaintext_names else NameCipher(metadata_key)
+        # per-directory CMKs: every name key now; one refused fails its subtree only
+        bound = await unlock_records_async(client, config)
         operations = Operations(
             root,
             config,
             keys,
             metadata_key,
-            CipherTree(root, names),
+            CipherTree(root, names, key_arn=config.key_arn, bindings=bound),
             read_only=options.read_only,
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),
@@ -608,6 +611,7 @@ async def _serve(
             notifier.ready(f"mounted {cipherdir} on {mountpoint}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keys.run)
+                nursery.start_soon(operations.key_bindings.refresh, options.key_cache_seconds)
                 nursery.start_soon(operations.poller.run)
                 nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                 nursery.start_soon(_terminate_on_signal, signalled)
@@ -653,6 +657,8 @@ def _forwards_callers(options: MountOptions, service: KeyService) -> bool:
     if options.forward_callers is None:
         return os.geteuid() == 0
     return options.forward_callers
+
+
 #: seconds the access auditor waits for one keyd answer
 AUDIT_CALL_TIMEOUT = 5.0
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmsfs.errors import FormatError, KMSError, KmsfsError, UsageError
+from kmsfs.format.header import read_header
+from kmsfs.fs.bindings import unlock_records
 from kmsfs.fs.config import (
+    CONFIG_NAME,
     FsConfig,
     load_config,
     unwrap_refused,
@@ -81,9 +84,9 @@ def open_tree(
     service = resolve_key_service(config, _options(keyd_socket, keyd_uid, service_options))
     with service.client() as client:
         metadata_key = unlock_config(client, config, service.describe(client))
-    if config.plaintext_names:
-        return config, CipherTree(root, None)
-    return config, CipherTree(root, NameCipher(metadata_key))
+        bound = unlock_records(client, config)
+    names = None if config.plaintext_names else NameCipher(metadata_key)
+    return config, CipherTree(root, names, key_arn=config.key_arn, bindings=bound)
 
 
 def describe_settings(config: FsConfig) -> list[tuple[str, str]]:
@@ -223,15 +226,36 @@ class Problem:
 
 
 def fsck(tree: CipherTree, *, verify_file=None) -> Iterator[Problem]:
-    """Walk the tree; yield every problem. ``verify_file(backing_path)`` checks content."""
-    yield from _fsck_dir(tree, tree.root, "", verify_file)
+    """Walk the tree; yield every problem. ``verify_file(backing_path)`` checks content.
+
+    With per-directory CMKs (``bindings.py``) also: bindings whose name key is refused or
+    fails its commitment, bindings whose directory is gone, and files whose header names
+    another CMK than their directory's binding (renamed in, or older than the binding:
+    ``kmsfs rewrap`` moves them).
+    """
+    bound = tree.bindings.bound
+    for dir_id, binding in sorted(bound.items()):
+        if binding.failure is not None:
+            yield Problem(CONFIG_NAME, None, f"key binding {dir_id.hex()}: {binding.failure[1]}")
+    seen: set[bytes] = set()
+    yield from _fsck_dir(tree, tree.root, "", verify_file, seen)
+    for dir_id in sorted(set(bound) - seen):
+        yield Problem(
+            CONFIG_NAME,
+            None,
+            f"key binding {dir_id.hex()} ({bound[dir_id].key_arn}): its directory is missing",
+        )
 
 
-def _fsck_dir(tree: CipherTree, directory: bytes, plain_dir: str, verify_file) -> Iterator[Problem]:
+def _fsck_dir(
+    tree: CipherTree, directory: bytes, plain_dir: str, verify_file, seen: set[bytes]
+) -> Iterator[Problem]:
     def relative(path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, tree.root))
 
     try:
+        if tree.bindings:
+            seen.add(tree.dir_id(directory))
         entries, strays = tree.list_dir(directory)
     except (OSError, KmsfsError) as error:
         yield Problem(relative(directory), plain_dir or "/", f"cannot list: {error}")
@@ -246,11 +270,16 @@ def _fsck_dir(tree: CipherTree, directory: bytes, plain_dir: str, verify_file) -
                 if not is_longname(owner) or owner not in present:
                     yield Problem(relative(directory + b"/" + name), None, "orphaned long name")
     for entry in entries:
-        yield from _fsck_entry(tree, directory, plain_dir, entry, verify_file)
+        yield from _fsck_entry(tree, directory, plain_dir, entry, verify_file, seen)
 
 
 def _fsck_entry(
-    tree: CipherTree, directory: bytes, plain_dir: str, entry: Entry, verify_file
+    tree: CipherTree,
+    directory: bytes,
+    plain_dir: str,
+    entry: Entry,
+    verify_file,
+    seen: set[bytes],
 ) -> Iterator[Problem]:
     backing = directory + b"/" + entry.backing
     plain = f"{plain_dir}/{os.fsdecode(entry.name)}"
@@ -258,12 +287,32 @@ def _fsck_entry(
     mode = os.lstat(backing).st_mode
     try:
         if stat.S_ISDIR(mode):
-            yield from _fsck_dir(tree, backing, plain, verify_file)
+            yield from _fsck_dir(tree, backing, plain, verify_file, seen)
         elif stat.S_ISLNK(mode):
-            tree.symlink_target(os.readlink(backing))
-        elif stat.S_ISREG(mode) and verify_file is not None:
-            problem = verify_file(backing)
-            if problem:
-                yield Problem(relative, plain, problem)
+            tree.symlink_target(os.readlink(backing), directory)
+        elif stat.S_ISREG(mode):
+            if tree.bindings:
+                problem = _binding_mismatch(tree, directory, backing)
+                if problem:
+                    yield Problem(relative, plain, problem)
+            if verify_file is not None:
+                problem = verify_file(backing)
+                if problem:
+                    yield Problem(relative, plain, problem)
     except (OSError, FormatError) as error:
         yield Problem(relative, plain, str(error))
+
+
+def _binding_mismatch(tree: CipherTree, directory: bytes, backing: bytes) -> str | None:
+    """A file whose header names another CMK than its directory's binding."""
+    with open(backing, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return None
+        key_arn = read_header(file.fileno()).active_slot.key_arn
+    want = tree.binding(directory).key_arn
+    if key_arn == want:
+        return None
+    return (
+        f"under {key_arn}, not its directory's binding {want} "
+        "(renamed in, or older than the binding: kmsfs rewrap moves it)"
+    )

@@ -53,6 +53,7 @@ from kmsfs.format.header import read_header
 from kmsfs.fs.access_audit import AccessAuditor, audited
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
+from kmsfs.fs.key_xattr import KEY_XATTR, MountKeyBindings
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.names import NameError_
 from kmsfs.fs.polling import BusyPoller
@@ -274,6 +275,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable(cipherdir)
         self.tree = tree
         self.xattrs = XattrCipher(metadata_key)
+        self.key_bindings = MountKeyBindings(self, metadata_key)  # per-directory CMKs
         self._handles: dict[int, OpenFile] = {}
         self._writers: set[int] = set()  # handles open for writing
         self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
@@ -384,7 +386,10 @@ class Operations(pyfuse3.Operations):
     def _entry(self, parent: int, backing: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
         """Register a new kernel reference to ``parent/backing`` and return its attributes."""
         node = self.inodes.remember(self.inodes.ino_of(st.st_ino), parent, backing)
-        return self._attrs(st, node)
+        attrs = self._attrs(st, node)
+        if self.key_bindings.uncached(parent):
+            attrs.entry_timeout = attrs.attr_timeout = 0
+        return attrs
 
     def _gives_away(self, ctx: pyfuse3.RequestContext) -> bool:
         """Whether entries made for this request are handed to another owner."""
@@ -500,7 +505,9 @@ class Operations(pyfuse3.Operations):
             return
         async with open_file.node.lock:
             if open_file.engine.header is None and open_file.provider.prepared is None:
-                open_file.provider.prepared = await self.keys.new_file_key(caller=caller)
+                open_file.provider.prepared = await self.keys.new_file_key(
+                    key_arn=self.key_bindings.file_key_arn(open_file.node), caller=caller
+                )
 
     def _close_file(self, open_file: OpenFile) -> None:
         node = open_file.node
@@ -554,6 +561,7 @@ class Operations(pyfuse3.Operations):
             st = self._stat_node(node)
             node.lookups += 1
             return self._attrs(st, node)
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         try:
             _, entry, dir_fd = self._child_at(parent_inode, name)
         except OSError as error:
@@ -576,7 +584,25 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
         node = self.inodes.get(inode)
+        parent = self._bound_parent(inode)
+        if parent is not None:
+            await self.key_bindings.check_caller(parent, ctx)
+            attrs = self._attrs(self._stat_node(node), node)
+            attrs.entry_timeout = attrs.attr_timeout = 0
+            return attrs
         return self._attrs(self._stat_node(node), node)
+
+    def _bound_parent(self, inode: int) -> int | None:
+        """The directory of ``inode`` when its entry must not be cached by the kernel
+        (:meth:`MountKeyBindings.uncached`), else None (also for the root and for a
+        removed entry, whose parent is unknown)."""
+        if inode == ROOT or not self.forward_callers or not self.tree.bindings:
+            return None
+        try:
+            parent = self.inodes.parent_of(inode)
+        except (pyfuse3.FUSEError, OSError):
+            return None
+        return parent if self.key_bindings.uncached(parent) else None
 
     @_handler
     async def setattr(self, inode: int, attr, fields, fh, ctx: pyfuse3.RequestContext):
@@ -614,7 +640,10 @@ class Operations(pyfuse3.Operations):
                 os.utime(target, ns=times)
             else:
                 os.utime(target, ns=times, follow_symlinks=False)
-        return self._attrs(self._stat_node(node), node)
+        attrs = self._attrs(self._stat_node(node), node)
+        if self._bound_parent(inode) is not None:
+            attrs.entry_timeout = attrs.attr_timeout = 0
+        return attrs
 
     def _setattr_dead(self, node: Node, attr, fields) -> pyfuse3.EntryAttributes:
         """SETATTR of a file whose last link is gone and that no handle has open.
@@ -662,11 +691,17 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.symlink_target(os.readlink(self.inodes.path(inode)))
+        stored = os.readlink(self.inodes.path(inode))
+        if not self.tree.bindings:
+            return self.tree.symlink_target(stored)
+        parent = self.inodes.parent_of(inode)  # its target is under its directory's key
+        await self.key_bindings.check_caller(parent, ctx)
+        return self.tree.symlink_target(stored, self.inodes.dir_path(parent), parent)
 
     # --------------------------------------------------------- create / delete
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, path = self._child(parent_inode, name)
         with self.tree.naming(directory, entry):
             os.mknod(path, self._mode_to_make(mode, ctx), rdev)
@@ -675,6 +710,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, path = self._child(parent_inode, name)
         with self.tree.naming(directory, entry):
             self.tree.make_dir(path, stat.S_IMODE(mode))  # exactly the mode asked, sticky too
@@ -683,17 +719,20 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, path = self._child(parent_inode, name)
         with self.tree.naming(directory, entry):
-            os.symlink(self.tree.stored_target(target), path)
+            os.symlink(self.tree.stored_target(target, directory, parent_inode), path)
         self._give_to_caller(directory, path, ctx)
         return self._entry(parent_inode, entry.backing, os.lstat(path))
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        await self.key_bindings.check_caller(new_parent_inode, ctx)  # a bound directory's names
         node = self.inodes.get(inode)
         if node.open_file is not None:
             node.open_file.engine.flush()
+        self.key_bindings.check_link(inode, new_parent_inode)
         directory, entry, new_path = self._child(new_parent_inode, new_name)
         with self.tree.naming(directory, entry):
             os.link(self.inodes.path(inode), new_path, follow_symlinks=False)
@@ -702,6 +741,7 @@ class Operations(pyfuse3.Operations):
     @audited("Unlink")
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, dir_fd = self._child_at(parent_inode, name)
         st = os.lstat(entry.backing, dir_fd=dir_fd)
         os.unlink(entry.backing, dir_fd=dir_fd)
@@ -712,9 +752,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, path = self._child(parent_inode, name)
         st = os.lstat(path)
+        bound_id = self.key_bindings.bound_id(path)  # a bound directory's binding goes too
         self.tree.remove_dir(path)
+        self.key_bindings.unbind_removed(bound_id)
         self.tree.drop_name(directory, entry)
         self.tree.forget_dir(self.inodes.current_ino(st.st_ino))
         self.inodes.unlink(parent_inode, entry.backing, st.st_ino, last_link=True, last_stat=st)
@@ -722,8 +765,13 @@ class Operations(pyfuse3.Operations):
     @audited("Rename")
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.key_bindings.check_caller(parent_inode_old, ctx)  # a bound directory's names
+        await self.key_bindings.check_caller(parent_inode_new, ctx)  # a bound directory's names
         old_dir, old_entry, old_path = self._child(parent_inode_old, name_old)
         new_dir, new_entry, new_path = self._child(parent_inode_new, name_new)
+        self.key_bindings.check_rename(
+            parent_inode_old, parent_inode_new, old_path, new_path, bool(flags & RENAME_EXCHANGE)
+        )
         moved = self.inodes.current_ino(os.lstat(old_path).st_ino)
         try:
             replaced_st: os.stat_result | None = os.lstat(new_path)
@@ -751,6 +799,7 @@ class Operations(pyfuse3.Operations):
             if replaced_dir_id is not None:
                 self.tree.write_dir_id(new_path, replaced_dir_id)
             raise
+        self.key_bindings.unbind_removed(replaced_dir_id)  # a bound directory replaced
         if not flags & RENAME_EXCHANGE and old_path != new_path:
             self.tree.drop_name(old_dir, old_entry)
         old, new = (parent_inode_old, old_entry.backing), (parent_inode_new, new_entry.backing)
@@ -773,12 +822,15 @@ class Operations(pyfuse3.Operations):
     @audited("Create")
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         self._check_writable_mount()
         directory, entry, dir_fd = self._child_at(parent_inode, name)
         provider = FileKeyProvider()
         caller = self._caller(ctx)
         if caller is not None:  # keyd decides before the file exists (EACCES: none made)
-            provider.prepared = await self.keys.new_file_key(caller=caller)
+            provider.prepared = await self.keys.new_file_key(
+                self.key_bindings.new_file_key_arn(parent_inode), caller=caller
+            )
         with self.tree.naming(directory, entry):
             fd = os.open(
                 entry.backing,
@@ -1217,6 +1269,7 @@ class Operations(pyfuse3.Operations):
     # ----------------------------------------------------------- directories
     @_handler
     async def opendir(self, inode: int, ctx) -> int:
+        await self.key_bindings.check_caller(inode, ctx)  # a bound directory's names
         fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         handle = self._new_handle()
         self._dir_handles[handle] = DirHandle(inode, fd)
@@ -1239,6 +1292,7 @@ class Operations(pyfuse3.Operations):
             name = (b".", b"..")[position]
             if not pyfuse3.readdir_reply(token, name, self._dot_attrs(handle, name), position + 1):
                 return
+        uncached = self.key_bindings.uncached(handle.inode)  # entries the kernel must not keep
         for index in range(max(start_id, 2) - 2, len(handle.entries)):
             entry = handle.entries[index]
             try:
@@ -1247,6 +1301,8 @@ class Operations(pyfuse3.Operations):
                 continue
             ino = self.inodes.ino_of(st.st_ino)
             attrs = self._attrs(st, self.inodes.nodes.get(ino), ino)
+            if uncached:
+                attrs.entry_timeout = attrs.attr_timeout = 0
             if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):
                 return
             self.inodes.remember(ino, handle.inode, entry.backing)
@@ -1313,6 +1369,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        if name == KEY_XATTR:
+            return await self.key_bindings.bind(inode, value, ctx)
         self._check_writable_mount()
         backing = self._backing_xattr(name)
         self._xattr_call(inode, os.setxattr, backing, self.xattrs.seal_value(backing, value))
@@ -1327,6 +1385,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def _get_user_xattr(self, inode: int, name: bytes) -> bytes:
+        if name == KEY_XATTR:
+            return self.key_bindings.describe(inode)
         backing = self._backing_xattr(name)
         try:
             sealed = self._xattr_call(inode, os.getxattr, backing)
@@ -1353,6 +1413,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        if name == KEY_XATTR:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a binding is not removed this way
         self._check_writable_mount()
         backing = self._backing_xattr(name)
         try:

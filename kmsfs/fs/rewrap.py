@@ -72,6 +72,13 @@ from kmsfs.format.header import (
     read_header,
     unwrap_data_key,
 )
+from kmsfs.fs.bindings import (
+    name_key_commitment,
+    name_key_context,
+    read_records,
+    store_records,
+    unlock_records,
+)
 from kmsfs.fs.config import (
     CONFIG_NAME,
     FsConfig,
@@ -199,6 +206,36 @@ def rewrap_config(
     )
     new_config.seal(metadata_key)
     return new_config, new_blob
+
+
+def _rewrap_bindings(client: KMSClient, config: FsConfig, targets: dict[str, KeyTarget]) -> bool:
+    """Each binding's name key ReEncrypted under its CMK's current version (into
+    ``config``, not yet sealed or written); ``targets`` gets each bound CMK's target.
+    Whether any blob changed. A new blob must unwrap to the committed name key."""
+    records = read_records(config)
+    changed = False
+    for dir_id, record in sorted(records.items()):
+        context = name_key_context(config, dir_id)
+        response = client.re_encrypt(
+            record.wrapped,
+            record.key_arn,
+            source_encryption_context=context,
+            destination_encryption_context=context,
+            source_key_id=record.key_arn,
+        )
+        new_blob: bytes = response["CiphertextBlob"]
+        unwrapped = client.decrypt(new_blob, encryption_context=context, key_id=record.key_arn)
+        if not hmac.compare_digest(name_key_commitment(unwrapped["Plaintext"]), record.commitment):
+            raise KmsfsError("the key service returned another name key for a key binding")
+        named = blob_key_version(new_blob)
+        if record.key_arn not in targets:
+            arn, key_id = _target_of(client, record.key_arn)
+            targets[record.key_arn] = KeyTarget(arn, key_id, named[1] if named else None)
+        if named is None or blob_key_version(record.wrapped) != named:
+            records[dir_id] = dataclasses.replace(record, wrapped=new_blob)
+            changed = True
+    store_records(config, records)
+    return changed
 
 
 def _restore_times(fd: int, before: os.stat_result) -> None:
@@ -411,17 +448,33 @@ def rewrap_cipherdir(
         client = pool.client()
         metadata_key = unlock_config(client, config, f"keyd at {endpoint}")
         root = os.fsencode(cipherdir.resolve())
-        tree = CipherTree(root, None if config.plaintext_names else NameCipher(metadata_key))
+        tree = CipherTree(
+            root,
+            None if config.plaintext_names else NameCipher(metadata_key),
+            key_arn=config.key_arn,
+            bindings=unlock_records(client, config),
+        )
         target_arn, target_id = _target_of(client, to_key or config.key_arn)
         summary.target = target_arn
         # ReEncrypt the metadata key first: its blob names the target's current version
         new_config, new_blob = rewrap_config(client, config, metadata_key, target_arn)
         named = blob_key_version(new_blob)
         target = KeyTarget(target_arn, target_id, named[1] if named else None)
+        # per-directory CMKs, without --to-key: each file to its directory's binding,
+        # and each binding's name key to its CMK's current version
+        targets = {target_arn: target}
+        per_binding = to_key is None and bool(tree.bindings)
+        bindings_rewrapped = False
+        if per_binding:
+            bindings_rewrapped = _rewrap_bindings(client, new_config, targets)
+            if bindings_rewrapped:
+                new_config.seal(metadata_key)
+            summary.target = "their directories' bindings"
         if subdir is None and (
             target.version is None
             or not target.holds(config.metadata_key_wrapped, config.key_arn)
             or config.key_arn != new_config.key_arn
+            or bindings_rewrapped
         ):
             if not dry_run:
                 write_new_config(cipherdir, new_config)
@@ -436,7 +489,10 @@ def rewrap_cipherdir(
 
         def work(path: bytes) -> tuple[bytes, _Prepared | str]:
             try:
-                return path, prepare_file(path, pool.client(), target, dry_run=dry_run)
+                wanted = target
+                if per_binding:
+                    wanted = targets[tree.binding(os.path.dirname(path)).key_arn]
+                return path, prepare_file(path, pool.client(), wanted, dry_run=dry_run)
             except (OSError, FormatError, KmsfsError, ValueError) as error:
                 return path, f"error: {getattr(error, 'strerror', None) or error}"
 

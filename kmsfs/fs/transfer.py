@@ -46,6 +46,7 @@ from typing import Any
 
 from kmsfs.errors import InUse, KmsfsError, UsageError
 from kmsfs.format import EncryptedFile
+from kmsfs.fs.bindings import unlock_records
 from kmsfs.fs.config import FsConfig, keyd_endpoint, load_config
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.offline import unlock_config
@@ -110,6 +111,7 @@ def _open_cipherdir(
     try:
         with KMSClient(endpoint, keyd_uid=keyd_uid) as client:
             metadata_key = unlock_config(client, config, f"keyd at {endpoint}")
+            bound = unlock_records(client, config)
     except BaseException:
         if lock is not None:
             os.close(lock)
@@ -117,7 +119,12 @@ def _open_cipherdir(
     root = os.fsencode(Path(cipherdir).resolve())
     names = None if config.plaintext_names else NameCipher(metadata_key)
     return _Opened(
-        config, CipherTree(root, names), XattrCipher(metadata_key), endpoint, keyd_uid, lock
+        config,
+        CipherTree(root, names, key_arn=config.key_arn, bindings=bound),
+        XattrCipher(metadata_key),
+        endpoint,
+        keyd_uid,
+        lock,
     )
 
 
@@ -385,7 +392,7 @@ class _Importer(_Transfer):
                 else:
                     self.jobs.setdefault(target, []).append((path, info, target, entry))
             elif kind == stat.S_IFLNK:
-                stored = self.tree.stored_target(os.readlink(path))
+                stored = self.tree.stored_target(os.readlink(path), target, target)
                 with self.tree.naming(target, entry):
                     os.symlink(stored, backing)
                 _chown(backing, info, follow=False)
@@ -418,7 +425,7 @@ class _Importer(_Transfer):
                 engine = EncryptedFile.open(
                     fd,
                     key_provider=self.clients.provider(),
-                    key_id=self.config.key_arn,
+                    key_id=self.tree.binding(target, target).key_arn,  # its directory's CMK
                     encryption_context=self.config.file_context,
                     chunk_size=self.config.chunk_size,
                 )
@@ -546,7 +553,7 @@ def _compare(
     if stat.S_IMODE(source.st_mode) != stat.S_IMODE(stored.st_mode):
         return "mode differs"
     if stat.S_ISLNK(source.st_mode):
-        if tree.symlink_target(os.readlink(backing)) != os.readlink(path):
+        if tree.symlink_target(os.readlink(backing), os.path.dirname(backing)) != os.readlink(path):
             return "symlink target differs"
         return None
     if source.st_mtime_ns != stored.st_mtime_ns and not stat.S_ISDIR(source.st_mode):
@@ -696,7 +703,8 @@ class _Exporter(_Transfer):
                 else:
                     self.jobs.setdefault(target, []).append((backing, info, target, entry.name))
             elif kind == stat.S_IFLNK:
-                os.symlink(self.tree.symlink_target(os.readlink(backing)), path)
+                stored = os.readlink(backing)
+                os.symlink(self.tree.symlink_target(stored, directory, directory), path)
                 _chown(path, info, follow=False)
                 os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
                 self.summary.symlinks += 1

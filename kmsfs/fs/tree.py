@@ -14,10 +14,11 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from kmsfs.fs.bindings import Binding, BindingMap, offline_parent
 from kmsfs.fs.config import CONFIG_NAME
 from kmsfs.fs.names import (
     DIR_ID_SIZE,
@@ -58,10 +59,27 @@ class Stray:
     problem: str
 
 
+ParentOf = Callable[[bytes, Hashable | None], tuple[bytes, Hashable | None] | None]
+
+
 class CipherTree:
-    def __init__(self, root: bytes, names: NameCipher | None) -> None:
+    """``names``: the filesystem's default name cipher (None: plaintext names);
+    ``bindings``: the per-directory CMKs (``bindings.py``), whose name keys replace it in
+    their subtrees. ``parent_of`` finds a directory's parent for them (default: the
+    backing path's dirname, for offline tools' real paths; the mount sets its own)."""
+
+    def __init__(
+        self,
+        root: bytes,
+        names: NameCipher | None,
+        *,
+        key_arn: str = "",
+        bindings: dict[bytes, Binding] | None = None,
+    ) -> None:
         self.root = root
         self.names = names
+        self.bindings = BindingMap(Binding(key_arn, names), bindings)
+        self.parent_of: ParentOf = offline_parent(root)
         self._dir_ids: dict[Hashable, bytes] = {}
         #: strays warned about: (the directory's cache key, or its path; backing name)
         self._warned: set[tuple[Hashable, bytes]] = set()
@@ -92,6 +110,24 @@ class CipherTree:
 
     def forget_dir(self, cache_key: Hashable) -> None:
         self._dir_ids.pop(cache_key, None)
+        self.bindings.forget(cache_key)
+
+    def binding(self, directory: bytes, cache_key: Hashable | None = None) -> Binding:
+        """The effective binding of a directory (its own, else its nearest ancestor's,
+        else kmsfs.conf's): the CMK of its new files and the cipher of its names."""
+        if not self.bindings:
+            return self.bindings.default
+        return self.bindings.effective(directory, cache_key, self.dir_id, self.parent_of)
+
+    def _names_of(self, directory: bytes, cache_key: Hashable | None) -> NameCipher:
+        """The name cipher for entries of ``directory`` (encrypted names only); OSError
+        (EACCES, EIO) when its binding's name key could not be had."""
+        if not self.bindings:
+            assert self.names is not None
+            return self.names
+        names = self.binding(directory, cache_key).name_cipher()
+        assert names is not None
+        return names
 
     def write_dir_id(self, directory: bytes, dir_id: bytes | None = None) -> None:
         fd = os.open(
@@ -160,7 +196,7 @@ class CipherTree:
                 raise OSError(errno.EPERM, "kmsfs.conf is reserved")
             return Entry(name, name, None)
         dir_id = self.dir_id(directory, cache_key)
-        encoded = self.names.encrypt_name(dir_id, name)
+        encoded = self._names_of(directory, cache_key).encrypt_name(dir_id, name)
         return Entry(name, NameCipher.backing_name(encoded), encoded, dir_id)
 
     def add_name(self, directory: bytes, entry: Entry) -> bool:
@@ -203,6 +239,9 @@ class CipherTree:
         """Drop the entry's name from the name cache: it is gone, or never was there."""
         if self.names is not None and entry.encoded is not None and entry.dir_id is not None:
             self.names.forget(entry.dir_id, entry.name, entry.encoded)
+            for binding in self.bindings.bound.values():
+                if binding.names is not None:
+                    binding.names.forget(entry.dir_id, entry.name, entry.encoded)
 
     def drop_name(self, directory: bytes, entry: Entry) -> None:
         """After an entry is gone: its sidecar, if it had one, and its cached name."""
@@ -219,6 +258,7 @@ class CipherTree:
         """The plaintext name of a backing entry; raises NameError_ if it is not ours."""
         assert self.names is not None
         dir_id = self.dir_id(directory, cache_key)
+        names = self._names_of(directory, cache_key)
         if is_longname(backing):
             try:
                 with open(directory + b"/" + longname_sidecar(backing), "rb") as sidecar:
@@ -226,10 +266,10 @@ class CipherTree:
             except FileNotFoundError:
                 raise NameError_("long name without its .name file") from None
             NameCipher.check_longname(backing, encoded)
-            return self.names.decrypt_name(dir_id, encoded)
+            return names.decrypt_name(dir_id, encoded)
         if is_internal(backing):
             raise NameError_("internal file")
-        return self.names.decrypt_name(dir_id, backing)
+        return names.decrypt_name(dir_id, backing)
 
     def list_dir(
         self, directory: bytes, cache_key: Hashable | None = None
@@ -238,6 +278,7 @@ class CipherTree:
         entries: list[Entry] = []
         strays: list[Stray] = []
         shown: list[str] = []  # the directory as messages show it, worked out once
+        names = None if self.names is None else self._names_of(directory, cache_key)
         for backing in os.listdir(directory):
             if self.names is None:
                 if not self.is_hidden(directory, backing):
@@ -254,7 +295,8 @@ class CipherTree:
                 strays.append(Stray(directory, backing, str(error)))
                 self._warn(directory, backing, str(error), cache_key, shown)
                 continue
-            encoded = self.names.encrypt_name(self.dir_id(directory, cache_key), name)
+            assert names is not None
+            encoded = names.encrypt_name(self.dir_id(directory, cache_key), name)
             entries.append(Entry(name, backing, encoded))
         return entries, strays
 
@@ -287,16 +329,26 @@ class CipherTree:
         log.warning("%s/%s: left out of the listing: %s", shown[0], os.fsdecode(backing), problem)
 
     # --------------------------------------------------------------- symlinks
-    def symlink_target(self, stored: bytes) -> bytes:
+    def symlink_target(
+        self, stored: bytes, directory: bytes | None = None, cache_key: Hashable | None = None
+    ) -> bytes:
+        """The target of a symlink stored in ``directory`` (its binding's name key; the
+        filesystem's when no directory is given)."""
         if self.names is None:
             return stored
+        names = self.names if directory is None else self._names_of(directory, cache_key)
         try:
-            return self.names.decrypt_target(stored)
+            return names.decrypt_target(stored)
         except NameError_:
             raise OSError(errno.EIO, "symlink target failed authentication") from None
 
-    def stored_target(self, target: bytes) -> bytes:
-        return target if self.names is None else self.names.encrypt_target(target)
+    def stored_target(
+        self, target: bytes, directory: bytes | None = None, cache_key: Hashable | None = None
+    ) -> bytes:
+        if self.names is None:
+            return target
+        names = self.names if directory is None else self._names_of(directory, cache_key)
+        return names.encrypt_target(target)
 
     def symlink_size(self, stored_size: int) -> int:
         return stored_size if self.names is None else NameCipher.target_length(stored_size)

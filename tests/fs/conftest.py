@@ -11,7 +11,9 @@
   factory bound to it.
 
 Environment switches (helpers.py): ``KMSFS_TEST_PLAINTEXT_NAMES=1`` (cipher directories
-with plaintext names), ``KMSFS_TEST_AUDIT_OPENS=1`` (every mount with ``--audit-opens``).
+with plaintext names), ``KMSFS_TEST_AUDIT_OPENS=1`` (every mount with ``--audit-opens``),
+``KMSFS_TEST_ROOT_BINDING=1`` (a per-directory CMK bound at every cipher directory's root
+right after init).
 """
 
 from __future__ import annotations

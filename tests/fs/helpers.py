@@ -10,6 +10,10 @@ Cipher directories get encrypted names (kmsfs's default) unless
 ``KMSFS_TEST_PLAINTEXT_NAMES=1`` is set (then ``kmsfs init --plaintext-names``, to run
 the whole mount suite in that mode) or a factory or ``init`` call says otherwise.
 ``KMSFS_TEST_AUDIT_OPENS=1`` mounts everything with ``--audit-opens``.
+``KMSFS_TEST_ROOT_BINDING=1`` binds the root of every cipher directory with encrypted
+names to a second CMK (``alias/fs-root``, made on the keyd if missing) right after
+``init`` (``kmsfs key set --cipherdir CIPHER / alias/fs-root``), to run the suite with
+a per-directory binding at the root.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from tests.conftest import KMSFS, Keyd, run_kmsfs
 MOUNT_TIMEOUT = 30.0
 PLAINTEXT_NAMES_ENV = "KMSFS_TEST_PLAINTEXT_NAMES"
 AUDIT_OPENS_ENV = "KMSFS_TEST_AUDIT_OPENS"
+ROOT_BINDING_ENV = "KMSFS_TEST_ROOT_BINDING"
+ROOT_BINDING_KEY = "alias/fs-root"
 FRESH_INO_BASE = 1 << 63  # kmsfs/fs/inodes.py: FRESH_BASE
 CHUNK = 1 << 16
 HEADER_SIZE = 2048
@@ -44,6 +50,18 @@ def plaintext_names_by_default() -> bool:
 def audit_opens_by_default() -> bool:
     """Whether ``KMSFS_TEST_AUDIT_OPENS`` asks every mount for ``--audit-opens``."""
     return os.environ.get(AUDIT_OPENS_ENV, "").strip().lower() not in ("", "0", "no", "false")
+
+
+def root_binding_by_default() -> bool:
+    """Whether ``KMSFS_TEST_ROOT_BINDING`` asks for a binding at every cipher root."""
+    return os.environ.get(ROOT_BINDING_ENV, "").strip().lower() not in ("", "0", "no", "false")
+
+
+def bind_root(keyd: Keyd, cipher: Path) -> None:
+    """Bind the (empty) root of ``cipher`` to ``alias/fs-root``, made if missing."""
+    if keyd.kmsfs("keys", "describe", ROOT_BINDING_KEY, check=False).returncode != 0:
+        keyd.kmsfs("keys", "create", "--alias", ROOT_BINDING_KEY)
+    keyd.kmsfs("key", "set", "--cipherdir", str(cipher), "/", ROOT_BINDING_KEY)
 
 
 def mounted_paths() -> set[str]:
@@ -284,9 +302,12 @@ class MountFactory:
     ) -> Path:
         cipher = self.root / (name or f"c{uuid.uuid4().hex[:6]}")
         extra = ["--chunk-size", str(chunk_size)] if chunk_size else []
-        if self.plaintext_names if plaintext_names is None else plaintext_names:
+        plaintext = self.plaintext_names if plaintext_names is None else plaintext_names
+        if plaintext:
             extra.append("--plaintext-names")
         self.keyd.kmsfs("init", str(cipher), "--key", key, *extra)
+        if not plaintext and root_binding_by_default():
+            bind_root(self.keyd, cipher)
         return cipher
 
     def mount(
@@ -416,6 +437,7 @@ __all__ = [
     "flip_byte",
     "is_mounted",
     "plaintext_names_by_default",
+    "root_binding_by_default",
     "run_as_child",
     "run_kmsfs",
     "umask",
