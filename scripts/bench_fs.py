@@ -24,7 +24,9 @@ better).
 
 --audit-opens adds kmsfs-audit: a second kmsfs mount (same keyd) with ``--audit-opens``,
 and a column "kmsfs-audit vs kmsfs" (> 1: auditing made it faster; < 0.9: more than
-10% slower).
+10% slower). --bound adds kmsfs-bound: a kmsfs mount whose root is bound to a CMK of its
+own (``kmsfs key set --cipherdir CIPHER / KEY`` before mounting: every name and data key
+under the binding's), and a column "kmsfs-bound vs kmsfs".
 
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
 ~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
@@ -60,8 +62,9 @@ REPO = SCRIPTS.parent
 SYSTEMS = ["kmsfs", "gocryptfs", "plain"]  # + "kmsfs-aws" with --aws-provider
 AWS_SYSTEM = "kmsfs-aws"
 AUDIT_SYSTEM = "kmsfs-audit"
+BOUND_SYSTEM = "kmsfs-bound"
 #: variants of kmsfs compared with the plain kmsfs mount in a column of their own
-VARIANTS = (AWS_SYSTEM, AUDIT_SYSTEM)
+VARIANTS = (AWS_SYSTEM, AUDIT_SYSTEM, BOUND_SYSTEM)
 WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
 READ_AHEAD_KB = 1024
 #: the share of the dirty-page limit kmsfs's mount gives itself (--max-dirty-ratio's
@@ -324,15 +327,22 @@ class Rig:
             + ["--keyd-socket", str(self.keyd_socket), "--description", "scripts/bench"]
         )
 
-    def start_kmsfs(self, name: str = "kmsfs", *extra: str) -> None:
+    def start_kmsfs(self, name: str = "kmsfs", *extra: str, bind_root: bool = False) -> None:
         assert self.keyd_socket is not None
+        socket_args = ["--keyd-socket", str(self.keyd_socket)]
         cipher, mnt = self.base / f"{name}.cipher", self.base / f"{name}.mnt"
         cipher.mkdir()
         mnt.mkdir()
-        run(
-            [self.kmsfs_bin, "init", str(cipher), "--key", self.key_alias]
-            + ["--keyd-socket", str(self.keyd_socket)]
-        )
+        run([self.kmsfs_bin, "init", str(cipher), "--key", self.key_alias] + socket_args)
+        if bind_root:  # the root bound to a second CMK (issue 17's per-directory CMKs)
+            alias = f"{self.key_alias}-bound"
+            run(
+                [self.kmsfs_bin, "keys", "create", "--alias", alias, "--description"]
+                + ["scripts/bench --bound", *socket_args]
+            )
+            run(
+                [self.kmsfs_bin, "key", "set", "--cipherdir", str(cipher), "/", alias, *socket_args]
+            )
         log_path = self.base / f"{name}-mount.log"
         proc = start_logged(
             [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
@@ -858,6 +868,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also mount kmsfs with --audit-opens (system kmsfs-audit, compared with kmsfs)",
     )
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="also mount kmsfs with its root bound to a CMK of its own (kmsfs key set; "
+        "system kmsfs-bound, compared with kmsfs)",
+    )
     parser.add_argument("--fio-seconds", type=int, help="seconds per fio run (20; quick 5)")
     parser.add_argument(
         "--plain-fio-seconds",
@@ -974,6 +990,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.audit_opens:
             SYSTEMS.insert(1, AUDIT_SYSTEM)
             rig.start_kmsfs(AUDIT_SYSTEM, "--audit-opens")
+        if args.bound:
+            SYSTEMS.insert(1, BOUND_SYSTEM)
+            rig.start_kmsfs(BOUND_SYSTEM, bind_root=True)
         rig.start_gocryptfs()
         rig.start_plain()
         report["bdi"] = rig.bdi

@@ -517,7 +517,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="make keyd calls (open, create, a new file's key) as the request's caller "
         "(keyd checks its key policy for that user, kms:ViaService=kmsfs-mount); default: "
-        "on when root mounts on keyd. A non-root mount needs keyd serve --forwarders",
+        "on when root mounts on keyd with allow_other (without it nobody else can make "
+        "requests). A non-root mount needs keyd serve --forwarders",
     )
     mount.add_argument(
         "--busy-poll-us",

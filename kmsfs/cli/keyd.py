@@ -547,7 +547,21 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     stop.set_defaults(func=cmd_keyd_stop)
 
-    audit_parser = keyd.add_parser("audit", help="read and verify the audit log")
+    _add_audit_commands(keyd.add_parser("audit", help="read and verify the audit log"))
+    # also at the top level (issue 17 names it ``kmsfs audit resolve``): the same commands
+    _add_audit_commands(
+        commands.add_parser(
+            "audit", help="keyd's audit log: tail, verify, resolve (as kmsfs keyd audit)"
+        )
+    )
+
+    from kmsfs.cli import keyd_admin
+
+    keyd_admin.add_parsers(keyd)
+
+
+def _add_audit_commands(audit_parser: argparse.ArgumentParser) -> None:
+    """``tail``, ``verify`` and ``resolve`` under ``kmsfs keyd audit`` and ``kmsfs audit``."""
     audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
     tail = audit_commands.add_parser("tail", help="show the last events")
     _keystore_options(tail)
@@ -581,7 +595,3 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     keyd_options(resolve, KEYD_HINT_HELP)
     aws_options(resolve)
     resolve.set_defaults(func=cmd_audit_resolve)
-
-    from kmsfs.cli import keyd_admin
-
-    keyd_admin.add_parsers(keyd)

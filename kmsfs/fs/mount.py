@@ -646,13 +646,17 @@ def _forwards_callers(options: MountOptions, service: KeyService) -> bool:
     """Whether keyd calls made for a request carry its caller (issue 17): by default
     when root mounts on keyd (keyd trusts root to forward); a non-root mount only when
     asked (keyd must name its user in --forwarders, else other users get EACCES).
-    AWS KMS takes no forwarded identity: such a mount forwards nothing."""
+    AWS KMS takes no forwarded identity: such a mount forwards nothing. Nor does a mount
+    without ``allow_other``: the kernel lets only the mounting user in, who is the mount's
+    own principal (and then nothing pays for forwarding: see MountKeyBindings.uncached)."""
     if service.kind != "keyd":
         if options.forward_callers:
             raise MountError(
                 "--forward-callers: the CMK is in AWS KMS, which takes no forwarded "
                 "identity (only keyd does)"
             )
+        return False
+    if not options.allow_other:
         return False
     if options.forward_callers is None:
         return os.geteuid() == 0

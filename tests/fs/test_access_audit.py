@@ -406,7 +406,7 @@ def test_scripted_session_is_recorded_one_for_one(fault_env: FaultEnv) -> None:
     verified = keyd.kmsfs("keyd", "audit", "verify", "--keystore", str(keyd.keystore))
     assert b"chain intact" in verified.stdout
 
-    resolved = keyd.kmsfs("keyd", "audit", "resolve", str(cipher), "--json")
+    resolved = keyd.kmsfs("audit", "resolve", str(cipher), "--json")
     paths = {}
     for line in resolved.stdout.decode().splitlines():
         item = json.loads(line)

@@ -334,3 +334,19 @@ def test_fstab_options_turn_forwarding_on_and_off() -> None:
     assert off.forward_callers is False and off.allow_other
     on = apply_options(parse_options(["forward_callers"]), MountOptions(forward_callers=False))
     assert on.forward_callers is True
+
+
+def test_only_a_mount_others_can_use_forwards() -> None:
+    """Without allow_other the kernel lets only the mounting user in, the mount's own
+    principal: nothing to forward (and nothing to pay for it, see
+    MountKeyBindings.uncached); AWS KMS never takes a forwarded identity."""
+    from kmsfs.fs.keyservice import KeyService
+    from kmsfs.fs.mount import MountError, MountOptions, _forwards_callers
+
+    keyd, aws = KeyService("keyd"), KeyService("aws")
+    assert _forwards_callers(MountOptions(allow_other=True), keyd) == (os.geteuid() == 0)
+    assert _forwards_callers(MountOptions(allow_other=True, forward_callers=True), keyd)
+    assert not _forwards_callers(MountOptions(forward_callers=True), keyd)
+    assert not _forwards_callers(MountOptions(allow_other=True), aws)
+    with pytest.raises(MountError):
+        _forwards_callers(MountOptions(allow_other=True, forward_callers=True), aws)
