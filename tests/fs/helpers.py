@@ -19,6 +19,7 @@ a per-directory binding at the root.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -55,6 +56,19 @@ def audit_opens_by_default() -> bool:
 def root_binding_by_default() -> bool:
     """Whether ``KMSFS_TEST_ROOT_BINDING`` asks for a binding at every cipher root."""
     return os.environ.get(ROOT_BINDING_ENV, "").strip().lower() not in ("", "0", "no", "false")
+
+
+def _key_service_is_aws(cipher: Path) -> bool:
+    try:
+        return "key_service" in json.loads((cipher / "kmsfs.conf").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def file_key_aliases() -> tuple[str, ...]:
+    """The CMKs that protect the files of a cipher directory ``MountFactory.init`` made
+    with its default key: alias/fs, and alias/fs-root when the root is bound to it."""
+    return ("alias/fs", ROOT_BINDING_KEY) if root_binding_by_default() else ("alias/fs",)
 
 
 def bind_root(keyd: Keyd, cipher: Path) -> None:
@@ -169,7 +183,11 @@ class Mount:
             time.sleep(0.02)
 
     def _default_args(self) -> tuple[str, ...]:
-        if audit_opens_by_default() and "--audit-opens" not in self.args:
+        if (
+            audit_opens_by_default()
+            and "--audit-opens" not in self.args
+            and not _key_service_is_aws(self.cipher)  # keyd's audit log: keyd mounts only
+        ):
             return ("--audit-opens",)
         return ()
 
@@ -306,7 +324,8 @@ class MountFactory:
         if plaintext:
             extra.append("--plaintext-names")
         self.keyd.kmsfs("init", str(cipher), "--key", key, *extra)
-        if not plaintext and root_binding_by_default():
+        # (only with the default key: a test choosing its key is about that key's policy)
+        if not plaintext and key == "alias/fs" and root_binding_by_default():
             bind_root(self.keyd, cipher)
         return cipher
 
@@ -438,6 +457,7 @@ __all__ = [
     "is_mounted",
     "plaintext_names_by_default",
     "root_binding_by_default",
+    "file_key_aliases",
     "run_as_child",
     "run_kmsfs",
     "umask",

@@ -24,7 +24,7 @@ from kmsfs.errors import KeydUnavailable, StorageUnavailableException, Validatio
 from kmsfs.fs.access_audit import AccessAuditor, executable_of, file_id_of_fd, flag_names
 from kmsfs.kms import audit
 from tests.fs.conftest import FaultEnv
-from tests.fs.helpers import Mount, MountFactory, flip_byte, run_as_child
+from tests.fs.helpers import Mount, MountFactory, file_key_aliases, flip_byte, run_as_child
 
 FS_ID = "0123456789abcdef0123456789abcdef"
 #: the header's key commitment: after magic, version, lengths, chunk size and file id
@@ -369,11 +369,13 @@ def test_scripted_session_is_recorded_one_for_one(fault_env: FaultEnv) -> None:
     with pytest.raises(OSError) as damaged:
         (mnt / "damaged").read_bytes()  # Open: EIO
     assert damaged.value.errno == errno.EIO
-    keyd.kmsfs("keys", "disable", "alias/fs")
+    for alias in file_key_aliases():
+        keyd.kmsfs("keys", "disable", alias)
     with pytest.raises(OSError) as refused:
         os.open(mnt / "locked", os.O_RDWR)  # Open: EACCES, the key refused
     assert refused.value.errno == errno.EACCES
-    keyd.kmsfs("keys", "enable", "alias/fs")
+    for alias in file_key_aliases():
+        keyd.kmsfs("keys", "enable", alias)
     mount.unmount_clean()  # the queue is flushed at unmount
 
     records = access_records(keyd.keystore)[before:]
