@@ -46,6 +46,8 @@ from typing import Any
 
 from kmsfs.errors import InUse, KmsfsError, UsageError
 from kmsfs.format import EncryptedFile
+from kmsfs.format.header import SlotKind, read_header
+from kmsfs.format.keys import FILE_ID_SIZE, full_context
 from kmsfs.fs.config import FsConfig, keyd_endpoint, load_config
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.offline import unlock_config
@@ -60,6 +62,12 @@ from kmsfs.fs.xattrs import USER_PREFIX, XattrCipher
 from kmsfs.kms.client import KMSClient
 
 COPY_BLOCK = 1 << 20
+#: keyd requests made ahead of the file work (GenerateDataKey for import, Decrypt of the
+#: next files' headers for export), each on its own connection (its own thread): keyd
+#: answers one request in ~0.4 ms of its own CPU, so two keep it busy while we write
+AHEAD_CONNECTIONS = 2
+#: at most this many keys made ahead and not yet used (plaintext data keys in memory)
+AHEAD_DEPTH = 64
 #: export leaves runs of zeros this long (and aligned) as holes, as ``cp --sparse`` does
 HOLE_GRAIN = 64 << 10
 
@@ -223,27 +231,261 @@ def _remove_any(path: bytes) -> None:
         os.unlink(path)
 
 
-def _submit_interleaved(
-    executor: ThreadPoolExecutor,
-    function: Callable[..., int],
-    jobs: dict[bytes, list[tuple[Any, ...]]],
-    futures: list[Future[int]],
-) -> None:
-    """Submit the files of different directories side by side (the first of each, then
-    the second...): the kernel serialises creating files in one directory (its lock),
-    and ext4's inode allocation there is most of an import's time (perf: ext4_create).
-    5,000 files with 4 workers: 5.0 s interleaved, 8-9 s directory by directory."""
+def _interleaved(jobs: dict[bytes, list[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+    """The files of different directories side by side (the first of each, then the
+    second...), the order parallel workers take them in: the kernel serialises creating
+    files in one directory (its lock), and ext4's inode allocation there is most of an
+    import's time (perf: ext4_create). 5,000 files with 4 workers: 5.0 s interleaved,
+    8-9 s directory by directory."""
     queues = list(jobs.values())
+    order = []
     for index in range(max((len(queue) for queue in queues), default=0)):
         for queue in queues:
             if index < len(queue):
-                futures.append(executor.submit(function, *queue[index]))
+                order.append(queue[index])
+    return order
+
+
+# ------------------------------------------------------------------ keys made ahead
+class _Ahead:
+    """keyd calls made ahead of the file work, in threads of their own.
+
+    A file's keyd round trip (GenerateDataKey for import, Decrypt of its header's
+    wrapped key for export) used to sit in the middle of its copy: ~0.5 ms in which the
+    worker waited and keyd then idled while the worker wrote. Here ``AHEAD_CONNECTIONS``
+    threads, each with its own keep-alive connection (a :class:`KMSClient` is not
+    thread-safe), keep that many requests in flight while the files are written, with
+    at most ``AHEAD_DEPTH`` results made and not yet used (the mount's pool of data
+    keys, :mod:`kmsfs.fs.keys`, does the same for new files).
+
+    Items are added in the order they will be used (:meth:`add`), while the walk finds
+    them; :meth:`close` ends the list. A result is used once (:meth:`_take`) and dropped
+    at :meth:`stop`. Nothing fails here: an item whose call failed yields None and its
+    file makes the call itself, so every error still surfaces in that file's copy
+    exactly as without this class. After a failure no more calls are made ahead (keyd
+    is down or refuses the key: asking again is pointless).
+    """
+
+    def __init__(self, clients: ClientPerThread) -> None:
+        self._clients = clients
+        self._items: list[Any] = []
+        self._results: dict[int, Any] = {}  # index -> result (None: failed or given up)
+        self._started = 0  # items handed to a thread so far (in order)
+        self._in_flight = 0
+        self._ready = 0  # results made and not yet taken
+        self._closed = False  # no more items
+        self._stopped = False
+        self._failed = False
+        self._changed = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    def call(self, client: KMSClient, item: Any) -> Any:
+        raise NotImplementedError
+
+    def add(self, item: Any) -> int:
+        """Queue one more item (its index is returned)."""
+        with self._changed:
+            self._items.append(item)
+            if not self._threads:
+                for number in range(AHEAD_CONNECTIONS):
+                    thread = threading.Thread(
+                        target=self._run, name=f"kmsfs-ahead-{number}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+            self._changed.notify_all()
+            return len(self._items) - 1
+
+    def close(self) -> None:
+        """No more items will be added."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _next(self) -> int | None:
+        with self._changed:
+            while True:
+                if self._stopped or self._failed:
+                    return None
+                if self._started < len(self._items):
+                    if self._started in self._results:  # given up by its user already
+                        self._started += 1
+                        continue
+                    if self._ready + self._in_flight < AHEAD_DEPTH:
+                        self._started += 1
+                        self._in_flight += 1
+                        return self._started - 1
+                elif self._closed:
+                    return None
+                self._changed.wait()
+
+    def _run(self) -> None:
+        client = self._clients.client()
+        while (index := self._next()) is not None:
+            try:
+                result = self.call(client, self._items[index])
+            except Exception:  # the file's own call will raise it (see the class)
+                result = None
+            with self._changed:
+                self._in_flight -= 1
+                if result is None:
+                    self._failed = True
+                if self._stopped or index in self._results:
+                    pass  # nobody wants it any more: dropped
+                else:
+                    self._results[index] = result
+                    self._ready += result is not None
+                self._changed.notify_all()
+
+    def _take(self, index: int) -> Any:
+        """The result for item ``index``, waiting while the threads get to it; None if
+        its call failed, or no call will be made ahead for it (then its file makes its
+        own). Used once: the result is not kept."""
+        with self._changed:
+            while index not in self._results:
+                if self._stopped or self._failed or index >= len(self._items):
+                    self._results[index] = None  # given up: a thread skips it
+                    self._changed.notify_all()
+                    return None
+                self._changed.wait()
+            result = self._results[index]
+            self._results[index] = None
+            if result is not None:
+                self._ready -= 1
+                self._changed.notify_all()
+            return result
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._results.clear()
+            self._ready = 0
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+
+class _KeysAhead(_Ahead):
+    """Import: new data keys (GenerateDataKey), each bound to a file id chosen here, as
+    the format's ``take_prepared_key`` expects (:func:`kmsfs.format.header.create_header`).
+    Any key fits any new file of the filesystem: keys are handed out in the order they
+    are ready, one per non-empty file the walk found."""
+
+    def __init__(self, clients: ClientPerThread, key_id: str, context: dict[str, str]) -> None:
+        super().__init__(clients)
+        self.key_id = key_id
+        self.context = dict(context)
+        self._taken = 0
+
+    def call(self, client: KMSClient, item: Any) -> tuple[bytes, bytes, bytes, str]:
+        file_id = os.urandom(FILE_ID_SIZE)
+        response = client.generate_data_key(
+            self.key_id, encryption_context=full_context(file_id, self.context)
+        )
+        return file_id, response["Plaintext"], response["CiphertextBlob"], response["KeyId"]
+
+    def take(self) -> tuple[bytes, bytes, bytes, str] | None:
+        with self._changed:
+            index = self._taken
+            self._taken += 1
+        return self._take(index)
+
+    def forgo(self) -> None:
+        """A file counted by the walk needed no key after all (it is empty now)."""
+        self.take()
+
+
+class _ImportKeys(ClientDataKeyProvider):
+    """The format's key provider for one imported file: a key made ahead when the file
+    is the filesystem's kind (its CMK and context), else (or when none is ready) one
+    GenerateDataKey of its own, as before."""
+
+    def __init__(self, client: KMSClient, ahead: _KeysAhead | None) -> None:
+        super().__init__(client)
+        self.ahead = ahead
+
+    def take_prepared_key(
+        self, key_id: str, stored_context: dict[str, str]
+    ) -> tuple[bytes, bytes, bytes, str]:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            if key_id == ahead.key_id and stored_context == ahead.context:
+                prepared = ahead.take()
+                if prepared is not None:
+                    return prepared
+            else:
+                ahead.forgo()  # counted for this file by the walk, not for another
+        file_id = os.urandom(FILE_ID_SIZE)
+        data_key, wrapped_key, key_arn = self.generate_data_key(
+            key_id, full_context(file_id, stored_context)
+        )
+        return file_id, data_key, wrapped_key, key_arn
+
+    def release(self) -> None:
+        """The file is written: a key made ahead for it that it did not use is dropped."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.forgo()
+
+
+class _UnwrapAhead(_Ahead):
+    """Export: the data key of each file to be exported, unwrapped (Decrypt) from its
+    header before the file's turn. Items are backing paths in the order the files are
+    exported; a result is (wrapped key, full context, data key) and is only used for a
+    request asking for exactly that wrapped key under exactly that context (what keyd
+    itself would answer); the format then authenticates the header with the key as
+    always."""
+
+    def call(self, client: KMSClient, item: Any) -> tuple[bytes, dict[str, str], bytes] | None:
+        fd = os.open(item, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size == 0:
+                return None
+            header = read_header(fd)
+        finally:
+            os.close(fd)
+        slot = header.active_slot
+        if slot.kind != SlotKind.KMS_BLOB:
+            return None
+        context = header.full_context
+        data_key = client.decrypt(slot.wrapped_key, encryption_context=context)["Plaintext"]
+        return slot.wrapped_key, context, data_key
+
+    def take(self, index: int) -> tuple[bytes, dict[str, str], bytes] | None:
+        return self._take(index)
+
+
+class _ExportKeys(ClientDataKeyProvider):
+    """The format's key provider for one exported file: its key unwrapped ahead, if it
+    is the one asked for, else a Decrypt of its own."""
+
+    def __init__(self, client: KMSClient, ahead: _UnwrapAhead | None, index: int) -> None:
+        super().__init__(client)
+        self.ahead = ahead
+        self.index = index
+
+    def decrypt_data_key(self, wrapped_blob: bytes, encryption_context: dict[str, str]) -> bytes:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and self.index >= 0:
+            unwrapped = ahead.take(self.index)
+            if unwrapped is not None:
+                wrapped_key, context, data_key = unwrapped
+                if wrapped_key == wrapped_blob and context == encryption_context:
+                    return data_key
+        return super().decrypt_data_key(wrapped_blob, encryption_context)
+
+    def release(self) -> None:
+        """The file is exported: its key unwrapped ahead, if it was not used, is dropped."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and self.index >= 0:
+            ahead.take(self.index)
 
 
 class _Transfer:
     """What import and export share: the walk queues files per directory (``jobs``),
-    workers copy them (:meth:`copy_files`), hard links are made after every file, and
-    directories get their modes and times last, children first (:meth:`finish`)."""
+    workers copy them (:meth:`copy_files`) while ``ahead`` makes their keyd calls ahead
+    of them, hard links are made after every file, and directories get their modes and
+    times last, children first (:meth:`finish`)."""
 
     def __init__(
         self, opened: _Opened, *, merge: bool, workers: int, on_entry: Callable[[], None] | None
@@ -258,30 +500,44 @@ class _Transfer:
         self.directories: list[tuple[bytes, os.stat_result]] = []
         self.futures: list[Future[int]] = []
         self.jobs: dict[bytes, list[tuple[Any, ...]]] = {}
+        self.ahead: _Ahead | None = None
 
     def tick(self) -> None:
         if self.on_entry is not None:
             self.on_entry()
 
-    def copy_files(
-        self,
-        walk: Callable[[ThreadPoolExecutor | None], None],
-        copy: Callable[..., int],
-    ) -> None:
-        """Walk the tree (with one worker, ``walk`` copies as it goes), then copy the
-        queued files on the workers, interleaving directories."""
+    def copy_files(self, walk: Callable[[], None], copy: Callable[..., int]) -> None:
+        """Walk the tree, queueing its files, then copy them: in this thread with one
+        worker, else on the workers, interleaving directories."""
         executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
         try:
-            walk(executor)
-            if executor is not None:
-                _submit_interleaved(executor, copy, self.jobs, self.futures)
-            for future in self.futures:
-                self.summary.bytes += future.result()
-                self.tick()
+            walk()
+            if executor is None:
+                order = [job for queue in self.jobs.values() for job in queue]
+            else:
+                order = _interleaved(self.jobs)
+            order = self.before_copy(order)
+            if self.ahead is not None:
+                self.ahead.close()
+            if executor is None:
+                for job in order:
+                    self.summary.bytes += copy(*job)
+                    self.tick()
+            else:
+                self.futures = [executor.submit(copy, *job) for job in order]
+                for future in self.futures:
+                    self.summary.bytes += future.result()
+                    self.tick()
         finally:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
+            if self.ahead is not None:
+                self.ahead.stop()
             self.clients.close()
+
+    def before_copy(self, order: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The jobs about to be copied, in their order (export numbers them here)."""
+        return order
 
     def finish(self, target: bytes) -> None:
         for path, info in reversed(self.directories):  # children first
@@ -300,6 +556,8 @@ class _Importer(_Transfer):
         self.links: dict[tuple[int, int], tuple[bytes, Entry]] = {}
         self.pending_links: list[tuple[bytes, Entry, tuple[int, int], bytes]] = []
         self.lock = threading.Lock()
+        self.keys_ahead = _KeysAhead(self.clients, self.config.key_arn, self.config.file_context)
+        self.ahead = self.keys_ahead
 
     def entry(self, directory: bytes, name: bytes) -> Entry:
         with self.lock:  # the name cache is shared
@@ -338,14 +596,12 @@ class _Importer(_Transfer):
         return present.st_size
 
     def run(self, source: bytes, target: bytes) -> None:
-        self.copy_files(
-            lambda executor: self.import_dir(source, target, executor), self.import_file
-        )
+        self.copy_files(lambda: self.import_dir(source, target), self.import_file)
         for path, entry, key, target_dir in self.pending_links:
             self.link(path, entry, key, target_dir)
         self.finish(target)
 
-    def import_dir(self, source: bytes, target: bytes, executor: ThreadPoolExecutor | None) -> None:
+    def import_dir(self, source: bytes, target: bytes) -> None:
         with os.scandir(source) as listing:
             children = sorted(listing, key=lambda item: item.name)
         for child in children:
@@ -364,7 +620,7 @@ class _Importer(_Transfer):
             if self.existing(target, entry, info):
                 self.summary.skipped += 1
                 if kind == stat.S_IFDIR:
-                    self.import_dir(path, backing, executor)
+                    self.import_dir(path, backing)
                     self.directories.append((backing, info))
                 self.tick()
                 continue
@@ -375,15 +631,13 @@ class _Importer(_Transfer):
                 self.copy_xattrs(path, backing)
                 self.summary.directories += 1
                 self.tick()
-                self.import_dir(path, backing, executor)
+                self.import_dir(path, backing)
                 self.directories.append((backing, info))
             elif kind == stat.S_IFREG:
                 self.summary.files += 1
-                if executor is None:
-                    self.summary.bytes += self.import_file(path, info, target, entry)
-                    self.tick()
-                else:
-                    self.jobs.setdefault(target, []).append((path, info, target, entry))
+                self.jobs.setdefault(target, []).append((path, info, target, entry))
+                if info.st_size:  # it will need a data key
+                    self.keys_ahead.add(None)
             elif kind == stat.S_IFLNK:
                 stored = self.tree.stored_target(os.readlink(path))
                 with self.tree.naming(target, entry):
@@ -414,16 +668,22 @@ class _Importer(_Transfer):
         source_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fd, temporary = _new_unnamed(target)
+            keys = _ImportKeys(self.clients.client(), self.keys_ahead if info.st_size else None)
             try:
                 engine = EncryptedFile.open(
                     fd,
-                    key_provider=self.clients.provider(),
+                    key_provider=keys,
                     key_id=self.config.key_arn,
                     encryption_context=self.config.file_context,
                     chunk_size=self.config.chunk_size,
                 )
-                size = os.fstat(source_fd).st_size
-                for start, end in _data_segments(source_fd, size):
+                present = os.fstat(source_fd)
+                size = present.st_size
+                if present.st_blocks * 512 >= size:  # fully allocated: no hole to look for
+                    segments: Iterator[tuple[int, int]] = iter([(0, size)] if size else [])
+                else:
+                    segments = _data_segments(source_fd, size)
+                for start, end in segments:
                     for offset, data in _read_range(source_fd, start, end):
                         engine.write(offset, data)
                         copied += len(data)
@@ -438,6 +698,7 @@ class _Importer(_Transfer):
                     _place(fd, temporary, target, entry.backing)
                 temporary = None
             finally:
+                keys.release()
                 os.close(fd)
                 if temporary is not None:
                     os.unlink(temporary)
@@ -625,11 +886,11 @@ class _Exporter(_Transfer):
         super().__init__(opened, merge=merge, workers=workers, on_entry=on_entry)
         self.links: dict[tuple[int, int], bytes] = {}
         self.pending_links: list[tuple[bytes, bytes]] = []  # (first exported path, new path)
+        self.unwrap_ahead = _UnwrapAhead(self.clients)
+        self.ahead = self.unwrap_ahead
 
     def run(self, cipher_root: bytes, target: bytes) -> None:
-        self.copy_files(
-            lambda executor: self.export_dir(cipher_root, target, executor), self.export_file
-        )
+        self.copy_files(lambda: self.export_dir(cipher_root, target), self.export_file)
         for first, path in self.pending_links:
             if os.path.lexists(path):
                 if os.path.samefile(first, path):
@@ -655,9 +916,10 @@ class _Exporter(_Transfer):
         _remove_any(path)
         return False
 
-    def export_dir(
-        self, directory: bytes, target: bytes, executor: ThreadPoolExecutor | None
-    ) -> None:
+    def before_copy(self, order: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return [(*job, self.unwrap_ahead.add(job[0])) for job in order]
+
+    def export_dir(self, directory: bytes, target: bytes) -> None:
         entries, strays = self.tree.list_dir(directory, cache_key=directory)
         for stray in strays:  # not a kmsfs entry: left out, as the mount leaves it out
             relative = os.path.relpath(directory + b"/" + stray.backing, self.tree.root)
@@ -676,7 +938,7 @@ class _Exporter(_Transfer):
             if self.existing(path, info):
                 self.summary.skipped += 1
                 if kind == stat.S_IFDIR:
-                    self.export_dir(backing, path, executor)
+                    self.export_dir(backing, path)
                     self.directories.append((path, info))
                 self.tick()
                 continue
@@ -686,15 +948,11 @@ class _Exporter(_Transfer):
                 self.copy_xattrs(backing, path)
                 self.summary.directories += 1
                 self.tick()
-                self.export_dir(backing, path, executor)
+                self.export_dir(backing, path)
                 self.directories.append((path, info))
             elif kind == stat.S_IFREG:
                 self.summary.files += 1
-                if executor is None:
-                    self.summary.bytes += self.export_file(backing, info, target, entry.name)
-                    self.tick()
-                else:
-                    self.jobs.setdefault(target, []).append((backing, info, target, entry.name))
+                self.jobs.setdefault(target, []).append((backing, info, target, entry.name))
             elif kind == stat.S_IFLNK:
                 os.symlink(self.tree.symlink_target(os.readlink(backing)), path)
                 _chown(path, info, follow=False)
@@ -729,22 +987,32 @@ class _Exporter(_Transfer):
                 )
             os.setxattr(target, plain, value)
 
-    def export_file(self, backing: bytes, info: os.stat_result, target: bytes, name: bytes) -> int:
+    def export_file(
+        self, backing: bytes, info: os.stat_result, target: bytes, name: bytes, ahead: int = -1
+    ) -> int:
         copied = 0
-        backing_fd = os.open(backing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        keys = _ExportKeys(self.clients.client(), self.unwrap_ahead, ahead)
         try:
-            engine = EncryptedFile.open(
-                backing_fd,
-                key_provider=self.clients.provider(),
-                encryption_context=self.opened.config.file_context,
-                writable=False,
-            )
+            backing_fd = os.open(backing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            keys.release()
+            raise
+        try:
+            try:
+                engine = EncryptedFile.open(
+                    backing_fd,
+                    key_provider=keys,
+                    encryption_context=self.opened.config.file_context,
+                    writable=False,
+                )
+            finally:
+                keys.release()
             fd, temporary = _new_unnamed(target)
             try:
                 size = engine.size
-                buffer = bytearray(COPY_BLOCK)
+                buffer = bytearray(min(COPY_BLOCK, size))  # small files: not 1 MiB each
                 view = memoryview(buffer)
-                offset = 0
+                offset = written = 0
                 while offset < size:
                     count = engine.readinto(offset, view[: min(COPY_BLOCK, size - offset)])
                     if count <= 0:
@@ -754,9 +1022,11 @@ class _Exporter(_Transfer):
                         if buffer.count(0, start, end) != end - start:
                             while start < end:
                                 start += os.pwrite(fd, view[start:end], offset + start)
+                            written = offset + end
                     offset += count
                     copied += count
-                os.ftruncate(fd, size)
+                if written != size:  # a hole at the end (the new file is empty, no larger)
+                    os.ftruncate(fd, size)
                 engine.close()
                 _chown(fd, info)
                 os.fchmod(fd, stat.S_IMODE(info.st_mode))
