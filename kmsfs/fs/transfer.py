@@ -269,14 +269,18 @@ class _Ahead:
     def __init__(self, clients: ClientPerThread) -> None:
         self._clients = clients
         self._items: list[Any] = []
-        self._results: dict[int, Any] = {}  # index -> result (None: failed or given up)
+        #: index -> result of a call made (None: it failed), or None for an item given up
+        #: before its call started; an entry goes when it is taken (or skipped)
+        self._results: dict[int, Any] = {}
         self._started = 0  # items handed to a thread so far (in order)
-        self._in_flight = 0
+        self._in_flight: set[int] = set()  # items being called for
         self._ready = 0  # results made and not yet taken
         self._closed = False  # no more items
         self._stopped = False
         self._failed = False
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # the threads wait here for work
+        self._done = threading.Condition(lock)  # the files wait here for their result
         self._threads: list[threading.Thread] = []
 
     def call(self, client: KMSClient, item: Any) -> Any:
@@ -284,7 +288,7 @@ class _Ahead:
 
     def add(self, item: Any) -> int:
         """Queue one more item (its index is returned)."""
-        with self._changed:
+        with self._work:
             self._items.append(item)
             if not self._threads:
                 for number in range(AHEAD_CONNECTIONS):
@@ -293,74 +297,86 @@ class _Ahead:
                     )
                     thread.start()
                     self._threads.append(thread)
-            self._changed.notify_all()
+            self._work.notify()
             return len(self._items) - 1
 
     def close(self) -> None:
         """No more items will be added."""
-        with self._changed:
+        with self._work:
             self._closed = True
-            self._changed.notify_all()
+            self._work.notify_all()
+            self._done.notify_all()
 
     def _next(self) -> int | None:
-        with self._changed:
+        with self._work:
             while True:
                 if self._stopped or self._failed:
                     return None
                 if self._started < len(self._items):
-                    if self._started in self._results:  # given up by its user already
+                    if self._started in self._results:  # given up by its file already
+                        del self._results[self._started]
                         self._started += 1
                         continue
-                    if self._ready + self._in_flight < AHEAD_DEPTH:
+                    if self._ready + len(self._in_flight) < AHEAD_DEPTH:
+                        self._in_flight.add(self._started)
                         self._started += 1
-                        self._in_flight += 1
                         return self._started - 1
                 elif self._closed:
                     return None
-                self._changed.wait()
+                self._work.wait()
 
     def _run(self) -> None:
         client = self._clients.client()
         while (index := self._next()) is not None:
+            failed = False
             try:
                 result = self.call(client, self._items[index])
             except Exception:  # the file's own call will raise it (see the class)
-                result = None
-            with self._changed:
-                self._in_flight -= 1
-                if result is None:
-                    self._failed = True
-                if self._stopped or index in self._results:
-                    pass  # nobody wants it any more: dropped
-                else:
+                result, failed = None, True
+            with self._work:
+                self._in_flight.discard(index)
+                self._failed |= failed
+                if not self._stopped:
                     self._results[index] = result
                     self._ready += result is not None
-                self._changed.notify_all()
+                self._done.notify_all()
+                if failed:
+                    self._work.notify_all()
 
     def _take(self, index: int) -> Any:
         """The result for item ``index``, waiting while the threads get to it; None if
         its call failed, or no call will be made ahead for it (then its file makes its
         own). Used once: the result is not kept."""
-        with self._changed:
+        with self._work:
             while index not in self._results:
-                if self._stopped or self._failed or index >= len(self._items):
-                    self._results[index] = None  # given up: a thread skips it
-                    self._changed.notify_all()
+                if self._stopped or index >= len(self._items):
                     return None
-                self._changed.wait()
-            result = self._results[index]
-            self._results[index] = None
+                if index < self._started and index not in self._in_flight:
+                    return None  # taken already
+                if index >= self._started and (
+                    self._failed or self._ready + len(self._in_flight) > AHEAD_DEPTH // 2
+                ):
+                    # not started, and the threads may be resting until more results
+                    # are used (or failed): give it up rather than wait
+                    self._results[index] = None  # skipped by the threads
+                    return None
+                self._done.wait()
+            result = self._results.pop(index)
             if result is not None:
                 self._ready -= 1
-                self._changed.notify_all()
+                # the threads wait until half the results made ahead are used, then
+                # refill in one go (a wake-up per half depth, not per file)
+                if self._ready + len(self._in_flight) <= AHEAD_DEPTH // 2:
+                    self._work.notify_all()
             return result
 
     def stop(self) -> None:
-        with self._changed:
+        with self._work:
             self._stopped = True
             self._results.clear()
             self._ready = 0
-            self._changed.notify_all()
+            self._work.notify_all()
+            self._done.notify_all()
         for thread in self._threads:
             thread.join()
 
@@ -385,7 +401,7 @@ class _KeysAhead(_Ahead):
         return file_id, response["Plaintext"], response["CiphertextBlob"], response["KeyId"]
 
     def take(self) -> tuple[bytes, bytes, bytes, str] | None:
-        with self._changed:
+        with self._work:
             index = self._taken
             self._taken += 1
         return self._take(index)

@@ -96,18 +96,18 @@ def test_keys_made_ahead_are_one_per_file_each_bound_to_its_own_file_id() -> Non
 def test_no_more_keys_are_made_ahead_than_the_depth() -> None:
     fake = FakeClient()
     ahead = _KeysAhead(FakeClients(fake), KEY_ARN, CONTEXT)  # type: ignore[arg-type]
-    wanted = transfer.AHEAD_DEPTH * 3
+    depth = transfer.AHEAD_DEPTH
     try:
-        for _ in range(wanted):
+        for _ in range(depth * 3):
             ahead.add(None)
         ahead.close()
-        _eventually(lambda: len(fake.generated) == transfer.AHEAD_DEPTH)
-        for _ in range(5):
+        _eventually(lambda: len(fake.generated) == depth)
+        for _ in range(depth // 2):  # half used: refilled in one go
             assert ahead.take() is not None
-        _eventually(lambda: len(fake.generated) == transfer.AHEAD_DEPTH + 5)
+        _eventually(lambda: len(fake.generated) == depth + depth // 2)
     finally:
         ahead.stop()
-    assert len(fake.generated) == transfer.AHEAD_DEPTH + 5
+    assert len(fake.generated) == depth + depth // 2
 
 
 def test_a_failure_ahead_leaves_the_file_to_raise_keyds_own_error(tmp_path: Path) -> None:
