@@ -29,6 +29,12 @@ The guarantee is for a killed process (the page cache keeps every completed writ
 tree is synced once at the end (``syncfs``), not file by file.
 
 Like rewrap, both take the cipher directory's lock: refused while it is mounted.
+
+Speed: per small file what is left is one keyd call (GenerateDataKey or Decrypt, ~0.4 ms
+of keyd's CPU), creating the file (ext4's inode allocation, the same for the mount) and
+~0.3 ms of Python. The keyd calls are made ahead of the files by two threads of their
+own (``_Ahead``), so neither side waits for the other; small files are then copied by
+one thread in order, large ones by ``--workers`` threads (``SMALL_FILE``).
 """
 
 from __future__ import annotations
@@ -536,13 +542,13 @@ class _Transfer:
             self.on_entry()
 
     def copy_files(self, walk: Callable[[], None], copy: Callable[..., int]) -> None:
-        """Walk the tree, queueing its files, then copy them: the large ones on the
-        workers (interleaving directories), meanwhile the small ones in this thread, in
-        order, with their keyd calls made ahead (``SMALL_FILE``)."""
+        """Walk the tree, queueing its files, then copy them, interleaving directories:
+        the large ones on the workers, meanwhile the small ones in this thread, with
+        their keyd calls made ahead (``SMALL_FILE``)."""
         executor = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
         try:
             walk()
-            small = [job for queue in self.jobs.values() for job in queue if _is_small(job[1])]
+            small = [job for job in _interleaved(self.jobs) if _is_small(job[1])]
             large = [job for job in _interleaved(self.jobs) if not _is_small(job[1])]
             small = self.before_copy(small)
             if self.ahead is not None:
