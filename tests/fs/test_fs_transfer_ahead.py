@@ -33,9 +33,11 @@ class FakeClient:
         self.decrypted: list[tuple[bytes, dict[str, str]]] = []
         self.keys: dict[bytes, tuple[bytes, dict[str, str]]] = {}
         self.fail_after = fail_after
+        self.attempts = 0
 
     def generate_data_key(self, key_id: str, *, encryption_context: dict[str, str]) -> dict:
         with self.lock:
+            self.attempts += 1
             if self.fail_after is not None and len(self.generated) >= self.fail_after:
                 raise DisabledException(f"{key_id} is disabled")
             self.generated.append(dict(encryption_context))
@@ -138,6 +140,9 @@ def test_a_failure_ahead_leaves_the_file_to_raise_keyds_own_error(tmp_path: Path
         ahead.stop()
     assert files == [0, 1]  # the key refused from the third on: each file said so itself
     assert len(fake.generated) == 2
+    # after the first refusal no more calls ahead (at most one in flight per thread):
+    # 2 keys, the refusals ahead, then each of the 3 files' own refused call
+    assert fake.attempts <= 2 + transfer.AHEAD_CONNECTIONS + 3
 
 
 def test_a_file_of_another_cmk_or_context_gets_a_key_of_its_own(tmp_path: Path) -> None:
