@@ -154,7 +154,12 @@ def _transfer_options(parser: argparse.ArgumentParser) -> None:
         "and mtime match are kept); also resumes an interrupted run",
     )
     parser.add_argument(
-        "--workers", type=int, default=4, metavar="N", help="files copied in parallel"
+        "--workers",
+        type=int,
+        default=4,
+        metavar="N",
+        help="files over 1 MiB copied in parallel (smaller ones are copied one after the "
+        "other, their keyd calls made ahead)",
     )
     keyd_options(parser, KEYD_HINT_HELP)
     progress.add_progress_options(parser)

@@ -471,6 +471,39 @@ def test_no_retry_once_the_response_has_started(canned_server: Any, make_client:
     assert server.accepted == 1  # the second request was not sent again
 
 
+@pytest.mark.parametrize(
+    ("response", "reused"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'4\r\n{"Ok\r\n7;x=1\r\n":true}\r\n0\r\nX-Trailer: 1\r\n\r\n',
+            True,
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + OK_RESPONSE, True),
+        (
+            b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 11\r\n\r\n{"Ok":true}',
+            False,
+        ),  # fmt: skip
+        (b'HTTP/1.0 200 OK\r\n\r\n{"Ok":true}', False),  # the body runs to the close
+    ],
+    ids=["chunked", "100-continue", "connection-close", "no-length"],
+)
+def test_responses_of_every_framing(
+    canned_server: Any, make_client: Any, response: bytes, reused: bool
+) -> None:
+    def answer(conn: socket.socket) -> None:
+        while read_request(conn):
+            conn.sendall(response)
+            if not reused:
+                return
+
+    server = canned_server(answer)
+    client = make_client(server._listener.getsockname())
+    assert client.call("ListKeys", {}) == {"Ok": True}
+    assert client.call("ListKeys", {}) == {"Ok": True}
+    assert server.accepted == (1 if reused else 2)
+
+
 # ----------------------------------------------------------------- async only
 def test_async_client_shared_by_many_tasks(keyd: Any) -> None:
     async def main() -> set[object]:
