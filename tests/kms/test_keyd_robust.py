@@ -206,6 +206,8 @@ def test_every_member_of_every_operation_is_type_checked(kms: Harness) -> None:
         "recipient": "x",
         "number": "1800000000",
         "constraints": {"EncryptionContextSubset": {"k": 1}},
+        "structure": 5,  # RecordAccessEvents' Gap: an object
+        "structures": [5],  # its Events: a list of objects
     }
     for operation, members in REQUEST_MEMBERS.items():
         for name, kind in members.items():
