@@ -564,13 +564,7 @@ class AuditLog:
             raise AuditError(f"audit event is not JSON-serializable: {exc}") from None
         tail_text = "}" if body == "{}" else "," + body[1:]
         with self._lock:
-            if self._closed:
-                raise AuditError("audit log is closed")
-            if self._broken:
-                raise AuditError(
-                    f"audit log {self._path} has an incomplete last line after a failed "
-                    "write; reopen it after moving it aside"
-                )
+            self._check_appendable()
             seq = self._seq + 1
             line = f'{{"seq":{seq},"prevDigest":"{self._digest}"{tail_text}'.encode("ascii")
             if len(line) > MAX_LINE_BYTES:
@@ -601,13 +595,7 @@ class AuditLog:
         if not bodies:
             return
         with self._lock:
-            if self._closed:
-                raise AuditError("audit log is closed")
-            if self._broken:
-                raise AuditError(
-                    f"audit log {self._path} has an incomplete last line after a failed "
-                    "write; reopen it after moving it aside"
-                )
+            self._check_appendable()
             seq, digest = self._seq, self._digest
             lines: list[bytes] = []
             for body in bodies:
@@ -626,6 +614,16 @@ class AuditLog:
             self._maybe_rotate()
         if now - self._head_at >= self._head_interval:
             self._maybe_write_head()
+
+    def _check_appendable(self) -> None:
+        """AuditError unless lines may be appended now (called with the lock held)."""
+        if self._closed:
+            raise AuditError("audit log is closed")
+        if self._broken:
+            raise AuditError(
+                f"audit log {self._path} has an incomplete last line after a failed "
+                "write; reopen it after moving it aside"
+            )
 
     def _write_line(self, data: bytes) -> None:
         written = 0
