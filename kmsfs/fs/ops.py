@@ -1017,7 +1017,8 @@ class Operations(pyfuse3.Operations):
             refused = OSError(open_file.write_error, os.strerror(open_file.write_error))
             self._storing_failed(open_file, refused)
             raise refused
-        await self._ensure_file_key(open_file, self._handle_callers.get(fh))
+        if open_file.engine.header is None:  # an empty file's first byte: its key
+            await self._ensure_file_key(open_file, self._handle_callers.get(fh))
         engine = open_file.engine
         direct = fh in self._direct
         size_before = engine.size
