@@ -14,6 +14,7 @@ import subprocess
 import time
 import tracemalloc
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -592,54 +593,62 @@ async def _serve(
         operations.mountpoint = os.fsencode(mountpoint)
         auditor = _access_auditor(service, config, options)
         operations.auditor = auditor
-        try:
-            pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
-        except RuntimeError as error:
-            raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
-        waiter = session.install()
-        log.info(
-            "mounted %s on %s (key %s, %s)",
-            cipherdir,
-            mountpoint,
-            config.key_arn,
-            service.describe(),
-        )
-        signalled: list[int] = []
-        unmount = True
-        try:
-            report_ready(ready_fd)
-            notifier.ready(f"mounted {cipherdir} on {mountpoint}")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(keys.run)
-                nursery.start_soon(operations.key_bindings.refresh, options.key_cache_seconds)
-                nursery.start_soon(operations.poller.run)
-                nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
-                nursery.start_soon(_terminate_on_signal, signalled)
-                nursery.start_soon(_report_memory_on_signal, operations)
+        # Signal receivers before the mount appears: whoever waits for it may signal at
+        # once, and SIGUSR1's default action would kill the mount.
+        with (
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as stops,
+            trio.open_signal_receiver(signal.SIGUSR1) as reports,
+        ):
+            try:
+                pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
+            except RuntimeError as error:
+                raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
+            waiter = session.install()
+            log.info(
+                "mounted %s on %s (key %s, %s)",
+                cipherdir,
+                mountpoint,
+                config.key_arn,
+                service.describe(),
+            )
+            signalled: list[int] = []
+            unmount = True
+            try:
+                report_ready(ready_fd)
+                notifier.ready(f"mounted {cipherdir} on {mountpoint}")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(keys.run)
+                    nursery.start_soon(operations.key_bindings.refresh, options.key_cache_seconds)
+                    nursery.start_soon(operations.poller.run)
+                    nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
+                    nursery.start_soon(_terminate_on_signal, stops, signalled)
+                    nursery.start_soon(_report_memory_on_signal, reports, operations)
+                    if auditor is not None:
+                        nursery.start_soon(auditor.run)
+                    if options.idle_seconds:
+                        nursery.start_soon(_unmount_when_idle, operations, mountpoint, options)
+                    await pyfuse3.main()
+                    # main returns after a signal (we still have to unmount) or when the
+                    # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
+                    unmount = bool(signalled)
+                    nursery.cancel_scope.cancel()
+            finally:
+                notifier.stopping()
                 if auditor is not None:
-                    nursery.start_soon(auditor.run)
-                if options.idle_seconds:
-                    nursery.start_soon(_unmount_when_idle, operations, mountpoint, options)
-                await pyfuse3.main()
-                # main returns after a signal (we still have to unmount) or when the
-                # kernel reports the mount gone (fusermount3 -u): nothing to unmount.
-                unmount = bool(signalled)
-                nursery.cancel_scope.cancel()
-        finally:
-            notifier.stopping()
-            if auditor is not None:
-                with trio.CancelScope(shield=True):
-                    await auditor.drain()
-                await auditor.client.aclose()
-            operations.close_all()
-            operations.prefetcher.stop()
-            keys.forget_all()
-            pyfuse3.close(unmount=unmount)
-            operations.inodes.close()
-            session.uninstall()
-            if waiter is not None:
-                log.info("requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow)
-            log.info("unmounted %s", mountpoint)
+                    with trio.CancelScope(shield=True):
+                        await auditor.drain()
+                    await auditor.client.aclose()
+                operations.close_all()
+                operations.prefetcher.stop()
+                keys.forget_all()
+                pyfuse3.close(unmount=unmount)
+                operations.inodes.close()
+                session.uninstall()
+                if waiter is not None:
+                    log.info(
+                        "requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow
+                    )
+                log.info("unmounted %s", mountpoint)
 
 
 def _forwards_callers(options: MountOptions, service: KeyService) -> bool:
@@ -769,13 +778,12 @@ async def _unmount_when_idle(
         return  # pyfuse3.main() returns: the kernel has ended the session
 
 
-async def _terminate_on_signal(signalled: list[int]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s, unmounting", signal.Signals(signum).name)
-            signalled.append(signum)
-            session.terminate()
-            return
+async def _terminate_on_signal(signals: AsyncIterator[int], signalled: list[int]) -> None:
+    async for signum in signals:
+        log.info("received %s, unmounting", signal.Signals(signum).name)
+        signalled.append(signum)
+        session.terminate()
+        return
 
 
 def memory_counts(operations: Operations) -> dict[str, int]:
@@ -826,14 +834,13 @@ def memory_report(operations: Operations) -> str:
     return text
 
 
-async def _report_memory_on_signal(operations: Operations) -> None:
+async def _report_memory_on_signal(signals: AsyncIterator[int], operations: Operations) -> None:
     """SIGUSR1 logs :func:`memory_report` (for tests and for finding what memory holds)."""
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-        async for _ in signals:
-            try:
-                log.info("memory: %s", memory_report(operations))
-            except Exception:  # a report must never end the mount
-                log.exception("memory report")
+    async for _ in signals:
+        try:
+            log.info("memory: %s", memory_report(operations))
+        except Exception:  # a report must never end the mount
+            log.exception("memory report")
 
 
 def unmount(mountpoint: Path, *, lazy: bool = False) -> None:

@@ -182,3 +182,26 @@ def test_sigterm_unmounts_while_requests_keep_coming(mounts: MountFactory) -> No
         for thread in threads:
             thread.join(timeout=30)
     assert not is_mounted(mount.mnt)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_the_moment_the_mount_appears_is_handled(
+    mounts: MountFactory, signum: signal.Signals
+) -> None:
+    """Whoever waits for the mount to appear may signal it at once: the receivers are in
+    place before the mount does (SIGUSR1's default action killed it; SIGTERM's left the
+    mount behind, dead). CI caught the SIGUSR1 case once in ~15 minutes of tests."""
+    for _ in range(5):
+        mount = mounts.mount()
+        assert mount.process is not None
+        mount.process.send_signal(signum)  # start() returned when the mount appeared
+        if signum == signal.SIGTERM:
+            assert mount.process.wait(timeout=30) == 0, mount.log()
+            assert not is_mounted(mount.mnt)
+            continue
+        deadline = time.monotonic() + 30
+        while " memory: " not in mount.log():
+            assert mount.alive, f"the mount died of {signum.name}:\n{mount.log()}"
+            assert time.monotonic() < deadline, mount.log()
+            time.sleep(0.02)
+        mount.unmount_clean()
