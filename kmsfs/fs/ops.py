@@ -50,7 +50,7 @@ from kmsfs.errors import (
 )
 from kmsfs.format import EncryptedFile, plaintext_size
 from kmsfs.format.header import read_header
-from kmsfs.fs.access_audit import AccessAuditor, audited
+from kmsfs.fs.access_audit import AccessAuditor, audited, unlinked_file_id
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.key_xattr import KEY_XATTR, MountKeyBindings
@@ -740,15 +740,18 @@ class Operations(pyfuse3.Operations):
 
     @audited("Unlink")
     @_handler
-    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> str | None:
+        """Returns the removed file's id for the access audit (None when not auditing)."""
         await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, dir_fd = self._child_at(parent_inode, name)
         st = os.lstat(entry.backing, dir_fd=dir_fd)
+        file_id = None if self.auditor is None else unlinked_file_id(dir_fd, entry.backing, st)
         os.unlink(entry.backing, dir_fd=dir_fd)
         self.tree.drop_name(directory, entry)
         self.inodes.unlink(
             parent_inode, entry.backing, st.st_ino, last_link=st.st_nlink <= 1, last_stat=st
         )
+        return file_id
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:

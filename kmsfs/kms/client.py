@@ -362,7 +362,19 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
     ) -> dict[str, Any]:
         """Call ``operation`` with ``params``; the decoded JSON result. With
         ``on_behalf_of``, as that caller (see :func:`forwarded_headers`)."""
-        body = encode_request_body(params)
+        return await self.call_encoded(
+            operation, encode_request_body(params), on_behalf_of=on_behalf_of
+        )
+
+    async def call_encoded(
+        self,
+        operation: str,
+        body: bytes,
+        *,
+        on_behalf_of: ForwardedCaller | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`call` with the request's JSON body already encoded (the access audit
+        writes its batches' JSON itself)."""
         extra = forwarded_headers(on_behalf_of)
         with trio.move_on_after(self.timeout) as deadline:
             async with self._lock:

@@ -21,8 +21,19 @@ import trio
 import trio.testing
 
 from kmsfs.errors import KeydUnavailable, StorageUnavailableException, ValidationException
-from kmsfs.fs.access_audit import AccessAuditor, executable_of, file_id_of_fd, flag_names
+from kmsfs.format.header import MAGIC
+from kmsfs.fs.access_audit import (
+    AccessAuditor,
+    _Event,
+    _IsoTimes,
+    executable_of,
+    file_id_at,
+    file_id_of_fd,
+    flag_names,
+    iso_time,
+)
 from kmsfs.kms import audit
+from kmsfs.kms.access_events import check_event
 from tests.fs.conftest import FaultEnv
 from tests.fs.helpers import Mount, MountFactory, file_key_aliases, flip_byte, run_as_child
 
@@ -49,6 +60,9 @@ class FakeKeyd:
             raise self.error
         self.calls.append((trio.current_time(), json.loads(json.dumps(params))))
         return {"RecordedEvents": len(params["Events"]), "GapRecorded": "Gap" in params}
+
+    async def call_encoded(self, operation: str, body: bytes) -> dict[str, Any]:
+        return await self.call(operation, json.loads(body))
 
     async def aclose(self) -> None:
         pass
@@ -273,6 +287,70 @@ def test_drain_at_unmount_is_bounded_and_says_what_was_not_delivered(caplog) -> 
 
     run_with_clock(delivered)
     assert len(keyd.events()) == 3 and target.pending == 0
+
+
+def test_an_events_json_is_what_the_encoder_would_write() -> None:
+    """The events' JSON is written by hand (for speed): it must parse to the members
+    keyd checks, whatever the executable's path holds."""
+    when = 1_796_634_313.123456
+    for executable, operation, flags, outcome in (
+        ("/usr/bin/cat", "Open", os.O_RDONLY, "Allowed"),
+        (
+            '/tmp/a "quoted"\\path\n\u00e9\\xff',
+            "Create",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+            "EACCES",
+        ),
+        ("", "Unlink", 0, "EIO"),
+        ("/bin/mv", "Rename", 1, "Allowed"),
+    ):
+        event = _Event(7, when, 1001, 1002, 4242, executable, operation, flags, "ab" * 16, outcome)
+        mode, names = flag_names(operation, flags)
+        expected = {
+            "Time": iso_time(when),
+            "Uid": 1001,
+            "Gid": 1002,
+            "Pid": 4242,
+            "Executable": executable,
+            "Operation": operation,
+            "FileId": "ab" * 16,
+            "Outcome": outcome,
+            "Sequence": 7,
+            **({"AccessMode": mode} if mode else {}),
+            **({"Flags": names} if names else {}),
+        }
+        text = event.text()
+        assert text.isascii()
+        assert json.loads(text) == expected
+        check_event(json.loads(text), "Events[0]")
+
+
+def test_iso_times_keep_the_seconds_and_match_iso_time() -> None:
+    times = _IsoTimes()
+    start = 1_796_634_313.0
+    for step in range(2000):
+        value = start + step * 0.0123457
+        assert times(value) == iso_time(value)
+    assert times(start + 0.9999996) == iso_time(start + 0.9999996)  # rounds into the next second
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a file another user owns")
+def test_a_file_id_is_read_without_touching_atime_and_by_a_non_owner(tmp_path: Path) -> None:
+    """The header's id is read with O_NOATIME (no journal write on the unlink path); a
+    mount that does not own the backing file (O_NOATIME: EPERM) reads it all the same."""
+    path = tmp_path / "file"
+    path.write_bytes(MAGIC + b"\x00" * 8 + bytes(range(16)) + b"rest")
+    os.utime(path, (1_000_000, 2_000_000))  # atime before mtime: relatime would update it
+    tmp_path.chmod(0o755)
+    path.chmod(0o644)
+    dir_fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert file_id_at(dir_fd, b"file") == bytes(range(16)).hex()
+        assert os.stat(path).st_atime == 1_000_000
+        as_other = run_as_child(lambda: file_id_at(dir_fd, b"file"), uid=NOBODY)
+        assert as_other == bytes(range(16)).hex()
+    finally:
+        os.close(dir_fd)
 
 
 def test_flag_names() -> None:
