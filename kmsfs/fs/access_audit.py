@@ -96,6 +96,7 @@ _OPEN_FLAGS = (
     (os.O_NONBLOCK, "O_NONBLOCK"),
 )
 _RENAME_FLAGS = ((1, "RENAME_NOREPLACE"), (2, "RENAME_EXCHANGE"), (4, "RENAME_WHITEOUT"))
+RENAME_EXCHANGE = 2
 _ACCESS_MODES = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
 # O_SYNC includes O_DSYNC's bit: name O_DSYNC only when O_SYNC is not set
 _SYNC_BITS = os.O_SYNC
@@ -533,14 +534,25 @@ async def _audit_unlink(ops: Any, auditor: AccessAuditor, handler: Any, args: tu
 
 
 async def _audit_rename(ops: Any, auditor: AccessAuditor, handler: Any, args: tuple) -> Any:
-    parent_old, name_old, _parent_new, _name_new, flags, ctx = args
+    """A rename's event names the moved file. The entry at the new name, if there is one,
+    gets an event too once the rename is done: with RENAME_EXCHANGE it moved the other
+    way (a second Rename); otherwise the rename removed it, as an unlink would have (an
+    Unlink, so that a file's removal is in the trail however it happened)."""
+    parent_old, name_old, parent_new, name_new, flags, ctx = args
     file_id = _safely(lambda: _child_file_id(ops, parent_old, name_old))
+    target_id = _safely(lambda: _child_file_id(ops, parent_new, name_new))
     try:
         result = await handler(ops, *args)
     except pyfuse3.FUSEError as error:
         auditor.record(ctx, "Rename", flags, file_id, _errno_name(error))
         raise
     auditor.record(ctx, "Rename", flags, file_id, "Allowed")
+    if target_id != NO_FILE and target_id != file_id:  # (a rename onto a hard link of
+        # itself changes nothing: POSIX)
+        if flags & RENAME_EXCHANGE:
+            auditor.record(ctx, "Rename", flags, target_id, "Allowed")
+        else:
+            auditor.record(ctx, "Unlink", 0, target_id, "Allowed")
     return result
 
 

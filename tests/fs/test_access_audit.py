@@ -605,3 +605,33 @@ def test_shared_mount_records_each_users_own_identity(mounts: MountFactory) -> N
             assert record["additionalEventData"]["pid"] == results["pid"]
             assert record["additionalEventData"]["executable"] == os.readlink("/proc/self/exe")
             assert record["additionalEventData"]["mountUid"] == 0
+
+
+def test_a_rename_that_replaces_or_exchanges_records_both_files(mounts: MountFactory) -> None:
+    """The file a rename replaces is removed: its removal is an Unlink event; with
+    RENAME_EXCHANGE both files move: two Rename events."""
+    from tests.fs.test_fs_ops import RENAME_EXCHANGE, renameat2
+
+    mount = mounts.mount(None, None, "--audit-opens")
+    mnt = mount.mnt
+    for name in ("a", "b", "c"):
+        (mnt / name).write_bytes(name.encode() * 100)
+    ids = {name: header_id(mount.backing(mnt / name)) for name in ("a", "b", "c")}
+    keystore = mount.keyd.keystore
+    before = len(access_records(keystore))
+    os.rename(mnt / "a", mnt / "b")  # b is removed
+    renameat2(mnt / "b", mnt / "c", RENAME_EXCHANGE)  # a's content and c swap names
+    os.link(mnt / "c", mnt / "c-link")
+    os.rename(mnt / "c", mnt / "c-link")  # the same file: nothing happens (POSIX; the
+    # kernel does not even ask the mount)
+    mount.unmount_clean()
+    records = access_records(keystore)[before:]
+    mine = [r for r in records if r["eventName"] in ("Rename", "Unlink")]
+    assert [(r["eventName"], r["additionalEventData"]["fileId"]) for r in mine] == [
+        ("Rename", ids["a"]),
+        ("Unlink", ids["b"]),
+        ("Rename", ids["a"]),
+        ("Rename", ids["c"]),
+    ]
+    assert "RENAME_EXCHANGE" in mine[2]["additionalEventData"]["flags"]
+    assert "RENAME_EXCHANGE" in mine[3]["additionalEventData"]["flags"]
