@@ -1,11 +1,14 @@
-"""kmsfs against gocryptfs and a plain directory, side by side (see scripts/bench).
+"""kmsfs against gocryptfs, a null FUSE filesystem and a plain directory (see scripts/bench).
 
 Sets up, under one fresh directory on the same disk: a keyd and a kmsfs mount, a
-gocryptfs mount, and a plain directory. Runs every workload on the three in turn
-(the order rotates each repetition), prints progress on stderr, then a table of
-medians with kmsfs's ratio to gocryptfs and to the plain directory (> 1 always means
-kmsfs is better), and writes the same to a JSON file. Everything it started is
-unmounted, stopped and removed at the end, also on failure or Ctrl-C.
+gocryptfs mount, a null pyfuse3 filesystem (scripts/nullfs.py: a passthrough with
+kmsfs's FUSE settings and no encryption, the ceiling of a Python FUSE filesystem) and a
+plain directory. Runs every workload on the four in turn (the order rotates each
+repetition), prints progress on stderr, then a table of medians with their spread
+(min-max over the repetitions) and kmsfs's ratio to gocryptfs, to the null filesystem
+and to the plain directory (> 1 always means kmsfs is better), and writes the same, with
+every run's value, to a JSON file. Everything it started is unmounted, stopped and
+removed at the end, also on failure or Ctrl-C.
 
 Workloads (--only takes these names, comma-separated):
   seq        dd 1 MiB and 4 KiB sequential write (conv=fsync), cold and warm 1 MiB read;
@@ -16,6 +19,15 @@ Workloads (--only takes these names, comma-separated):
              files; no site-packages, __pycache__, config-*, lib-dynload), ls -lR,
              read every file, rm -rf
   keyd       GenerateDataKey and Decrypt round trips per second, 1 and 8 clients (kmsfs only)
+  scale      only when asked for (--only scale): how costs grow with the work, on kmsfs and
+             gocryptfs (--scale-systems): untar of the same stdlib tree cut to 10,000 and
+             100,000 files (time per file at each, and their ratio); one directory of
+             100,000 empty files (create, ls -l and the stat of a missing name, first and
+             second time); a 20 GiB file written and read sequentially (MiB/s of its first
+             and last GiB); and, on a kmsfs mount of its own whose tree kmsfs import made
+             offline, the mount's VmRSS after stat-ing 1,000,000 files, after drop_caches,
+             and with 10,000 files open. --scale-* options set the sizes (--quick: 2,000 and
+             20,000 files, 20,000 entries, 100,000 stats, 2,000 open, 2 GiB); 1 repetition.
 
 --aws-provider adds a fourth system, kmsfs-aws: a second kmsfs mount whose key service
 is ``aws`` (botocore, SigV4) pointed at this run's keyd over loopback TCP
@@ -30,8 +42,9 @@ under the binding's), and a column "kmsfs-bound vs kmsfs".
 
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
 ~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
-keyd 1 s, one copy of the stdlib, 1 repetition: about 1.5 minutes. Every figure is the
-median over the repetitions; all runs are in the JSON.
+keyd 1 s, one copy of the stdlib, 1 repetition: about 2 minutes (both with the null
+filesystem as a fourth system). Every figure is the median over the repetitions, shown
+with the min-max spread of the runs; all runs are in the JSON.
 """
 
 from __future__ import annotations
@@ -550,6 +563,8 @@ class Results:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
+    if unit == "inodes":
+        return f"{value:.0f}"
     if unit in ("s", "s/GiB", "×"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
@@ -883,6 +898,22 @@ def vm_rss_mib(pid: int) -> float:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
+def mount_memory_counts(system: System, timeout: float = 20.0) -> dict[str, int] | None:
+    """The kmsfs mount's own counts of what it holds (nodes, handles, cached keys...): its
+    SIGUSR1 memory report (kmsfs.fs.mount.memory_report), read back from its log; None if
+    no report appeared within ``timeout``."""
+    assert system.proc is not None and system.log_path is not None
+    before = system.log_path.read_text(errors="replace").count("memory: ")
+    system.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reports = re.findall(r"memory: (.*)", system.log_path.read_text(errors="replace"))
+        if len(reports) > before:
+            return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", reports[-1])}
+        time.sleep(0.1)
+    return None
+
+
 def raise_open_file_limit(wanted: int) -> None:
     """Let this process hold ``wanted`` descriptors (root may raise the hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1057,7 +1088,13 @@ def scale_memory(
         results.metric(f"scale_rss_{key}", f"scale: mount RSS {label}", "MiB", False).add(
             "kmsfs", value
         )
-        log(f"scale: mount RSS {label}: {value:.0f} MiB")
+        counts = mount_memory_counts(system)
+        report.setdefault("scale", {}).setdefault("mount_counts", {})[key] = counts
+        if counts is not None and "nodes" in counts:
+            results.metric(
+                f"scale_nodes_{key}", f"scale: inodes the mount holds {label}", "inodes", False
+            ).add("kmsfs", counts["nodes"])
+        log(f"scale: mount RSS {label}: {value:.0f} MiB; the mount's counts: {counts}")
         return value
 
     rss("mounted", "after mounting")
@@ -1068,7 +1105,7 @@ def scale_memory(
         os.lstat(f"{root}/d{directory:05d}/f{position:05d}")
     seconds = time.perf_counter() - start
     results.metric("scale_stat", f"scale: stat {files} files", "s", False).add("kmsfs", seconds)
-    log(f"scale: stat of {files} files: {seconds:.0f} s ({files / seconds:.0f}/s)")
+    log(f"scale: stat of {files} files: {seconds:.1f} s ({files / seconds:.0f}/s)")
     rss("stat", f"after stat-ing {files} files")
     drop_caches()  # the kernel forgets the inodes: FORGETs reach the mount
     time.sleep(2)
@@ -1468,8 +1505,8 @@ def main(argv: list[str] | None = None) -> int:
         report["bdi"] = rig.bdi
         kmsfs_bdi, gocryptfs_bdi = rig.bdi["kmsfs"], rig.bdi["gocryptfs"]
         log(
-            f"mounted kmsfs and gocryptfs; read_ahead_kb {READ_AHEAD_KB} and max_ratio "
-            f"{MAX_DIRTY_RATIO} on both (before: kmsfs {kmsfs_bdi['read_ahead_kb_before']}/"
+            f"mounted kmsfs, gocryptfs and null; read_ahead_kb {READ_AHEAD_KB} and max_ratio "
+            f"{MAX_DIRTY_RATIO} on each (before: kmsfs {kmsfs_bdi['read_ahead_kb_before']}/"
             f"{kmsfs_bdi['max_ratio_before']}, gocryptfs "
             f"{gocryptfs_bdi['read_ahead_kb_before']}/{gocryptfs_bdi['max_ratio_before']})"
         )

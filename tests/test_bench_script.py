@@ -187,6 +187,10 @@ SCALE_KEYS_KMSFS = [
     "scale_rss_stat",
     "scale_rss_forget",
     "scale_rss_open",
+    "scale_nodes_mounted",
+    "scale_nodes_stat",
+    "scale_nodes_forget",
+    "scale_nodes_open",
 ]
 
 
@@ -226,6 +230,9 @@ def test_bench_only_scale_at_tiny_sizes_reports_every_figure(scratch: Path) -> N
     per_large = rows["scale_untar_900_per_file"]["median"]["kmsfs"]
     assert rows["scale_untar_growth"]["median"]["kmsfs"] == pytest.approx(per_large / per_small)
     assert report["scale"]["import_seconds"] >= 0
+    # the mount's own counts at each point: the open files are handles it holds
+    assert report["scale"]["mount_counts"]["open"]["handles"] == 200
+    assert report["scale"]["mount_counts"]["mounted"]["handles"] == 0
     for label in ("untar 900 files, per file", "RSS with 200 files open", "read rate last"):
         assert label in result.stdout
     # everything started is gone: no mount, no scratch directory, no process
