@@ -1559,9 +1559,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{fstype} backing; gocryptfs {machine['gocryptfs'].split(';')[0].split()[-1]}, "
         f"Python {machine['python']}, kmsfs {machine['kmsfs_commit']}"
     )
+    runs = f"median (min–max) of {args.repeat} run(s); " if set(args.workloads) - {"scale"} else ""
+    if "scale" in args.workloads:
+        runs += f"scale: {args.scale_repeat} run(s); "
     print(
-        f"median (min–max) of {args.repeat} run(s) (scale: {args.scale_repeat}); "
-        f"read_ahead_kb={READ_AHEAD_KB}, max_ratio={MAX_DIRTY_RATIO} on every FUSE mount; "
+        f"{runs}read_ahead_kb={READ_AHEAD_KB}, max_ratio={MAX_DIRTY_RATIO} on every FUSE mount; "
         f"fio {args.fio_seconds} s per run (plain {args.plain_fio_seconds} s), "
         f"{args.fio_size} MiB file, psync, buffered"
     )
