@@ -50,6 +50,7 @@ with the min-max spread of the runs; all runs are in the JSON.
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
 import os
@@ -859,12 +860,18 @@ def bench_keyd(results: Results, rig: Rig, args: argparse.Namespace) -> None:
     bench_keyd_module = importlib.import_module("bench_keyd")
     from kmsfs.kms.client import KMSClient
 
-    assert rig.keyd_socket is not None
+    assert rig.keyd_socket is not None and rig.keyd is not None
     socket_path = str(rig.keyd_socket)
-    context = {"kmsfs:file-id": "bench"}
+    rows = bench_keyd_module.ROWS
     with KMSClient(socket_path) as client:
         key_id = client.call("DescribeKey", {"KeyId": rig.key_alias})["KeyMetadata"]["KeyId"]
-        blob = client.generate_data_key(key_id, encryption_context=context)["CiphertextBlob"]
+        blob = client.generate_data_key(
+            key_id, encryption_context=rows["Decrypt"][3]["EncryptionContext"]
+        )["CiphertextBlob"]
+    params = {
+        "GenerateDataKey": {**rows["GenerateDataKey"][3], "KeyId": key_id},
+        "Decrypt": {**rows["Decrypt"][3], "CiphertextBlob": base64.b64encode(blob).decode()},
+    }
     for rep in range(args.repeat):
         for operation in ("GenerateDataKey", "Decrypt"):
             for clients in (1, 8):
@@ -874,8 +881,15 @@ def bench_keyd(results: Results, rig: Rig, args: argparse.Namespace) -> None:
                     "req/s",
                     True,
                 )
-                rate = bench_keyd_module.measure(
-                    socket_path, operation, key_id, blob, clients, args.keyd_seconds
+                # bench_keyd.measure: (requests per second, keyd's CPU µs per request)
+                rate, _ = bench_keyd_module.measure(
+                    "unix",
+                    (socket_path,),
+                    operation,
+                    params[operation],
+                    clients,
+                    args.keyd_seconds,
+                    rig.keyd.pid,
                 )
                 metric.add("kmsfs", rate)
                 log(f"keyd {rep + 1}/{args.repeat} {operation} {clients} client(s): {rate:.0f}/s")

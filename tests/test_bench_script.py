@@ -253,3 +253,31 @@ def _processes_mentioning(path: Path) -> list[str]:
         if str(path) in command:
             found.append(f"{entry.name}: {command}")
     return found
+
+
+@needs_root
+@pytest.mark.skipif(
+    shutil.which("gocryptfs") is None or shutil.which("fio") is None,
+    reason="scripts/bench installs gocryptfs and fio from apt",
+)
+def test_bench_only_keyd_reports_its_four_rates(scratch: Path) -> None:
+    """The keyd workload calls scripts/bench_keyd.measure() with its current signature
+    (it failed with a TypeError after bench_keyd gained transports and keyd's CPU)."""
+    json_out = scratch / "results.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_fs.py"), "--only", "keyd", "--repeat", "1"]
+        + ["--keyd-seconds", "0.2", "--workdir", str(scratch), "--json-out", str(json_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["key"]: row for row in json.loads(json_out.read_text())["results"]}
+    assert sorted(rows) == sorted(
+        f"keyd_{operation}_{clients}c"
+        for operation in ("GenerateDataKey", "Decrypt")
+        for clients in (1, 8)
+    )
+    for row in rows.values():
+        assert row["runs"]["kmsfs"][0] > 0
+    assert _processes_mentioning(scratch) == []
