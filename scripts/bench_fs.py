@@ -41,10 +41,11 @@ own (``kmsfs key set --cipherdir CIPHER / KEY`` before mounting: every name and 
 under the binding's), and a column "kmsfs-bound vs kmsfs".
 
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
-~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
-keyd 1 s, one copy of the stdlib, 1 repetition: about 2 minutes (both with the null
-filesystem as a fourth system). Every figure is the median over the repetitions, shown
-with the min-max spread of the runs; all runs are in the JSON.
+~10k files, 3 repetitions: about 14 minutes without the null filesystem, so about 18
+with it (estimated, not timed). --quick: 256 MiB, fio 5 s (plain 2 s), keyd 1 s, one copy
+of the stdlib, 1 repetition: about 2 minutes with it (3 repetitions took 391 s). Every
+figure is the median over the repetitions, shown with the min-max spread of the runs;
+all runs are in the JSON.
 """
 
 from __future__ import annotations

@@ -236,9 +236,15 @@ class NullOperations(pyfuse3.Operations):
         new = self._child(parent_inode_new, name_new)
         info = self._lstat(old)
         try:
+            replaced: os.stat_result | None = os.lstat(new)
+        except OSError:
+            replaced = None
+        try:
             os.rename(old, new)
         except OSError as error:
             raise _errno_of(error) from None
+        if replaced is not None and replaced.st_ino != info.st_ino:
+            self._forget_path(self._fuse_ino(replaced.st_ino), new)
         moved = self._inodes.get(self._fuse_ino(info.st_ino))
         if moved is not None:
             moved.paths.discard(old)

@@ -121,6 +121,13 @@ def test_nullfs_serves_reads_writes_and_stats_as_the_backing_directory(
     os.unlink(mnt / "moved" / "sub" / "leaf")  # the other link stays readable
     assert (mnt / "hard").read_bytes() == b"leaf"
     assert os.stat(mnt / "hard").st_nlink == 1
+    (mnt / "old").write_bytes(b"old")  # a rename over an existing name replaces it
+    (mnt / "new").write_bytes(b"new")
+    os.stat(mnt / "new")
+    os.rename(mnt / "old", mnt / "new")
+    assert (mnt / "new").read_bytes() == b"old"
+    assert not (mnt / "old").exists()
+    os.unlink(mnt / "new")
     os.symlink("hard", mnt / "soft")
     assert os.readlink(mnt / "soft") == "hard"
     assert sorted(os.listdir(mnt)) == ["file.bin", "hard", "log.txt", "moved", "soft"]
