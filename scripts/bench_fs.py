@@ -1,11 +1,14 @@
-"""kmsfs against gocryptfs and a plain directory, side by side (see scripts/bench).
+"""kmsfs against gocryptfs, a null FUSE filesystem and a plain directory (see scripts/bench).
 
 Sets up, under one fresh directory on the same disk: a keyd and a kmsfs mount, a
-gocryptfs mount, and a plain directory. Runs every workload on the three in turn
-(the order rotates each repetition), prints progress on stderr, then a table of
-medians with kmsfs's ratio to gocryptfs and to the plain directory (> 1 always means
-kmsfs is better), and writes the same to a JSON file. Everything it started is
-unmounted, stopped and removed at the end, also on failure or Ctrl-C.
+gocryptfs mount, a null pyfuse3 filesystem (scripts/nullfs.py: a passthrough with
+kmsfs's FUSE settings and no encryption, the ceiling of a Python FUSE filesystem) and a
+plain directory. Runs every workload on the four in turn (the order rotates each
+repetition), prints progress on stderr, then a table of medians with their spread
+(min-max over the repetitions) and kmsfs's ratio to gocryptfs, to the null filesystem
+and to the plain directory (> 1 always means kmsfs is better), and writes the same, with
+every run's value, to a JSON file. Everything it started is unmounted, stopped and
+removed at the end, also on failure or Ctrl-C.
 
 Workloads (--only takes these names, comma-separated):
   seq        dd 1 MiB and 4 KiB sequential write (conv=fsync), cold and warm 1 MiB read;
@@ -16,6 +19,15 @@ Workloads (--only takes these names, comma-separated):
              files; no site-packages, __pycache__, config-*, lib-dynload), ls -lR,
              read every file, rm -rf
   keyd       GenerateDataKey and Decrypt round trips per second, 1 and 8 clients (kmsfs only)
+  scale      only when asked for (--only scale): how costs grow with the work, on kmsfs and
+             gocryptfs (--scale-systems): untar of the same stdlib tree cut to 10,000 and
+             100,000 files (time per file at each, and their ratio); one directory of
+             100,000 empty files (create, ls -l and the stat of a missing name, first and
+             second time); a 20 GiB file written and read sequentially (MiB/s of its first
+             and last GiB); and, on a kmsfs mount of its own whose tree kmsfs import made
+             offline, the mount's VmRSS after stat-ing 1,000,000 files, after drop_caches,
+             and with 10,000 files open. --scale-* options set the sizes (--quick: 2,000 and
+             20,000 files, 20,000 entries, 100,000 stats, 2,000 open, 2 GiB); 1 repetition.
 
 --aws-provider adds a fourth system, kmsfs-aws: a second kmsfs mount whose key service
 is ``aws`` (botocore, SigV4) pointed at this run's keyd over loopback TCP
@@ -29,19 +41,24 @@ own (``kmsfs key set --cipherdir CIPHER / KEY`` before mounting: every name and 
 under the binding's), and a column "kmsfs-bound vs kmsfs".
 
 Full run (default): 1 GiB sequential, fio 20 s (plain directory 3 s), keyd 1.5 s,
-~10k files, 3 repetitions: about 14 minutes. --quick: 256 MiB, fio 5 s (plain 2 s),
-keyd 1 s, one copy of the stdlib, 1 repetition: about 1.5 minutes. Every figure is the
-median over the repetitions; all runs are in the JSON.
+~10k files, 3 repetitions: about 14 minutes without the null filesystem, so about 18
+with it (estimated, not timed). --quick: 256 MiB, fio 5 s (plain 2 s), keyd 1 s, one copy
+of the stdlib, 1 repetition: about 2 minutes with it (3 repetitions took 391 s). Every
+figure is the median over the repetitions, shown with the min-max spread of the runs;
+all runs are in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
 import os
 import platform
 import re
+import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -59,13 +76,16 @@ from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-SYSTEMS = ["kmsfs", "gocryptfs", "plain"]  # + "kmsfs-aws" with --aws-provider
+#: null: scripts/nullfs.py, a pyfuse3 + trio passthrough without encryption (the FUSE ceiling)
+SYSTEMS = ["kmsfs", "gocryptfs", "null", "plain"]  # + "kmsfs-aws" with --aws-provider
 AWS_SYSTEM = "kmsfs-aws"
 AUDIT_SYSTEM = "kmsfs-audit"
 BOUND_SYSTEM = "kmsfs-bound"
 #: variants of kmsfs compared with the plain kmsfs mount in a column of their own
 VARIANTS = (AWS_SYSTEM, AUDIT_SYSTEM, BOUND_SYSTEM)
-WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
+WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd", "scale")
+#: what runs without --only (scale takes far longer than the rest: ask for it by name)
+DEFAULT_WORKLOADS = ("seq", "randread", "randwrite", "small", "keyd")
 READ_AHEAD_KB = 1024
 #: the share of the dirty-page limit kmsfs's mount gives itself (--max-dirty-ratio's
 #: default); the bench gives gocryptfs the same, as it gives both the same read-ahead
@@ -88,6 +108,21 @@ NOTES = [
     "small files: caches dropped before ls -lR and read-all (find -type f -exec cat); "
     "untar and rm -rf are timed without a trailing sync; file names encrypted on both",
     "keyd: scripts/bench_keyd.measure() on the mount's own keyd while the mount is idle",
+    "null: scripts/nullfs.py, a pyfuse3 + trio passthrough with kmsfs's FUSE settings "
+    "(writeback cache, 1 s entry/attr timeouts) and no encryption: one pread/pwrite per "
+    "request, no read-ahead of its own; its backing dir is on the same disk",
+    "table cells: median (min–max) over the repetitions; every run is in the JSON",
+]
+#: printed only when the scale workload ran
+SCALE_NOTES = [
+    "scale untar: the same stdlib tarball cut to each size, timed with a syncfs of the "
+    "mount (sync -f); the growth row is per-file time at the larger size ÷ at the smaller",
+    "scale dir: empty files created through the mount; caches dropped before the first "
+    "ls -l; the missing-name stat is one lstat() timed in the bench process",
+    "scale RSS: VmRSS of the kmsfs mount process of a cipherdir filled offline by kmsfs "
+    "import (empty files in directories of 1000, and small files to hold open)",
+    "scale big file: 1 MiB write()s with fdatasync at each segment's end; read after "
+    "drop_caches; rates of the first and last segment in MiB/s (every segment in the JSON)",
 ]
 
 
@@ -327,7 +362,15 @@ class Rig:
             + ["--keyd-socket", str(self.keyd_socket), "--description", "scripts/bench"]
         )
 
-    def start_kmsfs(self, name: str = "kmsfs", *extra: str, bind_root: bool = False) -> None:
+    def start_kmsfs(
+        self,
+        name: str = "kmsfs",
+        *extra: str,
+        bind_root: bool = False,
+        before_mount: Callable[[Path], None] | None = None,
+    ) -> None:
+        """A kmsfs mount of a new cipherdir; ``before_mount(cipherdir)`` runs between
+        ``kmsfs init`` and the mount (the scale workload imports its tree there)."""
         assert self.keyd_socket is not None
         socket_args = ["--keyd-socket", str(self.keyd_socket)]
         cipher, mnt = self.base / f"{name}.cipher", self.base / f"{name}.mnt"
@@ -343,6 +386,8 @@ class Rig:
             run(
                 [self.kmsfs_bin, "key", "set", "--cipherdir", str(cipher), "/", alias, *socket_args]
             )
+        if before_mount is not None:
+            before_mount(cipher)
         log_path = self.base / f"{name}-mount.log"
         proc = start_logged(
             [self.kmsfs_bin, "mount", str(cipher), str(mnt), "-f"]
@@ -406,6 +451,19 @@ class Rig:
         wait_for_mount(mnt, proc, "gocryptfs", log_path)
         self.bdi["gocryptfs"] = tune_bdi(mnt)
 
+    def start_null(self) -> None:
+        """scripts/nullfs.py on a backing directory of its own, tuned as the other mounts."""
+        backing, mnt = self.base / "null.backing", self.base / "null.mnt"
+        backing.mkdir()
+        mnt.mkdir()
+        log_path = self.base / "null-mount.log"
+        proc = start_logged(
+            [sys.executable, str(SCRIPTS / "nullfs.py"), str(backing), str(mnt)], log_path
+        )
+        self.systems["null"] = System("null", mnt, proc, log_path)
+        wait_for_mount(mnt, proc, "null filesystem", log_path)
+        self.bdi["null"] = tune_bdi(mnt)
+
     def start_plain(self) -> None:
         plain = self.base / "plain"
         plain.mkdir()
@@ -419,7 +477,7 @@ class Rig:
         }
 
     def close(self) -> None:
-        for name in ("kmsfs", *VARIANTS, "gocryptfs"):
+        for name in ("kmsfs", *VARIANTS, "gocryptfs", "null", SCALE_SYSTEM):
             system = self.systems.get(name)
             if system is not None:
                 try:
@@ -454,6 +512,16 @@ class Metric:
         values = self.runs.get(system)
         return statistics.median(values) if values else None
 
+    def spread(self, system: str) -> dict[str, float] | None:
+        """min, max and (max - min) / median of a system's repetitions (None without runs)."""
+        values = self.runs.get(system)
+        if not values:
+            return None
+        median = statistics.median(values)
+        low, high = min(values), max(values)
+        relative = (high - low) / median if median else 0.0
+        return {"min": low, "max": high, "relative": relative}
+
     def ratio(self, other: str, mine_name: str = "kmsfs") -> float | None:
         """kmsfs (or ``mine_name``) against `other`, oriented so that > 1 means it is better."""
         mine, theirs = self.median(mine_name), self.median(other)
@@ -480,7 +548,9 @@ class Results:
                 "better": "higher" if m.higher_is_better else "lower",
                 "runs": m.runs,
                 "median": {s: m.median(s) for s in SYSTEMS if s in m.runs},
+                "spread": {s: m.spread(s) for s in SYSTEMS if s in m.runs},
                 "kmsfs_vs_gocryptfs": m.ratio("gocryptfs"),
+                "kmsfs_vs_null": m.ratio("null"),
                 "kmsfs_vs_plain": m.ratio("plain"),
                 **{
                     f"{variant.replace('-', '_')}_vs_kmsfs": m.ratio("kmsfs", variant)
@@ -495,22 +565,36 @@ class Results:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit in ("s", "s/GiB"):
+    if unit == "inodes":
+        return f"{value:.0f}"
+    if unit in ("s", "s/GiB", "×"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def fmt_runs(values: Sequence[float] | None, unit: str) -> str:
+    """A table cell: the median, and with more than one run the spread, as
+    ``median (min-max)``; ``-`` without runs."""
+    if not values:
+        return "-"
+    median = fmt(statistics.median(values), unit)
+    if len(values) == 1:
+        return median
+    return f"{median} ({fmt(min(values), unit)}–{fmt(max(values), unit)})"
+
+
 def table(results: Results) -> str:
     variants = [variant for variant in VARIANTS if variant in SYSTEMS]
-    head = ["workload", "unit", *SYSTEMS, "kmsfs vs gocryptfs", "kmsfs vs plain"]
+    head = ["workload", "unit", *SYSTEMS]
+    head += ["kmsfs vs gocryptfs", "kmsfs vs null", "kmsfs vs plain"]
     head += [f"{variant} vs kmsfs" for variant in variants]
     rows = [head]
     for m in results.metrics.values():
-        ratios = [m.ratio("gocryptfs"), m.ratio("plain")]
+        ratios = [m.ratio("gocryptfs"), m.ratio("null"), m.ratio("plain")]
         ratios += [m.ratio("kmsfs", variant) for variant in variants]
         rows.append(
             [m.label, m.unit]
-            + [fmt(m.median(s), m.unit) for s in SYSTEMS]
+            + [fmt_runs(m.runs.get(s), m.unit) for s in SYSTEMS]
             + ["-" if r is None else f"{r:.2f}×" for r in ratios]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -672,8 +756,11 @@ def bench_fio(results: Results, systems: list[System], args: argparse.Namespace,
                 log(f"{rw} {rep + 1}/{args.repeat} {jobs} job(s) {system.name}: {iops:.0f} IOPS")
 
 
-def build_tarball(base: Path, target_files: int) -> tuple[Path, int, int]:
-    """A tarball of the Python standard library, repeated until it holds target_files files."""
+def build_tarball(
+    base: Path, target_files: int, exact: bool = False, file_name: str = "stdlib.tar"
+) -> tuple[Path, int, int]:
+    """A tarball of the Python standard library, repeated until it holds target_files files
+    (with ``exact``, the last copy cut short so that it holds exactly that many)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     skip_dirs = {"site-packages", "dist-packages", "__pycache__"}
     members: list[Path] = []
@@ -689,21 +776,26 @@ def build_tarball(base: Path, target_files: int) -> tuple[Path, int, int]:
                 members.append(path)
     if not members:
         raise BenchError(f"no files found in the standard library at {stdlib}")
-    copies = max(1, round(target_files / len(members)))
-    tarball = base / "stdlib.tar"
+    if exact:
+        copies = -(-target_files // len(members))
+        files = target_files
+    else:
+        copies = max(1, round(target_files / len(members)))
+        files = copies * len(members)
+    tarball = base / file_name
     total_bytes = 0
     with tarfile.open(tarball, "w") as tar:
-        for copy in range(copies):
-            for path in members:
-                arcname = f"stdlib-{copy + 1}/{path.relative_to(stdlib)}"
-                tar.add(path, arcname=arcname, recursive=False)
-                total_bytes += path.stat().st_size
+        for index in range(files):
+            copy, path = divmod(index, len(members))[0], members[index % len(members)]
+            arcname = f"stdlib-{copy + 1}/{path.relative_to(stdlib)}"
+            tar.add(path, arcname=arcname, recursive=False)
+            total_bytes += path.stat().st_size
     log(
-        f"tarball: {copies} cop{'ies' if copies > 1 else 'y'} of {stdlib} "
-        f"({len(members)} files each, no site-packages/__pycache__/config-*/lib-dynload): "
-        f"{copies * len(members)} files, {total_bytes / MIB:.0f} MiB"
+        f"tarball {tarball.name}: {files} files from {copies} cop{'ies' if copies > 1 else 'y'} "
+        f"of {stdlib} ({len(members)} files each, no site-packages/__pycache__/config-*/"
+        f"lib-dynload), {total_bytes / MIB:.0f} MiB"
     )
-    return tarball, copies * len(members), total_bytes
+    return tarball, files, total_bytes
 
 
 def count_files(root: Path) -> int:
@@ -769,12 +861,18 @@ def bench_keyd(results: Results, rig: Rig, args: argparse.Namespace) -> None:
     bench_keyd_module = importlib.import_module("bench_keyd")
     from kmsfs.kms.client import KMSClient
 
-    assert rig.keyd_socket is not None
+    assert rig.keyd_socket is not None and rig.keyd is not None
     socket_path = str(rig.keyd_socket)
-    context = {"kmsfs:file-id": "bench"}
+    rows = bench_keyd_module.ROWS
     with KMSClient(socket_path) as client:
         key_id = client.call("DescribeKey", {"KeyId": rig.key_alias})["KeyMetadata"]["KeyId"]
-        blob = client.generate_data_key(key_id, encryption_context=context)["CiphertextBlob"]
+        blob = client.generate_data_key(
+            key_id, encryption_context=rows["Decrypt"][3]["EncryptionContext"]
+        )["CiphertextBlob"]
+    params = {
+        "GenerateDataKey": {**rows["GenerateDataKey"][3], "KeyId": key_id},
+        "Decrypt": {**rows["Decrypt"][3], "CiphertextBlob": base64.b64encode(blob).decode()},
+    }
     for rep in range(args.repeat):
         for operation in ("GenerateDataKey", "Decrypt"):
             for clients in (1, 8):
@@ -784,11 +882,352 @@ def bench_keyd(results: Results, rig: Rig, args: argparse.Namespace) -> None:
                     "req/s",
                     True,
                 )
-                rate = bench_keyd_module.measure(
-                    socket_path, operation, key_id, blob, clients, args.keyd_seconds
+                # bench_keyd.measure: (requests per second, keyd's CPU µs per request)
+                rate, _ = bench_keyd_module.measure(
+                    "unix",
+                    (socket_path,),
+                    operation,
+                    params[operation],
+                    clients,
+                    args.keyd_seconds,
+                    rig.keyd.pid,
                 )
                 metric.add("kmsfs", rate)
                 log(f"keyd {rep + 1}/{args.repeat} {operation} {clients} client(s): {rate:.0f}/s")
+
+
+# --- scale: how costs grow with the work -------------------------------------------
+
+
+#: the kmsfs mount of the imported tree that the memory figures are taken on
+SCALE_SYSTEM = "kmsfs-scale"
+#: files per directory of the tree that is stat-ed (1,000,000 files: 1000 x 1000)
+SCALE_FILES_PER_DIR = 1000
+
+
+def vm_rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB, from /proc/PID/status VmRSS."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS in /proc/{pid}/status")
+
+
+def mount_memory_counts(system: System, timeout: float = 20.0) -> dict[str, int] | None:
+    """The kmsfs mount's own counts of what it holds (nodes, handles, cached keys...): its
+    SIGUSR1 memory report (kmsfs.fs.mount.memory_report), read back from its log; None if
+    no report appeared within ``timeout``."""
+    assert system.proc is not None and system.log_path is not None
+    before = system.log_path.read_text(errors="replace").count("memory: ")
+    system.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reports = re.findall(r"memory: (.*)", system.log_path.read_text(errors="replace"))
+        if len(reports) > before:
+            return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", reports[-1])}
+        time.sleep(0.1)
+    return None
+
+
+def raise_open_file_limit(wanted: int) -> None:
+    """Let this process hold ``wanted`` descriptors (root may raise the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            hard = wanted
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def scale_untar(
+    results: Results, systems: list[System], args: argparse.Namespace, base: Path
+) -> None:
+    """The same kind of tree at two sizes: the time per file should not grow with the tree."""
+    per_file: dict[int, Metric] = {}
+    counts: list[int] = args.scale_files
+    for count in counts:
+        tarball, files, total_bytes = build_tarball(
+            base, count, exact=True, file_name=f"scale-{count}.tar"
+        )
+        total = results.metric(
+            f"scale_untar_{count}", f"scale: untar {files} files + syncfs", "s", False
+        )
+        per_file[count] = results.metric(
+            f"scale_untar_{count}_per_file", f"scale: untar {files} files, per file", "µs", False
+        )
+        for rep in range(args.scale_repeat):
+            for system in order(systems, rep):
+                system.check()
+                tree = system.root / f"scale-untar-{count}-{rep + 1}"
+                tree.mkdir()
+                os.sync()
+                # syncfs of the mount in the timing: the larger tree's data must not be
+                # written back inside its own run only (the dirty-page limit would see to it)
+                seconds = timed(
+                    f"tar -xf {shlex.quote(str(tarball))} -C {shlex.quote(str(tree))} "
+                    f"&& sync -f {shlex.quote(str(tree))}",
+                    shell=True,
+                )
+                found = count_files(tree)
+                if found != files:
+                    raise BenchError(f"{system.name}: untar left {found} of {files} files")
+                total.add(system.name, seconds)
+                per_file[count].add(system.name, seconds / files * 1e6)
+                log(
+                    f"scale untar {files} files {rep + 1}/{args.scale_repeat} {system.name}: "
+                    f"{seconds:.2f} s, {seconds / files * 1e6:.0f} µs/file"
+                )
+        tarball.unlink()
+    small, large = counts[0], counts[-1]
+    growth = results.metric(
+        "scale_untar_growth",
+        f"scale: untar time per file, {large} ÷ {small} files",
+        "×",
+        False,
+    )
+    for system in systems:
+        for large_run, small_run in zip(
+            per_file[large].runs.get(system.name, []),
+            per_file[small].runs.get(system.name, []),
+            strict=True,
+        ):
+            growth.add(system.name, large_run / small_run)
+
+
+def scale_directory(results: Results, systems: list[System], args: argparse.Namespace) -> None:
+    """One directory with many entries: ls -l and the lookup of a missing name, twice each."""
+    entries = args.scale_dir_entries
+    create = results.metric(
+        "scale_dir_create", f"scale: create {entries} empty files in one dir", "s", False
+    )
+    listing = [
+        results.metric(f"scale_dir_ls_{when}", f"scale: ls -l of that dir, {when}", "s", False)
+        for when in ("first", "second")
+    ]
+    missing = [
+        results.metric(
+            f"scale_dir_missing_{when}", f"scale: stat of a missing name in it, {when}", "µs", False
+        )
+        for when in ("first", "second")
+    ]
+    for rep in range(args.scale_repeat):
+        for system in order(systems, rep):
+            system.check()
+            directory = system.root / f"scale-dir-{rep + 1}"
+            directory.mkdir()
+            os.sync()
+            start = time.perf_counter()
+            for index in range(entries):
+                os.close(
+                    os.open(f"{directory}/entry-{index:07d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                )
+            created = time.perf_counter() - start
+            create.add(system.name, created)
+            if len(os.listdir(directory)) != entries:
+                raise BenchError(f"{system.name}: {directory} does not hold {entries} entries")
+            drop_caches()  # the first ls -l starts from nothing cached, as after a mount
+            shown = [f"create {created:.2f} s"]
+            for when, metric in zip(("first", "second"), listing, strict=True):
+                seconds = timed(["ls", "-l", str(directory)])
+                metric.add(system.name, seconds)
+                shown.append(f"ls -l {when} {seconds:.2f} s")
+            absent = f"{directory}/missing-name-{rep + 1}"
+            for when, metric in zip(("first", "second"), missing, strict=True):
+                start = time.perf_counter()
+                try:
+                    os.stat(absent)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise BenchError(f"{system.name}: {absent} exists")
+                micros = (time.perf_counter() - start) * 1e6
+                metric.add(system.name, micros)
+                shown.append(f"missing {when} {micros:.0f} µs")
+            log(
+                f"scale dir {entries} {rep + 1}/{args.scale_repeat} {system.name}: "
+                f"{', '.join(shown)}"
+            )
+
+
+def make_stat_tree(source: Path, files: int, open_files: int) -> None:
+    """``files`` empty files in directories of SCALE_FILES_PER_DIR and ``open_files`` small
+    ones in ``open/``, on the plain disk (kmsfs import encrypts them into the cipherdir:
+    far faster than creating them through a mount)."""
+    source.mkdir()
+    for index in range(files):
+        directory, position = divmod(index, SCALE_FILES_PER_DIR)
+        if position == 0:
+            os.mkdir(f"{source}/d{directory:05d}")
+        os.close(os.open(f"{source}/d{directory:05d}/f{position:05d}", os.O_WRONLY | os.O_CREAT))
+    (source / "open").mkdir()
+    for index in range(open_files):
+        fd = os.open(f"{source}/open/f{index:06d}", os.O_WRONLY | os.O_CREAT)
+        try:
+            os.write(fd, b"kmsfs scale open\n")
+        finally:
+            os.close(fd)
+
+
+def scale_memory(
+    results: Results, rig: Rig, args: argparse.Namespace, report: dict[str, Any]
+) -> None:
+    """The mount's RSS as the kernel gets to know a million inodes, and with 10,000 files
+    open; on a mount of its own (started here) whose tree ``kmsfs import`` made offline."""
+    files, open_files = args.scale_stat_files, args.scale_open_files
+    source = rig.base / "scale-source"
+    start = time.perf_counter()
+    make_stat_tree(source, files, open_files)
+    log(
+        f"scale: made {files} + {open_files} files on the disk "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+
+    def import_tree(cipher: Path) -> None:
+        assert rig.keyd_socket is not None
+        began = time.perf_counter()
+        run(
+            [rig.kmsfs_bin, "import", "-q", str(source), str(cipher)]
+            + ["--keyd-socket", str(rig.keyd_socket)]
+        )
+        seconds = time.perf_counter() - began
+        report.setdefault("scale", {})["import_seconds"] = round(seconds, 1)
+        log(f"scale: kmsfs import of {files + open_files} files took {seconds:.0f} s")
+        shutil.rmtree(source)
+
+    rig.start_kmsfs(SCALE_SYSTEM, before_mount=import_tree)
+    system = rig.systems[SCALE_SYSTEM]
+    assert system.proc is not None
+    pid = system.proc.pid
+
+    def rss(key: str, label: str) -> float:
+        value = vm_rss_mib(pid)
+        results.metric(f"scale_rss_{key}", f"scale: mount RSS {label}", "MiB", False).add(
+            "kmsfs", value
+        )
+        counts = mount_memory_counts(system)
+        report.setdefault("scale", {}).setdefault("mount_counts", {})[key] = counts
+        if counts is not None and "nodes" in counts:
+            results.metric(
+                f"scale_nodes_{key}", f"scale: inodes the mount holds {label}", "inodes", False
+            ).add("kmsfs", counts["nodes"])
+        log(f"scale: mount RSS {label}: {value:.0f} MiB; the mount's counts: {counts}")
+        return value
+
+    rss("mounted", "after mounting")
+    root = system.root
+    start = time.perf_counter()
+    for index in range(files):
+        directory, position = divmod(index, SCALE_FILES_PER_DIR)
+        os.lstat(f"{root}/d{directory:05d}/f{position:05d}")
+    seconds = time.perf_counter() - start
+    results.metric("scale_stat", f"scale: stat {files} files", "s", False).add("kmsfs", seconds)
+    log(f"scale: stat of {files} files: {seconds:.1f} s ({files / seconds:.0f}/s)")
+    rss("stat", f"after stat-ing {files} files")
+    drop_caches()  # the kernel forgets the inodes: FORGETs reach the mount
+    time.sleep(2)
+    rss("forget", "after that + drop_caches (FORGETs)")
+    raise_open_file_limit(open_files + 1024)
+    held: list[int] = []
+    try:
+        for index in range(open_files):
+            fd = os.open(f"{root}/open/f{index:06d}", os.O_RDONLY)
+            held.append(fd)
+            if os.read(fd, 5) != b"kmsfs":  # its data key in use, not just a handle
+                raise BenchError(f"{SCALE_SYSTEM}: open/f{index:06d} reads back wrong")
+        rss("open", f"with {open_files} files open")
+    finally:
+        for fd in held:
+            os.close(fd)
+    system.check()
+    unmount(system.root, system.proc, SCALE_SYSTEM)
+
+
+def scale_big_file(
+    results: Results, systems: list[System], args: argparse.Namespace, report: dict[str, Any]
+) -> None:
+    """One big file written and read sequentially: the rate of its last segment against
+    its first (the cost per chunk must not grow with the offset)."""
+    total = max(2, int(args.scale_big_gib * GIB) // MIB) * MIB
+    segment = min(args.scale_segment_mib * MIB, total // 2 // MIB * MIB)
+    size_label = f"{total / GIB:g} GiB" if total >= GIB else f"{total // MIB} MiB"
+    segment_label = f"{segment / GIB:g} GiB" if segment >= GIB else f"{segment // MIB} MiB"
+    rows: dict[str, Metric] = {}
+    for what in ("write", "read"):
+        for where in ("first", "last"):
+            rows[f"{what}_{where}"] = results.metric(
+                f"scale_big_{what}_{where}",
+                f"scale: {size_label} file, {what} rate of the {where} {segment_label}",
+                "MiB/s",
+                True,
+            )
+        rows[f"{what}_growth"] = results.metric(
+            f"scale_big_{what}_growth",
+            f"scale: {size_label} file, {what} rate last ÷ first",
+            "×",
+            True,
+        )
+    block = os.urandom(MIB)
+    buffer = bytearray(MIB)
+    for rep in range(args.scale_repeat):
+        for system in order(systems, rep):
+            system.check()
+            path = system.root / "scale-big.dat"
+            rates: dict[str, list[float]] = {"write": [], "read": []}
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                done, mark, began = 0, 0, time.perf_counter()
+                while done < total:
+                    if os.write(fd, block) != MIB:
+                        raise BenchError(f"{system.name}: short write to {path}")
+                    done += MIB
+                    if done % segment == 0 or done == total:
+                        os.fdatasync(fd)  # each segment's data stored within its own time
+                        now = time.perf_counter()
+                        rates["write"].append((done - mark) / MIB / (now - began))
+                        mark, began = done, now
+            finally:
+                os.close(fd)
+            drop_caches()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done, mark, began = 0, 0, time.perf_counter()
+                while done < total:
+                    if os.readv(fd, [buffer]) != MIB or buffer != block:
+                        raise BenchError(f"{system.name}: {path} reads back wrong at {done}")
+                    done += MIB
+                    if done % segment == 0 or done == total:
+                        now = time.perf_counter()
+                        rates["read"].append((done - mark) / MIB / (now - began))
+                        mark, began = done, now
+            finally:
+                os.close(fd)
+            path.unlink()
+            os.sync()
+            every = report.setdefault("scale", {}).setdefault("big_file_mib_per_s", {})
+            every.setdefault(system.name, []).append(
+                {
+                    "segment_mib": segment // MIB,
+                    **{k: [round(r, 1) for r in v] for k, v in rates.items()},
+                }
+            )
+            for what, measured in rates.items():
+                rows[f"{what}_first"].add(system.name, measured[0])
+                rows[f"{what}_last"].add(system.name, measured[-1])
+                rows[f"{what}_growth"].add(system.name, measured[-1] / measured[0])
+            log(
+                f"scale big file {rep + 1}/{args.scale_repeat} {system.name}: MiB/s per "
+                f"{segment_label}: write {' '.join(f'{r:.0f}' for r in rates['write'])}; "
+                f"read {' '.join(f'{r:.0f}' for r in rates['read'])}"
+            )
+
+
+def bench_scale(
+    results: Results, rig: Rig, args: argparse.Namespace, report: dict[str, Any]
+) -> None:
+    systems = [rig.systems[name] for name in args.scale_systems]
+    scale_untar(results, systems, args, rig.base)
+    scale_directory(results, systems, args)
+    scale_big_file(results, systems, args, report)
+    scale_memory(results, rig, args, report)
 
 
 # --- the run ------------------------------------------------------------------------
@@ -888,6 +1327,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--files", type=int, help="small-file tarball size in files (10000; quick 2000)"
     )
     parser.add_argument(
+        "--scale-files",
+        help="scale: the two tree sizes untarred, comma-separated (10000,100000; quick 2000,20000)",
+    )
+    parser.add_argument(
+        "--scale-dir-entries",
+        type=int,
+        help="scale: entries in the one big directory (100000; quick 20000)",
+    )
+    parser.add_argument(
+        "--scale-stat-files",
+        type=int,
+        help="scale: files stat-ed before the mount's RSS is read (1000000; quick 100000)",
+    )
+    parser.add_argument(
+        "--scale-open-files",
+        type=int,
+        help="scale: files held open at once for the RSS figure (10000; quick 2000)",
+    )
+    parser.add_argument(
+        "--scale-big-gib",
+        type=float,
+        help="scale: size of the big file in GiB, fractions allowed (20; quick 2)",
+    )
+    parser.add_argument(
+        "--scale-segment-mib",
+        type=int,
+        help="scale: the big file's first and last segment whose rates are compared, MiB "
+        "(1024; quick 256; at most half the file)",
+    )
+    parser.add_argument("--scale-repeat", type=int, default=1, help="scale: repetitions (1)")
+    parser.add_argument(
+        "--scale-systems",
+        default="kmsfs,gocryptfs",
+        help="scale: systems for the untar, directory and big-file rows (kmsfs,gocryptfs; "
+        "the memory rows are kmsfs's only)",
+    )
+    parser.add_argument(
         "--workdir",
         default="/var/tmp",
         help="parent of the scratch directory (backing dirs and plain dir); must be a real disk",
@@ -898,25 +1374,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {Path(tempfile.gettempdir()) / 'kmsfs-bench-results.json'})",
     )
     args = parser.parse_args(argv)
-    defaults: dict[str, float] = {
+    defaults: dict[str, Any] = {
         "size": 1024,
         "repeat": 3,
         "fio_seconds": 20,
         "plain_fio_seconds": 3,
         "keyd_seconds": 1.5,
         "files": 10000,
+        "scale_files": "10000,100000",
+        "scale_dir_entries": 100000,
+        "scale_stat_files": 1000000,
+        "scale_open_files": 10000,
+        "scale_big_gib": 20.0,
+        "scale_segment_mib": 1024,
     }
     if args.quick:
         defaults.update(
-            size=256, repeat=1, fio_seconds=5, plain_fio_seconds=2, keyd_seconds=1.0, files=2000
+            size=256,
+            repeat=1,
+            fio_seconds=5,
+            plain_fio_seconds=2,
+            keyd_seconds=1.0,
+            files=2000,
+            scale_files="2000,20000",
+            scale_dir_entries=20000,
+            scale_stat_files=100000,
+            scale_open_files=2000,
+            scale_big_gib=2.0,
+            scale_segment_mib=256,
         )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.workloads = list(WORKLOADS) if not args.only else args.only.split(",")
+    args.workloads = list(DEFAULT_WORKLOADS) if not args.only else args.only.split(",")
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {','.join(WORKLOADS)}")
+    try:
+        args.scale_files = [int(count) for count in str(args.scale_files).split(",")]
+    except ValueError:
+        parser.error("--scale-files takes two file counts, e.g. 10000,100000")
+    if len(args.scale_files) != 2 or min(args.scale_files) < 1:
+        parser.error("--scale-files takes two file counts, e.g. 10000,100000")
+    args.scale_systems = args.scale_systems.split(",")
+    unknown = [name for name in args.scale_systems if name not in ("kmsfs", "gocryptfs", "null")]
+    if unknown:
+        parser.error(f"--scale-systems: unknown {unknown}; choose from kmsfs,gocryptfs,null")
+    if min(args.scale_dir_entries, args.scale_stat_files, args.scale_open_files) < 1:
+        parser.error("--scale-dir-entries, --scale-stat-files and --scale-open-files: at least 1")
+    if args.scale_big_gib <= 0 or args.scale_segment_mib < 1 or args.scale_repeat < 1:
+        parser.error("--scale-big-gib, --scale-segment-mib and --scale-repeat must be positive")
     if args.json_out is None:
         args.json_out = str(Path(tempfile.gettempdir()) / "kmsfs-bench-results.json")
     if args.repeat < 1 or args.size < 1:
@@ -964,6 +1471,20 @@ def main(argv: list[str] | None = None) -> int:
             "plain_fio_seconds": args.plain_fio_seconds,
             "fio_size_mib": args.fio_size,
             "keyd_seconds": args.keyd_seconds,
+            **(
+                {
+                    "scale_files": args.scale_files,
+                    "scale_dir_entries": args.scale_dir_entries,
+                    "scale_stat_files": args.scale_stat_files,
+                    "scale_open_files": args.scale_open_files,
+                    "scale_big_gib": args.scale_big_gib,
+                    "scale_segment_mib": args.scale_segment_mib,
+                    "scale_repeat": args.scale_repeat,
+                    "scale_systems": args.scale_systems,
+                }
+                if "scale" in args.workloads
+                else {}
+            ),
             "workdir": str(base),
             "workdir_fstype": fstype,
             "kmsfs_file_names": "encrypted (kmsfs init default)",
@@ -994,12 +1515,13 @@ def main(argv: list[str] | None = None) -> int:
             SYSTEMS.insert(1, BOUND_SYSTEM)
             rig.start_kmsfs(BOUND_SYSTEM, bind_root=True)
         rig.start_gocryptfs()
+        rig.start_null()
         rig.start_plain()
         report["bdi"] = rig.bdi
         kmsfs_bdi, gocryptfs_bdi = rig.bdi["kmsfs"], rig.bdi["gocryptfs"]
         log(
-            f"mounted kmsfs and gocryptfs; read_ahead_kb {READ_AHEAD_KB} and max_ratio "
-            f"{MAX_DIRTY_RATIO} on both (before: kmsfs {kmsfs_bdi['read_ahead_kb_before']}/"
+            f"mounted kmsfs, gocryptfs and null; read_ahead_kb {READ_AHEAD_KB} and max_ratio "
+            f"{MAX_DIRTY_RATIO} on each (before: kmsfs {kmsfs_bdi['read_ahead_kb_before']}/"
             f"{kmsfs_bdi['max_ratio_before']}, gocryptfs "
             f"{gocryptfs_bdi['read_ahead_kb_before']}/{gocryptfs_bdi['max_ratio_before']})"
         )
@@ -1017,6 +1539,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_small(results, systems, args, report["tarball"])
             elif workload == "keyd":
                 bench_keyd(results, rig, args)
+            elif workload == "scale":
+                bench_scale(results, rig, args, report)
         for system in systems:
             system.check()
     except BaseException as caught:  # report, clean up, then fail
@@ -1036,7 +1560,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = time.monotonic() - started
     report["runtime_seconds"] = round(runtime, 1)
     report["results"] = results.to_json()
-    report["notes"] = NOTES
+    report["notes"] = NOTES + (SCALE_NOTES if "scale" in args.workloads else [])
     if error is not None:
         report["error"] = describe(error)
     json_path = Path(args.json_out)
@@ -1050,9 +1574,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{fstype} backing; gocryptfs {machine['gocryptfs'].split(';')[0].split()[-1]}, "
         f"Python {machine['python']}, kmsfs {machine['kmsfs_commit']}"
     )
+    runs = f"median (min–max) of {args.repeat} run(s); " if set(args.workloads) - {"scale"} else ""
+    if "scale" in args.workloads:
+        runs += f"scale: {args.scale_repeat} run(s); "
     print(
-        f"medians of {args.repeat} run(s); read_ahead_kb={READ_AHEAD_KB}, "
-        f"max_ratio={MAX_DIRTY_RATIO} on both FUSE mounts; "
+        f"{runs}read_ahead_kb={READ_AHEAD_KB}, max_ratio={MAX_DIRTY_RATIO} on every FUSE mount; "
         f"fio {args.fio_seconds} s per run (plain {args.plain_fio_seconds} s), "
         f"{args.fio_size} MiB file, psync, buffered"
     )
@@ -1063,7 +1589,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print()
-    for note in NOTES:
+    for note in NOTES + (SCALE_NOTES if "scale" in args.workloads else []):
         print(f"- {note}")
     print(f"runtime {runtime:.0f} s; JSON in {json_path}")
     problems = report.get("kmsfs_mount_log_problems", [])
