@@ -1,0 +1,149 @@
+"""keyd's plain-request fast path (server.parse_plain_request, server.plain_response).
+
+The fast path may only ever accept: whatever it accepts, h11 must read the same way
+(same method, target, headers, body), and whatever h11 would refuse or treat
+specially it must leave to h11. Its responses must be byte for byte what h11 writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmsfs.kms import server
+from kmsfs.kms.server import DEFAULT_LIMITS, ServerLimits, parse_plain_request, plain_response
+
+BODY = b'{"KeyId": "alias/k", "KeySpec": "AES_256"}'
+
+
+def request_bytes(
+    body: bytes = BODY, *, extra: bytes = b"", length: int | None = None, line: bytes = b""
+) -> bytes:
+    head = line or b"POST / HTTP/1.1"
+    return (
+        head + b"\r\nHost: localhost\r\nContent-Type: application/x-amz-json-1.1\r\n"
+        b"X-Amz-Target: TrentService.GenerateDataKey\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length)
+        + body
+    )
+
+
+def h11_read(data: bytes) -> tuple[h11.Request, bytes, bytes]:
+    """What h11 makes of *data*: the request, its body and the bytes left after it."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=DEFAULT_LIMITS.max_header_bytes)
+    conn.receive_data(data)
+    request = None
+    parts = []
+    while True:
+        event = conn.next_event()
+        assert event is not h11.NEED_DATA
+        if type(event) is h11.Request:
+            request = event
+        elif type(event) is h11.Data:
+            parts.append(bytes(event.data))
+        elif type(event) is h11.EndOfMessage:
+            assert request is not None
+            return request, b"".join(parts), conn.trailing_data[0]
+
+
+def test_what_kmsfs_clients_send_is_plain_and_read_as_h11_reads_it() -> None:
+    data = request_bytes()
+    parsed = parse_plain_request(data, DEFAULT_LIMITS)
+    assert parsed is not None
+    request, body = parsed
+    expected, expected_body, _ = h11_read(data)
+    assert (request.method, request.target) == (expected.method, expected.target)
+    assert request.headers == list(expected.headers)
+    assert body == expected_body == BODY
+
+
+def test_header_whitespace_and_case_as_h11() -> None:
+    data = request_bytes(extra=b"X-Odd-Case:\t  spaced  value \t\r\n")
+    parsed = parse_plain_request(data, DEFAULT_LIMITS)
+    assert parsed is not None
+    assert parsed[0].headers == list(h11_read(data)[0].headers)
+    assert (b"x-odd-case", b"spaced  value") in parsed[0].headers
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(request_bytes(body=BODY[:-1], length=len(BODY)), id="body-incomplete"),
+        pytest.param(request_bytes()[:30], id="head-incomplete"),
+        pytest.param(request_bytes() + request_bytes(), id="pipelined"),
+        pytest.param(request_bytes(line=b"GET / HTTP/1.1"), id="method"),
+        pytest.param(request_bytes(line=b"POST /x HTTP/1.1"), id="path"),
+        pytest.param(request_bytes(line=b"POST / HTTP/1.0"), id="http-1.0"),
+        pytest.param(request_bytes(extra=b"Connection: close\r\n"), id="connection-close"),
+        pytest.param(request_bytes(extra=b"Expect: 100-continue\r\n"), id="expect"),
+        pytest.param(request_bytes(extra=b"Transfer-Encoding: chunked\r\n"), id="chunked"),
+        pytest.param(request_bytes(extra=b"Content-Length: 5\r\n"), id="two-lengths"),
+        pytest.param(request_bytes(length=-1), id="negative-length"),
+        pytest.param(request_bytes(extra=b"Host: other\r\n"), id="two-hosts"),
+        pytest.param(request_bytes().replace(b"Host: localhost\r\n", b""), id="no-host"),
+        pytest.param(request_bytes(extra=b"Bad Name: x\r\n"), id="space-in-name"),
+        pytest.param(request_bytes(extra=b"X: a\x00b\r\n"), id="nul-in-value"),
+        pytest.param(request_bytes(extra=b"X: \xff\r\n"), id="obs-text"),
+        pytest.param(request_bytes(extra=b"X: a\r\n folded\r\n"), id="obs-fold"),
+        pytest.param(request_bytes(extra=b"X: a\rb\r\n"), id="bare-cr"),
+        pytest.param(request_bytes(extra=b"X: a\nY: b\r\n"), id="bare-lf"),
+        pytest.param(request_bytes(extra=b"X: " + b"v" * 17000 + b"\r\n"), id="head-too-large"),
+        pytest.param(request_bytes(extra=b"X: y\r\n" * 100), id="too-many-headers"),
+        pytest.param(request_bytes(body=b"x" * (256 * 1024 + 1)), id="body-too-large"),
+        pytest.param(b"\r\n" + request_bytes(), id="leading-empty-line"),
+        pytest.param(b"garbage\r\n\r\n", id="garbage"),
+    ],
+)
+def test_anything_not_plain_is_left_to_h11(data: bytes) -> None:
+    assert parse_plain_request(data, DEFAULT_LIMITS) is None
+
+
+def test_limits_are_those_given() -> None:
+    data = request_bytes()
+    assert parse_plain_request(data, ServerLimits(max_body_bytes=len(BODY))) is not None
+    assert parse_plain_request(data, ServerLimits(max_body_bytes=len(BODY) - 1)) is None
+    head = len(data) - len(BODY)
+    assert parse_plain_request(data, ServerLimits(max_header_bytes=head)) is not None
+    assert parse_plain_request(data, ServerLimits(max_header_bytes=head - 1)) is None
+    assert parse_plain_request(data, ServerLimits(max_header_count=4)) is not None
+    assert parse_plain_request(data, ServerLimits(max_header_count=3)) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    position=st.integers(min_value=0, max_value=len(request_bytes()) - 1),
+    replacement=st.binary(min_size=0, max_size=4),
+)
+def test_a_mangled_request_is_accepted_only_if_h11_reads_it_the_same(
+    position: int, replacement: bytes
+) -> None:
+    """Change a few bytes anywhere: whenever the fast path still accepts, h11 must read
+    exactly the same request and body (and find nothing after it)."""
+    original = request_bytes()
+    data = original[:position] + replacement + original[position + 1 :]
+    parsed = parse_plain_request(data, DEFAULT_LIMITS)
+    if parsed is None:
+        return
+    request, body = parsed
+    expected, expected_body, trailing = h11_read(data)
+    assert (request.method, request.target) == (expected.method, expected.target)
+    assert request.headers == list(expected.headers)
+    assert body == expected_body
+    assert trailing == b""
+
+
+@pytest.mark.parametrize("status", [200, 400, 403, 404, 413, 500, 503])
+def test_plain_response_is_what_h11_writes(status: int) -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request_bytes())
+    h11_read_events = []
+    while (event := conn.next_event()) is not h11.NEED_DATA:
+        h11_read_events.append(event)
+    payload = json.dumps({"KeyId": "k"}).encode()
+    written = server._response(conn, status, payload, "3f0e-request-id", close=False)
+    assert plain_response(status, payload, "3f0e-request-id") == written
