@@ -16,11 +16,14 @@ import binascii
 import errno
 import json
 import os
+import re
 import select
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import h11
 
 from kmsfs.errors import (
     KeydUnavailable,
@@ -105,6 +108,150 @@ def decode_request_body(body: bytes) -> dict[str, Any]:
     if type(document) is not dict:
         raise SerializationException("the body is not a JSON object")
     return document
+
+
+#: one ``name: value`` header line as h11 reads it when it is plain: an RFC 9110 token,
+#: a value of visible ASCII with inner spaces or tabs, surrounding whitespace dropped.
+#: Anything else (obs-text, obs-fold, NUL, a bare CR) is left to h11.
+PLAIN_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*"
+)
+_PLAIN_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\x20-\x7e]*")
+#: response headers that make framing or the connection h11's business
+_NOT_PLAIN_RESPONSE_HEADERS = frozenset((b"transfer-encoding", b"connection", b"trailer"))
+#: a response head longer than this is left to h11
+_PLAIN_HEAD_LIMIT = 16 * 1024
+_CONTENT_TYPE_BYTES = CONTENT_TYPE.encode("ascii")
+
+
+def request_headers(
+    operation: str, body_length: int, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The header fields of a request to keyd (``extra``: e.g. the forwarded caller)."""
+    return [
+        (b"Host", b"localhost"),
+        (b"Content-Type", _CONTENT_TYPE_BYTES),
+        (b"X-Amz-Target", target_header(operation).encode("ascii")),
+        (b"Content-Length", b"%d" % body_length),
+        *extra,
+    ]
+
+
+def encode_request(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """``POST /`` with ``headers`` and ``body``: the bytes h11 writes for it."""
+    lines = [b"POST / HTTP/1.1"]
+    lines += [b"%s: %s" % header for header in headers]
+    lines += [b"", body]
+    return b"\r\n".join(lines)
+
+
+#: parse_plain_response: the response is not complete yet
+NEED_MORE = None
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def parse_plain_response(data: bytes | bytearray) -> tuple[int, bytes] | None:
+    """``(status, body)`` of *data* if it is exactly one whole, plain keep-alive
+    response (``HTTP/1.1``, a final status, one Content-Length and exactly that many
+    body bytes, no Transfer-Encoding or Connection header); :data:`NEED_MORE` if it
+    may still become one; raises ``_NotPlain`` otherwise (then h11 reads it)."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        if len(data) > _PLAIN_HEAD_LIMIT:
+            raise _NotPlain
+        return NEED_MORE
+    lines = bytes(data[:head_end]).split(b"\r\n")
+    status_line = _PLAIN_STATUS_LINE.fullmatch(lines[0])
+    if status_line is None or head_end > _PLAIN_HEAD_LIMIT:
+        raise _NotPlain
+    status = int(status_line.group(1))
+    if status in (204, 304):
+        raise _NotPlain
+    content_length: int | None = None
+    for line in lines[1:]:
+        found = PLAIN_HEADER_LINE.fullmatch(line)
+        if found is None:
+            raise _NotPlain
+        name = found.group(1).lower()
+        if name == b"content-length":
+            value = found.group(2)
+            if content_length is not None or not value.isdigit() or len(value) > 12:
+                raise _NotPlain
+            content_length = int(value)
+        elif name in _NOT_PLAIN_RESPONSE_HEADERS:
+            raise _NotPlain
+    if content_length is None:
+        raise _NotPlain
+    body_start = head_end + 4
+    if len(data) - body_start < content_length:
+        return NEED_MORE
+    if len(data) - body_start > content_length:
+        raise _NotPlain  # bytes after the response: h11 decides what they are
+    return status, bytes(data[body_start:])
+
+
+class ResponseReader:
+    """Reads keyd's response to one request from the bytes as they arrive (sans-IO),
+    for both clients.
+
+    A plain response (what keyd sends: :func:`parse_plain_response`) is read here
+    in a few microseconds; any other (100 Continue first, chunked, Connection: close,
+    HTTP/1.0 with the body running to the close...) by h11, given the request that
+    was sent so that its state machine agrees. ``feed`` returns ``(status, body)``
+    once the response is complete, else None; ``feed(b"")`` is the end of the stream.
+    Raises ``h11.ProtocolError`` for a malformed response and ``EOFError`` if the
+    stream ends mid-response. ``keep_alive``: whether the connection may carry the
+    next request.
+    """
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self._headers = headers
+        self._body = body
+        self._buffer = bytearray()
+        self._h11: h11.Connection | None = None
+        self._status = 0
+        self._parts: list[bytes] = []
+        self.keep_alive = True
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        if self._h11 is None:
+            self._buffer += data
+            if data:
+                try:
+                    return parse_plain_response(self._buffer)
+                except _NotPlain:
+                    pass
+            conn = self._h11 = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method=b"POST", target=b"/", headers=self._headers))
+            conn.send(h11.Data(data=self._body))
+            conn.send(h11.EndOfMessage())
+            if self._buffer:
+                conn.receive_data(bytes(self._buffer))
+                self._buffer = bytearray()
+            if not data:
+                conn.receive_data(b"")  # the end of the stream
+            return self._next_events(conn)
+        self._h11.receive_data(data)
+        return self._next_events(self._h11)
+
+    def _next_events(self, conn: h11.Connection) -> tuple[int, bytes] | None:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if type(event) is h11.Response:
+                self._status = event.status_code
+            elif type(event) is h11.Data:
+                self._parts.append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                self.keep_alive = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                return self._status, b"".join(self._parts)
+            elif type(event) is h11.ConnectionClosed:
+                raise EOFError("keyd closed the connection mid-response")
+            # InformationalResponse (100 Continue): keep reading
 
 
 def target_header(operation: str) -> str:
