@@ -8,6 +8,7 @@ specially it must leave to h11. Its responses must be byte for byte what h11 wri
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import h11
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmsfs.kms import server
+from kmsfs.kms.client import KMSClient
 from kmsfs.kms.server import DEFAULT_LIMITS, ServerLimits, parse_plain_request, plain_response
 
 BODY = b'{"KeyId": "alias/k", "KeySpec": "AES_256"}'
@@ -147,3 +149,25 @@ def test_plain_response_is_what_h11_writes(status: int) -> None:
     payload = json.dumps({"KeyId": "k"}).encode()
     written = server._response(conn, status, payload, "3f0e-request-id", close=False)
     assert plain_response(status, payload, "3f0e-request-id") == written
+
+
+def test_response_larger_than_the_socket_buffer_arrives_whole(
+    keyd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write() takes what the socket buffer holds; the rest is sent as it drains
+    (the unix socket buffer is about 208 KiB here; this response is about 250 KiB)."""
+    partial_sends: list[int] = []
+    send_now = server._SocketTransport.send_now
+
+    def recording_send_now(self: Any, data: bytes) -> int:
+        sent = send_now(self, data)
+        if sent < len(data):
+            partial_sends.append(sent)
+        return sent
+
+    monkeypatch.setattr(server._SocketTransport, "send_now", recording_send_now)
+    big = "y" * (250 * 1024)
+    with KMSClient(keyd.socket_path, timeout=10) as client:
+        assert client.call("Echo", {"x": big}) == {"Params": {"x": big}}
+        assert client.call("Echo", {"n": 1}) == {"Params": {"n": 1}}  # still in step
+    assert partial_sends  # the response did not fit in one write
