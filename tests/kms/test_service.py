@@ -1715,3 +1715,25 @@ def test_operation_names_cover_the_issue() -> None:
         "UntagResource",
         "ListResourceTags",
     }
+
+
+def test_random_uuid_is_a_version_4_uuid_in_canonical_form() -> None:
+    import uuid as uuid_module
+
+    from kmsfs.kms.service import random_uuid
+
+    made = {random_uuid() for _ in range(2000)}
+    assert len(made) == 2000
+    for text in made:
+        parsed = uuid_module.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid_module.RFC_4122
+        assert str(parsed) == text
+
+
+def test_iso_time_of_the_same_second_and_the_next() -> None:
+    from kmsfs.kms.service import _iso
+
+    assert _iso(1_700_000_000.0) == "2023-11-14T22:13:20Z"
+    assert _iso(1_700_000_000.999) == "2023-11-14T22:13:20Z"
+    assert _iso(1_700_000_001.0) == "2023-11-14T22:13:21Z"
+    assert _iso(0.5) == "1970-01-01T00:00:00Z"
