@@ -16,7 +16,6 @@ import binascii
 import errno
 import json
 import os
-import re
 import select
 import socket
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h11
+import httptools
 
 from kmsfs.errors import (
     KeydUnavailable,
@@ -110,18 +110,11 @@ def decode_request_body(body: bytes) -> dict[str, Any]:
     return document
 
 
-#: one ``name: value`` header line as h11 reads it when it is plain: an RFC 9110 token,
-#: a value of visible ASCII with inner spaces or tabs, surrounding whitespace dropped.
-#: Anything else (obs-text, obs-fold, NUL, a bare CR) is left to h11.
-PLAIN_HEADER_LINE = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*"
-)
-_PLAIN_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\x20-\x7e]*")
 #: response headers that make framing or the connection h11's business
 _NOT_PLAIN_RESPONSE_HEADERS = frozenset((b"transfer-encoding", b"connection", b"trailer"))
-#: a response head longer than this is left to h11
-_PLAIN_HEAD_LIMIT = 16 * 1024
 _CONTENT_TYPE_BYTES = CONTENT_TYPE.encode("ascii")
+#: bytes h11 refuses in a reason phrase (NUL, and white space but space and tab)
+_NOT_IN_REASON = frozenset(b"\x00\n\r\x0b\x0c")
 
 
 def request_headers(
@@ -145,97 +138,110 @@ def encode_request(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     return b"\r\n".join(lines)
 
 
-#: parse_plain_response: the response is not complete yet
-NEED_MORE = None
+class _PlainResponseEvents:
+    """httptools' callbacks for :class:`ResponseReader`: what the response said."""
 
+    __slots__ = ("reason", "headers", "body", "begun", "completed")
 
-class _NotPlain(Exception):
-    pass
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[bytes] = []
+        self.body: list[bytes] = []
+        self.begun = 0
+        self.completed = 0
 
+    def on_message_begin(self) -> None:
+        self.begun += 1
 
-def parse_plain_response(data: bytes | bytearray) -> tuple[int, bytes] | None:
-    """``(status, body)`` of *data* if it is exactly one whole, plain keep-alive
-    response (``HTTP/1.1``, a final status, one Content-Length and exactly that many
-    body bytes, no Transfer-Encoding or Connection header); :data:`NEED_MORE` if it
-    may still become one; raises ``_NotPlain`` otherwise (then h11 reads it)."""
-    head_end = data.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(data) > _PLAIN_HEAD_LIMIT:
-            raise _NotPlain
-        return NEED_MORE
-    lines = bytes(data[:head_end]).split(b"\r\n")
-    status_line = _PLAIN_STATUS_LINE.fullmatch(lines[0])
-    if status_line is None or head_end > _PLAIN_HEAD_LIMIT:
-        raise _NotPlain
-    status = int(status_line.group(1))
-    if status in (204, 304):
-        raise _NotPlain
-    content_length: int | None = None
-    for line in lines[1:]:
-        found = PLAIN_HEADER_LINE.fullmatch(line)
-        if found is None:
-            raise _NotPlain
-        name = found.group(1).lower()
-        if name == b"content-length":
-            value = found.group(2)
-            if content_length is not None or not value.isdigit() or len(value) > 12:
-                raise _NotPlain
-            content_length = int(value)
-        elif name in _NOT_PLAIN_RESPONSE_HEADERS:
-            raise _NotPlain
-    if content_length is None:
-        raise _NotPlain
-    body_start = head_end + 4
-    if len(data) - body_start < content_length:
-        return NEED_MORE
-    if len(data) - body_start > content_length:
-        raise _NotPlain  # bytes after the response: h11 decides what they are
-    return status, bytes(data[body_start:])
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append(name.lower())
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.completed += 1
 
 
 class ResponseReader:
     """Reads keyd's response to one request from the bytes as they arrive (sans-IO),
     for both clients.
 
-    A plain response (what keyd sends: :func:`parse_plain_response`) is read here
-    in a few microseconds; any other (100 Continue first, chunked, Connection: close,
-    HTTP/1.0 with the body running to the close...) by h11, given the request that
-    was sent so that its state machine agrees. ``feed`` returns ``(status, body)``
-    once the response is complete, else None; ``feed(b"")`` is the end of the stream.
-    Raises ``h11.ProtocolError`` for a malformed response and ``EOFError`` if the
-    stream ends mid-response. ``keep_alive``: whether the connection may carry the
-    next request.
+    A plain response (what keyd sends: ``HTTP/1.1``, a final status, one
+    Content-Length and exactly that body, no Transfer-Encoding or Connection header)
+    is parsed by httptools (llhttp) in a few microseconds. Any other (100 Continue
+    first, chunked, Connection: close, HTTP/1.0 with the body running to the
+    close...), or anything llhttp refuses, is read by h11 from the start, given the
+    request that was sent so that its state machine agrees. ``feed`` returns
+    ``(status, body)`` once the response is complete, else None; ``feed(b"")`` is the
+    end of the stream. Raises ``h11.ProtocolError`` for a malformed response and
+    ``EOFError`` if the stream ends mid-response. ``keep_alive``: whether the
+    connection may carry the next request.
     """
 
     def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         self._headers = headers
         self._body = body
         self._buffer = bytearray()
+        self._events = _PlainResponseEvents()
+        self._parser = httptools.HttpResponseParser(self._events)
         self._h11: h11.Connection | None = None
         self._status = 0
         self._parts: list[bytes] = []
         self.keep_alive = True
 
     def feed(self, data: bytes) -> tuple[int, bytes] | None:
-        if self._h11 is None:
-            self._buffer += data
-            if data:
-                try:
-                    return parse_plain_response(self._buffer)
-                except _NotPlain:
-                    pass
-            conn = self._h11 = h11.Connection(h11.CLIENT)
-            conn.send(h11.Request(method=b"POST", target=b"/", headers=self._headers))
-            conn.send(h11.Data(data=self._body))
-            conn.send(h11.EndOfMessage())
-            if self._buffer:
-                conn.receive_data(bytes(self._buffer))
-                self._buffer = bytearray()
-            if not data:
-                conn.receive_data(b"")  # the end of the stream
-            return self._next_events(conn)
-        self._h11.receive_data(data)
-        return self._next_events(self._h11)
+        if self._h11 is not None:
+            self._h11.receive_data(data)
+            return self._next_events(self._h11)
+        self._buffer += data
+        if data:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError:  # HttpParserUpgrade included
+                pass
+            else:
+                events = self._events
+                if not events.completed and events.begun <= 1:
+                    return None  # not complete yet
+                plain = self._plain()
+                if plain is not None:
+                    return plain
+        return self._read_with_h11(end_of_stream=not data)
+
+    def _plain(self) -> tuple[int, bytes] | None:
+        """The complete response, if it is plain (see the class docstring)."""
+        events, parser = self._events, self._parser
+        if events.begun != 1 or events.completed != 1:
+            return None  # more than one message (a 100 Continue first)
+        status = parser.get_status_code()
+        if status < 200 or status in (204, 304) or parser.get_http_version() != "1.1":
+            return None
+        if any(byte in _NOT_IN_REASON for byte in events.reason):
+            return None  # llhttp takes a NUL (and more) in the reason phrase; h11 does not
+        if events.headers.count(b"content-length") != 1:
+            return None
+        if any(name in _NOT_PLAIN_RESPONSE_HEADERS for name in events.headers):
+            return None
+        body = b"".join(events.body)
+        if self._buffer.find(b"\r\n\r\n") + 4 + len(body) != len(self._buffer):
+            return None  # bytes the parser skipped or that follow the response
+        return status, body
+
+    def _read_with_h11(self, *, end_of_stream: bool) -> tuple[int, bytes] | None:
+        conn = self._h11 = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method=b"POST", target=b"/", headers=self._headers))
+        conn.send(h11.Data(data=self._body))
+        conn.send(h11.EndOfMessage())
+        if self._buffer:
+            conn.receive_data(bytes(self._buffer))
+            self._buffer = bytearray()
+        if end_of_stream:
+            conn.receive_data(b"")
+        return self._next_events(conn)
 
     def _next_events(self, conn: h11.Connection) -> tuple[int, bytes] | None:
         while True:
