@@ -759,6 +759,10 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: key records read outside transactions, valid while _key_cache_stamp holds
+        #: (see _key_record)
+        self._key_cache: dict[str, KeyRecord] = {}
+        self._key_cache_stamp: tuple[int, int, int] | None = None
         #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
         self.account_access = account_access or AccountAccess()
         #: who besides root may forward a caller's identity (kmsfs:ForwardCaller;
@@ -1628,9 +1632,37 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             key_id = alias.key_id
         elif not _UUID_RE.fullmatch(key_id):
             raise NotFoundException(f"Invalid keyId '{value}'")
-        key = self.keystore.get_key(key_id)
+        key = self._key_record(key_id)
         if key is None:
             raise NotFoundException(f"Key '{self.arn(key_id)}' does not exist")
+        return key
+
+    def _key_record(self, key_id: str) -> KeyRecord | None:
+        """``keystore.get_key(key_id)``, from a cache while the keystore is unchanged.
+
+        Every request names a key, and reading its row costs more than the rest of
+        a GenerateDataKey's checks. The cache is dropped whenever anything may have
+        changed a row: a change by keyd itself (SQLite's ``total_changes`` of its
+        connection moved, committed or rolled back) or a commit by any other
+        connection to the keystore (``PRAGMA data_version`` moved); inside a
+        transaction (a state-changing operation) the row is always read. So a
+        disabled, deleted or rotated key is seen by the very next request.
+        """
+        db = self.keystore._db
+        if db.in_transaction:
+            return self.keystore.get_key(key_id)
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        stamp = (id(db), db.total_changes, version)
+        if stamp != self._key_cache_stamp:
+            self._key_cache.clear()
+            self._key_cache_stamp = stamp
+        key = self._key_cache.get(key_id)
+        if key is None:
+            key = self.keystore.get_key(key_id)
+            if key is not None:
+                if len(self._key_cache) >= 1024:
+                    self._key_cache.clear()
+                self._key_cache[key_id] = key
         return key
 
     def _require_usable(self, key: KeyRecord) -> None:
@@ -1751,7 +1783,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
         if len(blob) < BLOB_HEADER_LEN + TAG_LEN or blob[0] != BLOB_VERSION:
             return None
         _, key_bytes, _version = _BLOB_HEAD.unpack_from(blob)
-        return self.keystore.get_key(str(uuid.UUID(bytes=key_bytes)))
+        return self._key_record(str(uuid.UUID(bytes=key_bytes)))
 
     def _open(
         self,
