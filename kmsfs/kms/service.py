@@ -1797,7 +1797,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             raise InvalidCiphertextException("The ciphertext is invalid.")
         _, key_bytes, version = _BLOB_HEAD.unpack_from(blob)
         key_id = str(uuid.UUID(bytes=key_bytes))
-        key = self.keystore.get_key(key_id)
+        key = self._key_record(key_id)
         if key is None:
             if self.keystore.was_deleted(key_id):
                 raise NotFoundException(f"Key '{self.arn(key_id)}' has been deleted")
