@@ -260,6 +260,16 @@ class ResponseReader:
             # InformationalResponse (100 Continue): keep reading
 
 
+def random_uuid() -> str:
+    """``str(uuid.uuid4())``, made in a third of the time (request ids, audit event ids)."""
+    value = int.from_bytes(os.urandom(16), "big")
+    # RFC 4122 variant and version 4, as uuid.UUID(bytes=..., version=4) sets them
+    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)
+    value = (value & ~(0xF000 << 64)) | (4 << 76)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 def target_header(operation: str) -> str:
     """The ``X-Amz-Target`` value naming ``operation``."""
     return TARGET_PREFIX + operation

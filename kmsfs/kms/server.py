@@ -47,7 +47,6 @@ import ssl
 import stat
 import struct
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -73,6 +72,7 @@ from kmsfs.kms.protocol import (
     decode_request_body,
     encode_error_body,
     encode_response_body,
+    random_uuid,
 )
 
 __all__ = [
@@ -620,7 +620,7 @@ class _Server:
     ) -> None:
         with sock:
             conn = h11.Connection(h11.SERVER)
-            data = _error_response(conn, status, aws_type, message, str(uuid.uuid4()), close=True)
+            data = _error_response(conn, status, aws_type, message, random_uuid(), close=True)
             try:
                 with trio.move_on_after(wait):
                     await _send_all(sock, data)
@@ -825,7 +825,7 @@ class _Connection:
                 await self._send_error(error)
                 await self._linger()
                 return
-            request_id = str(uuid.uuid4())
+            request_id = random_uuid()
             caller, refusal = self._caller_or_refusal(request, body, request_id)
             caller = _with_forwarded_header(caller, request)
             if refusal is not None:
@@ -1008,7 +1008,7 @@ class _Connection:
     ) -> bytes:
         """The complete response (head and body) to one request from *caller*
         (authenticated already: :meth:`_caller_or_refusal`)."""
-        request_id = request_id or str(uuid.uuid4())
+        request_id = request_id or random_uuid()
         caller = caller or self.caller
         operation = ""
         try:
@@ -1112,7 +1112,7 @@ class _Connection:
             error.status,
             error.aws_type,
             error.message,
-            str(uuid.uuid4()),
+            random_uuid(),
             close=error.close,
         )
         logger.debug("keyd: %s from %s: %s", error.status, self._peer(), error.message)

@@ -89,6 +89,7 @@ from kmsfs.kms.policy import (
     would_lock_out,
 )
 from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
+from kmsfs.kms.protocol import random_uuid
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -599,16 +600,6 @@ def _camel(name: str) -> str:
 
 
 _CAMEL_CACHE: dict[str, str] = {}
-
-
-def random_uuid() -> str:
-    """``str(uuid.uuid4())``, made in a third of the time (one per audit record)."""
-    value = int.from_bytes(os.urandom(16), "big")
-    # RFC 4122 variant and version 4, as uuid.UUID(bytes=..., version=4) sets them
-    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)
-    value = (value & ~(0xF000 << 64)) | (4 << 76)
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _key_id_bytes(key_id: str) -> bytes:
