@@ -8,6 +8,8 @@ specially it must leave to h11. Its responses must be byte for byte what h11 wri
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from typing import Any
 
 import h11
@@ -179,3 +181,46 @@ def test_response_larger_than_the_socket_buffer_arrives_whole(
         assert client.call("Echo", {"x": big}) == {"Params": {"x": big}}
         assert client.call("Echo", {"n": 1}) == {"Params": {"n": 1}}  # still in step
     assert partial_sends  # the response did not fit in one write
+
+
+def test_a_request_waiting_when_the_last_is_answered_is_read_at_once(
+    start_keyd: Any, fake_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the next request is already in the socket when the last response is
+    sent: it is read without waiting (recv_now), and still answered correctly."""
+    entered, proceed = threading.Event(), threading.Event()
+
+    class WaitingService(fake_service):  # type: ignore[misc,valid-type]
+        def handle(self, operation: str, params: Any, caller: Any, request_id: str) -> Any:
+            if operation == "Wait":
+                entered.set()
+                assert proceed.wait(10)  # holds the loop until the next request was sent
+                return {"Waited": True}
+            return super().handle(operation, params, caller, request_id)
+
+    ready_reads: list[int] = []
+    recv_now = server._SocketTransport.recv_now
+
+    def recording_recv_now(self: Any, max_bytes: int) -> bytes | None:
+        data = recv_now(self, max_bytes)
+        if data:
+            ready_reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(server._SocketTransport, "recv_now", recording_recv_now)
+    keyd = start_keyd(WaitingService())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(keyd.socket_path))
+        sock.sendall(request_bytes(b"{}").replace(b"GenerateDataKey", b"Wait"))
+        assert entered.wait(10)  # keyd read the first request alone and is inside Wait
+        sock.sendall(request_bytes(b'{"n": 1}').replace(b"GenerateDataKey", b"Echo"))
+        proceed.set()
+        received = b""
+        while b'{"Params":{"n":1}}' not in received:
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert b'{"Waited":true}' in received
+    assert ready_reads  # the second request was read without a wait
