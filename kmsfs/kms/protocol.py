@@ -261,13 +261,11 @@ class ResponseReader:
 
 
 def random_uuid() -> str:
-    """``str(uuid.uuid4())``, made in a third of the time (request ids, audit event ids)."""
-    value = int.from_bytes(os.urandom(16), "big")
-    # RFC 4122 variant and version 4, as uuid.UUID(bytes=..., version=4) sets them
-    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)
-    value = (value & ~(0xF000 << 64)) | (4 << 76)
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    """``str(uuid.uuid4())``, made in a third of the time (request ids, audit event ids):
+    16 random bytes in hex, with the version (4) and the RFC 4122 variant (10xx) set."""
+    text = os.urandom(16).hex()
+    variant = "89ab"[int(text[16], 16) & 3]
+    return f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{variant}{text[17:20]}-{text[20:]}"
 
 
 def target_header(operation: str) -> str:
