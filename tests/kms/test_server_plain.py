@@ -224,3 +224,56 @@ def test_a_request_waiting_when_the_last_is_answered_is_read_at_once(
     assert received.count(b"HTTP/1.1 200 OK") == 2
     assert b'{"Waited":true}' in received
     assert ready_reads  # the second request was read without a wait
+
+
+def test_a_client_whose_requests_are_always_waiting_lets_others_in(
+    start_keyd: Any, fake_service: Any
+) -> None:
+    """keyd answers a waiting request without a trip through trio's scheduler, but
+    lets the other connections run every REQUESTS_PER_CHECKPOINT requests: a client
+    with many requests pipelined does not make another wait for all of them."""
+    entered, proceed = threading.Event(), threading.Event()
+
+    class WaitingService(fake_service):  # type: ignore[misc,valid-type]
+        def handle(self, operation: str, params: Any, caller: Any, request_id: str) -> Any:
+            if operation == "Wait":
+                entered.set()
+                assert proceed.wait(10)
+                return {"Waited": True}
+            return super().handle(operation, params, caller, request_id)
+
+    service = WaitingService()
+    keyd = start_keyd(service)
+    flood = 10 * server.REQUESTS_PER_CHECKPOINT
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other,
+    ):
+        for sock in (busy, other):
+            sock.settimeout(10)
+            sock.connect(str(keyd.socket_path))
+        assert KMSClient(keyd.socket_path).call("Echo", {"warm": 1})  # both accepted by now
+        requests = [request_bytes(b"{}").replace(b"GenerateDataKey", b"Wait")]
+        requests += [
+            request_bytes(json.dumps({"n": n}).encode()).replace(b"GenerateDataKey", b"Echo")
+            for n in range(flood)
+        ]
+        busy.sendall(b"".join(requests))
+        assert entered.wait(10)  # keyd is inside Wait: the loop cannot run anything else
+        other.sendall(request_bytes(b'{"other": 1}').replace(b"GenerateDataKey", b"Echo"))
+        proceed.set()
+        received = b""
+        while b'{"Params":{"other":1}}' not in received:
+            chunk = other.recv(65536)
+            assert chunk
+            received += chunk
+        answered = b""
+        while answered.count(b"HTTP/1.1 200") < flood + 1:
+            chunk = busy.recv(65536)
+            assert chunk
+            answered += chunk
+    order = [call.params for call in service.calls if call.operation == "Echo"]
+    other_position = order.index({"other": 1})
+    # the other client was served long before the flood was through (8 to 16 of the
+    # flood's requests before it were seen; 81 without the periodic checkpoint)
+    assert other_position < 4 * server.REQUESTS_PER_CHECKPOINT, other_position
