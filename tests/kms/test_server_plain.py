@@ -165,9 +165,16 @@ def test_response_larger_than_the_socket_buffer_arrives_whole(
     keyd: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One write() takes what the socket buffer holds; the rest is sent as it drains
-    (the unix socket buffer is about 208 KiB here; this response is about 250 KiB)."""
+    (keyd's side of the socket gets a 32 KiB send buffer; the response is ~250 KiB)."""
     partial_sends: list[int] = []
     send_now = server._SocketTransport.send_now
+    transport_init = server._SocketTransport.__init__
+
+    def small_buffer_init(self: Any, sock: Any) -> None:
+        transport_init(self, sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+
+    monkeypatch.setattr(server._SocketTransport, "__init__", small_buffer_init)
 
     def recording_send_now(self: Any, data: bytes) -> int:
         sent = send_now(self, data)
