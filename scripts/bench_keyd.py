@@ -25,9 +25,10 @@ from pathlib import Path
 
 
 class _SignedTcpClient:
-    """One keep-alive connection to keyd's TCP listener, HTTP by h11 as kmsfs's own client
-    speaks it (so that client-side cost is alike on both transports); requests signed with
-    botocore's SigV4Auth, the signature renewed when the second (X-Amz-Date) changes."""
+    """One keep-alive connection to keyd's TCP listener, HTTP as kmsfs's own client speaks
+    it (protocol.encode_request and ResponseReader, so that client-side cost is alike on
+    both transports); requests signed with botocore's SigV4Auth, the signature renewed
+    when the second (X-Amz-Date) changes."""
 
     def __init__(self, port: int, access_key_id: str, secret: str) -> None:
         from botocore.credentials import Credentials
@@ -35,10 +36,9 @@ class _SignedTcpClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.credentials = Credentials(access_key_id, secret)
-        self._signed: dict[tuple[str, bytes], tuple[int, list[tuple[str, str]]]] = {}
-        self._h11 = None
+        self._signed: dict[tuple[str, bytes], tuple[int, list[tuple[bytes, bytes]]]] = {}
 
-    def _headers(self, operation: str, body: bytes) -> list[tuple[str, str]]:
+    def _headers(self, operation: str, body: bytes) -> list[tuple[bytes, bytes]]:
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
@@ -57,37 +57,23 @@ class _SignedTcpClient:
             SigV4Auth(self.credentials, "kms", "local").add_auth(request)
             signed = [("Host", "127.0.0.1"), *request.headers.items()]
             signed.append(("Content-Length", str(len(body))))
-            cached = (second, signed)
+            cached = (second, [(name.encode(), value.encode()) for name, value in signed])
             self._signed[(operation, body)] = cached
         return cached[1]
 
     def call(self, operation: str, params: dict) -> dict:
-        import h11
+        from kmsfs.kms.protocol import ResponseReader, encode_request
 
-        if self._h11 is None or self._h11.our_state is h11.DONE:
-            if self._h11 is not None:
-                self._h11.start_next_cycle()
-            else:
-                self._h11 = h11.Connection(h11.CLIENT)
-        conn = self._h11
         body = json.dumps(params).encode()
-        request = h11.Request(method="POST", target="/", headers=self._headers(operation, body))
-        self.sock.sendall(
-            conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        )
-        status = 0
-        parts: list[bytes] = []
+        headers = self._headers(operation, body)
+        self.sock.sendall(encode_request(headers, body))
+        reader = ResponseReader(headers, body)
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(self.sock.recv(65536))
-            elif type(event) is h11.Response:
-                status = event.status_code
-            elif type(event) is h11.Data:
-                parts.append(bytes(event.data))
-            elif type(event) is h11.EndOfMessage:
+            response = reader.feed(self.sock.recv(65536))
+            if response is not None:
                 break
-        answer = json.loads(b"".join(parts))
+        status, payload = response
+        answer = json.loads(payload)
         if status != 200:
             raise RuntimeError(f"{operation}: {answer.get('__type')}")
         return answer

@@ -38,7 +38,6 @@ methods (``decrypt``, ``generate_data_key``...) also decode ``Plaintext`` and
 
 from __future__ import annotations
 
-import http.client
 import os
 import socket
 from collections.abc import Awaitable, Mapping
@@ -54,12 +53,14 @@ from kmsfs.kms.paths import find_keyd
 from kmsfs.kms.protocol import (
     CONTENT_TYPE,
     KMSRequest,
+    ResponseReader,
     connection_looks_dead,
     decode_response,
     describe_connection_error,
+    encode_request,
     encode_request_body,
     keyd_unavailable,
-    target_header,
+    request_headers,
 )
 from kmsfs.kms.trust import check_peer, check_socket_path, expected_keyd_uids
 
@@ -329,7 +330,6 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
         self.expected_uids = expected_keyd_uids(keyd_uid)
         self._lock = trio.Lock()
         self._stream: trio.SocketStream | None = None
-        self._h11: h11.Connection | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -429,111 +429,44 @@ class AsyncKMSClient(KMSOperations[Awaitable[dict[str, Any]]]):
             stream.socket.close()
             raise
         self._stream = stream
-        self._h11 = h11.Connection(h11.CLIENT)
 
     async def _exchange(
         self, operation: str, body: bytes, extra: list[tuple[bytes, bytes]]
     ) -> tuple[int, bytes]:
-        stream, conn = self._stream, self._h11
-        assert stream is not None and conn is not None
-        request = conn.send(
-            h11.Request(
-                method=b"POST",
-                target=b"/",
-                headers=[
-                    (b"Host", b"localhost"),
-                    (b"Content-Type", _CONTENT_TYPE),
-                    (b"X-Amz-Target", target_header(operation).encode("ascii")),
-                    (b"Content-Length", b"%d" % len(body)),
-                    *extra,
-                ],
-            )
-        )
-        conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
+        stream = self._stream
+        assert stream is not None
+        headers = request_headers(operation, len(body), extra)
         send_error: BaseException | None = None
         try:
-            await stream.send_all(b"".join((request or b"", body)))
+            await stream.send_all(encode_request(headers, body))
         except (trio.BrokenResourceError, OSError) as exc:
             send_error = exc  # keyd may have answered early (413) and hung up: read on
+        reader = ResponseReader(headers, body)
         received_any = False
-        status = 0
-        parts: list[bytes] = []
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, OSError) as exc:
-                    if not received_any:
-                        raise _LostBeforeResponse from send_error or exc
-                    raise
-                if not data and not received_any:
-                    raise _LostBeforeResponse from send_error
-                received_any = True
-                conn.receive_data(data)
-            elif type(event) is h11.Response:
-                status = event.status_code
-            elif type(event) is h11.Data:
-                parts.append(event.data)
-            elif type(event) is h11.EndOfMessage:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                if not received_any:
+                    raise _LostBeforeResponse from send_error or exc
+                raise
+            if not data and not received_any:
+                raise _LostBeforeResponse from send_error
+            received_any = True
+            response = reader.feed(data)
+            if response is not None:
                 break
-            elif type(event) is h11.ConnectionClosed:
-                raise EOFError("keyd closed the connection mid-response")
-            # InformationalResponse (100 Continue): keep reading
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
+        if not reader.keep_alive:
             self._drop()  # keyd said Connection: close
-        return status, b"".join(parts)
+        return response
 
     def _drop(self) -> None:
         if self._stream is not None:
             self._stream.socket.close()
         self._stream = None
-        self._h11 = None
 
 
 # ------------------------------------------------------------------------- sync
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over an AF_UNIX stream socket, sending each request in one write."""
-
-    def __init__(self, socket_path: Path, timeout: float, expected_uids: frozenset[int]) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-        self.expected_uids = expected_uids
-        self._pending_body: bytes | None = None
-
-    def connect(self) -> None:
-        resolved = check_socket_path(self.socket_path, self.expected_uids)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(os.fspath(resolved))
-            check_peer(sock, self.socket_path, self.expected_uids)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def post(self, headers: Mapping[str, str], body: bytes) -> None:
-        """Send ``POST /`` with ``headers`` and ``body`` (one ``send``, not two)."""
-        self.putrequest("POST", "/", skip_accept_encoding=True)
-        for name, value in headers.items():
-            self.putheader(name, value)
-        self.putheader("Content-Length", str(len(body)))
-        self._pending_body = body
-        try:
-            self.endheaders()  # sends the head through send() below
-        finally:
-            self._pending_body = None
-
-    def send(self, data: Any) -> None:
-        if self._pending_body is not None:
-            data, self._pending_body = b"".join((data, self._pending_body)), None
-        super().send(data)
-
-
 class KMSClient(KMSOperations[dict[str, Any]]):
     """Blocking keyd client (for the CLI and scripts): one keep-alive connection.
 
@@ -551,7 +484,7 @@ class KMSClient(KMSOperations[dict[str, Any]]):
         self.timeout = timeout
         #: uids a keyd may run as (see kmsfs.kms.trust)
         self.expected_uids = expected_keyd_uids(keyd_uid)
-        self._connection = _UnixHTTPConnection(self.socket_path, timeout, self.expected_uids)
+        self._sock: socket.socket | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -566,7 +499,9 @@ class KMSClient(KMSOperations[dict[str, Any]]):
 
     def close(self) -> None:
         """Close the connection (a later call opens a new one)."""
-        self._connection.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _execute(
         self, request: KMSRequest, on_behalf_of: ForwardedCaller | None = None
@@ -584,48 +519,86 @@ class KMSClient(KMSOperations[dict[str, Any]]):
         """Call ``operation`` with ``params``; the decoded JSON result. With
         ``on_behalf_of``, as that caller (see :func:`forwarded_headers`)."""
         body = encode_request_body(params)
-        headers = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": target_header(operation)}
-        if on_behalf_of is not None:
-            headers[FORWARDED_CALLER_HEADER] = on_behalf_of.header_value()
-        connection = self._connection
+        headers = request_headers(operation, len(body), forwarded_headers(on_behalf_of))
+        request = encode_request(headers, body)
         for attempt in (1, 2):
-            sock = connection.sock
-            reused = sock is not None
-            if sock is not None and connection_looks_dead(sock.fileno()):
-                connection.close()
+            reused = self._sock is not None
+            if self._sock is not None and connection_looks_dead(self._sock.fileno()):
+                self.close()
                 reused = False
-            if connection.sock is None:
-                try:
-                    connection.connect()
-                except OSError as exc:
-                    raise keyd_unavailable(
-                        self.socket_path, describe_connection_error(exc)
-                    ) from exc
+            if self._sock is None:
+                self._connect()
+            assert self._sock is not None
             try:
-                send_error: OSError | None = None
-                try:
-                    connection.post(headers, body)
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    send_error = exc  # keyd may have answered early (413) and hung up
-                try:
-                    response = connection.getresponse()
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    # Not one byte of a response (RemoteDisconnected is a
-                    # ConnectionResetError): keyd closed before it read our request.
-                    connection.close()
-                    if reused and attempt == 1:
-                        continue
-                    raise keyd_unavailable(
-                        self.socket_path, describe_connection_error(send_error or exc)
-                    ) from exc
-                payload = response.read()
+                status, payload = self._exchange(self._sock, request, headers, body)
+            except _LostBeforeResponse as lost:
+                # Not one byte of a response: keyd closed before it read our request.
+                self.close()
+                if reused and attempt == 1:
+                    continue
+                cause = lost.__cause__ or EOFError()
+                raise keyd_unavailable(
+                    self.socket_path, describe_connection_error(cause)
+                ) from lost.__cause__
             except TimeoutError as exc:
-                connection.close()
+                self.close()
                 raise keyd_unavailable(
                     self.socket_path, f"no answer within {self.timeout:g} s"
                 ) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                connection.close()
+            except (OSError, EOFError) as exc:
+                self.close()
                 raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
-            return decode_response(response.status, payload)
+            except h11.ProtocolError as exc:
+                self.close()
+                raise keyd_unavailable(self.socket_path, f"bad HTTP response: {exc}") from exc
+            return decode_response(status, payload)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> None:
+        try:
+            resolved = check_socket_path(self.socket_path, self.expected_uids)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(os.fspath(resolved))
+            check_peer(sock, self.socket_path, self.expected_uids)
+        except OSError as exc:
+            sock.close()
+            raise keyd_unavailable(self.socket_path, describe_connection_error(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def _exchange(
+        self,
+        sock: socket.socket,
+        request: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> tuple[int, bytes]:
+        send_error: OSError | None = None
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            send_error = exc  # keyd may have answered early (413) and hung up: read on
+        reader = ResponseReader(headers, body)
+        received_any = False
+        while True:
+            try:
+                data = sock.recv(_RECEIVE_SIZE)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                if not received_any:
+                    raise _LostBeforeResponse from send_error or exc
+                raise
+            if not data and not received_any:
+                raise _LostBeforeResponse from send_error
+            received_any = True
+            response = reader.feed(data)
+            if response is not None:
+                break
+        if not reader.keep_alive:
+            self.close()  # keyd said Connection: close
+        return response

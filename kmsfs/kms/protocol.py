@@ -22,6 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
+import httptools
+
 from kmsfs.errors import (
     KeydUnavailable,
     KMSError,
@@ -105,6 +108,164 @@ def decode_request_body(body: bytes) -> dict[str, Any]:
     if type(document) is not dict:
         raise SerializationException("the body is not a JSON object")
     return document
+
+
+#: response headers that make framing or the connection h11's business
+_NOT_PLAIN_RESPONSE_HEADERS = frozenset((b"transfer-encoding", b"connection", b"trailer"))
+_CONTENT_TYPE_BYTES = CONTENT_TYPE.encode("ascii")
+#: bytes h11 refuses in a reason phrase (NUL, and white space but space and tab)
+_NOT_IN_REASON = frozenset(b"\x00\n\r\x0b\x0c")
+
+
+def request_headers(
+    operation: str, body_length: int, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The header fields of a request to keyd (``extra``: e.g. the forwarded caller)."""
+    return [
+        (b"Host", b"localhost"),
+        (b"Content-Type", _CONTENT_TYPE_BYTES),
+        (b"X-Amz-Target", target_header(operation).encode("ascii")),
+        (b"Content-Length", b"%d" % body_length),
+        *extra,
+    ]
+
+
+def encode_request(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """``POST /`` with ``headers`` and ``body``: the bytes h11 writes for it."""
+    lines = [b"POST / HTTP/1.1"]
+    lines += [b"%s: %s" % header for header in headers]
+    lines += [b"", body]
+    return b"\r\n".join(lines)
+
+
+class _PlainResponseEvents:
+    """httptools' callbacks for :class:`ResponseReader`: what the response said."""
+
+    __slots__ = ("reason", "headers", "body", "begun", "completed")
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[bytes] = []
+        self.body: list[bytes] = []
+        self.begun = 0
+        self.completed = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append(name.lower())
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.completed += 1
+
+
+class ResponseReader:
+    """Reads keyd's response to one request from the bytes as they arrive (sans-IO),
+    for both clients.
+
+    A plain response (what keyd sends: ``HTTP/1.1``, a final status, one
+    Content-Length and exactly that body, no Transfer-Encoding or Connection header)
+    is parsed by httptools (llhttp) in a few microseconds. Any other (100 Continue
+    first, chunked, Connection: close, HTTP/1.0 with the body running to the
+    close...), or anything llhttp refuses, is read by h11 from the start, given the
+    request that was sent so that its state machine agrees. ``feed`` returns
+    ``(status, body)`` once the response is complete, else None; ``feed(b"")`` is the
+    end of the stream. Raises ``h11.ProtocolError`` for a malformed response and
+    ``EOFError`` if the stream ends mid-response. ``keep_alive``: whether the
+    connection may carry the next request.
+    """
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self._headers = headers
+        self._body = body
+        self._buffer = bytearray()
+        self._events = _PlainResponseEvents()
+        self._parser = httptools.HttpResponseParser(self._events)
+        self._h11: h11.Connection | None = None
+        self._status = 0
+        self._parts: list[bytes] = []
+        self.keep_alive = True
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        if self._h11 is not None:
+            self._h11.receive_data(data)
+            return self._next_events(self._h11)
+        self._buffer += data
+        if data:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError:  # HttpParserUpgrade included
+                pass
+            else:
+                events = self._events
+                if not events.completed and events.begun <= 1:
+                    return None  # not complete yet
+                plain = self._plain()
+                if plain is not None:
+                    return plain
+        return self._read_with_h11(end_of_stream=not data)
+
+    def _plain(self) -> tuple[int, bytes] | None:
+        """The complete response, if it is plain (see the class docstring)."""
+        events, parser = self._events, self._parser
+        if events.begun != 1 or events.completed != 1:
+            return None  # more than one message (a 100 Continue first)
+        status = parser.get_status_code()
+        if status < 200 or status in (204, 304) or parser.get_http_version() != "1.1":
+            return None
+        if any(byte in _NOT_IN_REASON for byte in events.reason):
+            return None  # llhttp takes a NUL (and more) in the reason phrase; h11 does not
+        if events.headers.count(b"content-length") != 1:
+            return None
+        if any(name in _NOT_PLAIN_RESPONSE_HEADERS for name in events.headers):
+            return None
+        body = b"".join(events.body)
+        if self._buffer.find(b"\r\n\r\n") + 4 + len(body) != len(self._buffer):
+            return None  # bytes the parser skipped or that follow the response
+        return status, body
+
+    def _read_with_h11(self, *, end_of_stream: bool) -> tuple[int, bytes] | None:
+        conn = self._h11 = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method=b"POST", target=b"/", headers=self._headers))
+        conn.send(h11.Data(data=self._body))
+        conn.send(h11.EndOfMessage())
+        if self._buffer:
+            conn.receive_data(bytes(self._buffer))
+            self._buffer = bytearray()
+        if end_of_stream:
+            conn.receive_data(b"")
+        return self._next_events(conn)
+
+    def _next_events(self, conn: h11.Connection) -> tuple[int, bytes] | None:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if type(event) is h11.Response:
+                self._status = event.status_code
+            elif type(event) is h11.Data:
+                self._parts.append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                self.keep_alive = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                return self._status, b"".join(self._parts)
+            elif type(event) is h11.ConnectionClosed:
+                raise EOFError("keyd closed the connection mid-response")
+            # InformationalResponse (100 Continue): keep reading
+
+
+def random_uuid() -> str:
+    """``str(uuid.uuid4())``, made in a third of the time (request ids, audit event ids):
+    16 random bytes in hex, with the version (4) and the RFC 4122 variant (10xx) set."""
+    text = os.urandom(16).hex()
+    variant = "89ab"[int(text[16], 16) & 3]
+    return f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{variant}{text[17:20]}-{text[20:]}"
 
 
 def target_header(operation: str) -> str:

@@ -89,6 +89,7 @@ from kmsfs.kms.policy import (
     would_lock_out,
 )
 from kmsfs.kms.principal import AccountAccess, Principal, PrincipalResolver, login_name
+from kmsfs.kms.protocol import random_uuid
 
 log = logging.getLogger("kmsfs.keyd")
 
@@ -574,12 +575,39 @@ def encode_encryption_context(context: dict[str, str]) -> bytes:
 
 
 def _iso(timestamp: float) -> str:
-    when = dt.datetime.fromtimestamp(timestamp, dt.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    second = int(timestamp // 1)
+    cached = _ISO_CACHE.get(second)
+    if cached is None:
+        when = dt.datetime.fromtimestamp(second, dt.UTC)
+        cached = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if len(_ISO_CACHE) >= 64:
+            _ISO_CACHE.clear()
+        _ISO_CACHE[second] = cached
+    return cached
+
+
+#: _iso's recent answers: every audit record formats the current second again
+_ISO_CACHE: dict[int, str] = {}
 
 
 def _camel(name: str) -> str:
-    return name[:1].lower() + name[1:]
+    camel = _CAMEL_CACHE.get(name)
+    if camel is None:
+        camel = name[:1].lower() + name[1:]
+        if len(_CAMEL_CACHE) < 4096:  # member names: a fixed set, but never unbounded
+            _CAMEL_CACHE[name] = camel
+    return camel
+
+
+_CAMEL_CACHE: dict[str, str] = {}
+
+
+def _key_id_bytes(key_id: str) -> bytes:
+    """``uuid.UUID(key_id).bytes`` for a key id as keyd makes them (canonical form)."""
+    raw = bytes.fromhex(key_id.replace("-", ""))
+    if len(raw) != 16:
+        raise ValueError(f"not a key id: {key_id!r}")
+    return raw
 
 
 # ------------------------------------------------------------ parameter parsing
@@ -722,6 +750,10 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             self.account
         )
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
+        #: key records read outside transactions, valid while _key_cache_stamp holds
+        #: (see _key_record)
+        self._key_cache: dict[str, KeyRecord] = {}
+        self._key_cache_stamp: tuple[int, int, int] | None = None
         #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
         self.account_access = account_access or AccountAccess()
         #: who besides root may forward a caller's identity (kmsfs:ForwardCaller;
@@ -1591,9 +1623,37 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             key_id = alias.key_id
         elif not _UUID_RE.fullmatch(key_id):
             raise NotFoundException(f"Invalid keyId '{value}'")
-        key = self.keystore.get_key(key_id)
+        key = self._key_record(key_id)
         if key is None:
             raise NotFoundException(f"Key '{self.arn(key_id)}' does not exist")
+        return key
+
+    def _key_record(self, key_id: str) -> KeyRecord | None:
+        """``keystore.get_key(key_id)``, from a cache while the keystore is unchanged.
+
+        Every request names a key, and reading its row costs more than the rest of
+        a GenerateDataKey's checks. The cache is dropped whenever anything may have
+        changed a row: a change by keyd itself (SQLite's ``total_changes`` of its
+        connection moved, committed or rolled back) or a commit by any other
+        connection to the keystore (``PRAGMA data_version`` moved); inside a
+        transaction (a state-changing operation) the row is always read. So a
+        disabled, deleted or rotated key is seen by the very next request.
+        """
+        db = self.keystore._db
+        if db.in_transaction:
+            return self.keystore.get_key(key_id)
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        stamp = (id(db), db.total_changes, version)
+        if stamp != self._key_cache_stamp:
+            self._key_cache.clear()
+            self._key_cache_stamp = stamp
+        key = self._key_cache.get(key_id)
+        if key is None:
+            key = self.keystore.get_key(key_id)
+            if key is not None:
+                if len(self._key_cache) >= 1024:
+                    self._key_cache.clear()
+                self._key_cache[key_id] = key
         return key
 
     def _require_usable(self, key: KeyRecord) -> None:
@@ -1704,7 +1764,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
         cipher = self._cipher(key.key_id, key.current_version)
         if cipher is None:
             raise KMSInternalException("key material is missing")
-        head = _BLOB_HEAD.pack(BLOB_VERSION, uuid.UUID(key.key_id).bytes, key.current_version)
+        head = _BLOB_HEAD.pack(BLOB_VERSION, _key_id_bytes(key.key_id), key.current_version)
         nonce = os.urandom(12)
         aad = head + encode_encryption_context(context)
         return head + nonce + cipher.encrypt(nonce, plaintext, aad)
@@ -1714,7 +1774,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
         if len(blob) < BLOB_HEADER_LEN + TAG_LEN or blob[0] != BLOB_VERSION:
             return None
         _, key_bytes, _version = _BLOB_HEAD.unpack_from(blob)
-        return self.keystore.get_key(str(uuid.UUID(bytes=key_bytes)))
+        return self._key_record(str(uuid.UUID(bytes=key_bytes)))
 
     def _open(
         self,
@@ -1728,7 +1788,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             raise InvalidCiphertextException("The ciphertext is invalid.")
         _, key_bytes, version = _BLOB_HEAD.unpack_from(blob)
         key_id = str(uuid.UUID(bytes=key_bytes))
-        key = self.keystore.get_key(key_id)
+        key = self._key_record(key_id)
         if key is None:
             if self.keystore.was_deleted(key_id):
                 raise NotFoundException(f"Key '{self.arn(key_id)}' has been deleted")
@@ -2607,7 +2667,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             ),
             "responseElements": _safe_fields(response) if response else None,
             "requestID": request_id,
-            "eventID": str(uuid.uuid4()),
+            "eventID": random_uuid(),
             "readOnly": operation.startswith(("Describe", "List", "Get")),
             "eventType": "AwsApiCall",
             "recipientAccountId": self.account,
@@ -2648,7 +2708,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
             "awsRegion": self.region,
             "requestParameters": {"keyId": self.arn(key_id)} if key_id else None,
             "responseElements": None,
-            "eventID": str(uuid.uuid4()),
+            "eventID": random_uuid(),
             "readOnly": False,
         }
         if key_id:

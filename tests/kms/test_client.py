@@ -89,7 +89,7 @@ class SyncClientDriver:
         return getattr(self.client, name)
 
     def connection(self) -> object:
-        return self.client._connection.sock
+        return self.client._sock
 
 
 @pytest.fixture(scope="module")
@@ -553,5 +553,5 @@ def test_async_cancellation_leaves_the_client_usable(canned_server: Any, short_t
 def test_sync_client_context_manager_closes(keyd: Any) -> None:
     with KMSClient(keyd.socket_path) as client:
         client.call("ListKeys", {})
-        assert client._connection.sock is not None
-    assert client._connection.sock is None
+        assert client._sock is not None
+    assert client._sock is None

@@ -1715,3 +1715,70 @@ def test_operation_names_cover_the_issue() -> None:
         "UntagResource",
         "ListResourceTags",
     }
+
+
+def test_random_uuid_is_a_version_4_uuid_in_canonical_form() -> None:
+    import uuid as uuid_module
+
+    from kmsfs.kms.service import random_uuid
+
+    made = {random_uuid() for _ in range(2000)}
+    assert len(made) == 2000
+    for text in made:
+        parsed = uuid_module.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid_module.RFC_4122
+        assert str(parsed) == text
+
+
+def test_iso_time_of_the_same_second_and_the_next() -> None:
+    from kmsfs.kms.service import _iso
+
+    assert _iso(1_700_000_000.0) == "2023-11-14T22:13:20Z"
+    assert _iso(1_700_000_000.999) == "2023-11-14T22:13:20Z"
+    assert _iso(1_700_000_001.0) == "2023-11-14T22:13:21Z"
+    assert _iso(0.5) == "1970-01-01T00:00:00Z"
+
+
+# ------------------------------------------------- the key record cache (_key_record)
+def test_a_change_by_keyd_is_seen_by_the_very_next_request(kms: Harness) -> None:
+    key_id = kms.create_key()
+    blob = kms.encrypt(key_id)
+    for _ in range(2):  # the key's record is cached now
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+        kms.decrypt(blob)
+    kms.call("DisableKey", KeyId=key_id)
+    with pytest.raises(DisabledException):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+    with pytest.raises(DisabledException):
+        kms.decrypt(blob)
+    kms.call("EnableKey", KeyId=key_id)
+    kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+    assert kms.decrypt(blob) == b"secret"
+
+
+def test_a_change_by_another_connection_is_seen_by_the_very_next_request(kms: Harness) -> None:
+    """Another process writing the keystore (an admin command) commits through its own
+    SQLite connection: keyd's cached record must not outlive that commit."""
+    key_id = kms.create_key()
+    blob = kms.encrypt(key_id)
+    for _ in range(2):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+        kms.decrypt(blob)
+    other = sqlite3.connect(kms.db_path)
+    try:
+        with other:
+            other.execute("UPDATE keys SET key_state = 'Disabled' WHERE key_id = ?", (key_id,))
+    finally:
+        other.close()
+    with pytest.raises(DisabledException):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+    with pytest.raises(DisabledException):
+        kms.decrypt(blob)
+
+
+def test_a_deleted_key_is_not_found_by_the_next_request(kms: Harness) -> None:
+    key_id = kms.create_key()
+    kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+    kms.call("ScheduleKeyDeletion", KeyId=key_id, PendingWindowInDays=7)
+    with pytest.raises(KMSInvalidStateException):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
