@@ -74,6 +74,7 @@ from kmsfs.kms.access_events import (
     AccessEvents,
 )
 from kmsfs.kms.admin import ADMIN_OPERATIONS, ADMIN_REQUEST_MEMBERS, KeystoreAdmin
+from kmsfs.kms.audit import EncodedEvent
 from kmsfs.kms.byok import BYOK_REQUEST_MEMBERS, BYOK_STATE_CHANGING, ImportedMaterial
 from kmsfs.kms.caller import FORWARDED_CALLER_HEADER, Caller, ForwardedCaller
 from kmsfs.kms.grants import Grant, GrantToken
@@ -1050,16 +1051,17 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
                 "nothing was changed. Retry when the keystore's filesystem has space."
             ) from exc
 
-    def _record_many(self, events: list[dict[str, Any]], *, durable: bool) -> None:
+    def _record_many(self, events: list[dict[str, Any] | EncodedEvent], *, durable: bool) -> None:
         """Write *events* in one step (all or none), after a pending ``AuditGap``
         record; ``durable``: and flush them to disk (as :meth:`_record`)."""
         if self.audit is None:
             return
         append_many = getattr(self.audit, "append_many", None)
-        if append_many is None:  # a plain sink (tests): one at a time
-            for event in events[:-1]:
+        if append_many is None:  # a plain sink (tests): one at a time, as dictionaries
+            plain = [e.decoded() if isinstance(e, EncodedEvent) else e for e in events]
+            for event in plain[:-1]:
                 self._record(event, durable=False)
-            self._record(events[-1], durable=durable)
+            self._record(plain[-1], durable=durable)
             return
         try:
             if self._unaudited:

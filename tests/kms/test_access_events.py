@@ -134,6 +134,33 @@ def test_each_event_is_one_record_and_the_chain_verifies(kms: Service) -> None:
     assert report.ok and report.lines == 5
 
 
+def test_a_record_is_the_same_whatever_its_executable_holds(kms: Service) -> None:
+    """keyd writes the records' JSON itself (a batch shares most of it): every record must
+    read back as the members it was given, quotes, backslashes, non-ASCII and an
+    executable long enough to be cut by the log's caps included."""
+    executables = ['/tmp/a "b"\\c', "/opt/caf\u00e9/\U0001f600", "/x" * 2048, "/usr/bin/cat"]
+    events = [
+        event(Executable=executable, Pid=100 + n, Sequence=n + 1)
+        for n, executable in enumerate(executables)
+    ]
+    kms.call(FilesystemId=FS_ID, MountSession="c" * 32, Events=events)
+    records = kms.records()
+    assert len(records) == 4
+    for record, executable, n in zip(records, executables, range(4), strict=True):
+        data = record["additionalEventData"]
+        assert record["userIdentity"]["pid"] == 100 + n
+        assert (data["mountSession"], data["sequence"]) == ("c" * 32, n + 1)
+        assert set(record) >= {"eventID", "eventTime", "requestID", "recipientAccountId"}
+        if len(executable) < 1000:
+            assert data["executable"] == executable
+            assert record["userIdentity"]["invokedBy"] == "kmsfs-mount"
+    long_record = records[2]
+    assert long_record.get("omitted") is True  # capped as any record of that size is
+    assert len({record["eventID"] for record in records}) == 4
+    kms.log.sync()
+    assert audit.verify(kms.log_path).ok
+
+
 def test_a_gap_becomes_one_record(kms: Service) -> None:
     gap = {"Count": 17, "Since": "2026-12-07T09:00:00Z", "Until": "2026-12-07T09:01:00.5Z"}
     assert kms.call(FilesystemId=FS_ID, Events=[event()], Gap=gap)["GapRecorded"] is True
