@@ -49,7 +49,7 @@ from kmsfs.errors import (
     UsageError,
 )
 from kmsfs.format import EncryptedFile, plaintext_size
-from kmsfs.format.header import read_header
+from kmsfs.format.header import Header, read_header
 from kmsfs.fs.access_audit import AccessAuditor, audited
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
@@ -452,22 +452,33 @@ class Operations(pyfuse3.Operations):
                 fd = os.open(path, flags | os.O_RDONLY)
             try:
                 provider = FileKeyProvider()
-                if os.fstat(fd).st_size:
+                disk_size = os.fstat(fd).st_size
+                header = None
+                if disk_size:
                     try:
                         header = read_header(fd)
                     except FormatError as error:
                         log.error("%s: unreadable header: %s", shown_path(path), error)
                         raise
                     provider.data_key = await self.keys.unwrap(header, caller)
-                return self._adopt(node, fd, provider, path, writable)
+                # (the header and size just read: the engine reads neither again)
+                return self._adopt(node, fd, provider, path, writable, header, disk_size)
             except BaseException:
                 os.close(fd)
                 raise
 
     def _adopt(
-        self, node: Node, fd: int, provider: FileKeyProvider, path: bytes, writable: bool
+        self,
+        node: Node,
+        fd: int,
+        provider: FileKeyProvider,
+        path: bytes,
+        writable: bool,
+        header: Header | None = None,
+        disk_size: int | None = None,
     ) -> OpenFile:
-        """Make ``fd`` (the backing file, keys fetched) the node's open file."""
+        """Make ``fd`` (the backing file, keys fetched) the node's open file; ``header``
+        and ``disk_size``: as just read from ``fd``, if they were."""
         try:
             engine = EncryptedFile.open(
                 fd,
@@ -476,6 +487,8 @@ class Operations(pyfuse3.Operations):
                 encryption_context=self.config.file_context,
                 chunk_size=self.config.chunk_size,
                 writable=writable,
+                header=header,
+                disk_size=disk_size,
             )
         except FormatError as error:
             log.error("%s: %s", shown_path(path), error)

@@ -114,3 +114,33 @@ def test_a_cold_read_of_a_tree_just_written_makes_no_keyd_calls(mounts: MountFac
     for n, path in enumerate(paths):
         assert path.read_bytes() == b"%d\n" % n
     assert _decrypts(mount.keyd.keystore) - before == 0
+
+
+def _read_syscalls(pid: int) -> int:
+    """read/pread/readv calls the process made so far (/proc/PID/io syscr)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscr in /proc/PID/io")
+
+
+def test_opening_a_file_reads_its_header_once(mounts: MountFactory) -> None:
+    """The mount reads a file's header to ask for its key; the engine used to read and
+    parse it a second time. Count the mount's read syscalls over cold opens and reads
+    of small files whose keys are cached: per file one header pread, one data preadv
+    and reads of /dev/fuse (LOOKUP, OPEN, READ, FLUSH, RELEASE...): 8.01 per file
+    measured, 9.01 when the engine read the header again."""
+    mount = mounts.mount()
+    assert mount.process is not None
+    files = 300
+    top = mount.mnt / "small"
+    top.mkdir()
+    for n in range(files):
+        (top / f"f{n}").write_bytes(b"%d\n" % n)
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    before = _read_syscalls(mount.process.pid)
+    for n in range(files):
+        assert (top / f"f{n}").read_bytes() == b"%d\n" % n
+    per_file = (_read_syscalls(mount.process.pid) - before) / files
+    assert per_file < 8.5, f"{per_file:.2f} read calls per file"
