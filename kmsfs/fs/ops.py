@@ -440,16 +440,19 @@ class Operations(pyfuse3.Operations):
         async with node.lock:
             if node.open_file is not None:
                 return await self._checked(node.open_file, caller)
-            path = self.inodes.path(node.ino)
+            path = self.inodes.path(node.ino)  # (for messages)
+            # openat on the directory's descriptor: 3 µs against 9 µs for the same open
+            # through path's /proc/self/fd/N/ (procfs resolves the magic link each time)
+            dir_fd, name = self.inodes.entry_at(node.ino)
             writable = not self.read_only
             flags = os.O_CLOEXEC | os.O_NOFOLLOW
             try:
-                fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
+                fd = os.open(name, flags | (os.O_RDWR if writable else os.O_RDONLY), dir_fd=dir_fd)
             except OSError as error:
                 if error.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
                     raise
                 writable = False
-                fd = os.open(path, flags | os.O_RDONLY)
+                fd = os.open(name, flags | os.O_RDONLY, dir_fd=dir_fd)
             try:
                 provider = FileKeyProvider()
                 disk_size = os.fstat(fd).st_size
