@@ -254,6 +254,11 @@ class KeyManager:
             del cache[next(iter(cache))]
 
     # ---------------------------------------------------------------- unwrap
+    def cached(self, header: Header, caller: ForwardedCaller | None = None) -> bytes | None:
+        """What :meth:`unwrap` would answer from the cache alone (None: keyd is needed)."""
+        wrapped = bytes(header.active_slot.wrapped_key)
+        return self._cached_key(self._cache_key(_principal_key(caller), header.file_id, wrapped))
+
     async def unwrap(self, header: Header, caller: ForwardedCaller | None = None) -> bytes:
         """The plaintext data key of an existing file, for *caller* (None: the mount
         itself), from that principal's cache or keyd.

@@ -144,3 +144,22 @@ def test_opening_a_file_reads_its_header_once(mounts: MountFactory) -> None:
         assert (top / f"f{n}").read_bytes() == b"%d\n" % n
     per_file = (_read_syscalls(mount.process.pid) - before) / files
     assert per_file < 8.5, f"{per_file:.2f} read calls per file"
+
+
+def test_cached_answers_only_what_unwrap_would_from_the_cache() -> None:
+    """KeyManager.cached (the mount's open without a wait): the key once keyd gave it
+    and the file was closed, per principal, None after cache_seconds."""
+    now = [0.0]
+    keyd = _CountingKeyd()
+    config = FsConfig(filesystem_id="f" * 32, key_arn="arn:aws:kms:x:1:key/k")
+    keys = KeyManager(keyd, config, cache_seconds=60, clock=lambda: now[0])
+    header = _header(7)
+    assert keys.cached(header) is None
+    data_key = trio.run(keys.unwrap, header)
+    assert keys.cached(header) is None  # the mount's own answers are kept from the close
+    keys.remember(header, data_key)
+    assert keys.cached(header) == data_key
+    assert keys.cached(_header(8)) is None
+    now[0] = 61.0
+    assert keys.cached(header) is None
+    assert keyd.decrypts == 1
