@@ -494,6 +494,8 @@ class EncryptedFile:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         writable: bool = True,
         format_version: int = FORMAT_VERSION,
+        header: Header | None = None,
+        disk_size: int | None = None,
     ) -> EncryptedFile:
         """Open the ciphertext file behind ``fd`` (readable; O_RDWR if ``writable``).
 
@@ -503,12 +505,21 @@ class EncryptedFile:
         ``key_provider.generate_data_key(key_id, context)`` — is made when the first byte
         is written, with ``encryption_context`` and ``chunk_size`` (and ``format_version``;
         an existing file keeps its own version).
+
+        ``disk_size`` and ``header``: the backing file's size and its parsed header, when
+        the caller has just read them from ``fd`` (the mount reads the header to ask keyd
+        for its key first); the header is then not read and parsed a second time. It is
+        authenticated here all the same.
         """
         check_chunk_size(chunk_size)
-        disk_size = os.fstat(fd).st_size
-        header = codec = None
-        if disk_size:
-            header = read_header(fd)
+        if disk_size is None:
+            disk_size = os.fstat(fd).st_size
+        codec = None
+        if not disk_size:
+            header = None
+        else:
+            if header is None:
+                header = read_header(fd)
             keys = unlock_header(header, key_provider, encryption_context)
             chunk_size = header.chunk_size
             codec = ChunkCodec(keys, chunk_size, header.version)

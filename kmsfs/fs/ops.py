@@ -49,7 +49,7 @@ from kmsfs.errors import (
     UsageError,
 )
 from kmsfs.format import EncryptedFile, plaintext_size
-from kmsfs.format.header import read_header
+from kmsfs.format.header import Header, read_header
 from kmsfs.fs.access_audit import AccessAuditor, audited, unlinked_file_id
 from kmsfs.fs.config import FsConfig
 from kmsfs.fs.inodes import ROOT, InodeTable, Node
@@ -437,37 +437,88 @@ class Operations(pyfuse3.Operations):
         *caller*: keyd must give that user the key too (KeyManager.check_access)."""
         if node.open_file is not None:
             return await self._checked(node.open_file, caller)
+        if not node.lock.locked():
+            # The usual case, a key in the cache (or an empty file): opened with no await,
+            # so no other open of the node can come in between and the node's lock (a
+            # trio checkpoint: a pass of the scheduler, ~5% of a cold read-all's time in
+            # the mount) is not needed. Only a key from keyd waits, under the lock.
+            opened = self._open_with_cached_key(node, caller)
+            if opened is not None:
+                return opened
         async with node.lock:
             if node.open_file is not None:
                 return await self._checked(node.open_file, caller)
-            path = self.inodes.path(node.ino)
-            writable = not self.read_only
-            flags = os.O_CLOEXEC | os.O_NOFOLLOW
-            try:
-                fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
-            except OSError as error:
-                if error.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-                    raise
-                writable = False
-                fd = os.open(path, flags | os.O_RDONLY)
+            fd, writable, path = self._open_backing(node)
             try:
                 provider = FileKeyProvider()
-                if os.fstat(fd).st_size:
-                    try:
-                        header = read_header(fd)
-                    except FormatError as error:
-                        log.error("%s: unreadable header: %s", shown_path(path), error)
-                        raise
+                disk_size, header = self._read_header(fd, path)
+                if header is not None:
                     provider.data_key = await self.keys.unwrap(header, caller)
-                return self._adopt(node, fd, provider, path, writable)
+                # (the header and size just read: the engine reads neither again)
+                return self._adopt(node, fd, provider, path, writable, header, disk_size)
             except BaseException:
                 os.close(fd)
                 raise
 
+    def _open_with_cached_key(self, node: Node, caller: ForwardedCaller | None) -> OpenFile | None:
+        """The node's new OpenFile if its key is cached for *caller* or it is empty, else
+        None (nothing left open). Never awaits."""
+        fd, writable, path = self._open_backing(node)
+        try:
+            disk_size, header = self._read_header(fd, path)
+            provider = FileKeyProvider()
+            if header is not None:
+                provider.data_key = self.keys.cached(header, caller)
+                if provider.data_key is None:
+                    os.close(fd)
+                    return None
+            return self._adopt(node, fd, provider, path, writable, header, disk_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open_backing(self, node: Node) -> tuple[int, bool, bytes]:
+        """(fd, writable, path for messages) of the node's backing file: O_RDWR unless the
+        mount is read-only or the backing file refuses it."""
+        path = self.inodes.path(node.ino)
+        # openat on the directory's descriptor: 3 µs against 9 µs for the same open
+        # through path's /proc/self/fd/N/ (procfs resolves the magic link each time)
+        dir_fd, name = self.inodes.entry_at(node.ino)
+        writable = not self.read_only
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(name, flags | (os.O_RDWR if writable else os.O_RDONLY), dir_fd=dir_fd)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise
+            writable = False
+            fd = os.open(name, flags | os.O_RDONLY, dir_fd=dir_fd)
+        return fd, writable, path
+
+    @staticmethod
+    def _read_header(fd: int, path: bytes) -> tuple[int, Header | None]:
+        """The backing file's size and its parsed header (None when empty)."""
+        disk_size = os.fstat(fd).st_size
+        if not disk_size:
+            return 0, None
+        try:
+            return disk_size, read_header(fd)
+        except FormatError as error:
+            log.error("%s: unreadable header: %s", shown_path(path), error)
+            raise
+
     def _adopt(
-        self, node: Node, fd: int, provider: FileKeyProvider, path: bytes, writable: bool
+        self,
+        node: Node,
+        fd: int,
+        provider: FileKeyProvider,
+        path: bytes,
+        writable: bool,
+        header: Header | None = None,
+        disk_size: int | None = None,
     ) -> OpenFile:
-        """Make ``fd`` (the backing file, keys fetched) the node's open file."""
+        """Make ``fd`` (the backing file, keys fetched) the node's open file; ``header``
+        and ``disk_size``: as just read from ``fd``, if they were."""
         try:
             engine = EncryptedFile.open(
                 fd,
@@ -476,6 +527,8 @@ class Operations(pyfuse3.Operations):
                 encryption_context=self.config.file_context,
                 chunk_size=self.config.chunk_size,
                 writable=writable,
+                header=header,
+                disk_size=disk_size,
             )
         except FormatError as error:
             log.error("%s: %s", shown_path(path), error)
