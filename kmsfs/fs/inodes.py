@@ -61,6 +61,7 @@ class Node:
         "dead",
         "last_stat",
         "cache_stale",
+        "header_id",
     )
 
     def __init__(self, ino: int, st_ino: int) -> None:
@@ -75,6 +76,10 @@ class Node:
         #: the file was open with direct_io (written past the kernel's page cache): the
         #: next open without it drops the cache (kmsfs.fs.ops: Operations._open_mode)
         self.cache_stale = False
+        #: (ctime_ns, size, file id) of the backing file when an audited open read its
+        #: header (kmsfs.fs.access_audit): an unlink of it unchanged since takes the id
+        #: from here
+        self.header_id: tuple[int, int, str] | None = None
 
 
 class InodeTable:

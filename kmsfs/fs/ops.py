@@ -798,7 +798,10 @@ class Operations(pyfuse3.Operations):
         await self.key_bindings.check_caller(parent_inode, ctx)  # a bound directory's names
         directory, entry, dir_fd = self._child_at(parent_inode, name)
         st = os.lstat(entry.backing, dir_fd=dir_fd)
-        file_id = None if self.auditor is None else unlinked_file_id(dir_fd, entry.backing, st)
+        file_id = None
+        if self.auditor is not None:
+            node = self.inodes.nodes.get(self.inodes.current_ino(st.st_ino))
+            file_id = unlinked_file_id(dir_fd, entry.backing, st, node)
         os.unlink(entry.backing, dir_fd=dir_fd)
         self.tree.drop_name(directory, entry)
         self.inodes.unlink(
