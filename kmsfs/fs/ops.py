@@ -437,32 +437,48 @@ class Operations(pyfuse3.Operations):
         *caller*: keyd must give that user the key too (KeyManager.check_access)."""
         if node.open_file is not None:
             return await self._checked(node.open_file, caller)
+        backing: tuple[int, bool, bytes] | None = None  # (fd, writable, path) still open
         if not node.lock.locked():
             # The usual case, a key in the cache (or an empty file): opened with no await,
             # so no other open of the node can come in between and the node's lock (a
             # trio checkpoint: a pass of the scheduler, ~5% of a cold read-all's time in
             # the mount) is not needed. Only a key from keyd waits, under the lock.
             opened = self._open_with_cached_key(node, caller)
-            if opened is not None:
+            if isinstance(opened, OpenFile):
                 return opened
-        async with node.lock:
-            if node.open_file is not None:
-                return await self._checked(node.open_file, caller)
-            fd, writable, path = self._open_backing(node)
-            try:
+            backing = opened  # the backing file stays open for the locked path
+        try:
+            async with node.lock:
+                if node.open_file is not None:
+                    return await self._checked(node.open_file, caller)
+                if backing is None:
+                    backing = self._open_backing(node)
+                fd, writable, path = backing
                 provider = FileKeyProvider()
+                # Read under the lock even when the first attempt read it: while this
+                # task waited for the lock, a truncate of the closed file (_truncate's
+                # os.truncate by path, which takes no lock) or another open that wrote
+                # and closed may have changed it. An fstat and the header's pread on the
+                # fd already open are what is left of the old reopen (open, fstat, pread,
+                # close); timestamps could not prove it unchanged (ctime is coarse).
                 disk_size, header = self._read_header(fd, path)
                 if header is not None:
                     provider.data_key = await self.keys.unwrap(header, caller)
                 # (the header and size just read: the engine reads neither again)
-                return self._adopt(node, fd, provider, path, writable, header, disk_size)
-            except BaseException:
-                os.close(fd)
-                raise
+                opened_file = self._adopt(node, fd, provider, path, writable, header, disk_size)
+                backing = None  # the open file owns the fd now
+                return opened_file
+        finally:
+            if backing is not None:
+                os.close(backing[0])
 
-    def _open_with_cached_key(self, node: Node, caller: ForwardedCaller | None) -> OpenFile | None:
+    def _open_with_cached_key(
+        self, node: Node, caller: ForwardedCaller | None
+    ) -> OpenFile | tuple[int, bool, bytes]:
         """The node's new OpenFile if its key is cached for *caller* or it is empty, else
-        None (nothing left open). Never awaits."""
+        the backing file's (fd, writable, path), still open, for the caller to unwrap
+        its key under the node's lock (the header read here may be stale by then: read
+        it again). Never awaits."""
         fd, writable, path = self._open_backing(node)
         try:
             disk_size, header = self._read_header(fd, path)
@@ -470,8 +486,7 @@ class Operations(pyfuse3.Operations):
             if header is not None:
                 provider.data_key = self.keys.cached(header, caller)
                 if provider.data_key is None:
-                    os.close(fd)
-                    return None
+                    return fd, writable, path
             return self._adopt(node, fd, provider, path, writable, header, disk_size)
         except BaseException:
             os.close(fd)
