@@ -71,6 +71,9 @@ ATTR_TIMEOUT = 1.0
 LOW_SPACE = 8 << 20
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 ENTRY_TIMEOUT = 1.0
+#: how long the kernel may remember that a name is not there (a LOOKUP answered with
+#: inode 0, libfuse's negative entry): as long as it keeps a name that is (ENTRY_TIMEOUT)
+NEGATIVE_ENTRY_TIMEOUT = ENTRY_TIMEOUT
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -640,7 +643,17 @@ class Operations(pyfuse3.Operations):
             st = os.lstat(entry.backing, dir_fd=dir_fd)
         except FileNotFoundError:
             self.tree.forget_name(entry)  # a name that is not there leaves nothing cached
-            raise
+            if self.key_bindings.uncached(parent_inode):
+                raise  # a bound directory's names are checked against each caller
+            # A negative entry: the kernel caches that the name is missing (a stat then
+            # an open(O_CREAT) of it, as cp or rsync do, or a search path probed again,
+            # costs one LOOKUP, not one each). The kernel drops it itself when the name
+            # is made through this mount; made past the mount, the name shows within
+            # the timeout, as a removed one stops showing (positive entries).
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = NEGATIVE_ENTRY_TIMEOUT
+            return missing
         return self._entry(parent_inode, entry.backing, st)
 
     async def forget(self, inode_list) -> None:
