@@ -1464,8 +1464,14 @@ class Operations(pyfuse3.Operations):
         self._xattr_call(inode, os.setxattr, backing, self.xattrs.seal_value(backing, value))
 
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
-        # The kernel asks for security.capability before every write(): answer that
-        # at once (only user.* exists here) and keep the general path for user.*.
+        # The kernel asks for security.capability before every write() and chown (3.8
+        # per file of an untar, measured), ls -l for security.selinux and
+        # system.posix_acl_access: answer at once (only user.* exists here, no lock, no
+        # lookup) and keep the general path for user.*. The mount cannot make the kernel
+        # stop asking: FUSE marks a superblock SB_NOSEC (no security xattrs to check)
+        # only with FUSE_HANDLE_KILLPRIV_V2, which pyfuse3 3.5's init cannot ask for
+        # (it sets only EXPORT_SUPPORT, WRITEBACK_CACHE and POSIX_ACL); and ENOSYS here
+        # would turn off every getxattr, user.* ones too (the kernel's no_getxattr).
         self.poller.note_request()
         if not name.startswith(USER_PREFIX):
             raise pyfuse3.FUSEError(errno.ENODATA)
