@@ -645,11 +645,13 @@ class Operations(pyfuse3.Operations):
             self.tree.forget_name(entry)  # a name that is not there leaves nothing cached
             if self.key_bindings.uncached(parent_inode):
                 raise  # a bound directory's names are checked against each caller
-            # A negative entry: the kernel caches that the name is missing (a stat then
-            # an open(O_CREAT) of it, as cp or rsync do, or a search path probed again,
-            # costs one LOOKUP, not one each). The kernel drops it itself when the name
-            # is made through this mount; made past the mount, the name shows within
-            # the timeout, as a removed one stops showing (positive entries).
+            # A negative entry: the kernel caches that the name is missing. Measured: a
+            # stat then open(O_CREAT|O_TRUNC) of the name (cp) and a missing name
+            # probed twice (search paths) cost 1 LOOKUP, not 2; an O_EXCL create (tar)
+            # still costs 2, the kernel looks the name up again for it (LOOKUP_EXCL).
+            # The kernel drops the entry itself when the name is made through this
+            # mount; made past the mount, the name shows within the timeout, as a
+            # removed one stops showing (positive entries).
             missing = pyfuse3.EntryAttributes()
             missing.st_ino = 0
             missing.entry_timeout = NEGATIVE_ENTRY_TIMEOUT
