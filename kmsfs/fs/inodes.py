@@ -57,7 +57,7 @@ class Node:
         "links",
         "lookups",
         "open_file",
-        "lock",
+        "_lock",
         "dead",
         "last_stat",
         "cache_stale",
@@ -70,7 +70,7 @@ class Node:
         self.links: set[tuple[int, bytes]] = set()
         self.lookups = 0
         self.open_file = None  # kmsfs.fs.ops.OpenFile while any handle is open
-        self.lock = trio.Lock()  # serialises opening (a keyd round trip) per inode
+        self._lock: trio.Lock | None = None  # made on first use: see ``lock``
         self.dead = False  # the backing inode's last link is gone (its number may be reused)
         self.last_stat: os.stat_result | None = None  # of a dead node: its last attributes
         #: the file was open with direct_io (written past the kernel's page cache): the
@@ -80,6 +80,16 @@ class Node:
         #: header (kmsfs.fs.access_audit): an unlink of it unchanged since takes the id
         #: from here
         self.header_id: tuple[int, int, str] | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises opening (a keyd round trip) per inode. Made when first asked for:
+        a trio.Lock (with its ParkingLot) is ~0.5 KiB, and most nodes are only stat'ed
+        (issue 19: a million stats). No await here, so two tasks cannot make two."""
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = trio.Lock()
+        return lock
 
 
 class InodeTable:
@@ -94,6 +104,9 @@ class InodeTable:
         self._fresh_owner: dict[int, int] = {}  # the reverse: fresh number -> backing number
         self._next_fresh = FRESH_BASE
         self._dir_fds: OrderedDict[int, int] = OrderedDict()  # directory inode -> O_PATH fd
+        #: the most nodes held since the last :meth:`compact`: after the kernel forgot
+        #: many, the mount gives memory back (kmsfs.fs.mount: _return_memory)
+        self.peak = 1
 
     def close(self) -> None:
         for fd in self._dir_fds.values():
@@ -153,6 +166,8 @@ class InodeTable:
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, self._backing_number(ino))
+            if len(self.nodes) > self.peak:
+                self.peak = len(self.nodes)
         node.links.add((parent, name))
         node.lookups += 1
         return node
@@ -185,6 +200,15 @@ class InodeTable:
         if node is not None:
             node.links.discard(old)
             node.links.add(new)
+
+    def compact(self) -> None:
+        """Copy the maps into new ones sized for what they hold now. A Python dict never
+        shrinks when entries are deleted: one that held a million nodes keeps its
+        million-slot table (~40 MiB) after the kernel forgot them all."""
+        self.nodes = dict(self.nodes)
+        self._fresh = dict(self._fresh)
+        self._fresh_owner = dict(self._fresh_owner)
+        self.peak = len(self.nodes)
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -623,6 +624,7 @@ async def _serve(
                     nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                     nursery.start_soon(_terminate_on_signal, stops, signalled)
                     nursery.start_soon(_report_memory_on_signal, reports, operations)
+                    nursery.start_soon(_return_memory, operations)
                     if auditor is not None:
                         nursery.start_soon(auditor.run)
                     if options.idle_seconds:
@@ -784,6 +786,50 @@ async def _terminate_on_signal(signals: AsyncIterator[int], signalled: list[int]
         signalled.append(signum)
         session.terminate()
         return
+
+
+#: how often the mount looks whether the kernel forgot many inodes
+RETURN_MEMORY_SECONDS = 2.0
+#: nodes the table must have lost since its peak (and at least a quarter of that peak)
+#: before the mount compacts it and gives free memory back to the system
+RETURN_MEMORY_AFTER_NODES = 8192
+_libc = ctypes.CDLL(None)
+#: glibc's malloc_trim (None elsewhere, e.g. musl: there nothing is returned)
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+if _malloc_trim is not None:
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+    _malloc_trim.restype = ctypes.c_int
+
+
+def return_memory(operations: Operations) -> bool:
+    """After the kernel forgot many inodes (``echo 2 > drop_caches``, memory pressure,
+    the end of a ``find`` over a big tree): compact the inode table's maps and ask glibc
+    to give its free pages back. Returns whether it did.
+
+    Without this the mount kept its peak: 381 MiB after stat-ing a million files, with
+    one node left (issue 19). Python's own small-object arenas go back when empty; what
+    glibc's malloc holds (large dicts' tables, buffers, fragments between live blocks)
+    only with malloc_trim, which also releases free pages inside its heap (madvise).
+    """
+    inodes = operations.inodes
+    held = len(inodes.nodes)
+    forgotten = inodes.peak - held
+    if forgotten < RETURN_MEMORY_AFTER_NODES or forgotten * 4 < inodes.peak:
+        return False
+    inodes.compact()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+    log.debug("returned memory: %d nodes held, %d forgotten since the peak", held, forgotten)
+    return True
+
+
+async def _return_memory(operations: Operations) -> None:
+    """:func:`return_memory` every few seconds. It runs between requests (a trio task),
+    so no handler sees the maps change under it; malloc_trim of a heap of a few hundred
+    MiB takes milliseconds, once per large drop."""
+    while True:
+        await trio.sleep(RETURN_MEMORY_SECONDS)
+        return_memory(operations)
 
 
 def memory_counts(operations: Operations) -> dict[str, int]:
