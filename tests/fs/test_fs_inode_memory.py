@@ -20,9 +20,10 @@ from kmsfs.fs.mount import RETURN_MEMORY_AFTER_NODES, return_memory
 
 NODES = 50_000
 FIRST_INO = 1000
-#: traced bytes per node the kernel knows: ~840 before (a trio.Lock and its ParkingLot
-#: made for every node), ~510 after (the lock is made when an open first needs it)
-NODE_BOUND = 640
+#: traced bytes per node the kernel knows: ~850 before (a trio.Lock and its ParkingLot
+#: made for every node, a set of one link), ~345 after (the lock made when an open first
+#: needs it, the links a tuple)
+NODE_BOUND = 512
 #: traced bytes left once every node was forgotten and the memory given back: before,
 #: the nodes dict kept its 50,000-entry table (~2.7 MB); after, ~0.1 MB
 LEFT_BOUND = 512 << 10
