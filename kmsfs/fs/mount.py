@@ -811,8 +811,8 @@ def return_memory(operations: Operations) -> bool:
     entries keeps ~40 MiB of table); glibc keeps freed memory unless trimmed. What this
     cannot return: Python's small-object arenas (1 MiB each) go back only when wholly
     empty, and a few objects that outlive the stats (the bounded name cache, trio's
-    and pyfuse3's own) keep many of them (measured: 100,000 stats, 68 MiB above the
-    baseline at the peak, 47 MiB after the forgets; 100 and 88 MiB before).
+    and pyfuse3's own) keep many of them (measured: 100,000 stats, 49 MiB above the
+    baseline at the peak, 38 MiB after the forgets; 100 and 88 MiB before).
     """
     inodes = operations.inodes
     held = len(inodes.nodes)
