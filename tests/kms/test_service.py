@@ -1776,6 +1776,47 @@ def test_a_change_by_another_connection_is_seen_by_the_very_next_request(kms: Ha
         kms.decrypt(blob)
 
 
+def test_a_cached_key_record_is_found_without_a_statement(kms: Harness) -> None:
+    """While nothing changed, a request's key lookup runs no SQL at all (not even
+    ``PRAGMA data_version``, two fcntl() locks): the WAL index header tells."""
+    key_id = kms.create_key()
+    for _ in range(2):
+        kms.service._key_record(key_id)
+    statements: list[str] = []
+    kms.keystore._db.set_trace_callback(statements.append)
+    try:
+        for _ in range(3):
+            assert kms.service._key_record(key_id) is not None
+    finally:
+        kms.keystore._db.set_trace_callback(None)
+    assert statements == []
+
+
+def test_a_change_after_the_wal_restarts_is_seen_by_the_next_request(kms: Harness) -> None:
+    """Another connection checkpoints and empties the WAL (it restarts with new salts,
+    and its frame count starts over), then commits: keyd's cache must still drop."""
+    key_id = kms.create_key()
+    blob = kms.encrypt(key_id)
+    for _ in range(2):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+        kms.decrypt(blob)
+    for state in ("Disabled", "Enabled", "Disabled"):
+        other = sqlite3.connect(kms.db_path, isolation_level=None)
+        try:
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            other.execute("UPDATE keys SET key_state = ? WHERE key_id = ?", (state, key_id))
+        finally:
+            other.close()
+        if state == "Disabled":
+            with pytest.raises(DisabledException):
+                kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+            with pytest.raises(DisabledException):
+                kms.decrypt(blob)
+        else:
+            kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+            assert kms.decrypt(blob) == b"secret"
+
+
 def test_a_deleted_key_is_not_found_by_the_next_request(kms: Harness) -> None:
     key_id = kms.create_key()
     kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
