@@ -1730,6 +1730,50 @@ def test_random_uuid_is_a_version_4_uuid_in_canonical_form() -> None:
         assert str(parsed) == text
 
 
+def test_random_uuid_asks_the_kernel_once_for_a_batch_of_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ids per request (request id, audit event id), one getrandom() per batch."""
+    import os
+
+    from kmsfs.kms import protocol
+
+    real_urandom = os.urandom
+    sizes: list[int] = []
+
+    def counting_urandom(size: int) -> bytes:
+        sizes.append(size)
+        return real_urandom(size)
+
+    monkeypatch.setattr(protocol, "_UUIDS_AHEAD", [])
+    monkeypatch.setattr(os, "urandom", counting_urandom)
+    made = {protocol.random_uuid() for _ in range(protocol.UUID_BATCH)}
+    assert len(made) == protocol.UUID_BATCH
+    assert sizes == [16 * protocol.UUID_BATCH]
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    import os
+
+    from kmsfs.kms.protocol import random_uuid
+
+    random_uuid()  # ids are waiting in the pool now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write_end, ",".join(random_uuid() for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_ids = set(pipe.read().decode().split(","))
+    os.waitpid(pid, 0)
+    parent_ids = {random_uuid() for _ in range(8)}
+    assert len(child_ids) == 8
+    assert not child_ids & parent_ids
+
+
 def test_iso_time_of_the_same_second_and_the_next() -> None:
     from kmsfs.kms.service import _iso
 
