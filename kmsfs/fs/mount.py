@@ -54,6 +54,7 @@ from kmsfs.fs.keyservice import KeyService, KeyServiceOptions
 from kmsfs.fs.keyservice import resolve as resolve_key_service
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
+from kmsfs.fs.pagefill import ChunkFiller
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
@@ -589,6 +590,7 @@ async def _serve(
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),
             forward_callers=forward_callers,
+            filler=ChunkFiller(),
         )
         operations.mountpoint = os.fsencode(mountpoint)
         auditor = _access_auditor(service, config, options)
@@ -638,6 +640,7 @@ async def _serve(
                     with trio.CancelScope(shield=True):
                         await auditor.drain()
                     await auditor.client.aclose()
+                operations.filler.stop()  # before the session it stores into closes
                 operations.close_all()
                 operations.prefetcher.stop()
                 keys.forget_all()
