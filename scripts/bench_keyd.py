@@ -144,6 +144,9 @@ ROWS: dict[str, tuple[str, str | None, str | None, dict]] = {
         "GENERATE_VERIFY_MAC",
         {"Message": _MESSAGE, "MacAlgorithm": "HMAC_SHA_256"},
     ),
+    # no key, no policy, no audit record: the floor of keyd's cost per request (HTTP,
+    # the event loop, the socket), for comparison with the rows above
+    "GenerateRandom": ("GenerateRandom", None, None, {"NumberOfBytes": 32}),
 }
 
 
@@ -335,7 +338,8 @@ def main() -> None:
                         "PutKeyPolicy",
                         {"KeyId": row_key, "PolicyName": "default", "Policy": json.dumps(policy)},
                     )
-                params = {**params, "KeyId": row_key} if operation != "Decrypt" else params
+                if operation not in ("Decrypt", "GenerateRandom"):
+                    params = {**params, "KeyId": row_key}
                 if operation == "Decrypt":
                     params = {**params, "CiphertextBlob": base64.b64encode(blob).decode()}
                 rows[row] = (operation, params)

@@ -9,6 +9,7 @@ a run come from one ``os.urandom`` call. No per-byte Python.
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,31 @@ ZERO_NONCE = bytes(NONCE_SIZE)
 RUNS_VERSION = 2
 #: a v2 marker chunk ends in: first index of the run (u64) ‖ marker (16)
 RUN_TRAILER = 8 + TAG_SIZE
+#: ``bytes(stored_size)`` per stored chunk size, shared by every codec (immutable): one
+#: per codec cost each open file 64 KiB (issue 19)
+_ZEROS: dict[int, bytes] = {}
+
+
+class _OpenScratch(threading.local):
+    """The buffer :meth:`ChunkCodec.open_part` decrypts into, one per thread and chunk
+    size rather than one per codec (an open file then kept a chunk of plaintext, 64 KiB,
+    after its first small read: issue 19). Sharing is safe: it is used and wiped within
+    one synchronous call, so no other file's request (a trio task switches only at an
+    await) or thread (one buffer each) can use it meanwhile."""
+
+    def __init__(self) -> None:
+        self.by_size: dict[int, memoryview] = {}
+
+
+_open_scratch = _OpenScratch()
+
+
+def _zeros_of(size: int) -> bytes:
+    zeros = _ZEROS.get(size)
+    if zeros is None:
+        zeros = _ZEROS[size] = bytes(size)
+    return zeros
+
 
 #: ``run_lookup(zero_from, after)``: authenticate chunks ``[zero_from, after)``, which are
 #: all zero, by the first non-zero chunk at or after ``after`` (raise if it is not the
@@ -47,7 +73,6 @@ class ChunkCodec:
         "_aead",
         "_file_id",
         "_hole_key",
-        "_scratch",
         "_zeros",
         "version",
     )
@@ -62,9 +87,7 @@ class ChunkCodec:
         self._aead = AESGCM(keys.chunk_key)
         self._file_id = keys.file_id
         self._hole_key = keys.hole_key
-        #: plaintext of the last chunk opened by :meth:`open_part` (one chunk, reused)
-        self._scratch: memoryview | None = None
-        self._zeros = bytes(self.stored_size)
+        self._zeros = _zeros_of(self.stored_size)
 
     @property
     def runs(self) -> bool:
@@ -365,14 +388,16 @@ class ChunkCodec:
             if skip == 0 and len(dest) == self.chunk_size:
                 self._aead.decrypt_into(nonce, body, aad, dest)
             else:
-                scratch = self._scratch
+                scratch = _open_scratch.by_size.get(self.chunk_size)
                 if scratch is None:
-                    scratch = self._scratch = memoryview(bytearray(self.chunk_size))
+                    scratch = memoryview(bytearray(self.chunk_size))
+                    _open_scratch.by_size[self.chunk_size] = scratch
                 self._aead.decrypt_into(nonce, body, aad, scratch)
                 dest[:] = scratch[skip : skip + len(dest)]
         except InvalidTag:
-            if self._scratch is not None:
-                self._scratch[:] = bytes(self.chunk_size)
+            wiped = _open_scratch.by_size.get(self.chunk_size)
+            if wiped is not None:
+                wiped[:] = _zeros_of(self.chunk_size)
             self._fail(dest, self.diagnose(index, stored_chunk, 0))
 
     def _open_one(

@@ -57,7 +57,7 @@ class Node:
         "links",
         "lookups",
         "open_file",
-        "lock",
+        "_lock",
         "dead",
         "last_stat",
         "cache_stale",
@@ -67,10 +67,12 @@ class Node:
     def __init__(self, ino: int, st_ino: int) -> None:
         self.ino = ino
         self.st_ino = st_ino  # the backing inode number
-        self.links: set[tuple[int, bytes]] = set()
+        #: a tuple, not a set: nearly every node has one link (48 bytes against a set's
+        #: 216; issue 19); changed only here, with _add_link and _drop_link
+        self.links: tuple[tuple[int, bytes], ...] = ()
         self.lookups = 0
         self.open_file = None  # kmsfs.fs.ops.OpenFile while any handle is open
-        self.lock = trio.Lock()  # serialises opening (a keyd round trip) per inode
+        self._lock: trio.Lock | None = None  # made on first use: see ``lock``
         self.dead = False  # the backing inode's last link is gone (its number may be reused)
         self.last_stat: os.stat_result | None = None  # of a dead node: its last attributes
         #: the file was open with direct_io (written past the kernel's page cache): the
@@ -80,6 +82,26 @@ class Node:
         #: header (kmsfs.fs.access_audit): an unlink of it unchanged since takes the id
         #: from here
         self.header_id: tuple[int, int, str] | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises opening (a keyd round trip) per inode. Made when first asked for:
+        a trio.Lock (with its ParkingLot) is ~0.5 KiB, and most nodes are only stat'ed
+        (issue 19: a million stats). No await here, so two tasks cannot make two."""
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = trio.Lock()
+        return lock
+
+
+def _add_link(node: Node, link: tuple[int, bytes]) -> None:
+    if link not in node.links:
+        node.links += (link,)
+
+
+def _drop_link(node: Node, link: tuple[int, bytes]) -> None:
+    if link in node.links:
+        node.links = tuple(other for other in node.links if other != link)
 
 
 class InodeTable:
@@ -94,6 +116,9 @@ class InodeTable:
         self._fresh_owner: dict[int, int] = {}  # the reverse: fresh number -> backing number
         self._next_fresh = FRESH_BASE
         self._dir_fds: OrderedDict[int, int] = OrderedDict()  # directory inode -> O_PATH fd
+        #: the most nodes held since the last :meth:`compact`: after the kernel forgot
+        #: many, the mount gives memory back (kmsfs.fs.mount: _return_memory)
+        self.peak = 1
 
     def close(self) -> None:
         for fd in self._dir_fds.values():
@@ -153,7 +178,9 @@ class InodeTable:
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, self._backing_number(ino))
-        node.links.add((parent, name))
+            if len(self.nodes) > self.peak:
+                self.peak = len(self.nodes)
+        _add_link(node, (parent, name))
         node.lookups += 1
         return node
 
@@ -173,18 +200,27 @@ class InodeTable:
         node = self.nodes.get(self.current_ino(st_ino))
         if node is None:
             return
-        node.links.discard((parent, name))
+        _drop_link(node, (parent, name))
         if last_link:
             node.dead = True
             node.last_stat = last_stat
-            node.links.clear()
+            node.links = ()
             self.close_dir_fd(node.ino)
 
     def move(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
         node = self.nodes.get(ino)
         if node is not None:
-            node.links.discard(old)
-            node.links.add(new)
+            _drop_link(node, old)
+            _add_link(node, new)
+
+    def compact(self) -> None:
+        """Copy the maps into new ones sized for what they hold now. A Python dict never
+        shrinks when entries are deleted: one that held a million nodes keeps its
+        million-slot table (~40 MiB) after the kernel forgot them all."""
+        self.nodes = dict(self.nodes)
+        self._fresh = dict(self._fresh)
+        self._fresh_owner = dict(self._fresh_owner)
+        self.peak = len(self.nodes)
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -54,6 +55,7 @@ from kmsfs.fs.keyservice import KeyService, KeyServiceOptions
 from kmsfs.fs.keyservice import resolve as resolve_key_service
 from kmsfs.fs.names import NameCipher
 from kmsfs.fs.ops import Operations
+from kmsfs.fs.pagefill import ChunkFiller
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
 from kmsfs.fs.prefetch import Prefetcher
 from kmsfs.fs.tree import CipherTree
@@ -589,6 +591,7 @@ async def _serve(
             poller=BusyPoller(options.busy_poll_seconds),
             prefetcher=Prefetcher(),
             forward_callers=forward_callers,
+            filler=ChunkFiller(),
         )
         operations.mountpoint = os.fsencode(mountpoint)
         auditor = _access_auditor(service, config, options)
@@ -623,6 +626,7 @@ async def _serve(
                     nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
                     nursery.start_soon(_terminate_on_signal, stops, signalled)
                     nursery.start_soon(_report_memory_on_signal, reports, operations)
+                    nursery.start_soon(_return_memory, operations)
                     if auditor is not None:
                         nursery.start_soon(auditor.run)
                     if options.idle_seconds:
@@ -638,6 +642,7 @@ async def _serve(
                     with trio.CancelScope(shield=True):
                         await auditor.drain()
                     await auditor.client.aclose()
+                operations.filler.stop()  # before the session it stores into closes
                 operations.close_all()
                 operations.prefetcher.stop()
                 keys.forget_all()
@@ -784,6 +789,53 @@ async def _terminate_on_signal(signals: AsyncIterator[int], signalled: list[int]
         signalled.append(signum)
         session.terminate()
         return
+
+
+#: how often the mount looks whether the kernel forgot many inodes
+RETURN_MEMORY_SECONDS = 2.0
+#: nodes the table must have lost since its peak (and at least a quarter of that peak)
+#: before the mount compacts it and gives free memory back to the system
+RETURN_MEMORY_AFTER_NODES = 8192
+_libc = ctypes.CDLL(None)
+#: glibc's malloc_trim (None elsewhere, e.g. musl: there nothing is returned)
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+if _malloc_trim is not None:
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+    _malloc_trim.restype = ctypes.c_int
+
+
+def return_memory(operations: Operations) -> bool:
+    """After the kernel forgot many inodes (``echo 2 > drop_caches``, memory pressure,
+    the end of a ``find`` over a big tree): compact the inode table's maps and ask glibc
+    to give its free pages back. Returns whether it did.
+
+    Before, the mount kept its peak: 381 MiB after stat-ing a million files, with one
+    node left (issue 19). A dict never shrinks on deletion (the nodes map of a million
+    entries keeps ~40 MiB of table); glibc keeps freed memory unless trimmed. What this
+    cannot return: Python's small-object arenas (1 MiB each) go back only when wholly
+    empty, and a few objects that outlive the stats (the bounded name cache, trio's
+    and pyfuse3's own) keep many of them (measured: 100,000 stats, 49 MiB above the
+    baseline at the peak, 38 MiB after the forgets; 100 and 88 MiB before).
+    """
+    inodes = operations.inodes
+    held = len(inodes.nodes)
+    forgotten = inodes.peak - held
+    if forgotten < RETURN_MEMORY_AFTER_NODES or forgotten * 4 < inodes.peak:
+        return False
+    inodes.compact()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+    log.debug("returned memory: %d nodes held, %d forgotten since the peak", held, forgotten)
+    return True
+
+
+async def _return_memory(operations: Operations) -> None:
+    """:func:`return_memory` every few seconds. It runs between requests (a trio task),
+    so no handler sees the maps change under it. In-process, compacting and trimming
+    after a million forgotten nodes took 7 ms (1 ms after 100,000), once per large drop."""
+    while True:
+        await trio.sleep(RETURN_MEMORY_SECONDS)
+        return_memory(operations)
 
 
 def memory_counts(operations: Operations) -> dict[str, int]:

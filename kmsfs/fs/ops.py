@@ -56,6 +56,7 @@ from kmsfs.fs.inodes import ROOT, InodeTable, Node
 from kmsfs.fs.key_xattr import KEY_XATTR, MountKeyBindings
 from kmsfs.fs.keys import FileKeyProvider, KeyManager
 from kmsfs.fs.names import NameError_
+from kmsfs.fs.pagefill import ChunkFiller
 from kmsfs.fs.polling import BusyPoller
 from kmsfs.fs.prefetch import SEQUENTIAL_MIN, Prefetcher, Stream
 from kmsfs.fs.tree import CipherTree, Entry, shown_path
@@ -216,6 +217,7 @@ class OpenFile:
         "stream",
         "write_error",
         "gaps",
+        "writers",
     )
 
     def __init__(
@@ -239,6 +241,9 @@ class OpenFile:
         #: end, that no WRITE has covered since and that were not there at the last fsync
         #: (see ``_note_gap``)
         self.gaps: list[tuple[int, int]] = []
+        #: of the refs, handles open for writing (the mount's own included): while any
+        #: is, no chunk goes to the kernel's page cache (see kmsfs.fs.pagefill)
+        self.writers = 0
 
 
 class DirHandle:
@@ -268,9 +273,13 @@ class Operations(pyfuse3.Operations):
         poller: BusyPoller | None = None,
         prefetcher: Prefetcher | None = None,
         forward_callers: bool = False,
+        filler: ChunkFiller | None = None,
     ) -> None:
         super().__init__()
         self.poller = poller if poller is not None else BusyPoller(0)
+        #: the kernel's page cache gets the rest of a chunk a small read decrypted (off
+        #: without a FUSE session: the mount passes one)
+        self.filler = filler if filler is not None else ChunkFiller(enabled=False)
         self.prefetcher = prefetcher if prefetcher is not None else Prefetcher(ahead=0)
         self.config = config
         self.keys = keys
@@ -281,6 +290,7 @@ class Operations(pyfuse3.Operations):
         self.key_bindings = MountKeyBindings(self, metadata_key)  # per-directory CMKs
         self._handles: dict[int, OpenFile] = {}
         self._writers: set[int] = set()  # handles open for writing
+        self._write_handles: set[int] = set()  # ... and the mount's own (OpenFile.writers)
         self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
         self._direct: set[int] = set()  # handles opened with direct_io
         #: ENOSPC or EDQUOT once storing data failed with it (0: not short of space), and
@@ -750,6 +760,17 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     async def _truncate(self, node: Node, size: int, caller: ForwardedCaller | None = None) -> None:
+        # no store of a chunk read before may land on the truncated file (kmsfs.fs.pagefill)
+        self.filler.bar(node.ino)
+        try:
+            await self.filler.settle(node.ino)
+            await self._truncate_settled(node, size, caller)
+        finally:
+            self.filler.unbar(node.ino)
+
+    async def _truncate_settled(
+        self, node: Node, size: int, caller: ForwardedCaller | None
+    ) -> None:
         open_file = node.open_file
         if open_file is None and size == 0:
             os.truncate(self.inodes.path(node.ino), 0)
@@ -947,8 +968,20 @@ class Operations(pyfuse3.Operations):
     @audited("Open")
     @_handler
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
-        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
+        writing = flags & (os.O_WRONLY | os.O_RDWR)
+        if self.read_only and writing:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not writing:
+            return await self._open(inode, flags, ctx)
+        # a writer's pages must meet no store of a chunk read before (kmsfs.fs.pagefill)
+        self.filler.bar(inode)
+        try:
+            await self.filler.settle(inode)
+            return await self._open(inode, flags, ctx)
+        finally:
+            self.filler.unbar(inode)
+
+    async def _open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
         node = self.inodes.get(inode)
         open_file = await self._open_node(node, self._caller(ctx))
         if flags & (os.O_WRONLY | os.O_RDWR) and not open_file.engine.writable:
@@ -969,6 +1002,9 @@ class Operations(pyfuse3.Operations):
         open_file.refs += 1
         handle = self._new_handle()
         self._handles[handle] = open_file
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            open_file.writers += 1
+            self._write_handles.add(handle)
         if direct_io:
             open_file.direct_handles += 1
             self._direct.add(handle)
@@ -1084,6 +1120,16 @@ class Operations(pyfuse3.Operations):
                 self._read_buffer = bytearray(count)
             view = memoryview(self._read_buffer)[:count]
             engine = open_file.engine
+            chunk_size = engine.chunk_size
+            if count < chunk_size and not open_file.writers:
+                start = off - off % chunk_size
+                if (
+                    off + count <= start + chunk_size <= engine.size
+                    and not open_file.direct_handles
+                    and self.filler.accepts(open_file.node.ino)
+                    and not engine.dirty
+                ):
+                    return self._read_whole_chunk(open_file, start, off - start, count)
             try:
                 engine.readinto(off, view)
             except FormatError as error:
@@ -1096,6 +1142,20 @@ class Operations(pyfuse3.Operations):
             return view
         except Exception as error:
             raise _fuse_error("read", error) from None
+
+    def _read_whole_chunk(
+        self, open_file: OpenFile, start: int, skip: int, count: int
+    ) -> memoryview:
+        """A READ of part of one full chunk: the whole chunk is decrypted (GCM opens no
+        less), answers the READ and goes to the kernel's page cache (kmsfs.fs.pagefill)."""
+        chunk = bytearray(open_file.engine.chunk_size)
+        try:
+            open_file.engine.readinto(start, chunk)
+        except FormatError as error:
+            self._read_error(open_file, error)
+            raise
+        self.filler.offer(open_file.node.ino, start, chunk)
+        return memoryview(chunk)[skip : skip + count]
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1166,6 +1226,9 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         open_file = self._handles.pop(fh)
+        if fh in self._write_handles:
+            self._write_handles.discard(fh)
+            open_file.writers -= 1
         self._handle_callers.pop(fh, None)
         self._writers.discard(fh)
         if fh in self._direct:
@@ -1177,6 +1240,11 @@ class Operations(pyfuse3.Operations):
             open_file.write_error = 0  # every writer that was told is gone: writes resume
         open_file.refs -= 1
         if open_file.refs == 0:
+            # while a store for the file is queued its backing inode stays open, so that
+            # its number cannot pass to another file meanwhile. RELEASE does not wait for
+            # the store: the kernel counts it among its background requests, and those
+            # waiting would keep the READs the store may wait for from being sent.
+            self.filler.hold_open(open_file.node.ino, open_file.fd)
             self._close_file(open_file)
 
     # ------------------------------------------------- failures to store data

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import logging
+import mmap
 import os
 import sqlite3
 import stat
@@ -406,6 +407,8 @@ class Keystore:
         self._pending_root: tuple[bytes, AESGCM] | None = None
         self.scrub_pending = False
         self._savepoints = 0  # names nested transactions (savepoints) uniquely
+        #: the WAL index (keystore.db-shm), mapped read-only by change_stamp
+        self._wal_index: mmap.mmap | None = None
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -522,7 +525,47 @@ class Keystore:
         try:
             self.scrub()
         finally:
+            if self._wal_index is not None:
+                self._wal_index.close()
+                self._wal_index = None
             self._db.close()
+
+    def change_stamp(self) -> object:
+        """A value that moves with every commit to the keystore, by this connection or
+        any other (another process's admin command), read without a system call.
+
+        SQLite's WAL index (``keystore.db-shm``, shared memory every connection maps)
+        starts with the WAL index header, twice (2 x 48 bytes): a writer rewrites it at
+        every commit (its change counter, last frame, checksums; new salts when the WAL
+        restarts), before that commit returns. Comparing those 96 bytes is what
+        ``PRAGMA data_version`` tells, without a statement and its two fcntl() locks;
+        a header caught mid-update only differs, which is safe for a cache. Until the
+        WAL index exists (or if it cannot be mapped), ``PRAGMA data_version`` is used.
+        """
+        db = self._db
+        wal_index = self._wal_index
+        if wal_index is None:
+            # the statement first: this connection then has the WAL index open (and
+            # holds the lock that keeps any other from truncating it) before it is mapped
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            self._map_wal_index()
+            return (db.total_changes, version)
+        return (db.total_changes, wal_index[:96])
+
+    def _map_wal_index(self) -> mmap.mmap | None:
+        try:
+            fd = os.open(self.path / (DB_NAME + "-shm"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < 136:  # both header copies and the checkpoint info
+                return None
+            self._wal_index = mmap.mmap(fd, 136, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return self._wal_index
 
     def meta(self, name: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()

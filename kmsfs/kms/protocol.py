@@ -260,12 +260,37 @@ class ResponseReader:
             # InformationalResponse (100 Continue): keep reading
 
 
+#: ids made ahead from one os.urandom() call (random_uuid); list.pop() hands each out
+#: once, also between threads (atomic under the GIL)
+_UUIDS_AHEAD: list[str] = []
+#: how many ids one os.urandom() call makes
+UUID_BATCH = 64
+
+
 def random_uuid() -> str:
-    """``str(uuid.uuid4())``, made in a third of the time (request ids, audit event ids):
-    16 random bytes in hex, with the version (4) and the RFC 4122 variant (10xx) set."""
-    text = os.urandom(16).hex()
-    variant = "89ab"[int(text[16], 16) & 3]
-    return f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{variant}{text[17:20]}-{text[20:]}"
+    """``str(uuid.uuid4())``, made in a fraction of the time (request ids, audit event
+    ids): 16 random bytes in hex, with the version (4) and the RFC 4122 variant (10xx)
+    set. The bytes come from the kernel's CSPRNG, as uuid4's, but for UUID_BATCH ids
+    at a time (one getrandom() instead of one per id: keyd makes two ids per request).
+    These ids are identifiers, not secrets (a response carries its request id); key
+    material, nonces and IVs are never taken from this pool. A forked child starts
+    with an empty pool (os.register_at_fork), so it never repeats its parent's ids."""
+    try:
+        return _UUIDS_AHEAD.pop()
+    except IndexError:
+        pass
+    text = os.urandom(16 * UUID_BATCH).hex()
+    made = []
+    for start in range(0, len(text), 32):
+        part = text[start : start + 32]
+        variant = "89ab"[int(part[16], 16) & 3]
+        made.append(f"{part[:8]}-{part[8:12]}-4{part[13:16]}-{variant}{part[17:20]}-{part[20:]}")
+    uuid = made.pop()
+    _UUIDS_AHEAD.extend(made)
+    return uuid
+
+
+os.register_at_fork(after_in_child=_UUIDS_AHEAD.clear)
 
 
 def target_header(operation: str) -> str:

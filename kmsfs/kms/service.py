@@ -754,7 +754,7 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
         #: key records read outside transactions, valid while _key_cache_stamp holds
         #: (see _key_record)
         self._key_cache: dict[str, KeyRecord] = {}
-        self._key_cache_stamp: tuple[int, int, int] | None = None
+        self._key_cache_stamp: tuple[int, object] | None = None
         #: who may call CreateKey and GenerateRandom (everyone unless keyd was told)
         self.account_access = account_access or AccountAccess()
         #: who besides root may forward a caller's identity (kmsfs:ForwardCaller;
@@ -1637,15 +1637,15 @@ class KeyService(KeystoreAdmin, ImportedMaterial, AccessEvents):
         a GenerateDataKey's checks. The cache is dropped whenever anything may have
         changed a row: a change by keyd itself (SQLite's ``total_changes`` of its
         connection moved, committed or rolled back) or a commit by any other
-        connection to the keystore (``PRAGMA data_version`` moved); inside a
+        connection to the keystore (its WAL index header moved:
+        ``Keystore.change_stamp``, no system call); inside a
         transaction (a state-changing operation) the row is always read. So a
         disabled, deleted or rotated key is seen by the very next request.
         """
         db = self.keystore._db
         if db.in_transaction:
             return self.keystore.get_key(key_id)
-        version = db.execute("PRAGMA data_version").fetchone()[0]
-        stamp = (id(db), db.total_changes, version)
+        stamp = (id(db), self.keystore.change_stamp())
         if stamp != self._key_cache_stamp:
             self._key_cache.clear()
             self._key_cache_stamp = stamp

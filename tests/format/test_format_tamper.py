@@ -14,6 +14,7 @@ import pytest
 from format_testkit import FakeKeyProvider
 
 from kmsfs.errors import CorruptChunk, CorruptHeader, FormatError, Truncated, UnsupportedFormat
+from kmsfs.format import chunks
 from kmsfs.format.file import EncryptedFile
 from kmsfs.format.header import CONTEXT_OFFSET, SLOT_OFFSETS, SLOT_SIZE, SUPPORTED_VERSIONS
 from kmsfs.format.offsets import CHUNK_OVERHEAD, HEADER_SIZE, cipher_offset
@@ -208,7 +209,7 @@ def test_small_reads_inside_one_chunk_catch_every_flip_and_leave_no_plaintext(
                         engine.readinto(chunk_index * CHUNK + start, buffer)
                     assert caught.value.chunk_index == chunk_index
                     assert buffer == bytes(length)  # wiped, not left with plaintext
-                scratch = engine._codec._scratch  # type: ignore[union-attr]
+                scratch = chunks._open_scratch.by_size.get(CHUNK)  # shared per thread
                 assert scratch is None or bytes(scratch) == bytes(CHUNK)
                 other = (chunk_index + 1) % 3  # the other chunks still read
                 assert engine.read(other * CHUNK + 5, 20) == data[other * CHUNK + 5 :][:20]

@@ -1730,6 +1730,50 @@ def test_random_uuid_is_a_version_4_uuid_in_canonical_form() -> None:
         assert str(parsed) == text
 
 
+def test_random_uuid_asks_the_kernel_once_for_a_batch_of_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ids per request (request id, audit event id), one getrandom() per batch."""
+    import os
+
+    from kmsfs.kms import protocol
+
+    real_urandom = os.urandom
+    sizes: list[int] = []
+
+    def counting_urandom(size: int) -> bytes:
+        sizes.append(size)
+        return real_urandom(size)
+
+    monkeypatch.setattr(protocol, "_UUIDS_AHEAD", [])
+    monkeypatch.setattr(os, "urandom", counting_urandom)
+    made = {protocol.random_uuid() for _ in range(protocol.UUID_BATCH)}
+    assert len(made) == protocol.UUID_BATCH
+    assert sizes == [16 * protocol.UUID_BATCH]
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    import os
+
+    from kmsfs.kms.protocol import random_uuid
+
+    random_uuid()  # ids are waiting in the pool now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write_end, ",".join(random_uuid() for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_ids = set(pipe.read().decode().split(","))
+    os.waitpid(pid, 0)
+    parent_ids = {random_uuid() for _ in range(8)}
+    assert len(child_ids) == 8
+    assert not child_ids & parent_ids
+
+
 def test_iso_time_of_the_same_second_and_the_next() -> None:
     from kmsfs.kms.service import _iso
 
@@ -1774,6 +1818,47 @@ def test_a_change_by_another_connection_is_seen_by_the_very_next_request(kms: Ha
         kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
     with pytest.raises(DisabledException):
         kms.decrypt(blob)
+
+
+def test_a_cached_key_record_is_found_without_a_statement(kms: Harness) -> None:
+    """While nothing changed, a request's key lookup runs no SQL at all (not even
+    ``PRAGMA data_version``, two fcntl() locks): the WAL index header tells."""
+    key_id = kms.create_key()
+    for _ in range(2):
+        kms.service._key_record(key_id)
+    statements: list[str] = []
+    kms.keystore._db.set_trace_callback(statements.append)
+    try:
+        for _ in range(3):
+            assert kms.service._key_record(key_id) is not None
+    finally:
+        kms.keystore._db.set_trace_callback(None)
+    assert statements == []
+
+
+def test_a_change_after_the_wal_restarts_is_seen_by_the_next_request(kms: Harness) -> None:
+    """Another connection checkpoints and empties the WAL (it restarts with new salts,
+    and its frame count starts over), then commits: keyd's cache must still drop."""
+    key_id = kms.create_key()
+    blob = kms.encrypt(key_id)
+    for _ in range(2):
+        kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+        kms.decrypt(blob)
+    for state in ("Disabled", "Enabled", "Disabled"):
+        other = sqlite3.connect(kms.db_path, isolation_level=None)
+        try:
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            other.execute("UPDATE keys SET key_state = ? WHERE key_id = ?", (state, key_id))
+        finally:
+            other.close()
+        if state == "Disabled":
+            with pytest.raises(DisabledException):
+                kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+            with pytest.raises(DisabledException):
+                kms.decrypt(blob)
+        else:
+            kms.call("GenerateDataKey", KeyId=key_id, KeySpec="AES_256")
+            assert kms.decrypt(blob) == b"secret"
 
 
 def test_a_deleted_key_is_not_found_by_the_next_request(kms: Harness) -> None:
