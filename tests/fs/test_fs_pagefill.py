@@ -15,11 +15,15 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 
+from kmsfs.fs.inodes import Node
+from kmsfs.fs.ops import Operations
 from kmsfs.fs.pagefill import ChunkFiller
+from kmsfs.fs.polling import BusyPoller
 from tests.fs.helpers import CHUNK, drop_page_cache
 
 PAGE = 4096
@@ -265,3 +269,116 @@ def test_random_small_reads_of_every_page_read_the_file(workdir: Path, size: int
             assert os.pread(fd, PAGE, page * PAGE) == data[page * PAGE : (page + 1) * PAGE]
     finally:
         os.close(fd)
+
+
+# ------------------------------------------- the handlers that wait (in-process)
+def _operations_with(filler: ChunkFiller) -> Operations:
+    """An Operations with only what open and _truncate touch before their real work."""
+    operations = Operations.__new__(Operations)
+    operations.filler = filler
+    operations.read_only = False
+    operations.auditor = None
+    operations.poller = BusyPoller(0)
+    operations.inodes = SimpleNamespace(trim_dir_fds=lambda: None)
+    return operations
+
+
+def _waits_for_queued_stores(start, inner: str) -> list[tuple[bool, bool]]:
+    """Run ``start(operations)`` while a store for inode 5 is held back; returns what
+    the real work (``inner``, replaced) saw: (store still queued, new store accepted)."""
+    store = GatedStore()
+    filler = ChunkFiller(store)
+    operations = _operations_with(filler)
+    seen: list[tuple[bool, bool]] = []
+
+    async def work(*args) -> None:
+        seen.append((filler.busy(5), filler.accepts(5)))
+
+    setattr(operations, inner, work)
+    filler.offer(5, 0, bytearray(1))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start, operations)
+            await trio.sleep(0.2)
+            assert seen == [], "the change began while a store of a chunk read before was queued"
+            assert not filler.accepts(5), "a new store was accepted while the change waited"
+            assert filler.accepts(6)
+            store.release.set()
+
+    try:
+        trio.run(main)
+    finally:
+        store.release.set()
+        filler.stop()
+    assert filler.accepts(5) or not filler.enabled
+    return seen
+
+
+def test_an_open_for_writing_waits_for_the_files_queued_stores() -> None:
+    seen = _waits_for_queued_stores(
+        lambda operations: operations.open(5, os.O_RDWR, SimpleNamespace()), "_open"
+    )
+    assert seen == [(False, False)]
+
+
+def test_a_truncate_waits_for_the_files_queued_stores() -> None:
+    seen = _waits_for_queued_stores(
+        lambda operations: operations._truncate(Node(5, 5), 0), "_truncate_settled"
+    )
+    assert seen == [(False, False)]
+
+
+def test_an_open_for_reading_does_not_wait() -> None:
+    store = GatedStore()
+    filler = ChunkFiller(store)
+    operations = _operations_with(filler)
+    opened: list[int] = []
+
+    async def work(inode, flags, ctx) -> None:
+        opened.append(inode)
+
+    operations._open = work
+    filler.offer(5, 0, bytearray(1))
+    try:
+        trio.run(operations.open, 5, os.O_RDONLY, SimpleNamespace())
+        assert opened == [5] and filler.busy(5)
+    finally:
+        store.release.set()
+        filler.stop()
+
+
+def test_the_last_release_keeps_the_backing_file_open_until_its_stores_are_done(
+    tmp_path: Path,
+) -> None:
+    store = GatedStore()
+    filler = ChunkFiller(store)
+    (tmp_path / "f").write_bytes(b"x")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    ino = os.fstat(fd).st_ino
+    try:
+        filler.hold_open(9, fd)  # nothing queued for 9: nothing kept
+        filler.offer(9, 0, bytearray(1))
+        filler.hold_open(9, fd)
+    finally:
+        os.close(fd)
+    (tmp_path / "f").unlink()
+
+    def held() -> list[int]:
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.stat(f"/proc/self/fd/{name}").st_ino == ino:
+                    found.append(int(name))
+            except OSError:
+                pass
+        return found
+
+    try:
+        assert len(held()) == 1, "the backing inode was freed while a store was queued"
+        store.release.set()
+        assert wait_for(lambda: not filler.busy(9))
+        assert held() == []
+    finally:
+        store.release.set()
+        filler.stop()
