@@ -624,7 +624,7 @@ async def _serve(
                     nursery.start_soon(operations.key_bindings.refresh, options.key_cache_seconds)
                     nursery.start_soon(operations.poller.run)
                     nursery.start_soon(_tune_backing_device, mountpoint, options.max_dirty_ratio)
-                    nursery.start_soon(_terminate_on_signal, stops, signalled)
+                    nursery.start_soon(_terminate_on_signal, stops, signalled, operations)
                     nursery.start_soon(_report_memory_on_signal, reports, operations)
                     nursery.start_soon(_return_memory, operations)
                     if auditor is not None:
@@ -783,10 +783,14 @@ async def _unmount_when_idle(
         return  # pyfuse3.main() returns: the kernel has ended the session
 
 
-async def _terminate_on_signal(signals: AsyncIterator[int], signalled: list[int]) -> None:
+async def _terminate_on_signal(
+    signals: AsyncIterator[int], signalled: list[int], operations: Operations
+) -> None:
     async for signum in signals:
         log.info("received %s, unmounting", signal.Signals(signum).name)
         signalled.append(signum)
+        # while requests are still answered: a page-cache store may wait for a READ
+        await operations.filler.drain()
         session.terminate()
         return
 

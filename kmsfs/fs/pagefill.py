@@ -55,6 +55,9 @@ MAX_PENDING = 64
 #: microseconds unless the kernel holds one of its pages for a READ in the mount's queue
 SETTLE_POLL_SECONDS = 0.0002
 
+#: how long a stopping mount waits for the store under way (it normally takes microseconds)
+DRAIN_SECONDS = 5.0
+
 Store = Callable[[int, int, bytes | bytearray | memoryview], None]
 
 
@@ -175,9 +178,27 @@ class ChunkFiller:
                 for fd in held:
                     os.close(fd)
 
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Take no more chunks and wait, still serving requests, for the store under way.
+
+        Before the mount stops answering requests (SIGTERM): a store may wait for a page
+        that a queued READ holds locked, and once the mount no longer answers, nothing
+        would unlock it. Not even closing /dev/fuse would: the store's own write() holds
+        the device open, so the kernel never aborts the connection, and the mount's
+        process could not exit (seen: a mount stuck in the kernel after SIGTERM while
+        readers kept reading). Queued chunks are dropped.
+        """
+        self.enabled = False
+        with trio.move_on_after(timeout):
+            while self._total:
+                await trio.sleep(SETTLE_POLL_SECONDS)
+        if self._total:
+            log.warning("a page-cache store did not finish within %.0f s", timeout)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking chunks and end the thread (before the FUSE session closes: a store
-        after that would use a session that is gone)."""
+        after that would use a session that is gone). The mount calls :meth:`drain`
+        first, while it still answers requests."""
         self.enabled = False
         if self._stopped:
             return
