@@ -714,5 +714,8 @@ def test_unlinking_files_opened_before_reads_no_headers(mounts: MountFactory) ->
         if r["eventName"] == "Unlink" and r["additionalEventData"]["filesystemId"] == filesystem_id
     ]
     assert unlinked[:count] == [ids[n] for n in range(count)]
-    # a header read is one pread each: the second group made one more per file
-    assert reads["not-opened"] - reads["opened"] >= count * 0.9, reads
+    # a header read is one pread each: the second group made one more per file. The
+    # count is every read syscall of the mount (keyd's answers to the audit's batches
+    # too), so the margin is wide: without the ids kept from opens the two are equal
+    # (749 each when this was written); a loaded run once gave 133 of 150 here
+    assert reads["not-opened"] - reads["opened"] >= count * 0.5, reads
