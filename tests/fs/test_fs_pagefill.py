@@ -8,7 +8,6 @@ that no store reaches a file with a writer or one being truncated.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import subprocess
@@ -25,17 +24,9 @@ from kmsfs.fs.ops import Operations
 from kmsfs.fs.pagefill import ChunkFiller
 from kmsfs.fs.polling import BusyPoller
 from tests.fs.helpers import CHUNK, drop_page_cache
+from tests.fs.test_fs_ops import pattern
 
 PAGE = 4096
-
-
-def pattern(length: int, seed: int = 0) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < length:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:length])
 
 
 def resident_pages(path: Path) -> int:
