@@ -36,12 +36,13 @@ hint: the kernel asks again for what it does not have).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pyfuse3
 import trio
@@ -144,6 +145,17 @@ class ChunkFiller:
             self._barred[ino] = left
         else:
             del self._barred[ino]
+
+    @contextlib.asynccontextmanager
+    async def barred(self, ino: int) -> AsyncIterator[None]:
+        """For a change of ``ino`` (open for writing, truncate): no new store of it while
+        the block runs, and the ones queued are done before it starts."""
+        self.bar(ino)
+        try:
+            await self.settle(ino)
+            yield
+        finally:
+            self.unbar(ino)
 
     def _run(self) -> None:
         while True:
