@@ -293,6 +293,9 @@ class Operations(pyfuse3.Operations):
         self._write_handles: set[int] = set()  # ... and the mount's own (OpenFile.writers)
         self._write_errors: dict[int, int] = {}  # handle -> errno its fsync/flush return
         self._direct: set[int] = set()  # handles opened with direct_io
+        #: handles opened with O_DIRECT: their small reads fill no page cache, which their
+        #: reads bypass (kmsfs.fs.pagefill)
+        self._uncached_reads: set[int] = set()
         #: ENOSPC or EDQUOT once storing data failed with it (0: not short of space), and
         #: the free space then; see _short_of_space
         self._space_error = 0
@@ -761,12 +764,8 @@ class Operations(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, size: int, caller: ForwardedCaller | None = None) -> None:
         # no store of a chunk read before may land on the truncated file (kmsfs.fs.pagefill)
-        self.filler.bar(node.ino)
-        try:
-            await self.filler.settle(node.ino)
+        async with self.filler.barred(node.ino):
             await self._truncate_settled(node, size, caller)
-        finally:
-            self.filler.unbar(node.ino)
 
     async def _truncate_settled(
         self, node: Node, size: int, caller: ForwardedCaller | None
@@ -974,12 +973,8 @@ class Operations(pyfuse3.Operations):
         if not writing:
             return await self._open(inode, flags, ctx)
         # a writer's pages must meet no store of a chunk read before (kmsfs.fs.pagefill)
-        self.filler.bar(inode)
-        try:
-            await self.filler.settle(inode)
+        async with self.filler.barred(inode):
             return await self._open(inode, flags, ctx)
-        finally:
-            self.filler.unbar(inode)
 
     async def _open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
         node = self.inodes.get(inode)
@@ -1008,6 +1003,8 @@ class Operations(pyfuse3.Operations):
         if direct_io:
             open_file.direct_handles += 1
             self._direct.add(handle)
+        if flags & os.O_DIRECT:
+            self._uncached_reads.add(handle)
         self._note_writer(handle, flags, ctx)
         caller = self._caller(ctx)
         if caller is not None:
@@ -1114,11 +1111,6 @@ class Operations(pyfuse3.Operations):
             count = min(size, open_file.engine.size - off)
             if count <= 0:
                 return b""
-            # One scratch buffer for every read: pyfuse3 copies the reply to the kernel
-            # as soon as this returns, before any other request runs.
-            if len(self._read_buffer) < count:
-                self._read_buffer = bytearray(count)
-            view = memoryview(self._read_buffer)[:count]
             engine = open_file.engine
             chunk_size = engine.chunk_size
             if count < chunk_size and not open_file.writers:
@@ -1126,10 +1118,16 @@ class Operations(pyfuse3.Operations):
                 if (
                     off + count <= start + chunk_size <= engine.size
                     and not open_file.direct_handles
+                    and fh not in self._uncached_reads
                     and self.filler.accepts(open_file.node.ino)
                     and not engine.dirty
                 ):
                     return self._read_whole_chunk(open_file, start, off - start, count)
+            # One scratch buffer for every read: pyfuse3 copies the reply to the kernel
+            # as soon as this returns, before any other request runs.
+            if len(self._read_buffer) < count:
+                self._read_buffer = bytearray(count)
+            view = memoryview(self._read_buffer)[:count]
             try:
                 engine.readinto(off, view)
             except FormatError as error:
@@ -1231,6 +1229,7 @@ class Operations(pyfuse3.Operations):
             open_file.writers -= 1
         self._handle_callers.pop(fh, None)
         self._writers.discard(fh)
+        self._uncached_reads.discard(fh)
         if fh in self._direct:
             self._direct.discard(fh)
             open_file.direct_handles -= 1

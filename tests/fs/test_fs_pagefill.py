@@ -8,6 +8,7 @@ that no store reaches a file with a writer or one being truncated.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import subprocess
@@ -176,6 +177,31 @@ def test_no_chunk_is_cached_for_a_file_open_for_writing(workdir: Path) -> None:
     # the writer gone, the next small read fills its chunk again
     assert read_page(path, 2 * CHUNK) == data[2 * CHUNK : 2 * CHUNK + PAGE]
     assert wait_for(lambda: resident_pages(path) == 1 + CHUNK // PAGE)
+
+
+def test_o_direct_reads_cache_no_chunk(workdir: Path) -> None:
+    """An O_DIRECT reader bypasses the page cache: its small reads store nothing there
+    (the store would be work for nobody); a buffered read after it still does."""
+    data = pattern(4 * CHUNK, seed=4)
+    path = workdir / "direct.dat"
+    path.write_bytes(data)
+    drop_page_cache(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as error:
+        pytest.skip(f"O_DIRECT not offered: {error}")
+    buffer = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT wants
+    try:
+        for offset in (PAGE, CHUNK + 2 * PAGE, 3 * CHUNK):
+            assert os.preadv(fd, [buffer], offset) == PAGE
+            assert buffer[:] == data[offset : offset + PAGE]
+        time.sleep(0.3)  # a store would have landed by now
+        assert resident_pages(path) == 0
+    finally:
+        os.close(fd)
+        buffer.close()
+    assert read_page(path, 2 * CHUNK) == data[2 * CHUNK : 2 * CHUNK + PAGE]
+    assert wait_for(lambda: resident_pages(path) == CHUNK // PAGE), resident_pages(path)
 
 
 def test_the_last_partial_chunk_is_not_stored(workdir: Path) -> None:
