@@ -53,7 +53,7 @@ from kmsfs.fs.keys import KeyManager
 from kmsfs.fs.keyservice import KEYD as KEY_SERVICE_KEYD
 from kmsfs.fs.keyservice import KeyService, KeyServiceOptions
 from kmsfs.fs.keyservice import resolve as resolve_key_service
-from kmsfs.fs.names import NameCipher
+from kmsfs.fs.names import NAME_CACHE_SIZE, NameCipher
 from kmsfs.fs.ops import Operations
 from kmsfs.fs.pagefill import ChunkFiller
 from kmsfs.fs.polling import DEFAULT_WINDOW, BusyPoller
@@ -800,6 +800,9 @@ RETURN_MEMORY_SECONDS = 2.0
 #: nodes the table must have lost since its peak (and at least a quarter of that peak)
 #: before the mount compacts it and gives free memory back to the system
 RETURN_MEMORY_AFTER_NODES = 8192
+#: ... and the name caches are emptied too when this many were forgotten: a drop eight
+#: times the size of a cache (a tree the cache could never have held whole)
+CLEAR_NAMES_AFTER_NODES = 8 * NAME_CACHE_SIZE
 _libc = ctypes.CDLL(None)
 #: glibc's malloc_trim (None elsewhere, e.g. musl: there nothing is returned)
 _malloc_trim = getattr(_libc, "malloc_trim", None)
@@ -815,11 +818,13 @@ def return_memory(operations: Operations) -> bool:
 
     Before, the mount kept its peak: 381 MiB after stat-ing a million files, with one
     node left (issue 19). A dict never shrinks on deletion (the nodes map of a million
-    entries keeps ~40 MiB of table); glibc keeps freed memory unless trimmed. What this
-    cannot return: Python's small-object arenas (1 MiB each) go back only when wholly
-    empty, and a few objects that outlive the stats (the bounded name cache, trio's
-    and pyfuse3's own) keep many of them (measured: 100,000 stats, 49 MiB above the
-    baseline at the peak, 38 MiB after the forgets; 100 and 88 MiB before).
+    entries keeps ~40 MiB of table); glibc keeps freed memory unless trimmed; Python's
+    small-object arenas (1 MiB each) go back only when wholly empty, and entries of the
+    name caches, made all through the lookups, kept most of them. Measured with a mount
+    of 1,000,000 empty files (1000 directories), RSS 50 MiB mounted, 433 MiB after
+    stat-ing them all, then after ``drop_caches``: 394 MiB before the name caches were
+    emptied here, 108-110 MiB since. What is left is arenas that a few other survivors
+    keep (trio's and pyfuse3's objects of the moment): no trim can return those.
     """
     inodes = operations.inodes
     held = len(inodes.nodes)
@@ -827,6 +832,13 @@ def return_memory(operations: Operations) -> bool:
     if forgotten < RETURN_MEMORY_AFTER_NODES or forgotten * 4 < inodes.peak:
         return False
     inodes.compact()
+    if forgotten >= CLEAR_NAMES_AFTER_NODES:
+        # The name caches' entries, made all through the lookups, are each the last
+        # tenant of many a small-object arena, which goes back only when empty (200,000
+        # stats then the forgets: 123 MiB kept with them, 72-85 MiB without; 49 MiB
+        # mounted). After a smaller drop they stay: the kernel looks those names up
+        # again (a cold `ls -lR` of a 10,000-file tree), and decrypting each costs more.
+        operations.tree.clear_name_caches()
     if _malloc_trim is not None:
         _malloc_trim(0)
     log.debug("returned memory: %d nodes held, %d forgotten since the peak", held, forgotten)

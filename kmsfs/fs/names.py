@@ -120,6 +120,11 @@ class NameCipher:
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
 
+    def clear(self) -> None:
+        """Drop every cached name (see kmsfs.fs.mount.return_memory)."""
+        self._decrypted = OrderedDict()
+        self._encrypted = OrderedDict()
+
     def forget(self, dir_id: bytes, plain: bytes, encoded: bytes) -> None:
         """The name is gone from its directory: drop it from the cache."""
         self._decrypted.pop((dir_id, encoded), None)

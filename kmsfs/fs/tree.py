@@ -108,6 +108,15 @@ class CipherTree:
             self._dir_ids[cache_key] = dir_id
         return dir_id
 
+    def clear_name_caches(self) -> None:
+        """Empty every name cipher's cache (the default's and bound subtrees'): after the
+        kernel forgot most of what it knew (see kmsfs.fs.mount.return_memory)."""
+        ciphers = [self.bindings.default.names]
+        ciphers += [binding.names for binding in self.bindings.bound.values()]
+        for names in ciphers:
+            if names is not None:
+                names.clear()
+
     def forget_dir(self, cache_key: Hashable) -> None:
         self._dir_ids.pop(cache_key, None)
         self.bindings.forget(cache_key)

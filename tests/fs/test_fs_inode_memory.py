@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from kmsfs.fs.inodes import InodeTable
-from kmsfs.fs.mount import RETURN_MEMORY_AFTER_NODES, return_memory
+from kmsfs.fs.mount import CLEAR_NAMES_AFTER_NODES, RETURN_MEMORY_AFTER_NODES, return_memory
+from kmsfs.fs.names import NameCipher
+from kmsfs.fs.tree import CipherTree
 
 NODES = 50_000
 FIRST_INO = 1000
@@ -47,6 +49,16 @@ def traced() -> Iterator[None]:
         tracemalloc.stop()
 
 
+def operations_of(table: InodeTable) -> types.SimpleNamespace:
+    """What return_memory uses of the mount's Operations: its inode table and name tree."""
+    tree = CipherTree(table.root_path, NameCipher(bytes(range(32))), key_arn="arn:test")
+    return types.SimpleNamespace(inodes=table, tree=tree)
+
+
+def cached_names(names: NameCipher) -> int:
+    return len(names._decrypted) + len(names._encrypted)
+
+
 def remember_all(table: InodeTable, count: int) -> None:
     for index in range(count):
         table.remember(FIRST_INO + index, 1, b"file-%07d-with-a-name" % index)
@@ -67,7 +79,7 @@ def test_lock_is_made_once_per_node(table: InodeTable) -> None:
 
 
 def test_memory_of_forgotten_inodes_goes_back(table: InodeTable, traced: None) -> None:
-    operations = types.SimpleNamespace(inodes=table)
+    operations = operations_of(table)
     before = tracemalloc.get_traced_memory()[0]
     remember_all(table, NODES)
     for index in range(NODES):
@@ -82,7 +94,7 @@ def test_memory_of_forgotten_inodes_goes_back(table: InodeTable, traced: None) -
 
 def test_few_forgotten_inodes_give_nothing_back(table: InodeTable) -> None:
     """A small drop leaves the maps alone: the copy costs time in proportion to them."""
-    operations = types.SimpleNamespace(inodes=table)
+    operations = operations_of(table)
     remember_all(table, RETURN_MEMORY_AFTER_NODES * 4)
     nodes = table.nodes
     for index in range(RETURN_MEMORY_AFTER_NODES - 1):
@@ -96,3 +108,27 @@ def test_few_forgotten_inodes_give_nothing_back(table: InodeTable) -> None:
     assert len(table.nodes) == RETURN_MEMORY_AFTER_NODES * 3
     kept = FIRST_INO + RETURN_MEMORY_AFTER_NODES + 1
     assert table.get(kept).ino == kept
+
+
+def test_name_caches_go_with_a_mass_forget(table: InodeTable) -> None:
+    """The name caches' entries, made all through a stat storm, each outlive their
+    neighbours and keep a small-object arena mapped: they are dropped once the kernel
+    forgot a tree far larger than a cache (measured through a mount, 200,000 stats then
+    drop_caches: 123 MiB kept before, 72-85 MiB after; 49 MiB mounted), and names still
+    encrypt the same afterwards. A smaller drop keeps them (lookups come back)."""
+    operations = operations_of(table)
+    names = operations.tree.names
+    dir_id = bytes(16)
+    encrypted = [names.encrypt_name(dir_id, b"name-%05d" % index) for index in range(1000)]
+    assert cached_names(names) == 2000
+    remember_all(table, CLEAR_NAMES_AFTER_NODES * 2)
+    for index in range(CLEAR_NAMES_AFTER_NODES - 1):
+        table.forget(FIRST_INO + index, 1)
+    assert return_memory(operations)  # type: ignore[arg-type]  # the maps: compacted
+    assert cached_names(names) == 2000  # not the names
+    for index in range(CLEAR_NAMES_AFTER_NODES * 2):
+        table.forget(FIRST_INO + index, 1)
+    assert return_memory(operations)  # type: ignore[arg-type]
+    assert cached_names(names) == 0
+    assert names.encrypt_name(dir_id, b"name-00007") == encrypted[7]
+    assert names.decrypt_name(dir_id, encrypted[9]) == b"name-00009"
