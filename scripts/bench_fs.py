@@ -956,6 +956,21 @@ def mount_memory_counts(system: System, timeout: float = 20.0) -> dict[str, int]
     return None
 
 
+def wait_for_forgets(system: System, nodes: int, timeout: float = 60.0) -> None:
+    """Until the mount holds at most ``nodes`` inodes (the kernel's FORGETs arrived, up to
+    ``timeout``), then long enough for its memory return (kmsfs.fs.mount.return_memory,
+    every RETURN_MEMORY_SECONDS) to have run twice: the RSS read next is what it kept."""
+    from kmsfs.fs.mount import RETURN_MEMORY_SECONDS
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = mount_memory_counts(system)
+        if counts is None or counts.get("nodes", 0) <= nodes:
+            break
+        time.sleep(0.5)
+    time.sleep(2 * RETURN_MEMORY_SECONDS + 0.5)
+
+
 def raise_open_file_limit(wanted: int) -> None:
     """Let this process hold ``wanted`` descriptors (root may raise the hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1150,7 +1165,7 @@ def scale_memory(
     log(f"scale: stat of {files} files: {seconds:.1f} s ({files / seconds:.0f}/s)")
     rss("stat", f"after stat-ing {files} files")
     drop_caches()  # the kernel forgets the inodes: FORGETs reach the mount
-    time.sleep(2)
+    wait_for_forgets(system, max(10, files // 100))
     rss("forget", "after that + drop_caches (FORGETs)")
     raise_open_file_limit(open_files + 1024)
     held: list[int] = []
