@@ -122,8 +122,8 @@ class NameCipher:
 
     def clear(self) -> None:
         """Drop every cached name (see kmsfs.fs.mount.return_memory)."""
-        self._decrypted = OrderedDict()
-        self._encrypted = OrderedDict()
+        self._decrypted.clear()
+        self._encrypted.clear()
 
     def forget(self, dir_id: bytes, plain: bytes, encoded: bytes) -> None:
         """The name is gone from its directory: drop it from the cache."""

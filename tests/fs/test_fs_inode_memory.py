@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs.fs.bindings import Binding
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.mount import CLEAR_NAMES_AFTER_NODES, RETURN_MEMORY_AFTER_NODES, return_memory
 from kmsfs.fs.names import NameCipher
@@ -118,17 +119,20 @@ def test_name_caches_go_with_a_mass_forget(table: InodeTable) -> None:
     encrypt the same afterwards. A smaller drop keeps them (lookups come back)."""
     operations = operations_of(table)
     names = operations.tree.names
+    bound = NameCipher(bytes(range(32, 64)))  # a subtree bound to a CMK of its own
+    operations.tree.bindings.add(Binding("arn:bound", bound, dir_id=bytes(range(16))))
     dir_id = bytes(16)
     encrypted = [names.encrypt_name(dir_id, b"name-%05d" % index) for index in range(1000)]
-    assert cached_names(names) == 2000
+    bound.encrypt_name(dir_id, b"in-the-bound-subtree")
+    assert (cached_names(names), cached_names(bound)) == (2000, 2)
     remember_all(table, CLEAR_NAMES_AFTER_NODES * 2)
     for index in range(CLEAR_NAMES_AFTER_NODES - 1):
         table.forget(FIRST_INO + index, 1)
     assert return_memory(operations)  # type: ignore[arg-type]  # the maps: compacted
-    assert cached_names(names) == 2000  # not the names
-    for index in range(CLEAR_NAMES_AFTER_NODES * 2):
+    assert (cached_names(names), cached_names(bound)) == (2000, 2)  # not the names
+    for index in range(CLEAR_NAMES_AFTER_NODES - 1, CLEAR_NAMES_AFTER_NODES * 2):
         table.forget(FIRST_INO + index, 1)
     assert return_memory(operations)  # type: ignore[arg-type]
-    assert cached_names(names) == 0
+    assert (cached_names(names), cached_names(bound)) == (0, 0)
     assert names.encrypt_name(dir_id, b"name-00007") == encrypted[7]
     assert names.decrypt_name(dir_id, encrypted[9]) == b"name-00009"
