@@ -377,12 +377,9 @@ class KeyManager:
         for *caller* (None: the mount itself): from that principal's pool, else straight
         from keyd, forwarded as *caller*."""
         pool = self._pool_for(caller, key_arn or self._config.key_arn)
-        now = self._clock()
-        while pool.keys:
-            prepared = pool.keys.popleft()
-            if prepared.expires > now:
-                self._pool_wanted.set()
-                return prepared
+        prepared = self._take(pool)
+        if prepared is not None:
+            return prepared
         try:
             prepared = await self._generate(pool)
         except KMSError as error:
@@ -394,6 +391,22 @@ class KeyManager:
         pool.retry_after = 0.0
         self._pool_wanted.set()
         return prepared
+
+    def pooled_file_key(
+        self, key_arn: str | None = None, caller: ForwardedCaller | None = None
+    ) -> PreparedKey | None:
+        """What :meth:`new_file_key` would answer from the pool alone (None: keyd is
+        needed), without a checkpoint."""
+        return self._take(self._pool_for(caller, key_arn or self._config.key_arn))
+
+    def _take(self, pool: _Pool) -> PreparedKey | None:
+        now = self._clock()
+        while pool.keys:
+            prepared = pool.keys.popleft()
+            if prepared.expires > now:
+                self._pool_wanted.set()
+                return prepared
+        return None
 
     # ------------------------------------------------------------ background
     async def run(self) -> None:

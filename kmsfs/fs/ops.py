@@ -587,10 +587,19 @@ class Operations(pyfuse3.Operations):
         *caller*, the writer's opener when forwarding)."""
         if open_file.engine.header is not None or open_file.provider.prepared is not None:
             return
+        key_arn = self.key_bindings.file_key_arn(open_file.node)
+        if not open_file.node.lock.locked():
+            # The usual case, a key in the pool: taken with no await, so no other write
+            # can come in between, and without the lock's checkpoint (a pass of trio's
+            # scheduler, and the request waiter's hand-over to another worker: one per
+            # file an untar writes). Only a key from keyd waits, under the lock.
+            open_file.provider.prepared = self.keys.pooled_file_key(key_arn, caller)
+            if open_file.provider.prepared is not None:
+                return
         async with open_file.node.lock:
             if open_file.engine.header is None and open_file.provider.prepared is None:
                 open_file.provider.prepared = await self.keys.new_file_key(
-                    key_arn=self.key_bindings.file_key_arn(open_file.node), caller=caller
+                    key_arn=key_arn, caller=caller
                 )
 
     def _close_file(self, open_file: OpenFile) -> None:

@@ -286,6 +286,34 @@ def test_a_forwarded_answer_expires_cache_seconds_after_keyd_gave_it() -> None:
     trio.run(main)
 
 
+def test_a_pooled_key_is_taken_without_a_checkpoint() -> None:
+    """KeyManager.pooled_file_key (a new file's first write without the node's lock):
+    what new_file_key would answer from the pool alone, taken with no await at all."""
+    keyd, clock = FakeKeyd(), Clock()
+    keys = _manager(keyd, clock, pool_size=2)
+
+    async def main() -> None:
+        assert keys.pooled_file_key() is None  # nothing made yet, and keyd not asked
+        assert keyd.calls == []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keys.run)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.testing.assert_no_checkpoints():
+                first = keys.pooled_file_key()
+                second = keys.pooled_file_key()
+                assert keys.pooled_file_key() is None  # two made, two taken
+                assert keys.pooled_file_key(caller=ALICE) is None  # never another's
+            assert first is not None and second is not None
+            assert first.file_id != second.file_id
+            await trio.testing.wait_all_tasks_blocked()  # taking them asked for more
+            assert keys.pooled_file_key() is not None
+            mine = [call for call in keyd.calls if call[1] is None]
+            assert mine == [("GenerateDataKey", None)] * 4
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_pools_per_principal_and_key_made_as_that_principal_dropped_when_idle() -> None:
     keyd, clock = FakeKeyd(), Clock()
     keys = _manager(keyd, clock, pool_size=2)
