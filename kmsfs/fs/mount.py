@@ -606,7 +606,7 @@ async def _serve(
                 pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
             except RuntimeError as error:
                 raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
-            waiter = session.install()
+            waiter = session.install(operations)
             log.info(
                 "mounted %s on %s (key %s, %s)",
                 cipherdir,
@@ -651,7 +651,10 @@ async def _serve(
                 session.uninstall()
                 if waiter is not None:
                     log.info(
-                        "requests taken at once: %d, after a wait: %d", waiter.fast, waiter.slow
+                        "requests taken at once: %d, after a wait: %d; readers handing over: %d",
+                        waiter.fast,
+                        waiter.slow,
+                        waiter.handoffs,
                     )
                 log.info("unmounted %s", mountpoint)
 

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from kmsfs.fs import session
 from kmsfs.fs.session import MAX_STREAK, RequestWaiter
 from tests.fs.helpers import MountFactory, is_mounted
 
@@ -99,13 +100,198 @@ def test_closing_ends_every_wait() -> None:
 
         with trio.fail_after(10):  # a waiter that missed the close would hang here
             async with trio.open_nursery() as nursery:
-                for _ in range(3):  # one waits for the fd, two for the lock
+                for _ in range(3):  # one waits for the fd, two are parked
                     nursery.start_soon(parked)
                 await trio.testing.wait_all_tasks_blocked()
                 waiter.close()
         assert results == [False, False, False]
         os.write(writer, b"x")
         assert not await waiter.wait()  # even with a request there
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+class _Loop:
+    """pyfuse3's worker loop in miniature: wait, read one byte (the request), await the
+    watched handler for it; the handler suspends on ``gates[byte]`` if there is one."""
+
+    def __init__(self, waiter: RequestWaiter, fd: int) -> None:
+        self.waiter = waiter
+        self.fd = fd
+        self.served: list[tuple[str, bytes]] = []  # (worker, request)
+        self.gates: dict[bytes, trio.Event] = {}
+        self.handler = session._watch(self._handle, waiter)
+        self.exit_after: set[bytes] = set()  # a worker leaves the loop after these
+
+    async def _handle(self, request: bytes) -> str:
+        gate = self.gates.get(request)
+        if gate is not None:
+            await gate.wait()
+        return trio.lowlevel.current_task().name
+
+    async def worker(self) -> None:
+        while await self.waiter.wait():
+            request = os.read(self.fd, 1)
+            name = await self.handler(request)
+            assert name == trio.lowlevel.current_task().name  # the value came through
+            self.served.append((name, request))
+            if request in self.exit_after:
+                return
+
+
+def _run_loop(test, workers: int = 3) -> None:
+    reader, writer = _pipe()
+
+    async def main() -> None:
+        waiter = RequestWaiter(reader)
+        trio.lowlevel.add_instrument(waiter)
+        loop = _Loop(waiter, reader)
+        with trio.fail_after(10):  # a request no worker reads would hang here
+            async with trio.open_nursery() as nursery:
+                for n in range(workers):
+                    nursery.start_soon(loop.worker, name=f"w{n}")
+                await trio.testing.wait_all_tasks_blocked()
+                await test(loop, writer)
+                waiter.close()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+async def _request(writer: int, request: bytes) -> None:
+    os.write(writer, request)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def test_a_request_answered_at_once_keeps_its_worker_reading() -> None:
+    """No hand-over between workers when no handler suspends: the worker that ran a
+    request waits for the next itself, and the others never run."""
+
+    async def test(loop: _Loop, writer: int) -> None:
+        for request in b"abcdefgh":
+            await _request(writer, bytes([request]))
+        workers = {worker for worker, _ in loop.served}
+        assert len(loop.served) == 8 and len(workers) == 1, loop.served
+        assert loop.waiter.handoffs == 0
+
+    _run_loop(test)
+
+
+def test_a_handler_that_suspends_hands_the_reading_on() -> None:
+    """While one request waits (keyd, a lock), the next is read and answered by another
+    worker; the first finishes later with its own result."""
+
+    async def test(loop: _Loop, writer: int) -> None:
+        loop.gates[b"s"] = trio.Event()
+        await _request(writer, b"s")
+        assert loop.served == [] and loop.waiter.handoffs == 1
+        await _request(writer, b"a")
+        await _request(writer, b"b")
+        assert [request for _, request in loop.served] == [b"a", b"b"]
+        loop.gates[b"s"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert loop.served[-1][1] == b"s"
+        assert loop.served[-1][0] not in {worker for worker, _ in loop.served[:2]}
+        await _request(writer, b"c")  # and everything still runs
+        assert loop.served[-1][1] == b"c"
+
+    _run_loop(test)
+
+
+def test_every_worker_suspended_then_the_first_one_back_reads() -> None:
+    async def test(loop: _Loop, writer: int) -> None:
+        for request in (b"x", b"y"):  # two workers, both suspended: no one left to read
+            loop.gates[request] = trio.Event()
+            await _request(writer, request)
+        assert loop.served == [] and loop.waiter.handoffs == 2
+        os.write(writer, b"a")  # queued until a worker is back
+        await trio.testing.wait_all_tasks_blocked()
+        assert loop.served == []
+        loop.gates[b"y"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [request for _, request in loop.served] == [b"y", b"a"]
+        loop.gates[b"x"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        await _request(writer, b"b")
+        assert [request for _, request in loop.served] == [b"y", b"a", b"x", b"b"]
+
+    _run_loop(test, workers=2)
+
+
+def test_a_reader_leaving_the_loop_wakes_a_parked_worker() -> None:
+    """pyfuse3's worker leaves its loop after a read that ends the session (or fails):
+    the waiter, a trio instrument, sees the task exit and wakes another to read."""
+
+    async def test(loop: _Loop, writer: int) -> None:
+        loop.exit_after.add(b"q")
+        await _request(writer, b"q")
+        await _request(writer, b"a")
+        assert [request for _, request in loop.served] == [b"q", b"a"]
+        assert loop.served[0][0] != loop.served[1][0]
+
+    _run_loop(test)
+
+
+def test_a_watched_handler_passes_errors_and_cancellation_through() -> None:
+    reader, writer = _pipe()
+
+    async def fails_after_a_wait() -> None:
+        await trio.lowlevel.checkpoint()
+        raise KeyError("from the handler")
+
+    async def fails_at_once() -> None:
+        raise ValueError("at once")
+
+    async def main() -> None:
+        waiter = RequestWaiter(reader)
+        with pytest.raises(KeyError, match="from the handler"):
+            await session._watch(fails_after_a_wait, waiter)()
+        with pytest.raises(ValueError, match="at once"):
+            await session._watch(fails_at_once, waiter)()
+        with trio.move_on_after(0.05) as scope:
+            await session._watch(trio.sleep_forever, waiter)()
+        assert scope.cancelled_caught
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_install_watches_every_handler_and_uninstall_restores_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pyfuse3
+
+    reader, writer = _pipe()
+    monkeypatch.setattr(session, "fuse_fd", lambda: reader)
+
+    class Ops(pyfuse3.Operations):
+        async def getattr(self, inode, ctx=None):  # type: ignore[override]
+            await trio.lowlevel.checkpoint()
+            return inode
+
+    ops = Ops()
+
+    async def main() -> None:
+        waiter = session.install(ops)
+        assert waiter is not None
+        try:
+            assert set(session.HANDLERS) <= set(vars(ops))
+            assert await ops.getattr(7) == 7
+            assert waiter.handoffs == 0  # not the reader: nothing to hand over
+        finally:
+            session.uninstall()
+        assert not set(session.HANDLERS) & set(vars(ops))
+        assert pyfuse3._wait_fuse_readable is not waiter.wait
 
     try:
         trio.run(main)
@@ -205,3 +391,18 @@ def test_a_signal_the_moment_the_mount_appears_is_handled(
             assert time.monotonic() < deadline, mount.log()
             time.sleep(0.02)
         mount.unmount_clean()
+
+
+def test_new_files_written_one_by_one_hand_nothing_over(mounts: MountFactory) -> None:
+    """A new file's first write takes its data key from the pool without the node's lock
+    (a checkpoint: the reader would hand over to another worker, one per file an untar
+    writes). Requests still suspend for keyd when the pool is empty: pauses let it refill."""
+    mount = mounts.mount()
+    for n in range(30):
+        (mount.mnt / f"f{n}").write_bytes(b"%d" % n)
+        time.sleep(0.05)
+    assert [(mount.mnt / f"f{n}").read_bytes() for n in range(30)] == [b"%d" % n for n in range(30)]
+    mount.unmount_clean()
+    found = re.search(r"readers handing over: (\d+)", mount.log())
+    assert found, mount.log()
+    assert int(found.group(1)) <= 3, found.group(0)
