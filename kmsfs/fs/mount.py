@@ -606,7 +606,10 @@ async def _serve(
                 pyfuse3.init(operations, str(mountpoint), fuse_options(options, cipherdir))
             except RuntimeError as error:
                 raise MountError(f"cannot mount on {mountpoint}: {error}{_fuse_hint()}") from None
-            waiter = session.install(operations)
+            # the busy poller's window bounds the reader's spin too (0: neither)
+            waiter = session.install(
+                operations, spin=min(session.SPIN_SECONDS, options.busy_poll_seconds)
+            )
             log.info(
                 "mounted %s on %s (key %s, %s)",
                 cipherdir,
@@ -651,8 +654,10 @@ async def _serve(
                 session.uninstall()
                 if waiter is not None:
                     log.info(
-                        "requests taken at once: %d, after a wait: %d; readers handing over: %d",
+                        "requests taken at once: %d, after a spin: %d, after a wait: %d; "
+                        "readers handing over: %d",
                         waiter.fast,
+                        waiter.spun,
                         waiter.slow,
                         waiter.handoffs,
                     )
